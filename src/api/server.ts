@@ -1,0 +1,192 @@
+import { createHash } from 'node:crypto';
+import { createServer } from 'node:http';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance } from 'fastify';
+import { FerryError } from '../lib/errors.js';
+import { parseSize } from '../lib/units.js';
+import { dashboardHtml } from '../dashboard/page.js';
+import type { Site } from '../site/site.js';
+import type { Volume } from '../storage/volume.js';
+import { createMetrics } from './metrics.js';
+
+/** Largest JSON body the API accepts. */
+export const jsonBodyBytesMax = 64 * 1024;
+/** Largest body or answer of the raw data endpoint. */
+export const dataBytesMax = 4 * 1024 * 1024;
+
+const sizeSchema = { anyOf: [{ type: 'string', maxLength: 32 }, { type: 'integer' }] } as const;
+const nameParams = {
+  type: 'object',
+  properties: { name: { type: 'string', maxLength: 256 } },
+  required: ['name'],
+} as const;
+
+/**
+ * The HTTP API (`/api/v1/…`), `/healthz`, `/metrics` and the dashboard, for one site.
+ * Fastify never listens itself: the site's listener hands it the connections that
+ * look like HTTP (one port, two protocols).
+ */
+export async function buildApi(site: Site): Promise<FastifyInstance> {
+  const app = Fastify({
+    serverFactory: (handler) => createServer(handler),
+    bodyLimit: jsonBodyBytesMax,
+    loggerInstance: site.log.child({ component: 'http' }) as FastifyBaseLogger,
+    logController: new LogController({ disableRequestLogging: true }),
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },
+  });
+  const metrics = createMetrics(site);
+
+  app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer', bodyLimit: dataBytesMax }, (_req, body, done) => done(null, body));
+
+  app.setErrorHandler((err: FastifyError | FerryError | Error, _req, reply) => {
+    if (err instanceof FerryError) {
+      if (err.httpStatus >= 500) site.log.error({ err }, 'request failed');
+      return reply.status(err.httpStatus).send({ error: err.toJSON() });
+    }
+    const fe = err as FastifyError;
+    if (fe.validation) {
+      return reply.status(400).send({ error: { code: 'BAD_REQUEST', message: `invalid request ${fe.validationContext ?? ''}: ${fe.message}`.replace(/\s+/g, ' ') } });
+    }
+    if (fe.statusCode === 413) {
+      return reply.status(413).send({ error: { code: 'PAYLOAD_TOO_LARGE', message: `request body too large (limit ${jsonBodyBytesMax} bytes for JSON, ${dataBytesMax} for data)` } });
+    }
+    if (fe.statusCode !== undefined && fe.statusCode >= 400 && fe.statusCode < 500) {
+      return reply.status(fe.statusCode).send({ error: { code: 'BAD_REQUEST', message: fe.message } });
+    }
+    site.log.error({ err }, 'request failed');
+    return reply.status(500).send({ error: { code: 'INTERNAL', message: err.message } });
+  });
+
+  app.setNotFoundHandler((req, reply) => {
+    void reply.status(404).send({ error: { code: 'NOT_FOUND', message: `no such endpoint: ${req.method} ${req.url}` } });
+  });
+
+  app.get('/', async (_req, reply) => reply.type('text/html; charset=utf-8').send(dashboardHtml));
+
+  app.get('/healthz', async () => ({ status: 'ok', site: site.config.name }));
+
+  app.get('/metrics', async (_req, reply) => reply.type(metrics.contentType).send(await metrics.metrics()));
+
+  app.get('/api/v1/site', async () => ({
+    id: site.config.id,
+    name: site.config.name,
+    blockBytes: site.config.blockBytes,
+    listen: site.config.listen,
+    nbd: site.config.nbd,
+    startedAt: site.startedAt.toISOString(),
+    pid: process.pid,
+    version: 1,
+  }));
+
+  app.get('/api/v1/volumes', async () => site.volumes.list());
+
+  app.post(
+    '/api/v1/volumes',
+    {
+      schema: {
+        body: {
+          type: 'object',
+          properties: { name: { type: 'string', maxLength: 256 }, size: sizeSchema },
+          required: ['name', 'size'],
+          additionalProperties: false,
+        },
+      },
+    },
+    async (req, reply) => {
+      const body = req.body as { name: string; size: string | number };
+      const info = await site.volumes.create(body.name, parseSize(body.size));
+      return reply.status(201).send(info);
+    },
+  );
+
+  app.get('/api/v1/volumes/:name', { schema: { params: nameParams } }, async (req) => site.volumes.show((req.params as { name: string }).name));
+
+  app.post(
+    '/api/v1/volumes/:name/resize',
+    {
+      schema: {
+        params: nameParams,
+        body: {
+          type: 'object',
+          properties: { size: sizeSchema, force: { type: 'boolean' } },
+          required: ['size'],
+          additionalProperties: false,
+        },
+      },
+    },
+    async (req) => {
+      const body = req.body as { size: string | number; force?: boolean };
+      return site.volumes.resize((req.params as { name: string }).name, parseSize(body.size), body.force ?? false);
+    },
+  );
+
+  app.delete('/api/v1/volumes/:name', { schema: { params: nameParams } }, async (req, reply) => {
+    await site.volumes.delete((req.params as { name: string }).name);
+    return reply.status(204).send();
+  });
+
+  const offsetQuery = {
+    type: 'object',
+    properties: { offset: { type: 'string', pattern: '^[0-9]{1,16}$' }, length: { type: 'string', pattern: '^[0-9]{1,16}$' } },
+    additionalProperties: false,
+  } as const;
+
+  // Raw data access for operators and tests (small ranges); hosts use NBD.
+  app.put('/api/v1/volumes/:name/data', { schema: { params: nameParams, querystring: offsetQuery } }, async (req, reply) => {
+    const name = (req.params as { name: string }).name;
+    const offset = Number((req.query as { offset?: string }).offset ?? '0');
+    if (!Buffer.isBuffer(req.body)) throw new FerryError('BAD_REQUEST', 'send the data as application/octet-stream');
+    writableVolume(site, name);
+    await site.volumes.get(name).write(offset, req.body);
+    return reply.status(204).send();
+  });
+
+  app.get('/api/v1/volumes/:name/data', { schema: { params: nameParams, querystring: offsetQuery } }, async (req, reply) => {
+    const name = (req.params as { name: string }).name;
+    const q = req.query as { offset?: string; length?: string };
+    const volume = site.volumes.get(name);
+    const offset = Number(q.offset ?? '0');
+    const length = Number(q.length ?? String(Math.min(dataBytesMax, Math.max(0, volume.sizeBytes - offset))));
+    if (length > dataBytesMax) throw new FerryError('PAYLOAD_TOO_LARGE', `read at most ${dataBytesMax} bytes per request`);
+    return reply.type('application/octet-stream').send(await volume.read(offset, length));
+  });
+
+  app.post('/api/v1/volumes/:name/flush', { schema: { params: nameParams } }, async (req, reply) => {
+    await site.volumes.get((req.params as { name: string }).name).flush();
+    return reply.status(204).send();
+  });
+
+  app.get('/api/v1/volumes/:name/digest', { schema: { params: nameParams } }, async (req) => {
+    const name = (req.params as { name: string }).name;
+    const volume = site.volumes.get(name);
+    return { volume: name, sizeBytes: volume.sizeBytes, sha256: await digestVolume(volume) };
+  });
+
+  await app.ready();
+  return app;
+}
+
+function writableVolume(site: Site, name: string): void {
+  const record = site.volumes.record(name);
+  if (record.access !== 'read-write') {
+    throw new FerryError('VOLUME_READ_ONLY', `volume ${name} is ${record.access}; hosts cannot write to it`);
+  }
+}
+
+/** SHA-256 of the whole volume; holes are hashed as zeros without reading the file. */
+export async function digestVolume(volume: Volume): Promise<string> {
+  const hash = createHash('sha256');
+  const chunkBytes = 4 * 1024 * 1024;
+  const zeros = Buffer.alloc(chunkBytes);
+  for (let offset = 0; offset < volume.sizeBytes; offset += chunkBytes) {
+    const length = Math.min(chunkBytes, volume.sizeBytes - offset);
+    const extents = volume.blockStatus(offset, length);
+    for (const e of extents) {
+      if (!e.allocated) {
+        for (let done = 0; done < e.length; done += chunkBytes) hash.update(zeros.subarray(0, Math.min(chunkBytes, e.length - done)));
+      } else {
+        hash.update(await volume.read(e.offset, e.length));
+      }
+    }
+  }
+  return hash.digest('hex');
+}

@@ -1,0 +1,171 @@
+#!/usr/bin/env node
+// Node's thread pool runs file I/O; the default of 4 threads starves concurrent volume requests.
+process.env.UV_THREADPOOL_SIZE ??= '16';
+
+import { resolve } from 'node:path';
+import { Command, Option } from 'commander';
+import { FerryError } from '../lib/errors.js';
+import { formatSize, parseSize, parseHostPort } from '../lib/units.js';
+import { initSiteDir } from '../storage/site-dir.js';
+import type { VolumeInfo } from '../storage/volume-store.js';
+import { ApiClient, defaultSiteUrl, volumePath } from './client.js';
+import { runDaemon } from './daemon.js';
+import { keyValues, table } from './format.js';
+
+interface GlobalOptions {
+  json?: boolean;
+  site?: string;
+}
+
+const program = new Command();
+program
+  .name('ferry')
+  .description('Storage replication and disaster recovery: volumes over NBD, snapshots, remote copies, failover and failback.')
+  .option('--json', 'machine-readable output')
+  .option('--site <url>', `site API URL (default $FERRY_SITE, else ${defaultSiteUrl})`)
+  .showHelpAfterError();
+
+function globals(cmd: Command): GlobalOptions {
+  return cmd.optsWithGlobals<GlobalOptions>();
+}
+
+function client(cmd: Command): ApiClient {
+  return new ApiClient(globals(cmd).site ?? process.env.FERRY_SITE ?? defaultSiteUrl);
+}
+
+function print(cmd: Command, value: unknown, human: () => string): void {
+  if (globals(cmd).json) process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+  else {
+    const text = human();
+    if (text.length > 0) process.stdout.write(`${text}\n`);
+  }
+}
+
+function volumeDetails(v: VolumeInfo): string {
+  return keyValues([
+    ['name', v.name],
+    ['id', v.id],
+    ['size', `${formatSize(v.sizeBytes)} (${v.sizeBytes} bytes)`],
+    ['allocated', `${formatSize(v.allocatedBytes)} (${v.allocatedBytes} bytes)`],
+    ['block size', formatSize(v.blockBytes)],
+    ['access', v.access],
+    ['created', v.createdAt],
+    ...(v.failure ? ([['failure', `${v.failure.code}: ${v.failure.message}`]] as [string, string][]) : []),
+  ]);
+}
+
+// ---- site ------------------------------------------------------------------
+const site = program.command('site').description('initialise, start and inspect a site');
+
+site
+  .command('init')
+  .description('create a site data directory')
+  .requiredOption('--dir <dir>', 'data directory')
+  .requiredOption('--name <name>', 'site name')
+  .option('--listen <host:port>', 'HTTP API and replication listener', '127.0.0.1:7370')
+  .option('--nbd <host:port>', 'NBD listener', '127.0.0.1:10809')
+  .option('--block-size <size>', 'block size', '8K')
+  .action(async (opts: { dir: string; name: string; listen: string; nbd: string; blockSize: string }, cmd: Command) => {
+    parseHostPort(opts.listen);
+    parseHostPort(opts.nbd);
+    const config = await initSiteDir({
+      dir: resolve(opts.dir),
+      name: opts.name,
+      listen: opts.listen,
+      nbd: opts.nbd,
+      blockBytes: parseSize(opts.blockSize),
+    });
+    print(cmd, config, () => `site ${config.name} (${config.id}) initialised in ${resolve(opts.dir)}\nstart it with: ferry site start --dir ${opts.dir}`);
+  });
+
+site
+  .command('start')
+  .description('run the site daemon in the foreground (SIGTERM/SIGINT stop it cleanly)')
+  .requiredOption('--dir <dir>', 'data directory')
+  .option('--listen <host:port>', 'override the configured listener (port 0: any free port)')
+  .action(async (opts: { dir: string; listen?: string }) => {
+    if (opts.listen !== undefined) parseHostPort(opts.listen);
+    await runDaemon(resolve(opts.dir), opts.listen);
+  });
+
+site
+  .command('show')
+  .description('identity and configuration of the running site')
+  .action(async (_opts: unknown, cmd: Command) => {
+    const info = await client(cmd).get<Record<string, string | number>>('/api/v1/site');
+    print(cmd, info, () => keyValues(Object.entries(info).map(([k, v]) => [k, String(v)])));
+  });
+
+// ---- volume ----------------------------------------------------------------
+const volume = program.command('volume').description('create, list, resize and delete volumes');
+
+volume
+  .command('create <name>')
+  .description('create a volume (sparse; size a multiple of the block size)')
+  .requiredOption('--size <size>', 'size, e.g. 10G')
+  .action(async (name: string, opts: { size: string }, cmd: Command) => {
+    const info = await client(cmd).post<VolumeInfo>('/api/v1/volumes', { name, size: parseSize(opts.size) });
+    print(cmd, info, () => `volume ${info.name} created (${formatSize(info.sizeBytes)})`);
+  });
+
+volume
+  .command('list')
+  .description('list volumes')
+  .action(async (_opts: unknown, cmd: Command) => {
+    const list = await client(cmd).get<VolumeInfo[]>('/api/v1/volumes');
+    print(cmd, list, () =>
+      list.length === 0
+        ? 'no volumes'
+        : table(
+            ['NAME', 'SIZE', 'ALLOCATED', 'ACCESS', 'CREATED'],
+            list.map((v) => [v.name, formatSize(v.sizeBytes), formatSize(v.allocatedBytes), v.failure ? `failed (${v.failure.code})` : v.access, v.createdAt]),
+          ),
+    );
+  });
+
+volume
+  .command('show <name>')
+  .description('details of one volume')
+  .action(async (name: string, _opts: unknown, cmd: Command) => {
+    const info = await client(cmd).get<VolumeInfo>(volumePath(name));
+    print(cmd, info, () => volumeDetails(info));
+  });
+
+volume
+  .command('resize <name>')
+  .description('grow a volume (shrinking needs --force and discards data past the new end)')
+  .requiredOption('--size <size>', 'new size')
+  .option('--force', 'allow shrinking')
+  .action(async (name: string, opts: { size: string; force?: boolean }, cmd: Command) => {
+    const info = await client(cmd).post<VolumeInfo>(volumePath(name, '/resize'), { size: parseSize(opts.size), force: opts.force ?? false });
+    print(cmd, info, () => `volume ${info.name} is now ${formatSize(info.sizeBytes)}`);
+  });
+
+volume
+  .command('delete <name>')
+  .description('delete a volume and its data')
+  .action(async (name: string, _opts: unknown, cmd: Command) => {
+    await client(cmd).delete(volumePath(name));
+    print(cmd, { deleted: name }, () => `volume ${name} deleted`);
+  });
+
+volume
+  .command('digest <name>')
+  .description('SHA-256 of the whole volume (to compare copies)')
+  .action(async (name: string, _opts: unknown, cmd: Command) => {
+    const d = await client(cmd).get<{ volume: string; sizeBytes: number; sha256: string }>(volumePath(name, '/digest'));
+    print(cmd, d, () => `${d.sha256}  ${d.volume}`);
+  });
+
+program.addOption(new Option('--debug', 'print stack traces on errors').hideHelp());
+
+program.parseAsync(process.argv).catch((err: unknown) => {
+  if (err instanceof FerryError) {
+    process.stderr.write(`ferry: ${err.code}: ${err.message}\n`);
+  } else {
+    const e = err as Error;
+    process.stderr.write(`ferry: INTERNAL: ${e.message}\n`);
+    if (program.opts<{ debug?: boolean }>().debug) process.stderr.write(`${e.stack ?? ''}\n`);
+  }
+  process.exit(1);
+});

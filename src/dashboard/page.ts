@@ -1,0 +1,61 @@
+/**
+ * The web dashboard: one self-contained page that polls the JSON API. No build step,
+ * no external assets (sites often run on isolated management networks).
+ */
+export const dashboardHtml = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>ferry</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 2rem; color: #1d2733; }
+  h1 { font-size: 1.4rem; margin: 0 0 .2rem; }
+  .sub { color: #5b6b7c; margin-bottom: 1.5rem; }
+  table { border-collapse: collapse; min-width: 40rem; }
+  th, td { text-align: left; padding: .35rem .8rem; border-bottom: 1px solid #dde3ea; }
+  th { background: #f3f6f9; }
+  td.num { text-align: right; font-variant-numeric: tabular-nums; }
+  .err { color: #b00020; }
+</style>
+</head>
+<body>
+<h1 id="title">ferry</h1>
+<div class="sub" id="site"></div>
+<h2>Volumes</h2>
+<table>
+  <thead><tr><th>name</th><th>size</th><th>allocated</th><th>access</th><th>created</th></tr></thead>
+  <tbody id="volumes"><tr><td colspan="5">loading…</td></tr></tbody>
+</table>
+<p class="err" id="error"></p>
+<script>
+function size(n) {
+  const u = ['', 'K', 'M', 'G', 'T', 'P']; let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return (Number.isInteger(n) ? n : n.toFixed(1)) + u[i];
+}
+function cell(text, cls) { const td = document.createElement('td'); td.textContent = text; if (cls) td.className = cls; return td; }
+async function refresh() {
+  try {
+    const site = await (await fetch('/api/v1/site')).json();
+    document.getElementById('title').textContent = 'ferry — site ' + site.name;
+    document.getElementById('site').textContent = 'id ' + site.id + ' · block size ' + size(site.blockBytes) + ' · up since ' + site.startedAt;
+    const volumes = await (await fetch('/api/v1/volumes')).json();
+    const body = document.getElementById('volumes');
+    body.replaceChildren();
+    for (const v of volumes) {
+      const tr = document.createElement('tr');
+      tr.append(cell(v.name), cell(size(v.sizeBytes), 'num'), cell(size(v.allocatedBytes), 'num'), cell(v.failure ? 'failed: ' + v.failure.message : v.access), cell(v.createdAt));
+      body.append(tr);
+    }
+    if (volumes.length === 0) body.innerHTML = '<tr><td colspan="5">no volumes</td></tr>';
+    document.getElementById('error').textContent = '';
+  } catch (e) {
+    document.getElementById('error').textContent = 'cannot reach the site: ' + e;
+  }
+}
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body>
+</html>
+`;

@@ -1,0 +1,324 @@
+import { open, type FileHandle } from 'node:fs/promises';
+import { trim as punchHole } from 'fs-native-extensions';
+import { FerryError, assert } from '../lib/errors.js';
+import { RangeLock } from '../lib/range-lock.js';
+import { BitmapFile, type BitmapLoadReport } from './bitmap-file.js';
+
+export type ChangeKind = 'write' | 'zero' | 'trim';
+
+/** A change about to be made to a volume, in bytes; `blocks` is the block range it touches. */
+export interface Change {
+  kind: ChangeKind;
+  offset: number;
+  length: number;
+  firstBlock: number;
+  blockCount: number;
+}
+
+/**
+ * Layers above storage (change tracking, snapshot copy-on-write, synchronous
+ * replication) hook the write path here, in one place, for every writer: NBD, the API,
+ * restore, playback. `beforeChange` runs while the blocks are locked and before the
+ * data can reach the file (activity log, before-images); `afterChange` runs after the
+ * data is written and before the writer is answered (e.g. waiting for a remote copy).
+ */
+export interface WriteHook {
+  beforeChange?(volume: Volume, change: Change): Promise<void> | void;
+  afterChange?(volume: Volume, change: Change): Promise<void> | void;
+}
+
+export interface Extent {
+  offset: number;
+  length: number;
+  /** false: a hole that reads as zeros. */
+  allocated: boolean;
+}
+
+export interface WriteOptions {
+  /** Force unit access: the data is durable when the call returns. */
+  fua?: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  /** Leave whole blocks allocated (write zeros) instead of punching holes. */
+  noHole?: boolean;
+}
+
+/** The largest single request the I/O path accepts; larger ones are split by the caller. */
+export const ioBytesMax = 64 * 1024 * 1024;
+
+/**
+ * A volume's data file plus its allocation map (which blocks may hold data: the meta
+ * bit map of E FIG. 42). Offsets are bytes; every request is bounds-checked. Requests
+ * on disjoint blocks run concurrently (positioned I/O, one syscall per request);
+ * requests on overlapping blocks are serialised so hooks see a clean order.
+ *
+ * Allocation bits are written before the data they cover can reach the file, so after
+ * a crash the map is a superset of the blocks that hold data; that is all BLOCK_STATUS
+ * and snapshots need.
+ */
+export class Volume {
+  private readonly hooks: WriteHook[] = [];
+  private readonly locks = new RangeLock();
+  private sizeBytesValue: number;
+  private closed = false;
+
+  private constructor(
+    readonly name: string,
+    readonly path: string,
+    readonly blockBytes: number,
+    sizeBytes: number,
+    private readonly fh: FileHandle,
+    private readonly alloc: BitmapFile,
+    readonly loadReport: BitmapLoadReport,
+  ) {
+    this.sizeBytesValue = sizeBytes;
+  }
+
+  static async create(name: string, path: string, allocPath: string, sizeBytes: number, blockBytes: number): Promise<Volume> {
+    checkGeometry(sizeBytes, blockBytes);
+    const fh = await open(path, 'wx+', 0o600);
+    try {
+      await fh.truncate(sizeBytes);
+      await fh.datasync();
+      const alloc = await BitmapFile.create(allocPath, sizeBytes / blockBytes);
+      return new Volume(name, path, blockBytes, sizeBytes, fh, alloc, { corruptPages: [] });
+    } catch (err) {
+      await fh.close();
+      throw err;
+    }
+  }
+
+  static async open(name: string, path: string, allocPath: string, sizeBytes: number, blockBytes: number): Promise<Volume> {
+    checkGeometry(sizeBytes, blockBytes);
+    const fh = await open(path, 'r+');
+    try {
+      const stat = await fh.stat();
+      if (stat.size !== sizeBytes) {
+        // A resize interrupted between the file and the catalog: the catalog decides.
+        await fh.truncate(sizeBytes);
+      }
+      const { file: alloc, report } = await BitmapFile.open(allocPath, 'fill');
+      if (alloc.bitmap.bitCount !== sizeBytes / blockBytes) await alloc.resize(sizeBytes / blockBytes);
+      return new Volume(name, path, blockBytes, sizeBytes, fh, alloc, report);
+    } catch (err) {
+      await fh.close();
+      throw err;
+    }
+  }
+
+  get sizeBytes(): number {
+    return this.sizeBytesValue;
+  }
+
+  get blockCount(): number {
+    return this.sizeBytesValue / this.blockBytes;
+  }
+
+  /** Blocks that may hold data. */
+  get allocatedBlocks(): number {
+    return this.alloc.bitmap.count;
+  }
+
+  /** The allocation (meta) bit map. Read-only for callers. */
+  get allocation(): { get(block: number): boolean; runs(start?: number, end?: number): Generator<[number, number]> } {
+    return this.alloc.bitmap;
+  }
+
+  addHook(hook: WriteHook): () => void {
+    this.hooks.push(hook);
+    return () => {
+      const i = this.hooks.indexOf(hook);
+      if (i >= 0) this.hooks.splice(i, 1);
+    };
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(length);
+    await this.readInto(buf, offset);
+    return buf;
+  }
+
+  /** Fills `buf` from `offset`. Holes read as zeros (the file is sparse). */
+  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length);
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done);
+      if (bytesRead === 0) {
+        buf.fill(0, done);
+        break;
+      }
+      done += bytesRead;
+    }
+  }
+
+  async write(offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
+    await this.change('write', offset, data.length, async (change) => {
+      await this.markAllocated(change);
+      let done = 0;
+      while (done < data.length) {
+        const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
+        done += bytesWritten;
+      }
+      if (options.fua) await this.flush();
+    });
+  }
+
+  /** Makes the range read as zeros; whole blocks become holes unless `noHole`. */
+  async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
+    await this.change('zero', offset, length, async (change) => {
+      if (options.noHole) {
+        await this.markAllocated(change);
+        await this.writeZeroBytes(offset, length);
+      } else {
+        await this.zeroAndRelease(change);
+      }
+      if (options.fua) await this.flush();
+    });
+  }
+
+  /**
+   * Discards whole blocks inside the range (they become holes reading as zeros);
+   * partial blocks at either end are left as they are, as NBD allows for TRIM.
+   */
+  async trim(offset: number, length: number): Promise<void> {
+    const first = Math.ceil(offset / this.blockBytes) * this.blockBytes;
+    const end = Math.floor((offset + length) / this.blockBytes) * this.blockBytes;
+    this.checkRange(offset, length);
+    if (end <= first) return;
+    await this.change('trim', first, end - first, (change) => this.zeroAndRelease(change));
+  }
+
+  /** Makes every completed write durable: allocation map first, then the data. */
+  async flush(): Promise<void> {
+    this.checkOpen();
+    await this.alloc.sync();
+    await this.fh.datasync();
+  }
+
+  /** Extents of the range, merged, each either allocated or a hole (block granularity). */
+  blockStatus(offset: number, length: number): Extent[] {
+    this.checkRange(offset, length);
+    const out: Extent[] = [];
+    const end = offset + length;
+    const firstBlock = Math.floor(offset / this.blockBytes);
+    const endBlock = Math.ceil(end / this.blockBytes);
+    let cursor = offset;
+    for (const [runStart, runLength] of this.alloc.bitmap.runs(firstBlock, endBlock)) {
+      const runOffset = Math.max(offset, runStart * this.blockBytes);
+      const runEnd = Math.min(end, (runStart + runLength) * this.blockBytes);
+      if (runOffset > cursor) out.push({ offset: cursor, length: runOffset - cursor, allocated: false });
+      out.push({ offset: runOffset, length: runEnd - runOffset, allocated: true });
+      cursor = runEnd;
+    }
+    if (cursor < end) out.push({ offset: cursor, length: end - cursor, allocated: false });
+    return out;
+  }
+
+  /** Grows or shrinks the volume. Shrinking drops the data past the new end. */
+  async resize(sizeBytes: number): Promise<void> {
+    checkGeometry(sizeBytes, this.blockBytes);
+    const release = await this.locks.acquire(0, Number.MAX_SAFE_INTEGER);
+    try {
+      await this.fh.truncate(sizeBytes);
+      await this.fh.datasync();
+      await this.alloc.resize(sizeBytes / this.blockBytes);
+      this.sizeBytesValue = sizeBytes;
+    } finally {
+      release();
+    }
+  }
+
+  /** Waits for requests in flight, persists the allocation map and closes. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.locks.drain();
+    try {
+      await this.alloc.sync();
+      await this.fh.datasync();
+    } finally {
+      await this.alloc.close();
+      await this.fh.close();
+    }
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new FerryError('UNAVAILABLE', `volume ${this.name} is closed`);
+  }
+
+  private checkRange(offset: number, length: number): void {
+    this.checkOpen();
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new FerryError('OUT_OF_RANGE', `invalid range offset ${offset} length ${length}`);
+    }
+    if (offset + length > this.sizeBytesValue) {
+      throw new FerryError('OUT_OF_RANGE', `range ${offset}+${length} is past the end of volume ${this.name} (${this.sizeBytesValue} bytes)`, {
+        offset,
+        length,
+        sizeBytes: this.sizeBytesValue,
+      });
+    }
+    if (length > ioBytesMax) {
+      throw new FerryError('PAYLOAD_TOO_LARGE', `request of ${length} bytes exceeds the ${ioBytesMax}-byte maximum`);
+    }
+  }
+
+  private async change(kind: ChangeKind, offset: number, length: number, apply: (change: Change) => Promise<void>): Promise<void> {
+    this.checkRange(offset, length);
+    if (length === 0) return;
+    const firstBlock = Math.floor(offset / this.blockBytes);
+    const endBlock = Math.ceil((offset + length) / this.blockBytes);
+    const change: Change = { kind, offset, length, firstBlock, blockCount: endBlock - firstBlock };
+    const release = await this.locks.acquire(firstBlock, endBlock);
+    try {
+      this.checkOpen();
+      for (const hook of this.hooks) await hook.beforeChange?.(this, change);
+      await apply(change);
+      for (const hook of this.hooks) await hook.afterChange?.(this, change);
+    } finally {
+      release();
+    }
+  }
+
+  private async markAllocated(change: Change): Promise<void> {
+    if (this.alloc.bitmap.setRange(change.firstBlock, change.blockCount) > 0) await this.alloc.writeDirty();
+  }
+
+  /** Zeros partial blocks at the ends, punches holes for whole blocks and releases them. */
+  private async zeroAndRelease(change: Change): Promise<void> {
+    const { offset, length } = change;
+    const end = offset + length;
+    const wholeStart = Math.ceil(offset / this.blockBytes) * this.blockBytes;
+    const wholeEnd = Math.floor(end / this.blockBytes) * this.blockBytes;
+    if (wholeEnd <= wholeStart) {
+      if (this.alloc.bitmap.anySet(change.firstBlock, change.blockCount)) await this.writeZeroBytes(offset, length);
+      return;
+    }
+    if (wholeStart > offset) await this.writeZeroBytes(offset, wholeStart - offset);
+    if (end > wholeEnd) await this.writeZeroBytes(wholeEnd, end - wholeEnd);
+    await punchHole(this.fh.fd, wholeStart, wholeEnd - wholeStart);
+    // Bits are cleared after the hole exists: a crash in between leaves a set bit over
+    // zeros, which is the safe direction.
+    const firstWhole = wholeStart / this.blockBytes;
+    if (this.alloc.bitmap.clearRange(firstWhole, (wholeEnd - wholeStart) / this.blockBytes) > 0) await this.alloc.writeDirty();
+  }
+
+  private async writeZeroBytes(offset: number, length: number): Promise<void> {
+    const chunkBytes = Math.min(length, 1024 * 1024);
+    const zeros = Buffer.alloc(chunkBytes);
+    for (let done = 0; done < length; ) {
+      const n = Math.min(chunkBytes, length - done);
+      const { bytesWritten } = await this.fh.write(zeros, 0, n, offset + done);
+      done += bytesWritten;
+    }
+  }
+}
+
+function checkGeometry(sizeBytes: number, blockBytes: number): void {
+  assert(Number.isInteger(Math.log2(blockBytes)) && blockBytes >= 512, `block size ${blockBytes} must be a power of two >= 512`);
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % blockBytes !== 0) {
+    throw new FerryError('INVALID_SIZE', `volume size ${sizeBytes} must be a positive multiple of the block size ${blockBytes}`);
+  }
+}

@@ -1,0 +1,232 @@
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import { connect } from 'node:net';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, writeFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { TestSite, ferry } from '../helpers/site.js';
+import { connectRcp } from '../../src/transport/connection.js';
+
+let site: TestSite;
+
+before(async () => {
+  site = await TestSite.create('alpha', { env: { FERRY_FIRST_BYTES_TIMEOUT_MS: '500' } });
+});
+
+after(async () => {
+  await site?.destroy();
+});
+
+test('CLI: create, list, show, resize, delete volumes, human and --json', async () => {
+  let r = await site.cli(['volume', 'create', 'cli1', '--size', '64M']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /volume cli1 created \(64M\)/);
+
+  r = await site.cli(['volume', 'list']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /^NAME\s+SIZE\s+ALLOCATED\s+ACCESS/m);
+  assert.match(r.stdout, /^cli1\s+64M\s+0\s+read-write/m);
+
+  r = await site.cli(['volume', 'show', 'cli1', '--json']);
+  const shown = JSON.parse(r.stdout) as { name: string; sizeBytes: number; blockBytes: number };
+  assert.equal(shown.name, 'cli1');
+  assert.equal(shown.sizeBytes, 64 * 1024 * 1024);
+  assert.equal(shown.blockBytes, 8192);
+
+  r = await site.cli(['volume', 'resize', 'cli1', '--size', '32M']);
+  assert.notEqual(r.code, 0);
+  assert.match(r.stderr, /^ferry: SHRINK_REFUSED: /);
+  r = await site.cli(['volume', 'resize', 'cli1', '--size', '32M', '--force', '--json']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal((JSON.parse(r.stdout) as { sizeBytes: number }).sizeBytes, 32 * 1024 * 1024);
+  r = await site.cli(['volume', 'resize', 'cli1', '--size', '1G']);
+  assert.equal(r.code, 0, r.stderr);
+
+  r = await site.cli(['volume', 'delete', 'cli1']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await site.cli(['volume', 'show', 'cli1']);
+  assert.equal(r.code, 1);
+  assert.equal(r.stderr, 'ferry: VOLUME_NOT_FOUND: volume cli1 not found\n');
+});
+
+test('CLI: FERRY_SITE selects the site and an unreachable site is a one-line error', async () => {
+  let r = await ferry(['volume', 'list', '--json'], { FERRY_SITE: site.url });
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok(Array.isArray(JSON.parse(r.stdout)));
+  r = await ferry(['volume', 'list', '--site', 'http://127.0.0.1:1']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^ferry: UNAVAILABLE: cannot reach the site at http:\/\/127\.0\.0\.1:1 .*\n$/);
+});
+
+test('one port, two protocols: 100 HTTP requests and 100 RCP handshakes at once, interleaved', async () => {
+  const self = { siteId: 'peer-test', siteName: 'peer' };
+  const jobs: Promise<void>[] = [];
+  for (let i = 0; i < 100; i++) {
+    jobs.push(
+      (async () => {
+        const res = await fetch(`${site.url}/api/v1/site`);
+        assert.equal(res.status, 200);
+        assert.equal(((await res.json()) as { name: string }).name, 'alpha');
+      })(),
+    );
+    jobs.push(
+      (async () => {
+        const { connection, peer } = await connectRcp(site.host, site.port, self);
+        assert.equal(peer.siteName, 'alpha');
+        connection.destroy();
+      })(),
+    );
+  }
+  await Promise.all(jobs);
+  const metrics = await (await fetch(`${site.url}/metrics`)).text();
+  const handshakes = Number(/^ferry_rcp_handshakes_total\{[^}]*\} (\d+)$/m.exec(metrics)?.[1]);
+  assert.ok(handshakes >= 100, `handshakes counted: ${handshakes}`);
+});
+
+test('persistence: data and catalog survive SIGKILL and restart', async () => {
+  await site.api('POST', '/api/v1/volumes', { name: 'keep', size: '16M' });
+  await site.api('POST', '/api/v1/volumes', { name: 'keep2', size: '8M' });
+  const writes: [number, Buffer][] = [];
+  for (let i = 0; i < 20; i++) {
+    const offset = Math.floor(Math.random() * (16 * 1024 * 1024 - 70_000));
+    const data = randomBytes(1 + Math.floor(Math.random() * 65_536));
+    writes.push([offset, data]);
+    await site.writeData('keep', offset, data);
+  }
+  const digest = await site.digest('keep');
+  const last = writes[writes.length - 1] as [number, Buffer];
+  await site.kill('SIGKILL');
+  await site.start();
+  assert.equal(await site.digest('keep'), digest);
+  assert.deepEqual(await site.readData('keep', last[0], last[1].length), last[1]);
+  const list = (await site.api<{ name: string }[]>('GET', '/api/v1/volumes')).body.map((v) => v.name);
+  assert.ok(list.includes('keep') && list.includes('keep2'));
+  const keep = (await site.api<{ allocatedBytes: number }>('GET', '/api/v1/volumes/keep')).body;
+  assert.ok(keep.allocatedBytes > 0, 'allocation map survived');
+});
+
+test('lock: a second daemon on the same directory fails with a clear message', async () => {
+  const r = await ferry(['site', 'start', '--dir', site.dir]);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^ferry: SITE_LOCKED: site directory .* is in use by another ferry daemon \(pid \d+\)\n$/);
+  assert.equal((await fetch(`${site.url}/healthz`)).status, 200, 'the first daemon keeps serving');
+});
+
+test('site init refuses a directory holding something else, or an existing site', async () => {
+  const root = await mkdtemp(join(tmpdir(), 'ferry-init-'));
+  try {
+    await writeFile(join(root, 'precious.txt'), 'data');
+    let r = await ferry(['site', 'init', '--dir', root, '--name', 'x']);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /NOT_A_SITE_DIRECTORY/);
+    r = await ferry(['site', 'init', '--dir', site.dir, '--name', 'x']);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /SITE_EXISTS/);
+    r = await ferry(['site', 'init', '--dir', join(root, 'new'), '--name', 'bad name']);
+    assert.match(r.stderr, /INVALID_NAME/);
+    r = await ferry(['site', 'init', '--dir', join(root, 'new2'), '--name', 'ok', '--block-size', '3000']);
+    assert.match(r.stderr, /INVALID_SIZE/);
+    r = await ferry(['site', 'start', '--dir', join(root, 'missing')]);
+    assert.match(r.stderr, /^ferry: SITE_NOT_FOUND: /);
+  } finally {
+    await rm(root, { recursive: true, force: true });
+  }
+});
+
+test('bad input gets the right status and code, and the daemon keeps serving', async () => {
+  const post = (body: string, path = '/api/v1/volumes', type = 'application/json'): Promise<Response> =>
+    fetch(`${site.url}${path}`, { method: 'POST', body, headers: { 'content-type': type } });
+  const expectError = async (res: Response, status: number, code: string): Promise<void> => {
+    assert.equal(res.status, status);
+    const body = (await res.json()) as { error: { code: string; message: string } };
+    assert.equal(body.error.code, code);
+    assert.ok(body.error.message.length > 0);
+  };
+  await expectError(await post('{"name": "x", '), 400, 'BAD_REQUEST');
+  await expectError(await post('{"name": "x", "size": "1G", "colour": "blue"}'), 400, 'BAD_REQUEST');
+  await expectError(await post('{"name": "x"}'), 400, 'BAD_REQUEST');
+  await expectError(await post('{"name": "a/b", "size": "1G"}'), 400, 'INVALID_NAME');
+  await expectError(await post('{"name": "x", "size": "12Q"}'), 400, 'INVALID_SIZE');
+  await expectError(await post('{"name": "x", "size": -1}'), 400, 'INVALID_SIZE');
+  await expectError(await post('{"name": "x", "size": "-1"}'), 400, 'INVALID_SIZE');
+  await expectError(await post('{"name": "x", "size": 1000}'), 400, 'INVALID_SIZE');
+  await expectError(await post('[1,2,3]'), 400, 'BAD_REQUEST');
+  assert.equal((await post('{"name": "dup", "size": "1M"}')).status, 201);
+  await expectError(await post('{"name": "dup", "size": "1M"}'), 409, 'VOLUME_EXISTS');
+  await expectError(await fetch(`${site.url}/api/v1/nothing-here`), 404, 'NOT_FOUND');
+  await expectError(await fetch(`${site.url}/api/v1/volumes/ghost`), 404, 'VOLUME_NOT_FOUND');
+  await expectError(await post('{}', '/api/v1/volumes/dup/resize'), 400, 'BAD_REQUEST');
+  const big = await rawPost(`${site.url}/api/v1/volumes`, Buffer.from(`{"name": "big", "size": "1G", "pad": "${'x'.repeat(10 * 1024 * 1024)}"}`));
+  assert.equal(big.status, 413);
+  assert.equal((JSON.parse(big.body) as { error: { code: string } }).error.code, 'PAYLOAD_TOO_LARGE');
+  await expectError(await fetch(`${site.url}/api/v1/volumes/dup/data?offset=1048570`, { method: 'PUT', body: Buffer.alloc(100), headers: { 'content-type': 'application/octet-stream' } }), 416, 'OUT_OF_RANGE');
+  await expectError(await fetch(`${site.url}/api/v1/volumes/dup/data?offset=-5`, { method: 'PUT', body: Buffer.alloc(1), headers: { 'content-type': 'application/octet-stream' } }), 400, 'BAD_REQUEST');
+  await expectError(await post('<volume/>', '/api/v1/volumes', 'application/xml'), 415, 'BAD_REQUEST');
+  await expectError(await post('name=x', '/api/v1/volumes', 'text/plain'), 400, 'BAD_REQUEST');
+
+  // A client that connects and stays silent is closed after the first-bytes timeout.
+  const silentClosedMs = await new Promise<number>((resolve, reject) => {
+    const t0 = Date.now();
+    const s = connect(site.port, site.host);
+    s.on('close', () => resolve(Date.now() - t0));
+    s.on('error', reject);
+  });
+  assert.ok(silentClosedMs >= 400 && silentClosedMs < 5000, `silent connection closed after ${silentClosedMs} ms`);
+
+  // Binary garbage: closed without an answer. Garbage that looks like HTTP: 400.
+  const answer = async (bytes: Buffer): Promise<string> =>
+    new Promise((resolve) => {
+      const s = connect(site.port, site.host, () => s.write(bytes));
+      let got = '';
+      s.on('data', (d) => (got += d.toString('latin1')));
+      s.on('close', () => resolve(got));
+      s.on('error', () => undefined);
+    });
+  assert.equal(await answer(Buffer.from([0x00, 0xff, 0x13, 0x37, 0x42])), '');
+  assert.match(await answer(Buffer.from('GARBAGE LINE WITHOUT PROTOCOL\r\n\r\n')), /^HTTP\/1\.1 400 /);
+  // RCP preamble followed by rubbish: the replication side refuses it and closes.
+  assert.equal(await answer(Buffer.from('RCP/1.0\nthis is not a frame at all, not even close........')), 'RCP/1.0\n', 'preamble only, no frame, then closed');
+
+  const health = await fetch(`${site.url}/healthz`);
+  assert.equal(health.status, 200);
+  assert.equal(((await site.api<{ name: string }[]>('GET', '/api/v1/volumes')).body).some((v) => v.name === 'dup'), true);
+});
+
+test('SIGTERM drains and exits 0; the dashboard and metrics answer before that', async () => {
+  const page = await fetch(`${site.url}/`);
+  assert.equal(page.status, 200);
+  assert.match(await page.text(), /<title>ferry<\/title>/);
+  const metrics = await (await fetch(`${site.url}/metrics`)).text();
+  assert.match(metrics, /^ferry_volumes\{site="alpha"\} \d+$/m);
+  assert.match(metrics, /^ferry_volume_size_bytes\{volume="keep",site="alpha"\} 16777216$/m);
+  assert.match(metrics, /^process_resident_memory_bytes/m);
+  assert.equal(await site.kill('SIGTERM'), 0);
+  assert.ok(site.logs.some((l) => l.msg === 'site stopped'));
+  await site.start();
+});
+
+/**
+ * POSTs a body over a raw socket and resolves with what the server answered. Like curl,
+ * it gives the server a moment to answer from the headers alone (a declared length over
+ * the limit) before sending the body.
+ */
+function rawPost(url: string, body: Buffer): Promise<{ status: number; body: string }> {
+  const { hostname, port, pathname } = new URL(url);
+  return new Promise((resolve) => {
+    const s = connect(Number(port), hostname, () => {
+      s.write(`POST ${pathname} HTTP/1.1\r\nhost: ${hostname}\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n`);
+      setTimeout(() => {
+        if (got.length === 0) s.write(body);
+      }, 300);
+    });
+    let got = '';
+    s.on('data', (d: Buffer) => (got += d.toString('latin1')));
+    s.on('error', () => undefined);
+    s.on('close', () => {
+      const status = Number(/^HTTP\/1\.1 (\d{3})/.exec(got)?.[1] ?? 0);
+      const text = got.slice(got.indexOf('\r\n\r\n') + 4);
+      resolve({ status, body: text });
+    });
+  });
+}

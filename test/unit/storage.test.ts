@@ -1,0 +1,218 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, open, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import { pino } from 'pino';
+import { BitmapFile } from '../../src/storage/bitmap-file.js';
+import { Volume } from '../../src/storage/volume.js';
+import { Catalog } from '../../src/storage/catalog.js';
+import { VolumeStore } from '../../src/storage/volume-store.js';
+import { isFerryError } from '../../src/lib/errors.js';
+import { bitsPerPage } from '../../src/lib/paged-bitmap.js';
+
+const log = pino({ level: 'silent' });
+
+async function tempDir(): Promise<string> {
+  return mkdtemp(join(tmpdir(), 'ferry-unit-'));
+}
+
+test('bitmap file round-trips pages and refuses or fills damaged ones', async () => {
+  const dir = await tempDir();
+  try {
+    const path = join(dir, 'b.bitmap');
+    const f = await BitmapFile.create(path, bitsPerPage * 3);
+    f.bitmap.setRange(10, 100);
+    f.bitmap.set(bitsPerPage * 2 + 5);
+    await f.sync();
+    await f.close();
+
+    const { file: again } = await BitmapFile.open(path, 'throw');
+    assert.deepEqual([...again.bitmap.runs()], [[10, 100], [bitsPerPage * 2 + 5, 1]]);
+    await again.close();
+
+    // Flip one bit inside page 0's data.
+    const fh = await open(path, 'r+');
+    const b = Buffer.alloc(1);
+    await fh.read(b, 0, 1, 4096 + 16 + 2);
+    b[0] = (b[0] as number) ^ 0x40;
+    await fh.write(b, 0, 1, 4096 + 16 + 2);
+    await fh.close();
+
+    await assert.rejects(BitmapFile.open(path, 'throw'), (err) => isFerryError(err, 'CORRUPT_FILE'));
+    const { file: filled, report } = await BitmapFile.open(path, 'fill');
+    assert.deepEqual(report.corruptPages, [0]);
+    assert.equal(filled.bitmap.allSet(0, bitsPerPage), true, 'a damaged page is treated as all set (conservative)');
+    assert.equal(filled.bitmap.get(bitsPerPage * 2 + 5), true);
+    await filled.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('bitmap file with a damaged header is refused', async () => {
+  const dir = await tempDir();
+  try {
+    const path = join(dir, 'b.bitmap');
+    await (await BitmapFile.create(path, 100)).close();
+    const fh = await open(path, 'r+');
+    await fh.write(Buffer.from([0xff]), 0, 1, 17);
+    await fh.close();
+    await assert.rejects(BitmapFile.open(path, 'fill'), (err) => isFerryError(err, 'CORRUPT_FILE'));
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('volume I/O: odd offsets, bounds, zeroes, trim, block status, reopen', async () => {
+  const dir = await tempDir();
+  try {
+    const bs = 8192;
+    const v = await Volume.create('v', join(dir, 'v.img'), join(dir, 'v.alloc'), 64 * bs, bs);
+    const data = Buffer.alloc(3 * bs + 123, 0xab);
+    await v.write(bs * 2 + 7, data);
+    assert.deepEqual(await v.read(bs * 2 + 7, data.length), data);
+    assert.equal((await v.read(0, 16)).every((x) => x === 0), true);
+    assert.deepEqual(v.blockStatus(0, 64 * bs), [
+      { offset: 0, length: 2 * bs, allocated: false },
+      { offset: 2 * bs, length: 4 * bs, allocated: true },
+      { offset: 6 * bs, length: 58 * bs, allocated: false },
+    ]);
+
+    await assert.rejects(v.read(63 * bs, bs + 1), (err) => isFerryError(err, 'OUT_OF_RANGE'));
+    await assert.rejects(v.write(64 * bs, Buffer.alloc(1)), (err) => isFerryError(err, 'OUT_OF_RANGE'));
+    await assert.rejects(v.write(-1, Buffer.alloc(1)), (err) => isFerryError(err, 'OUT_OF_RANGE'));
+
+    // Zero a range spanning a partial block: partial part becomes zeros, whole blocks holes.
+    await v.writeZeroes(bs * 3 - 10, bs + 20);
+    const after = await v.read(bs * 2 + 7, data.length);
+    const expected = Buffer.from(data);
+    expected.fill(0, bs * 3 - 10 - (bs * 2 + 7), bs * 4 + 10 - (bs * 2 + 7));
+    assert.deepEqual(after, expected);
+    assert.equal(v.allocation.get(3), false, 'the whole block inside the zeroed range is a hole');
+
+    // Trim leaves partial blocks alone and releases whole ones.
+    await v.trim(bs * 4 + 1, bs * 2 - 2);
+    assert.equal(v.allocation.get(4), true);
+    assert.equal(v.allocation.get(5), true);
+    await v.trim(bs * 4, bs * 2);
+    assert.equal(v.allocation.get(4), false);
+    assert.equal(v.allocation.get(5), false);
+    assert.equal((await v.read(bs * 4, bs * 2)).every((x) => x === 0), true);
+
+    await v.flush();
+    const before = await v.read(0, 64 * bs);
+    await v.close();
+    await v.close(); // idempotent
+    const reopened = await Volume.open('v', join(dir, 'v.img'), join(dir, 'v.alloc'), 64 * bs, bs);
+    assert.deepEqual(await reopened.read(0, 64 * bs), before);
+    assert.equal(reopened.allocation.get(2), true);
+    await reopened.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('a 1 TiB sparse volume is cheap to create and its map stays small', async () => {
+  const dir = await tempDir();
+  try {
+    const v = await Volume.create('big', join(dir, 'big.img'), join(dir, 'big.alloc'), 1024 ** 4, 8192);
+    await v.write(1024 ** 4 - 8192, Buffer.alloc(8192, 1));
+    await v.write(0, Buffer.alloc(8192, 2));
+    await v.flush();
+    assert.equal(v.allocatedBlocks, 2);
+    const img = await stat(join(dir, 'big.img'));
+    assert.equal(img.size, 1024 ** 4);
+    assert.ok(img.blocks * 512 < 1024 * 1024, 'data file stays sparse');
+    await v.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('write hooks run before the data reaches the file, in order', async () => {
+  const dir = await tempDir();
+  try {
+    const v = await Volume.create('h', join(dir, 'h.img'), join(dir, 'h.alloc'), 16 * 8192, 8192);
+    const seen: string[] = [];
+    v.addHook({
+      beforeChange: async (vol, change) => {
+        const current = await vol.read(change.offset, 1);
+        seen.push(`before ${change.kind} ${change.firstBlock}+${change.blockCount} old=${current[0]}`);
+      },
+      afterChange: (_vol, change) => {
+        seen.push(`after ${change.kind}`);
+      },
+    });
+    await v.write(8192, Buffer.alloc(8192, 9));
+    await v.write(8192, Buffer.alloc(100, 7));
+    assert.deepEqual(seen, ['before write 1+1 old=0', 'after write', 'before write 1+1 old=9', 'after write']);
+    await v.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('catalog rows are checksummed: a tampered row is refused', async () => {
+  const dir = await tempDir();
+  try {
+    const path = join(dir, 'catalog.db');
+    const catalog = new Catalog(path);
+    const volumesDir = join(dir, 'volumes');
+    await (await import('node:fs/promises')).mkdir(volumesDir);
+    const store = new VolumeStore(catalog, volumesDir, 8192, log);
+    await store.load();
+    await store.create('vol1', 1024 * 1024);
+    await store.close();
+    catalog.close();
+
+    const raw = new Database(path);
+    raw.prepare("UPDATE volumes SET size_bytes = size_bytes * 2 WHERE name = 'vol1'").run();
+    raw.close();
+
+    const reopened = new Catalog(path);
+    assert.throws(() => reopened.getVolume('vol1'), (err) => isFerryError(err, 'CORRUPT_RECORD'));
+    reopened.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('volume store validates names and sizes and cleans orphan files', async () => {
+  const dir = await tempDir();
+  try {
+    const catalog = new Catalog(join(dir, 'catalog.db'));
+    const volumesDir = join(dir, 'volumes');
+    await (await import('node:fs/promises')).mkdir(volumesDir);
+    const store = new VolumeStore(catalog, volumesDir, 8192, log);
+    await store.load();
+    for (const name of ['', 'a/b', '..', 'x'.repeat(65), 'sp ace', 'snap@1']) {
+      await assert.rejects(store.create(name, 8192), (err) => isFerryError(err, 'INVALID_NAME'), name);
+    }
+    for (const size of [0, 100, 8193, -8192]) {
+      await assert.rejects(store.create('ok', size), (err) => isFerryError(err, 'INVALID_SIZE'), String(size));
+    }
+    await store.create('ok', 8192 * 4);
+    await assert.rejects(store.create('ok', 8192), (err) => isFerryError(err, 'VOLUME_EXISTS'));
+    await assert.rejects(store.resize('ok', 8192), (err) => isFerryError(err, 'SHRINK_REFUSED'));
+    store.addUseCheck((n) => (n === 'ok' ? 'it is the source of a pair' : undefined));
+    await assert.rejects(store.delete('ok'), (err) => isFerryError(err, 'VOLUME_IN_USE'));
+    await store.close();
+
+    // An orphan left by an interrupted create is removed at the next load.
+    const orphan = '0f0e0d0c-0b0a-4909-8807-060504030201.img';
+    await (await open(join(volumesDir, orphan), 'w')).close();
+    await (await open(join(volumesDir, 'notes.txt'), 'w')).close();
+    const store2 = new VolumeStore(catalog, volumesDir, 8192, log);
+    await store2.load();
+    const files = await (await import('node:fs/promises')).readdir(volumesDir);
+    assert.equal(files.includes(orphan), false);
+    assert.equal(files.includes('notes.txt'), true, 'files ferry did not make are left alone');
+    assert.equal(store2.list().length, 1);
+    await store2.close();
+    catalog.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});

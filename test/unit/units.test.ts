@@ -1,0 +1,47 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { parseSize, formatSize, parseDuration, parseHostPort } from '../../src/lib/units.js';
+import { isFerryError } from '../../src/lib/errors.js';
+
+test('sizes parse with binary units', () => {
+  assert.equal(parseSize('512'), 512);
+  assert.equal(parseSize('64K'), 65536);
+  assert.equal(parseSize('8M'), 8 * 1024 * 1024);
+  assert.equal(parseSize('10G'), 10 * 1024 ** 3);
+  assert.equal(parseSize('1T'), 1024 ** 4);
+  assert.equal(parseSize('1.5K'), 1536);
+  assert.equal(parseSize('4KiB'), 4096);
+  assert.equal(parseSize(8192), 8192);
+});
+
+test('bad sizes are refused with INVALID_SIZE', () => {
+  for (const bad of ['12Q', '-1', '', 'K', '1.0001K', 'ten', '1e3', '99999999999P']) {
+    assert.throws(() => parseSize(bad), (err) => isFerryError(err, 'INVALID_SIZE'), bad);
+  }
+  assert.throws(() => parseSize(-1), (err) => isFerryError(err, 'INVALID_SIZE'));
+  assert.throws(() => parseSize(1.5), (err) => isFerryError(err, 'INVALID_SIZE'));
+});
+
+test('sizes format with the largest readable unit', () => {
+  assert.equal(formatSize(512), '512');
+  assert.equal(formatSize(8192), '8K');
+  assert.equal(formatSize(1536 * 1024 * 1024), '1.50G');
+  assert.equal(formatSize(1024 ** 4), '1T');
+});
+
+test('durations parse to milliseconds', () => {
+  assert.equal(parseDuration('500ms'), 500);
+  assert.equal(parseDuration('10s'), 10_000);
+  assert.equal(parseDuration('5m'), 300_000);
+  assert.equal(parseDuration('2'), 2000);
+  assert.throws(() => parseDuration('5 weeks'), (err) => isFerryError(err, 'INVALID_DURATION'));
+});
+
+test('host:port parses, including IPv6 and port 0', () => {
+  assert.deepEqual(parseHostPort('127.0.0.1:7370'), { host: '127.0.0.1', port: 7370 });
+  assert.deepEqual(parseHostPort('[::1]:0'), { host: '::1', port: 0 });
+  assert.deepEqual(parseHostPort('site-b.example:10809'), { host: 'site-b.example', port: 10809 });
+  for (const bad of ['127.0.0.1', ':80', 'host:99999', 'a b:1']) {
+    assert.throws(() => parseHostPort(bad), (err) => isFerryError(err, 'INVALID_ADDRESS'), bad);
+  }
+});
