@@ -2,7 +2,9 @@ import { createHash } from 'node:crypto';
 import { createServer } from 'node:http';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance } from 'fastify';
 import { FerryError } from '../lib/errors.js';
-import { parseSize } from '../lib/units.js';
+import { parseDuration, parseSize } from '../lib/units.js';
+import { highWaterBytesDefault, intervalMsDefault, saveVolumeBytesDefault } from '../replication/manager.js';
+import { checkVolumeName } from '../storage/volume-store.js';
 import { dashboardHtml } from '../dashboard/page.js';
 import type { Site } from '../site/site.js';
 import type { Volume } from '../storage/volume.js';
@@ -143,11 +145,14 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
   app.get('/api/v1/volumes/:name/data', { schema: { params: nameParams, querystring: offsetQuery } }, async (req, reply) => {
     const name = (req.params as { name: string }).name;
     const q = req.query as { offset?: string; length?: string };
-    const volume = site.volumes.get(name);
+    const reader = site.reader(name);
     const offset = Number(q.offset ?? '0');
-    const length = Number(q.length ?? String(Math.min(dataBytesMax, Math.max(0, volume.sizeBytes - offset))));
+    const length = Number(q.length ?? String(Math.min(dataBytesMax, Math.max(0, reader.sizeBytes - offset))));
     if (length > dataBytesMax) throw new FerryError('PAYLOAD_TOO_LARGE', `read at most ${dataBytesMax} bytes per request`);
-    return reply.type('application/octet-stream').send(await volume.read(offset, length));
+    if (offset + length > reader.sizeBytes) throw new FerryError('OUT_OF_RANGE', `range ${offset}+${length} is past the end of volume ${name}`);
+    const buf = Buffer.alloc(length);
+    await reader.readInto(buf, offset);
+    return reply.type('application/octet-stream').send(buf);
   });
 
   app.post('/api/v1/volumes/:name/flush', { schema: { params: nameParams } }, async (req, reply) => {
@@ -157,9 +162,73 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
 
   app.get('/api/v1/volumes/:name/digest', { schema: { params: nameParams } }, async (req) => {
     const name = (req.params as { name: string }).name;
-    const volume = site.volumes.get(name);
-    return { volume: name, sizeBytes: volume.sizeBytes, sha256: await digestVolume(volume) };
+    const reader = site.reader(name);
+    return { volume: name, sizeBytes: reader.sizeBytes, sha256: await digestVolume(reader) };
   });
+
+  // ---- replication -----------------------------------------------------------------
+  const durationSchema = { anyOf: [{ type: 'string', maxLength: 32 }, { type: 'integer', minimum: 0 }] } as const;
+  const volumeParams = { type: 'object', properties: { volume: { type: 'string', maxLength: 256 } }, required: ['volume'] } as const;
+
+  app.post(
+    '/api/v1/replication',
+    {
+      schema: {
+        body: {
+          type: 'object',
+          properties: {
+            volume: { type: 'string', maxLength: 256 },
+            to: { type: 'string', maxLength: 2048 },
+            targetVolume: { type: 'string', maxLength: 256 },
+            mode: { type: 'string', enum: ['async', 'sync'] },
+            interval: durationSchema,
+            highWater: sizeSchema,
+            saveVolume: sizeSchema,
+          },
+          required: ['volume', 'to'],
+          additionalProperties: false,
+        },
+      },
+    },
+    async (req, reply) => {
+      const b = req.body as { volume: string; to: string; targetVolume?: string; mode?: 'async' | 'sync'; interval?: string | number; highWater?: string | number; saveVolume?: string | number };
+      if (b.targetVolume !== undefined) checkVolumeName(b.targetVolume);
+      const pair = await site.replication.start({
+        volume: b.volume,
+        to: b.to,
+        ...(b.targetVolume !== undefined ? { targetVolume: b.targetVolume } : {}),
+        mode: b.mode ?? 'async',
+        intervalMs: b.interval !== undefined ? parseDuration(b.interval) : intervalMsDefault,
+        highWaterBytes: b.highWater !== undefined ? parseSize(b.highWater) : highWaterBytesDefault,
+        saveVolumeBytes: b.saveVolume !== undefined ? parseSize(b.saveVolume) : saveVolumeBytesDefault,
+      });
+      return reply.status(201).send(site.replication.status(pair.volume)[0]);
+    },
+  );
+
+  app.post('/api/v1/replication/:volume/stop', { schema: { params: volumeParams } }, async (req) => {
+    const volume = (req.params as { volume: string }).volume;
+    await site.replication.stop(volume);
+    return { volume, stopped: true };
+  });
+  app.post('/api/v1/replication/:volume/pause', { schema: { params: volumeParams } }, async (req) => {
+    const volume = (req.params as { volume: string }).volume;
+    site.replication.pause(volume);
+    return site.replication.status(volume)[0];
+  });
+  app.post('/api/v1/replication/:volume/resume', { schema: { params: volumeParams } }, async (req) => {
+    const volume = (req.params as { volume: string }).volume;
+    site.replication.resume(volume);
+    return site.replication.status(volume)[0];
+  });
+  app.post('/api/v1/replication/:volume/delta', { schema: { params: volumeParams } }, async (req) => {
+    const volume = (req.params as { volume: string }).volume;
+    const deltaSet = await site.replication.delta(volume);
+    return { volume, deltaSet };
+  });
+  app.get('/api/v1/status', async () => site.replication.status());
+  app.get('/api/v1/status/:volume', { schema: { params: volumeParams } }, async (req) => site.replication.status((req.params as { volume: string }).volume));
+  app.get('/api/v1/replication/:volume/info', { schema: { params: volumeParams } }, async (req) => site.replication.info((req.params as { volume: string }).volume));
 
   await app.ready();
   return app;
@@ -173,7 +242,7 @@ function writableVolume(site: Site, name: string): void {
 }
 
 /** SHA-256 of the whole volume; holes are hashed as zeros without reading the file. */
-export async function digestVolume(volume: Volume): Promise<string> {
+export async function digestVolume(volume: Pick<Volume, 'sizeBytes' | 'blockStatus' | 'readInto'>): Promise<string> {
   const hash = createHash('sha256');
   const chunkBytes = 4 * 1024 * 1024;
   const zeros = Buffer.alloc(chunkBytes);
@@ -184,7 +253,9 @@ export async function digestVolume(volume: Volume): Promise<string> {
       if (!e.allocated) {
         for (let done = 0; done < e.length; done += chunkBytes) hash.update(zeros.subarray(0, Math.min(chunkBytes, e.length - done)));
       } else {
-        hash.update(await volume.read(e.offset, e.length));
+        const buf = Buffer.allocUnsafe(e.length);
+        await volume.readInto(buf, e.offset);
+        hash.update(buf);
       }
     }
   }

@@ -5,7 +5,8 @@ process.env.UV_THREADPOOL_SIZE ??= '16';
 import { resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { FerryError } from '../lib/errors.js';
-import { formatSize, parseSize, parseHostPort } from '../lib/units.js';
+import { formatDuration, formatSize, parseDuration, parseSize, parseHostPort } from '../lib/units.js';
+import type { InfoView, PairStatusView } from '../replication/status.js';
 import { initSiteDir } from '../storage/site-dir.js';
 import type { VolumeInfo } from '../storage/volume-store.js';
 import { ApiClient, defaultSiteUrl, volumePath } from './client.js';
@@ -156,6 +157,132 @@ volume
     const d = await client(cmd).get<{ volume: string; sizeBytes: number; sha256: string }>(volumePath(name, '/digest'));
     print(cmd, d, () => `${d.sha256}  ${d.volume}`);
   });
+
+// ---- replication -----------------------------------------------------------------
+const replicate = program.command('replicate').description('keep a copy of a volume at another site');
+
+replicate
+  .command('start <volume>')
+  .description('start replicating VOLUME to the site at PEER_URL (new remote copy while the source stays writable)')
+  .requiredOption('--to <peer_url>', 'the target site, e.g. http://site-b:7370')
+  .option('--target-volume <name>', 'volume name at the target (default: the same name)')
+  .option('--mode <mode>', 'async (delta sets) or sync', 'async')
+  .option('--interval <duration>', 'cut a delta set at least this often', '10s')
+  .option('--high-water <size>', 'cut a delta set once this much is modified', '64M')
+  .option('--save-volume <size>', 'size of the save volume buffering delta sets at the source', '1G')
+  .option('--wait', 'show the initial copy with a progress bar and return when it is complete')
+  .action(async (volume: string, opts: { to: string; targetVolume?: string; mode: string; interval: string; highWater: string; saveVolume: string; wait?: boolean }, cmd: Command) => {
+    const api = client(cmd);
+    const status = await api.post<PairStatusView>('/api/v1/replication', {
+      volume,
+      to: opts.to,
+      ...(opts.targetVolume ? { targetVolume: opts.targetVolume } : {}),
+      mode: opts.mode,
+      interval: String(parseDuration(opts.interval)) + 'ms',
+      highWater: parseSize(opts.highWater),
+      saveVolume: parseSize(opts.saveVolume),
+    });
+    if (opts.wait) {
+      const final = await waitForCopy(api, volume, !globals(cmd).json);
+      print(cmd, final, () => `initial copy of ${volume} complete: ${formatSize(final.initialCopy.bytes)} copied; state ${final.state}`);
+    } else {
+      print(cmd, status, () => `replication of ${volume} to ${status.peerSite}:${status.peerVolume} started (${status.state}); follow it with: ferry status ${volume}`);
+    }
+  });
+
+for (const [name, description] of [
+  ['stop', 'end the replication relationship (at the target: after the delta set being played back)'],
+  ['pause', 'suspend sending (changes keep being tracked)'],
+  ['resume', 'resume a suspended pair'],
+  ['delta', 'cut a delta set now'],
+] as const) {
+  replicate
+    .command(`${name} <volume>`)
+    .description(description)
+    .action(async (volume: string, _opts: unknown, cmd: Command) => {
+      const result = await client(cmd).post<Record<string, unknown>>(`/api/v1/replication/${encodeURIComponent(volume)}/${name}`);
+      print(cmd, result, () =>
+        name === 'delta' ? `delta set ${String(result.deltaSet)} of ${volume} is ready` : name === 'stop' ? `replication of ${volume} stopped` : `${volume}: ${String(result.state)}`,
+      );
+    });
+}
+
+program
+  .command('status [volume]')
+  .description('one line per replication pair')
+  .action(async (volume: string | undefined, _opts: unknown, cmd: Command) => {
+    const list = await client(cmd).get<PairStatusView[]>(volume ? `/api/v1/status/${encodeURIComponent(volume)}` : '/api/v1/status');
+    print(cmd, list, () =>
+      list.length === 0
+        ? 'no replication pairs'
+        : table(
+            ['VOLUME', 'ROLE', 'PEER', 'STATE', 'GEN', 'CREATED', 'ACKED', 'PLAYED', 'LAG', 'LAG BLOCKS', 'RATE'],
+            list.map((p) => [
+              p.volume,
+              p.role,
+              `${p.peerSite}:${p.peerVolume}`,
+              p.state === 'initial-copying' ? `initial-copying ${p.initialCopy.percent}%` : p.reason ? `${p.state} (${p.reason})` : p.state,
+              String(p.generation),
+              String(p.deltaSetCreated),
+              String(p.deltaSetAcked),
+              String(p.deltaSetPlayedBack),
+              `${p.lagSeconds}s`,
+              String(p.lagBlocks),
+              `${formatSize(p.transferRate)}/s`,
+            ]),
+          ),
+    );
+  });
+
+program
+  .command('info <volume>')
+  .description('replication details, in the spirit of fs_replicate -info')
+  .option('-v, --verbose', 'list the outstanding delta sets')
+  .action(async (volume: string, opts: { verbose?: boolean }, cmd: Command) => {
+    const info = await client(cmd).get<InfoView>(`/api/v1/replication/${encodeURIComponent(volume)}/info`);
+    print(cmd, info, () => {
+      const lines = keyValues([
+        ['volume', `${info.volume} (${info.role})`],
+        ['peer', `${info.peerSite} ${info.peer} volume ${info.peerVolume}`],
+        ['state', info.reason ? `${info.state}: ${info.reason}` : info.state],
+        ['generation', String(info.generation)],
+        ['current delta set', String(info.currentDeltaSet)],
+        ['current block number', String(info.currentChunk)],
+        ['delta sets', `created ${info.deltaSetCreated}, sent ${info.deltaSetSent}, acked ${info.deltaSetAcked}, played back ${info.deltaSetPlayedBack}`],
+        ['transfer rate', `${formatSize(info.transferRate)}/s current, ${formatSize(info.averageTransferRate)}/s average`],
+        ['lag', `${info.lagSeconds}s, ${info.blocksDifferent} blocks different`],
+        ['initial copy', info.initialCopy.done ? 'complete' : `${info.initialCopy.percent}% (${formatSize(info.initialCopy.bytes)})`],
+        ['save volume', `${formatSize(info.saveVolume.usedBytes)} of ${formatSize(info.saveVolume.capacityBytes)} used${info.saveVolume.full ? ' (FULL: tracking in the bitmap)' : ''}`],
+        ['policy', info.role === 'source' ? `interval ${formatDuration(info.intervalMs)}, high water ${formatSize(info.highWaterBytes)}` : '-'],
+        ['errors', `${info.retries} retries, ${info.corruptFrames} damaged frames${info.lastError ? `, last: ${info.lastError}` : ''}`],
+      ]);
+      if (!opts.verbose) return lines;
+      const rows = info.outstanding.map((d) => [String(d.n), d.state, d.createdAt, formatDuration(d.durationMs), String(d.blocks), d.playbackMs === null ? '-' : formatDuration(d.playbackMs)]);
+      return `${lines}\n\n${rows.length === 0 ? 'no outstanding delta sets' : table(['DELTA SET', 'STATE', 'CREATED', 'DURATION', 'BLOCKS', 'PLAYBACK'], rows)}`;
+    });
+  });
+
+/** Polls status until the initial copy is done, drawing a progress bar on a terminal. */
+async function waitForCopy(api: ApiClient, volume: string, draw: boolean): Promise<PairStatusView> {
+  const tty = draw && process.stderr.isTTY;
+  for (;;) {
+    const [s] = await api.get<PairStatusView[]>(`/api/v1/status/${encodeURIComponent(volume)}`);
+    if (!s) throw new FerryError('NOT_FOUND', `volume ${volume} is not replicated`);
+    if (draw) {
+      const width = 30;
+      const filled = Math.round((s.initialCopy.percent / 100) * width);
+      const eta = s.initialCopy.etaSeconds === null ? '--' : formatDuration(s.initialCopy.etaSeconds * 1000);
+      const line = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${s.initialCopy.percent.toFixed(1)}% ${formatSize(s.initialCopy.bytes)} ${formatSize(s.transferRate)}/s ETA ${eta}`;
+      process.stderr.write(tty ? `\r${line}` : `${line}\n`);
+    }
+    if (s.initialCopy.done) {
+      if (tty) process.stderr.write('\n');
+      return s;
+    }
+    if (s.state === 'suspended' && s.reason) throw new FerryError('UNAVAILABLE', `replication of ${volume} is suspended: ${s.reason}`);
+    await new Promise((r) => setTimeout(r, tty ? 500 : 2000));
+  }
+}
 
 program.addOption(new Option('--debug', 'print stack traces on errors').hideHelp());
 

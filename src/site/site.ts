@@ -7,6 +7,9 @@ import { SiteLock, readSiteConfig, siteLayout, type SiteConfig, type SiteLayout 
 import { VolumeStore } from '../storage/volume-store.js';
 import { RcpServer } from '../transport/rcp-server.js';
 import { SiteListener } from '../transport/listener.js';
+import { systemClock } from '../lib/clock.js';
+import { ReplicationManager } from '../replication/manager.js';
+import type { Extent } from '../storage/volume.js';
 
 export interface SiteStartOptions {
   /** The API layer's HTTP server; it never listens itself, the site listener hands it connections. */
@@ -28,6 +31,7 @@ export interface SiteAddresses {
 export class Site {
   readonly volumes: VolumeStore;
   readonly rcp: RcpServer;
+  readonly replication: ReplicationManager;
   readonly startedAt = new Date();
   private listener: SiteListener | undefined;
   private httpServer: HttpServer | undefined;
@@ -43,6 +47,38 @@ export class Site {
   ) {
     this.volumes = new VolumeStore(catalog, layout.volumesDir, config.blockBytes, log);
     this.rcp = new RcpServer({ siteId: config.id, siteName: config.name }, log);
+    this.replication = new ReplicationManager({
+      self: { siteId: config.id, siteName: config.name },
+      selfUrl: () => this.url,
+      blockBytes: config.blockBytes,
+      volumes: this.volumes,
+      catalog,
+      replicationDir: layout.replicationDir,
+      rcp: this.rcp,
+      clock: systemClock,
+      log,
+    });
+  }
+
+  /** The API URL peers reach this site at (the bound listener). */
+  get url(): string {
+    const a = this.addresses?.listen ?? parseHostPort(this.config.listen);
+    return `http://${formatHostPort(a)}`;
+  }
+
+  /**
+   * What hosts and digests read for a volume: a replication target's consistent image
+   * (with the delta set under playback laid over it), else the volume itself.
+   */
+  reader(name: string): { sizeBytes: number; readInto(buf: Uint8Array, offset: number): Promise<void>; blockStatus(offset: number, length: number): Extent[] } {
+    const volume = this.volumes.get(name);
+    const target = this.replication.targets.get(name);
+    return {
+      sizeBytes: volume.sizeBytes,
+      readInto: target ? (buf, offset) => target.readInto(buf, offset) : (buf, offset) => volume.readInto(buf, offset),
+      // Blocks of a delta set under playback may be holes in the volume still: report them allocated.
+      blockStatus: target ? (offset, length) => [{ offset, length, allocated: true }] : (offset, length) => volume.blockStatus(offset, length),
+    };
   }
 
   static async open(dir: string, log: Logger): Promise<Site> {
@@ -54,6 +90,7 @@ export class Site {
       catalog = new Catalog(layout.catalogPath);
       const site = new Site(config, layout, catalog, lock, log.child({ site: config.name }));
       await site.volumes.load();
+      await site.replication.load();
       return site;
     } catch (err) {
       catalog?.close();
@@ -76,6 +113,7 @@ export class Site {
     });
     const bound = await this.listener.listen();
     this.addresses = { listen: bound };
+    this.replication.startAll();
     this.log.info({ listen: formatHostPort(bound), siteId: this.config.id }, 'site started');
     return this.addresses;
   }
@@ -88,6 +126,7 @@ export class Site {
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       this.log.info('site stopping');
+      await this.replication.close();
       this.rcp.closeAll();
       await this.listener?.close();
       this.httpServer?.closeAllConnections();

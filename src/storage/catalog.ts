@@ -19,6 +19,20 @@ const migrations: string[] = [
      attrs       TEXT NOT NULL,
      crc         INTEGER NOT NULL
    ) STRICT;`,
+  // 2: replication pairs and the mailbox of delta sets (E FIG. 8 "save volume mailbox")
+  `CREATE TABLE pairs (
+     volume      TEXT PRIMARY KEY,
+     body        TEXT NOT NULL,
+     crc         INTEGER NOT NULL
+   ) STRICT;
+   CREATE TABLE delta_sets (
+     volume      TEXT NOT NULL,
+     generation  INTEGER NOT NULL,
+     n           INTEGER NOT NULL,
+     body        TEXT NOT NULL,
+     crc         INTEGER NOT NULL,
+     PRIMARY KEY (volume, generation, n)
+   ) STRICT;`,
 ];
 
 export const catalogSchemaVersion = migrations.length;
@@ -52,7 +66,8 @@ function volumeCrc(r: VolumeRecord): number {
 }
 
 export class Catalog {
-  private readonly db: Database.Database;
+  /** The connection, for the storage layer's other record kinds (see replication-catalog.ts). */
+  readonly db: Database.Database;
 
   constructor(path: string) {
     this.db = new Database(path);

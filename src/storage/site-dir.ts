@@ -12,6 +12,7 @@ export interface SiteLayout {
   catalogPath: string;
   lockPath: string;
   volumesDir: string;
+  replicationDir: string;
 }
 
 export function siteLayout(dir: string): SiteLayout {
@@ -21,6 +22,7 @@ export function siteLayout(dir: string): SiteLayout {
     catalogPath: join(dir, 'catalog.db'),
     lockPath: join(dir, 'lock'),
     volumesDir: join(dir, 'volumes'),
+    replicationDir: join(dir, 'replication'),
   };
 }
 

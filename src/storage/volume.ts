@@ -62,6 +62,8 @@ export class Volume {
   private readonly locks = new RangeLock();
   private sizeBytesValue: number;
   private closed = false;
+  /** Set while writes are paused (a consistency point is being taken). */
+  private paused: Promise<void> | undefined;
 
   private constructor(
     readonly name: string,
@@ -265,9 +267,45 @@ export class Volume {
     }
   }
 
+  /**
+   * Pauses changes: waits until every change in flight has finished (its hooks
+   * included) and holds new ones until the returned function is called. This is the
+   * brief pause at a consistency point (E FIG. 10 steps 347-351): the image is
+   * exactly the set of completed writes, and no write is half-recorded.
+   */
+  async quiesce(): Promise<() => void> {
+    while (this.paused) await this.paused;
+    let resume!: () => void;
+    this.paused = new Promise<void>((resolve) => (resume = resolve));
+    await this.locks.drain();
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.paused = undefined;
+      resume();
+    };
+  }
+
+  /**
+   * Runs `fn` with blocks [firstBlock, firstBlock + count) locked against changes, so a
+   * background reader (a delta-set copier) sees each block either before or after a
+   * write, never during one, and never overtakes a write's hooks.
+   */
+  async withBlocksLocked<T>(firstBlock: number, count: number, fn: () => Promise<T>): Promise<T> {
+    const release = await this.locks.acquire(firstBlock, firstBlock + count);
+    try {
+      this.checkOpen();
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+
   private async change(kind: ChangeKind, offset: number, length: number, apply: (change: Change) => Promise<void>): Promise<void> {
     this.checkRange(offset, length);
     if (length === 0) return;
+    while (this.paused) await this.paused;
     const firstBlock = Math.floor(offset / this.blockBytes);
     const endBlock = Math.ceil((offset + length) / this.blockBytes);
     const change: Change = { kind, offset, length, firstBlock, blockCount: endBlock - firstBlock };

@@ -1,0 +1,143 @@
+import { crc32c } from '../lib/checksum.js';
+import { assert } from '../lib/errors.js';
+import type { PagedBitmap } from '../lib/paged-bitmap.js';
+import { JournalRecordType, recordSpanBytes, type JournalFile, type RingSpace } from '../storage/journal.js';
+import type { Volume } from '../storage/volume.js';
+import { chunkDataBytesMax, chunkExtentsMax, encodeChunk, type ChunkExtent } from './chunk.js';
+
+/** Longest run of zero blocks one extent describes (it carries no data). */
+const zeroExtentBlocksMax = 1 << 24;
+
+export interface BuiltDeltaSet {
+  startLsn: number;
+  endLsn: number;
+  chunks: number;
+  blocks: number;
+  dataBytes: number;
+  dataCrc: number;
+}
+
+/**
+ * Space a delta set of `blocks` blocks can need in the save volume at most: data and
+ * extent entries, a record header and alignment per chunk, one chunk flushed early by
+ * each priority copy's extent limit, and one lap skip.
+ */
+export function deltaSetSpanBytesMax(blocks: number, blockBytes: number): number {
+  const dataBytes = blocks * blockBytes;
+  const records = Math.ceil(dataBytes / chunkDataBytesMax) + Math.ceil(blocks / chunkExtentsMax) + 1;
+  return dataBytes + blocks * 16 + records * (recordSpanBytes(0) + 512) + recordSpanBytes(chunkDataBytesMax + chunkExtentsMax * 16);
+}
+
+/**
+ * Copies the blocks of an old change-log table into a delta set in the save volume
+ * (E FIG. 10 step 348): after-images in chunks, each block once. Blocks the volume
+ * holds no data for become zero extents with no payload. Bits are cleared as blocks
+ * are copied; the caller holds each block's lock while it is copied, so the image is
+ * that of the cut.
+ */
+export class DeltaSetBuilder {
+  private extents: ChunkExtent[] = [];
+  private parts: Buffer[] = [];
+  private partBytes = 0;
+  private chunkIndex = 0;
+  private dataCrc = 0;
+  private blocks = 0;
+  private dataBytes = 0;
+  private startLsn: number | undefined;
+  private readonly writes: Promise<void>[] = [];
+
+  constructor(
+    private readonly volume: Volume,
+    private readonly old: PagedBitmap,
+    private readonly journal: JournalFile,
+    private readonly ring: RingSpace,
+    private readonly generation: number,
+    readonly deltaSet: number,
+  ) {}
+
+  /** Copies every block still set in the old table, in block order. */
+  async copyAll(): Promise<void> {
+    const chunkBlocks = Math.max(1, Math.floor(chunkDataBytesMax / this.volume.blockBytes));
+    let cursor = 0;
+    for (;;) {
+      const next = this.old.runs(cursor).next();
+      if (next.done) break;
+      const [start, length] = next.value;
+      const count = Math.min(length, chunkBlocks);
+      await this.volume.withBlocksLocked(start, count, () => this.copyRange(start, count));
+      cursor = start + count;
+    }
+  }
+
+  /** Copies the blocks of [first, first+count) still set in the old table; the caller holds their lock. */
+  async copyRange(first: number, count: number): Promise<void> {
+    const bs = this.volume.blockBytes;
+    for (const [s, n] of [...this.old.runs(first, first + count)]) {
+      // Split by what the volume holds: allocated blocks carry data, holes are zero extents.
+      let cursor = s;
+      const end = s + n;
+      const allocated = [...this.volume.allocation.runs(s, end)];
+      for (const [as, an] of allocated) {
+        if (as > cursor) this.addZero(cursor, as - cursor);
+        const data = await this.volume.read(as * bs, an * bs);
+        this.addData(as, an, data);
+        cursor = as + an;
+      }
+      if (cursor < end) this.addZero(cursor, end - cursor);
+      this.old.clearRange(s, n);
+    }
+  }
+
+  /** Writes the last chunk and makes the delta set durable in the save volume. */
+  async finish(): Promise<BuiltDeltaSet> {
+    assert(this.old.count === 0, `delta set ${this.deltaSet} finished with ${this.old.count} blocks not copied`);
+    if (this.extents.length > 0) this.flushChunk();
+    await Promise.all(this.writes);
+    await this.journal.sync();
+    const startLsn = this.startLsn ?? this.ring.head;
+    return { startLsn, endLsn: this.ring.head, chunks: this.chunkIndex, blocks: this.blocks, dataBytes: this.dataBytes, dataCrc: this.dataCrc };
+  }
+
+  private addZero(block: number, count: number): void {
+    for (let done = 0; done < count; ) {
+      const n = Math.min(zeroExtentBlocksMax, count - done);
+      this.extents.push({ block: block + done, count: n, zero: true });
+      this.blocks += n;
+      done += n;
+      if (this.extents.length >= chunkExtentsMax) this.flushChunk();
+    }
+  }
+
+  private addData(block: number, count: number, data: Buffer): void {
+    const bs = this.volume.blockBytes;
+    const perChunk = Math.max(1, Math.floor(chunkDataBytesMax / bs));
+    for (let done = 0; done < count; ) {
+      const room = Math.max(1, perChunk - Math.floor(this.partBytes / bs));
+      const n = Math.min(room, count - done);
+      this.extents.push({ block: block + done, count: n, zero: false });
+      this.parts.push(data.subarray(done * bs, (done + n) * bs));
+      this.partBytes += n * bs;
+      this.blocks += n;
+      done += n;
+      if (this.partBytes >= chunkDataBytesMax || this.extents.length >= chunkExtentsMax) this.flushChunk();
+    }
+  }
+
+  /** Seals the chunk being filled into a journal record; synchronous up to the write. */
+  private flushChunk(): void {
+    const data = Buffer.concat(this.parts);
+    const payload = encodeChunk({ extents: this.extents, data });
+    this.dataCrc = crc32c(data, this.dataCrc);
+    this.dataBytes += data.length;
+    const encoded = this.journal.encode({ type: JournalRecordType.Chunk, flags: 0, generation: this.generation, deltaSet: this.deltaSet, index: this.chunkIndex }, payload);
+    const lsn = this.ring.allocate(encoded.length);
+    // The cutter reserved the worst case before switching tables, so this cannot fail.
+    assert(lsn !== undefined, `save volume out of space inside delta set ${this.deltaSet}`);
+    this.startLsn ??= lsn;
+    this.writes.push(this.journal.write(lsn, encoded));
+    this.chunkIndex++;
+    this.extents = [];
+    this.parts = [];
+    this.partBytes = 0;
+  }
+}

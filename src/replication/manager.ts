@@ -1,0 +1,471 @@
+import { mkdir, rm, stat } from 'node:fs/promises';
+import { randomUUID } from 'node:crypto';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import type { Clock } from '../lib/clock.js';
+import { FerryError } from '../lib/errors.js';
+import { BitmapFile } from '../storage/bitmap-file.js';
+import type { Catalog } from '../storage/catalog.js';
+import { JournalFile } from '../storage/journal.js';
+import { ReplicationCatalog, type PairMode, type PairRecord } from '../storage/replication-catalog.js';
+import type { VolumeStore } from '../storage/volume-store.js';
+import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '../tracking/activity-log.js';
+import { ChangeLog } from '../tracking/change-log.js';
+import { connectRcp, type PeerIdentity, type RcpConnection } from '../transport/connection.js';
+import { FrameType, type Frame } from '../transport/frame.js';
+import type { RcpServer } from '../transport/rcp-server.js';
+import { nextPairStatus, initialPairStatus } from './pair-state.js';
+import { ReplFrame, json, type PairCreateBody, type PairOpenBody, type TargetPosition } from './protocol.js';
+import { SourceReplicator } from './source.js';
+import { infoView, pairStatusView, type InfoView, type LiveFigures, type PairStatusView } from './status.js';
+import { TargetReplica } from './target.js';
+
+export const intervalMsDefault = 10_000;
+export const highWaterBytesDefault = 64 * 1024 * 1024;
+export const saveVolumeBytesDefault = 1024 * 1024 * 1024;
+const sessionOpenTimeoutMs = 10_000;
+
+export interface StartOptions {
+  volume: string;
+  to: string;
+  targetVolume?: string;
+  mode: PairMode;
+  intervalMs: number;
+  highWaterBytes: number;
+  saveVolumeBytes: number;
+}
+
+export interface ManagerDeps {
+  self: PeerIdentity;
+  selfUrl(): string;
+  blockBytes: number;
+  volumes: VolumeStore;
+  catalog: Catalog;
+  replicationDir: string;
+  rcp: RcpServer;
+  clock: Clock;
+  log: Logger;
+}
+
+/** Parses a peer URL (`http://host:port`) into where its RCP listener is. */
+export function peerAddress(url: string): { host: string; port: number } {
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    throw new FerryError('INVALID_ADDRESS', `invalid peer URL "${url}": expected http://HOST:PORT`);
+  }
+  if (u.protocol !== 'http:' || !u.hostname) throw new FerryError('INVALID_ADDRESS', `invalid peer URL "${url}": expected http://HOST:PORT`);
+  return { host: u.hostname.replace(/^\[|\]$/g, ''), port: Number(u.port || 80) };
+}
+
+/**
+ * All pairs of one site: opens them at start (recovery before anyone is let in),
+ * answers peers' sessions, and carries out `replicate start|stop|pause|resume|delta`.
+ */
+export class ReplicationManager {
+  readonly catalog: ReplicationCatalog;
+  readonly sources = new Map<string, SourceReplicator>();
+  readonly targets = new Map<string, TargetReplica>();
+  private readonly starting = new Set<string>();
+
+  constructor(private readonly deps: ManagerDeps) {
+    this.catalog = new ReplicationCatalog(deps.catalog);
+    deps.volumes.addUseCheck((name) => {
+      const pair = this.catalog.getPair(name);
+      return pair ? `it is the ${pair.role} of a replication pair (run "ferry replicate stop ${name}" first)` : undefined;
+    });
+    deps.rcp.register(ReplFrame.PairCreate, (c, peer, f) => void this.onCreate(c, peer, f));
+    deps.rcp.register(ReplFrame.PairOpen, (c, peer, f) => void this.onOpen(c, peer, f));
+  }
+
+  /** Opens every pair; sources recover their change logs before hosts can write. */
+  async load(): Promise<void> {
+    await mkdir(this.deps.replicationDir, { recursive: true });
+    for (const pair of this.catalog.listPairs()) {
+      try {
+        if (pair.role === 'source') this.sources.set(pair.volume, await this.openSource(pair));
+        else this.targets.set(pair.volume, await this.openTarget(pair));
+      } catch (err) {
+        this.deps.log.error({ err, volume: pair.volume }, 'replication pair could not be opened');
+        throw err;
+      }
+    }
+  }
+
+  /** Starts the background work of every pair (after load, once listeners are up). */
+  startAll(): void {
+    for (const s of this.sources.values()) s.start();
+    for (const t of this.targets.values()) t.start();
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.sources.values()].map((s) => s.close()));
+    await Promise.all([...this.targets.values()].map((t) => t.close()));
+  }
+
+  // ---- operator commands ------------------------------------------------------------
+
+  async start(options: StartOptions): Promise<PairRecord> {
+    const { volumes, self, log } = this.deps;
+    const volume = volumes.get(options.volume);
+    const record = volumes.record(options.volume);
+    if (this.catalog.getPair(options.volume) || this.starting.has(options.volume)) {
+      throw new FerryError('VOLUME_IN_USE', `volume ${options.volume} is already replicated`);
+    }
+    if (record.access !== 'read-write') throw new FerryError('VOLUME_READ_ONLY', `volume ${options.volume} is ${record.access}; only a read-write volume can be a source`);
+    if (options.mode !== 'async') throw new FerryError('BAD_REQUEST', `mode ${options.mode} is not available yet; use --mode async`);
+    if (options.saveVolumeBytes < 16 * 1024 * 1024 || options.saveVolumeBytes % 4096 !== 0) {
+      throw new FerryError('INVALID_SIZE', 'the save volume must be at least 16M and a multiple of 4K');
+    }
+    if (options.intervalMs < 100) throw new FerryError('INVALID_DURATION', 'the interval must be at least 100ms');
+    this.starting.add(options.volume);
+    try {
+      const pairId = randomUUID();
+      const targetVolume = options.targetVolume ?? options.volume;
+      const create: PairCreateBody = {
+        pairId,
+        sourceSiteId: self.siteId,
+        sourceSiteName: self.siteName,
+        sourceUrl: this.deps.selfUrl(),
+        sourceVolume: options.volume,
+        targetVolume,
+        sizeBytes: volume.sizeBytes,
+        blockBytes: volume.blockBytes,
+        generation: 1,
+        mode: options.mode,
+      };
+      const { connection, peer } = await this.connect(options.to);
+      try {
+        connection.sendJson(ReplFrame.PairCreate as number, create);
+        await expectOpenOk(connection);
+      } finally {
+        connection.destroy();
+      }
+      const status = nextPairStatus(initialPairStatus, { type: 'start' });
+      const pair: PairRecord = {
+        volume: options.volume,
+        pairId,
+        role: 'source',
+        mode: options.mode,
+        peerUrl: options.to.replace(/\/+$/, ''),
+        peerSiteId: peer.siteId,
+        peerSiteName: peer.siteName,
+        peerVolume: targetVolume,
+        state: status.state,
+        stateReason: '',
+        generation: 1,
+        intervalMs: options.intervalMs,
+        highWaterBytes: options.highWaterBytes,
+        saveVolumeBytes: options.saveVolumeBytes,
+        createdAt: new Date(this.deps.clock.now()).toISOString(),
+        initialCopy: { cursorBlock: 0, totalBlocks: volume.blockCount, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },
+        deltaSetCreated: 0,
+        deltaSetSent: 0,
+        deltaSetAcked: 0,
+        deltaSetReceived: 0,
+        deltaSetPlayedBack: 0,
+        bytesSent: 0,
+        bytesReceived: 0,
+        paused: false,
+        playedBackCutMs: 0,
+      };
+      await this.removeFiles(record.id);
+      this.catalog.putPair(pair);
+      const source = await this.openSource(pair);
+      this.sources.set(pair.volume, source);
+      source.start();
+      log.info({ volume: pair.volume, to: pair.peerUrl, targetVolume }, 'replication started');
+      return pair;
+    } finally {
+      this.starting.delete(options.volume);
+    }
+  }
+
+  async stop(volumeName: string): Promise<void> {
+    const pair = this.requirePair(volumeName);
+    const record = this.deps.volumes.record(volumeName);
+    if (pair.role === 'source') {
+      const source = this.sources.get(volumeName);
+      this.sources.delete(volumeName);
+      await source?.close();
+      this.catalog.deletePair(volumeName);
+      await this.tellTargetToStop(pair).catch((err: Error) => this.deps.log.warn({ volume: volumeName, err: err.message }, 'the target could not be told that replication stopped; stop it there too'));
+    } else {
+      const target = this.targets.get(volumeName);
+      this.targets.delete(volumeName);
+      // Stop at the target finishes the delta set being played back (E, "stop" on a secondary).
+      await target?.close();
+      this.catalog.deletePair(volumeName);
+      this.deps.volumes.setAccess(volumeName, 'read-write');
+    }
+    await this.removeFiles(record.id);
+    this.deps.log.info({ volume: volumeName, role: pair.role }, 'replication stopped');
+  }
+
+  pause(volumeName: string): void {
+    this.requireSource(volumeName).pause();
+  }
+
+  resume(volumeName: string): void {
+    this.requireSource(volumeName).resume();
+  }
+
+  async delta(volumeName: string): Promise<number> {
+    return this.requireSource(volumeName).cutNow();
+  }
+
+  status(volumeName?: string): PairStatusView[] {
+    const pairs = volumeName ? [this.requirePair(volumeName)] : this.catalog.listPairs().map((p) => this.requirePair(p.volume));
+    return pairs.map((p) => pairStatusView(p, this.catalog.listDeltaSets(p.volume), this.live(p)));
+  }
+
+  info(volumeName: string): InfoView {
+    const p = this.requirePair(volumeName);
+    return infoView(p, this.catalog.listDeltaSets(p.volume), this.live(p));
+  }
+
+  private live(pair: PairRecord): LiveFigures {
+    const now = this.deps.clock.now();
+    const source = this.sources.get(pair.volume);
+    if (source) {
+      const st = source.stats;
+      return {
+        nowMs: now,
+        dirtyBlocks: source.dirtyBlocks,
+        sourceNowMs: now,
+        rates: source.rates(),
+        saveVolume: { ...source.saveVolume, full: st.saveVolumeFull },
+        connected: st.connected,
+        retries: st.retries,
+        corruptFrames: st.corruptFramesResent,
+        lastError: st.lastError,
+        currentDeltaSet: st.currentDeltaSet,
+        currentChunk: st.currentChunk,
+      };
+    }
+    const target = this.targets.get(pair.volume);
+    const st = target?.stats;
+    const heard = st && st.lastSourceHeardLocalMs > 0;
+    return {
+      nowMs: now,
+      dirtyBlocks: st?.sourceDirtyBlocks ?? 0,
+      sourceNowMs: heard ? st.lastSourceNowMs + (now - st.lastSourceHeardLocalMs) : now,
+      rates: { current: 0, average: 0 },
+      saveVolume: { ...(target?.saveVolume ?? { usedBytes: 0, capacityBytes: pair.saveVolumeBytes }), full: st?.saveVolumeFull ?? false },
+      connected: st?.connected ?? false,
+      retries: 0,
+      corruptFrames: st?.corruptFramesRejected ?? 0,
+      lastError: '',
+      currentDeltaSet: st?.sourceDeltaSetCreated ?? 0,
+      currentChunk: 0,
+    };
+  }
+
+  requirePair(volumeName: string): PairRecord {
+    this.deps.volumes.record(volumeName);
+    const pair = this.catalog.getPair(volumeName);
+    if (!pair) throw new FerryError('NOT_FOUND', `volume ${volumeName} is not replicated`);
+    return this.sources.get(volumeName)?.pair ?? this.targets.get(volumeName)?.pair ?? pair;
+  }
+
+  requireSource(volumeName: string): SourceReplicator {
+    const pair = this.requirePair(volumeName);
+    const source = this.sources.get(volumeName);
+    if (!source) throw new FerryError('BAD_REQUEST', `volume ${volumeName} is the ${pair.role} of its pair; run this at the source site`);
+    return source;
+  }
+
+  // ---- peers -----------------------------------------------------------------------
+
+  private async connect(url: string): Promise<{ connection: RcpConnection; peer: PeerIdentity }> {
+    const { host, port } = peerAddress(url);
+    return connectRcp(host, port, this.deps.self, sessionOpenTimeoutMs);
+  }
+
+  private async openSession(pair: PairRecord): Promise<{ connection: RcpConnection; position: TargetPosition }> {
+    const { connection, peer } = await this.connect(pair.peerUrl);
+    try {
+      if (peer.siteId !== pair.peerSiteId) {
+        throw new FerryError('PROTOCOL_ERROR', `the site at ${pair.peerUrl} is ${peer.siteName} (${peer.siteId}), not the pair's target ${pair.peerSiteName} (${pair.peerSiteId})`);
+      }
+      const open: PairOpenBody = { pairId: pair.pairId, targetVolume: pair.peerVolume, generation: pair.generation };
+      connection.sendJson(ReplFrame.PairOpen as number, open, { generation: BigInt(pair.generation) });
+      const position = await expectOpenOk(connection);
+      return { connection, position };
+    } catch (err) {
+      connection.destroy();
+      throw err;
+    }
+  }
+
+  private async tellTargetToStop(pair: PairRecord): Promise<void> {
+    const { connection } = await this.connect(pair.peerUrl);
+    try {
+      connection.sendJson(ReplFrame.PairOpen as number, { pairId: pair.pairId, targetVolume: pair.peerVolume, generation: pair.generation, stop: true });
+      await expectOpenOk(connection);
+    } finally {
+      connection.destroy();
+    }
+  }
+
+  private async onCreate(connection: RcpConnection, peer: PeerIdentity, frame: Frame): Promise<void> {
+    try {
+      const body = json<PairCreateBody>(frame);
+      const { volumes, blockBytes } = this.deps;
+      if (typeof body.targetVolume !== 'string' || typeof body.pairId !== 'string' || !Number.isSafeInteger(body.sizeBytes)) {
+        throw new FerryError('PROTOCOL_ERROR', 'PairCreate lacks a pair id, target volume or size');
+      }
+      if (body.blockBytes !== blockBytes) {
+        throw new FerryError('BAD_REQUEST', `block sizes differ: the source uses ${body.blockBytes} bytes, this site ${blockBytes}`);
+      }
+      if (this.catalog.getPair(body.targetVolume)) throw new FerryError('VOLUME_IN_USE', `volume ${body.targetVolume} at ${this.deps.self.siteName} is already part of a replication pair`);
+      let record;
+      if (volumes.has(body.targetVolume)) {
+        record = volumes.record(body.targetVolume);
+        if (record.sizeBytes !== body.sizeBytes) {
+          throw new FerryError('VOLUME_EXISTS', `volume ${body.targetVolume} exists at ${this.deps.self.siteName} with a different size (${record.sizeBytes} bytes, source ${body.sizeBytes})`);
+        }
+        this.deps.log.warn({ volume: body.targetVolume }, 'an existing volume becomes a replication target; the initial copy overwrites it');
+      } else {
+        await volumes.create(body.targetVolume, body.sizeBytes);
+        record = volumes.record(body.targetVolume);
+      }
+      // Until the initial copy completes the volume is not a consistent image: no host access.
+      volumes.setAccess(body.targetVolume, 'raw');
+      const pair: PairRecord = {
+        volume: body.targetVolume,
+        pairId: body.pairId,
+        role: 'target',
+        mode: body.mode,
+        peerUrl: body.sourceUrl,
+        peerSiteId: peer.siteId,
+        peerSiteName: peer.siteName,
+        peerVolume: body.sourceVolume,
+        state: 'initial-copying',
+        stateReason: '',
+        generation: body.generation,
+        intervalMs: 0,
+        highWaterBytes: 0,
+        saveVolumeBytes: saveVolumeBytesDefault,
+        createdAt: new Date(this.deps.clock.now()).toISOString(),
+        initialCopy: { cursorBlock: 0, totalBlocks: body.sizeBytes / blockBytes, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },
+        deltaSetCreated: 0,
+        deltaSetSent: 0,
+        deltaSetAcked: 0,
+        deltaSetReceived: 0,
+        deltaSetPlayedBack: 0,
+        bytesSent: 0,
+        bytesReceived: 0,
+        paused: false,
+        playedBackCutMs: 0,
+      };
+      await this.removeFiles(record.id);
+      this.catalog.putPair(pair);
+      const target = await this.openTarget(pair);
+      this.targets.set(pair.volume, target);
+      target.start();
+      this.deps.log.info({ volume: pair.volume, from: peer.siteName, sourceVolume: body.sourceVolume }, 'replication target created');
+      connection.sendJson(ReplFrame.PairOpenOk as number, target.position());
+      connection.close();
+    } catch (err) {
+      refuse(connection, err);
+    }
+  }
+
+  private async onOpen(connection: RcpConnection, _peer: PeerIdentity, frame: Frame): Promise<void> {
+    try {
+      const body = json<PairOpenBody & { stop?: boolean }>(frame);
+      const target = this.targets.get(body.targetVolume);
+      if (!target || target.pair.pairId !== body.pairId) {
+        throw new FerryError('NOT_FOUND', `no replication pair ${body.pairId} for volume ${body.targetVolume} at ${this.deps.self.siteName}`);
+      }
+      if (body.generation < target.pair.generation) {
+        connection.sendError('STALE_GENERATION', `pair is at generation ${target.pair.generation}; generation ${body.generation} is refused`);
+        connection.close();
+        return;
+      }
+      if (body.stop) {
+        await this.stop(body.targetVolume);
+        connection.sendJson(ReplFrame.PairOpenOk as number, {});
+        connection.close();
+        return;
+      }
+      await target.serve(connection);
+    } catch (err) {
+      refuse(connection, err);
+    }
+  }
+
+  // ---- files -----------------------------------------------------------------------
+
+  private pairDir(volumeId: string): string {
+    return join(this.deps.replicationDir, volumeId);
+  }
+
+  private async removeFiles(volumeId: string): Promise<void> {
+    await rm(this.pairDir(volumeId), { recursive: true, force: true });
+  }
+
+  private async openSource(pair: PairRecord): Promise<SourceReplicator> {
+    const { volumes, clock, log } = this.deps;
+    const record = volumes.record(pair.volume);
+    const volume = volumes.get(pair.volume);
+    const dir = this.pairDir(record.id);
+    await mkdir(dir, { recursive: true });
+    const dirtyPath = join(dir, 'dirty.bitmap');
+    const exists = await stat(dirtyPath).then(() => true, () => false);
+    const dirty = exists ? (await BitmapFile.open(dirtyPath, 'fill')).file : await BitmapFile.create(dirtyPath, volume.blockCount);
+    const alStore = await FileActivityLogStore.open(join(dir, 'activity.log'), activityExtentsMaxDefault);
+    const { log: al, recovered } = await ActivityLog.open(alStore);
+    const changeLog = new ChangeLog(volume.blockBytes, dirty, al);
+    const dirtyBlocks = await changeLog.recover(recovered);
+    if (exists) log.info({ volume: pair.volume, dirtyBlocks, hotExtents: recovered.length }, 'change log recovered');
+    const journal = await JournalFile.open(join(dir, 'save.journal'), pair.saveVolumeBytes);
+    return new SourceReplicator({
+      volume,
+      pair,
+      catalog: this.catalog,
+      changeLog,
+      journal,
+      clock,
+      log,
+      openSession: (p) => this.openSession(p),
+    });
+  }
+
+  private async openTarget(pair: PairRecord): Promise<TargetReplica> {
+    const { volumes, clock, log } = this.deps;
+    const record = volumes.record(pair.volume);
+    const dir = this.pairDir(record.id);
+    await mkdir(dir, { recursive: true });
+    const journal = await JournalFile.open(join(dir, 'save.journal'), pair.saveVolumeBytes);
+    return TargetReplica.open({
+      volume: volumes.get(pair.volume),
+      pair,
+      catalog: this.catalog,
+      journal,
+      clock,
+      log,
+      setAccess: (access) => volumes.setAccess(pair.volume, access),
+    });
+  }
+}
+
+async function expectOpenOk(connection: RcpConnection): Promise<TargetPosition> {
+  const reply = await connection.nextFrame(sessionOpenTimeoutMs);
+  if (reply.type === FrameType.Error) {
+    const body = json<{ code: string; message: string }>(reply);
+    throw new FerryError(body.code === 'VOLUME_IN_USE' || body.code === 'VOLUME_EXISTS' ? body.code : 'UNAVAILABLE', `peer refused: ${body.message}`);
+  }
+  if (reply.type !== ReplFrame.PairOpenOk) throw new FerryError('PROTOCOL_ERROR', `peer answered with frame type ${reply.type}`);
+  return json<TargetPosition>(reply);
+}
+
+function refuse(connection: RcpConnection, err: unknown): void {
+  const e = err instanceof FerryError ? err : new FerryError('INTERNAL', (err as Error).message);
+  if (!connection.isClosed) {
+    connection.sendError(e.code, e.message);
+    connection.close();
+  }
+}

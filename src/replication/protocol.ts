@@ -1,0 +1,143 @@
+import { FerryError } from '../lib/errors.js';
+import { decodeJsonPayload, type Frame } from '../transport/frame.js';
+
+/**
+ * RCP/1.0 frame types of replication (the handshake types 1-5 are transport's).
+ * A session starts with PairCreate (set up a new pair at the target) or PairOpen
+ * (resume an existing one); the target answers with its state so the source resumes
+ * exactly where the target stands.
+ */
+export enum ReplFrame {
+  PairCreate = 10,
+  PairOpen = 11,
+  PairOpenOk = 12,
+  CopyData = 13,
+  CopyAck = 14,
+  CopyDone = 15,
+  Chunk = 16,
+  DeltaSetHeader = 17,
+  Ack = 18,
+  Nack = 19,
+  Control = 20,
+  ControlOk = 21,
+  Heartbeat = 22,
+}
+
+export interface PairCreateBody {
+  pairId: string;
+  sourceSiteId: string;
+  sourceSiteName: string;
+  sourceUrl: string;
+  sourceVolume: string;
+  targetVolume: string;
+  sizeBytes: number;
+  blockBytes: number;
+  generation: number;
+  mode: 'async' | 'sync';
+}
+
+export interface PairOpenBody {
+  pairId: string;
+  targetVolume: string;
+  generation: number;
+}
+
+/** The target's position: everything the source needs to resume. */
+export interface TargetPosition {
+  pairId: string;
+  generation: number;
+  copyCursorBlock: number;
+  copyDone: boolean;
+  /** Last delta set completely received and stored. */
+  deltaSetReceived: number;
+  /** Chunks of delta set `deltaSetReceived + 1` already stored (resume from the next). */
+  chunksStored: number;
+  deltaSetPlayedBack: number;
+  /** The target's save volume cannot take more now (flow control). */
+  full: boolean;
+}
+
+export interface DeltaSetHeaderBody {
+  deltaSet: number;
+  chunkCount: number;
+  blockCount: number;
+  dataBytes: number;
+  /** CRC32C over the data of all chunks in chunk order. */
+  dataCrc: number;
+  createdAtMs: number;
+  previousCutMs: number;
+  /** CRC32C over the fields above, in this order, as JSON. */
+  headerCrc: number;
+}
+
+export interface AckBody {
+  deltaSet: number;
+  chunksStored: number;
+  sealed: boolean;
+  deltaSetPlayedBack: number;
+  full: boolean;
+}
+
+export interface NackBody {
+  deltaSet: number;
+  index: number;
+  reason: string;
+}
+
+export interface CopyAckBody {
+  /** Every block before this one is applied at the target. */
+  cursorBlock: number;
+  /** The target lost or refused a piece: send again from `cursorBlock`. */
+  rewind?: boolean;
+  /** The copy is complete and playback may start (answer to CopyDone). */
+  done?: boolean;
+}
+
+export interface CopyDoneBody {
+  stampedDeltaSet: number;
+}
+
+export interface ControlBody {
+  op: 'stop' | 'status';
+}
+
+export interface HeartbeatBody {
+  sourceNowMs: number;
+  dirtyBlocks: number;
+  deltaSetCreated: number;
+}
+
+export function headerCrcFields(h: Omit<DeltaSetHeaderBody, 'headerCrc'>): string {
+  return JSON.stringify([h.deltaSet, h.chunkCount, h.blockCount, h.dataBytes, h.dataCrc, h.createdAtMs, h.previousCutMs]);
+}
+
+/** Chunk frame payload: u64 delta set, u32 chunk index, u32 0, then the chunk encoding. */
+export const chunkFramePrefixBytes = 16;
+
+export function encodeChunkFrame(deltaSet: number, index: number, chunkBytes: Buffer): Buffer {
+  const prefix = Buffer.alloc(chunkFramePrefixBytes);
+  prefix.writeBigUInt64LE(BigInt(deltaSet), 0);
+  prefix.writeUInt32LE(index, 8);
+  return Buffer.concat([prefix, chunkBytes]);
+}
+
+export function decodeChunkFrame(payload: Buffer): { deltaSet: number; index: number; chunkBytes: Buffer } {
+  if (payload.length < chunkFramePrefixBytes) throw new FerryError('PROTOCOL_ERROR', 'chunk frame too short');
+  return { deltaSet: Number(payload.readBigUInt64LE(0)), index: payload.readUInt32LE(8), chunkBytes: payload.subarray(chunkFramePrefixBytes) };
+}
+
+/** Copy frame payload: u64 cursor (first block after this piece), then the chunk encoding. */
+export function encodeCopyFrame(cursorBlock: number, chunkBytes: Buffer): Buffer {
+  const prefix = Buffer.alloc(8);
+  prefix.writeBigUInt64LE(BigInt(cursorBlock), 0);
+  return Buffer.concat([prefix, chunkBytes]);
+}
+
+export function decodeCopyFrame(payload: Buffer): { cursorBlock: number; chunkBytes: Buffer } {
+  if (payload.length < 8) throw new FerryError('PROTOCOL_ERROR', 'copy frame too short');
+  return { cursorBlock: Number(payload.readBigUInt64LE(0)), chunkBytes: payload.subarray(8) };
+}
+
+export function json<T>(frame: Frame): T {
+  return decodeJsonPayload<T>(frame);
+}

@@ -1,0 +1,640 @@
+import type { Logger } from 'pino';
+import { type Clock, Waker } from '../lib/clock.js';
+import { crc32c } from '../lib/checksum.js';
+import { FerryError, assert, isFerryError } from '../lib/errors.js';
+import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
+import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/replication-catalog.js';
+import type { Volume, WriteHook } from '../storage/volume.js';
+import type { ChangeLog } from '../tracking/change-log.js';
+import type { RcpConnection } from '../transport/connection.js';
+import { FrameType, type Frame } from '../transport/frame.js';
+import { DeltaSetBuilder, deltaSetSpanBytesMax } from './builder.js';
+import { chunkDataBytesMax, chunkExtentsMax, encodeChunk, type ChunkExtent } from './chunk.js';
+import { Inbox } from './inbox.js';
+import { isActive, nextPairStatus, type PairEvent, type PairStatus } from './pair-state.js';
+import {
+  ReplFrame,
+  encodeChunkFrame,
+  encodeCopyFrame,
+  headerCrcFields,
+  json,
+  type AckBody,
+  type CopyAckBody,
+  type DeltaSetHeaderBody,
+  type HeartbeatBody,
+  type NackBody,
+  type TargetPosition,
+} from './protocol.js';
+import { DeltaSetTrigger, type TriggerReason } from './triggers.js';
+
+/** Chunks (or copy pieces) sent and not yet acknowledged. */
+export const sendWindowChunks = 8;
+/** How long to wait for an acknowledgement before the connection counts as failed. */
+export const ackTimeoutMs = 30_000;
+/** Silence after which the oldest unacknowledged frame is sent again. */
+export const retransmitMs = 1_000;
+/** Consecutive failures before the pair reports Suspend (failure); it keeps retrying after that. */
+export const sendRetriesMax = 3;
+export const retryDelayMsMax = 5_000;
+export const retryDelayMsMin = 200;
+/** Longest sleep of the cutter between trigger checks. */
+const cutterPollMs = 100;
+const heartbeatMs = 1_000;
+const copyProgressPersistMs = 1_000;
+
+export interface SourceDeps {
+  volume: Volume;
+  pair: PairRecord;
+  catalog: ReplicationCatalog;
+  changeLog: ChangeLog;
+  journal: JournalFile;
+  clock: Clock;
+  log: Logger;
+  /** Opens an RCP session to the target (handshake done) and returns its position. */
+  openSession(pair: PairRecord): Promise<{ connection: RcpConnection; position: TargetPosition }>;
+}
+
+/** Counters for status and metrics, kept in memory. */
+export interface SourceStats {
+  retries: number;
+  corruptFramesResent: number;
+  lastError: string;
+  currentDeltaSet: number;
+  currentChunk: number;
+  rateBytesPerSec: number;
+  averageRateBytesPerSec: number;
+  saveVolumeUsedBytes: number;
+  saveVolumeFull: boolean;
+  connected: boolean;
+  lastCut?: { reason: TriggerReason; pauseMs: number; atMs: number };
+}
+
+/**
+ * The source end of one pair (E FIG. 8, 10, 12): the change log's hook on the volume,
+ * the cutter that turns the old table into delta sets in the save volume, and the
+ * send thread that ships them over RCP with retries and resumes where the target
+ * stands after any reconnect or restart.
+ */
+export class SourceReplicator {
+  readonly stats: SourceStats = {
+    retries: 0,
+    corruptFramesResent: 0,
+    lastError: '',
+    currentDeltaSet: 0,
+    currentChunk: 0,
+    rateBytesPerSec: 0,
+    averageRateBytesPerSec: 0,
+    saveVolumeUsedBytes: 0,
+    saveVolumeFull: false,
+    connected: false,
+  };
+  private status: PairStatus;
+  private readonly ring: RingSpace;
+  private readonly trigger: DeltaSetTrigger;
+  private readonly cutWaker = new Waker();
+  private readonly sendWaker = new Waker();
+  private building: Promise<void> | undefined;
+  private removeHook: (() => void) | undefined;
+  private closed = false;
+  private loops: Promise<void>[] = [];
+  private connection: RcpConnection | undefined;
+  private previousCutMs: number;
+  private rateWindow: { atMs: number; bytes: number }[] = [];
+  private sendingSinceMs = 0;
+  private sentBytesTotal = 0;
+  private lastPersistMs = 0;
+
+  constructor(private readonly deps: SourceDeps) {
+    const { pair, catalog } = deps;
+    this.status = { state: pair.state as PairStatus['state'], reason: pair.stateReason, initialCopyDone: pair.initialCopy.doneAt !== undefined, ...(pair.paused ? { cause: 'command' as const } : {}) };
+    const retained = catalog.listDeltaSets(pair.volume).filter((d) => d.generation === pair.generation);
+    const head = retained.reduce((h, d) => Math.max(h, d.endLsn), 0);
+    const tail = retained.length > 0 ? Math.min(...retained.map((d) => d.startLsn)) : head;
+    this.ring = new RingSpace(pair.saveVolumeBytes, head, tail);
+    this.trigger = new DeltaSetTrigger({ intervalMs: pair.intervalMs, highWaterBytes: pair.highWaterBytes }, deps.clock.now());
+    this.previousCutMs = retained.at(-1)?.createdAtMs ?? deps.clock.now();
+    this.stats.saveVolumeUsedBytes = this.ring.usedBytes;
+  }
+
+  get pair(): PairRecord {
+    return this.deps.pair;
+  }
+
+  get pairStatus(): PairStatus {
+    return this.status;
+  }
+
+  get changeLog(): ChangeLog {
+    return this.deps.changeLog;
+  }
+
+  get dirtyBlocks(): number {
+    return this.deps.changeLog.dirtyBlocks;
+  }
+
+  /** Installs the write hook (before hosts are let in) and starts the cutter and sender. */
+  start(): void {
+    const hook: WriteHook = {
+      beforeChange: (_volume, change) => this.deps.changeLog.mark(change.firstBlock, change.blockCount),
+    };
+    this.removeHook = this.deps.volume.addHook(hook);
+    this.loops = [this.cutLoop(), this.sendLoop()];
+  }
+
+  /** Cut a delta set now (`ferry replicate delta`). Resolves when it is sealed. */
+  async cutNow(): Promise<number> {
+    this.trigger.demand();
+    this.cutWaker.signal();
+    const before = this.pair.deltaSetCreated;
+    while (!this.closed && this.pair.deltaSetCreated === before) {
+      if (this.stats.saveVolumeFull) throw new FerryError('UNAVAILABLE', 'the save volume is full; the delta set will be cut once the target has acknowledged older ones');
+      if (this.dirtyBlocks === 0 && !this.building) return before;
+      await this.deps.clock.sleep(20);
+    }
+    return this.pair.deltaSetCreated;
+  }
+
+  apply(event: PairEvent): PairStatus {
+    const next = nextPairStatus(this.status, event);
+    if (next.state !== this.status.state || next.reason !== this.status.reason) {
+      this.deps.log.info({ volume: this.pair.volume, from: this.status.state, to: next.state, reason: next.reason }, 'pair state changed');
+    }
+    this.status = next;
+    this.pair.state = next.state;
+    this.pair.stateReason = next.reason;
+    this.pair.paused = next.cause === 'command' && (next.state === 'suspended' || next.state === 'suspending');
+    this.persist();
+    this.sendWaker.signal();
+    return next;
+  }
+
+  pause(): PairStatus {
+    const s = this.apply({ type: 'suspend' });
+    this.connection?.destroy();
+    return s.state === 'suspending' ? this.apply({ type: 'drained' }) : s;
+  }
+
+  resume(): PairStatus {
+    return this.apply({ type: 'resume' });
+  }
+
+  /** Stops the loops; persists the change log so no dirty block is forgotten. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.cutWaker.signal();
+    this.sendWaker.signal();
+    this.connection?.destroy();
+    await Promise.allSettled(this.loops);
+    await this.building?.catch(() => undefined);
+    this.removeHook?.();
+    this.persist();
+    await this.deps.changeLog.close();
+  }
+
+  // ---- cutter (E FIG. 10) -------------------------------------------------------
+
+  private async cutLoop(): Promise<void> {
+    while (!this.closed) {
+      const now = this.deps.clock.now();
+      const modifiedBytes = this.deps.changeLog.current.count * this.deps.volume.blockBytes;
+      const reason = this.trigger.due(now, modifiedBytes);
+      if (reason && !this.building && this.dirtyBlocks > 0) {
+        try {
+          await this.cut(reason);
+        } catch (err) {
+          this.deps.log.error({ err, volume: this.pair.volume }, 'delta set could not be created');
+          this.stats.lastError = (err as Error).message;
+        }
+      } else if (reason === 'on-demand' && this.dirtyBlocks === 0) {
+        this.trigger.rearm(now);
+      }
+      await this.cutWaker.wait(this.deps.clock, Math.min(cutterPollMs, this.trigger.msUntilDeadline(now) || cutterPollMs));
+    }
+  }
+
+  private async cut(reason: TriggerReason): Promise<void> {
+    const { volume, changeLog, clock } = this.deps;
+    const blocks = changeLog.current.count;
+    const needBytes = deltaSetSpanBytesMax(blocks, volume.blockBytes);
+    if (!this.makeRoom(needBytes)) {
+      // Rule 8: never block or drop host writes; keep accumulating in the bitmap and
+      // cut once acknowledgements free the save volume.
+      if (!this.stats.saveVolumeFull) this.deps.log.warn({ volume: this.pair.volume, needBytes, freeBytes: this.ring.freeBytes }, 'save volume full: tracking changes in the bitmap until space is freed');
+      this.stats.saveVolumeFull = true;
+      return;
+    }
+    this.stats.saveVolumeFull = false;
+    // E FIG. 10 steps 347-351: a brief pause so no write is between its mark and its data.
+    const pauseStart = clock.now();
+    const resume = await volume.quiesce();
+    let old;
+    const n = this.pair.deltaSetCreated + 1;
+    const createdAtMs = clock.now();
+    try {
+      old = changeLog.switchTables();
+    } finally {
+      resume();
+    }
+    this.stats.lastCut = { reason, pauseMs: clock.now() - pauseStart, atMs: createdAtMs };
+    this.trigger.rearm(createdAtMs);
+    const builder = new DeltaSetBuilder(volume, old, this.deps.journal, this.ring, this.pair.generation, n);
+    changeLog.setCopier((first, count) => builder.copyRange(first, count));
+    this.building = (async () => {
+      try {
+        await builder.copyAll();
+        const built = await builder.finish();
+        changeLog.setCopier(undefined);
+        const record: DeltaSetRecord = {
+          volume: this.pair.volume,
+          generation: this.pair.generation,
+          n,
+          state: 'ready',
+          ...built,
+          createdAtMs,
+          previousCutMs: this.previousCutMs,
+          sealedAtMs: clock.now(),
+        };
+        // The mailbox entry makes the delta set visible to the sender; only then may the
+        // change log forget its blocks.
+        this.deps.catalog.transaction(() => {
+          this.deps.catalog.putDeltaSet(record);
+          this.pair.deltaSetCreated = n;
+          this.deps.catalog.putPair(this.pair);
+        });
+        this.previousCutMs = createdAtMs;
+        await changeLog.sealed();
+        this.stats.saveVolumeUsedBytes = this.ring.usedBytes;
+        this.deps.log.debug({ volume: this.pair.volume, deltaSet: n, blocks: built.blocks, chunks: built.chunks, reason }, 'delta set ready');
+        this.sendWaker.signal();
+      } catch (err) {
+        changeLog.setCopier(undefined);
+        await changeLog.mergeOldBack();
+        throw err;
+      } finally {
+        this.building = undefined;
+      }
+    })();
+    await this.building;
+  }
+
+  /** Frees acknowledged delta sets, oldest first, until `bytes` fit. */
+  private makeRoom(bytes: number): boolean {
+    if (bytes > this.ring.capacityBytes) return false;
+    if (this.ring.peek(bytes) !== undefined) return true;
+    const retained = this.deps.catalog.listDeltaSets(this.pair.volume).filter((d) => d.generation === this.pair.generation);
+    for (let i = 0; i < retained.length; i++) {
+      const d = retained[i] as DeltaSetRecord;
+      if (d.state !== 'acked') break;
+      this.deps.catalog.deleteDeltaSet(d.volume, d.generation, d.n);
+      this.ring.release(retained[i + 1]?.startLsn ?? this.ring.head);
+      if (this.ring.peek(bytes) !== undefined) return true;
+    }
+    return false;
+  }
+
+  // ---- send thread (E FIG. 12) ----------------------------------------------------
+
+  private async sendLoop(): Promise<void> {
+    let failures = 0;
+    while (!this.closed) {
+      if (!isActive(this.status) && !(this.status.state === 'suspended' && this.status.cause === 'failure')) {
+        await this.sendWaker.wait(this.deps.clock, 1000);
+        continue;
+      }
+      try {
+        const { connection, position } = await this.deps.openSession(this.pair);
+        this.connection = connection;
+        this.stats.connected = true;
+        if (this.closed || (!isActive(this.status) && this.status.cause === 'command')) {
+          connection.destroy();
+          continue;
+        }
+        if (this.status.state === 'suspended') this.apply({ type: 'resume' });
+        failures = 0;
+        await this.session(connection, position);
+      } catch (err) {
+        if (this.closed) break;
+        failures++;
+        this.stats.retries++;
+        this.stats.lastError = (err as Error).message;
+        if (failures >= sendRetriesMax && this.status.state !== 'suspended' && isActive(this.status)) {
+          this.apply({ type: 'failure', reason: `target unreachable: ${(err as Error).message}` });
+        }
+        this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message, failures }, 'replication session failed; retrying');
+        await this.sendWaker.wait(this.deps.clock, Math.min(retryDelayMsMax, retryDelayMsMin * 2 ** Math.min(failures, 6)));
+      } finally {
+        this.stats.connected = false;
+        this.connection?.destroy();
+        this.connection = undefined;
+      }
+    }
+  }
+
+  private async session(connection: RcpConnection, position: TargetPosition): Promise<void> {
+    const inbox = new Inbox(connection);
+    try {
+      if (!position.copyDone) {
+        await this.initialCopy(connection, inbox, position.copyCursorBlock);
+      } else if (this.status.state === 'initial-copying') {
+        this.markCopied();
+      }
+      this.notePlayedBack(position.deltaSetPlayedBack);
+      let next = position.deltaSetReceived + 1;
+      let fromChunk = position.chunksStored;
+      let lastHeartbeat = 0;
+      while (!this.closed && isActive(this.status)) {
+        const ds = this.deps.catalog.listDeltaSets(this.pair.volume).find((d) => d.generation === this.pair.generation && d.n === next);
+        if (!ds) {
+          if (next <= this.pair.deltaSetCreated) {
+            throw new FerryError('CORRUPT_RECORD', `delta set ${next} is needed by the target but no longer in the save volume`);
+          }
+          if (this.status.state === 'duplex-pending' && this.dirtyBlocks === 0) this.apply({ type: 'caught-up' });
+          if (this.deps.clock.now() - lastHeartbeat >= heartbeatMs) {
+            this.sendHeartbeat(connection);
+            lastHeartbeat = this.deps.clock.now();
+          }
+          inbox.drainAcks((ack) => this.noteAck(ack));
+          if (connection.isClosed) throw new FerryError('UNAVAILABLE', 'target closed the connection');
+          await this.sendWaker.wait(this.deps.clock, 250);
+          continue;
+        }
+        await this.sendDeltaSet(connection, inbox, ds, fromChunk);
+        next++;
+        fromChunk = 0;
+      }
+    } finally {
+      inbox.close();
+    }
+  }
+
+  private sendHeartbeat(connection: RcpConnection): void {
+    const body: HeartbeatBody = { sourceNowMs: this.deps.clock.now(), dirtyBlocks: this.dirtyBlocks, deltaSetCreated: this.pair.deltaSetCreated };
+    connection.sendJson(ReplFrame.Heartbeat as number, body, { generation: BigInt(this.pair.generation) });
+  }
+
+  private noteAck(ack: AckBody): void {
+    this.notePlayedBack(ack.deltaSetPlayedBack);
+  }
+
+  private notePlayedBack(n: number): void {
+    if (n <= this.pair.deltaSetPlayedBack) return;
+    this.pair.deltaSetPlayedBack = n;
+    const row = this.deps.catalog.listDeltaSets(this.pair.volume).find((d) => d.generation === this.pair.generation && d.n === n);
+    if (row) this.pair.playedBackCutMs = row.createdAtMs;
+  }
+
+  private async sendDeltaSet(connection: RcpConnection, inbox: Inbox, ds: DeltaSetRecord, fromChunk: number): Promise<void> {
+    const generation = BigInt(this.pair.generation);
+    this.stats.currentDeltaSet = ds.n;
+    const lsns = await this.chunkPositions(ds);
+    let acked = fromChunk;
+    let nextToSend = fromChunk;
+    const sendChunk = async (index: number): Promise<void> => {
+      const record = await this.deps.journal.read(lsns[index] as number, { deltaSet: ds.n, index, generation: ds.generation, type: JournalRecordType.Chunk });
+      const payload = encodeChunkFrame(ds.n, index, record.payload);
+      connection.send(ReplFrame.Chunk, payload, { generation });
+      this.countSent(payload.length);
+      this.stats.currentChunk = index;
+    };
+    let progressAtMs = this.deps.clock.now();
+    // A lost or damaged acknowledgement shows as silence: resend the oldest unacknowledged
+    // frame (the target answers duplicates with a fresh acknowledgement).
+    const await_ = async (resend: () => Promise<void>): Promise<Frame> => {
+      for (;;) {
+        try {
+          return await inbox.next(retransmitMs);
+        } catch (err) {
+          if (!isFerryError(err, 'UNAVAILABLE') || connection.isClosed) throw err;
+          if (this.deps.clock.now() - progressAtMs > ackTimeoutMs) throw err;
+          this.stats.corruptFramesResent++;
+          await resend();
+        }
+      }
+    };
+    while (acked < ds.chunks) {
+      while (nextToSend < ds.chunks && nextToSend - acked < sendWindowChunks) await sendChunk(nextToSend++);
+      const frame = await await_(() => sendChunk(acked));
+      if (frame.type === ReplFrame.Nack) {
+        const nack = json<NackBody>(frame);
+        if (nack.deltaSet === ds.n && nack.index >= acked && nack.index < ds.chunks) {
+          this.stats.corruptFramesResent++;
+          await sendChunk(nack.index);
+        }
+      } else if (frame.type === ReplFrame.Ack) {
+        const ack = json<AckBody>(frame);
+        this.noteAck(ack);
+        if (ack.full) progressAtMs = this.deps.clock.now();
+        if (ack.deltaSet === ds.n && ack.chunksStored > acked) {
+          acked = ack.chunksStored;
+          progressAtMs = this.deps.clock.now();
+        }
+      } else {
+        this.unexpected(frame);
+      }
+    }
+    const fields = { deltaSet: ds.n, chunkCount: ds.chunks, blockCount: ds.blocks, dataBytes: ds.dataBytes, dataCrc: ds.dataCrc, createdAtMs: ds.createdAtMs, previousCutMs: ds.previousCutMs };
+    const header: DeltaSetHeaderBody = { ...fields, headerCrc: crc32c(headerCrcFields(fields)) };
+    // E: the header goes last, so the receiver can check that everything it names arrived.
+    connection.sendJson(ReplFrame.DeltaSetHeader as number, header, { generation });
+    this.pair.deltaSetSent = Math.max(this.pair.deltaSetSent, ds.n);
+    progressAtMs = this.deps.clock.now();
+    for (;;) {
+      const frame = await await_(async () => {
+        connection.sendJson(ReplFrame.DeltaSetHeader as number, header, { generation });
+      });
+      if (frame.type === ReplFrame.Nack) {
+        const nack = json<NackBody>(frame);
+        if (nack.index < ds.chunks) {
+          this.stats.corruptFramesResent++;
+          await sendChunk(nack.index);
+          connection.sendJson(ReplFrame.DeltaSetHeader as number, header, { generation });
+        } else {
+          throw new FerryError('PROTOCOL_ERROR', `target refused delta set ${ds.n}: ${nack.reason}`);
+        }
+        continue;
+      }
+      if (frame.type !== ReplFrame.Ack) {
+        this.unexpected(frame);
+        continue;
+      }
+      const ack = json<AckBody>(frame);
+      this.noteAck(ack);
+      if (ack.deltaSet === ds.n && ack.sealed) break;
+    }
+    const now = this.deps.clock.now();
+    this.deps.catalog.transaction(() => {
+      this.deps.catalog.putDeltaSet({ ...ds, state: 'acked', ackedAtMs: now });
+      this.pair.deltaSetAcked = Math.max(this.pair.deltaSetAcked, ds.n);
+      this.deps.catalog.putPair(this.pair);
+    });
+    this.cutWaker.signal();
+  }
+
+  /** Where each chunk record of a delta set is, found by walking its records. */
+  private async chunkPositions(ds: DeltaSetRecord): Promise<number[]> {
+    const out: number[] = [];
+    let lsn = ds.startLsn;
+    while (out.length < ds.chunks) {
+      const record = await this.deps.journal.readNext(lsn, ds.endLsn);
+      if (!record || record.deltaSet !== ds.n || record.index !== out.length) {
+        throw new FerryError('CORRUPT_RECORD', `save volume: chunk ${out.length} of delta set ${ds.n} is missing or damaged`);
+      }
+      out.push(record.lsn);
+      lsn = record.nextLsn;
+    }
+    return out;
+  }
+
+  // ---- initial copy (E FIG. 11, SPEC C5) ---------------------------------------------
+
+  private async initialCopy(connection: RcpConnection, inbox: Inbox, fromBlock: number): Promise<void> {
+    const { volume } = this.deps;
+    const generation = BigInt(this.pair.generation);
+    const total = volume.blockCount;
+    const bs = volume.blockBytes;
+    const copy = this.pair.initialCopy;
+    copy.totalBlocks = total;
+    let cursor = fromBlock;
+    let ackedCursor = fromBlock;
+    const inFlight: number[] = [];
+    this.sendingSinceMs = this.deps.clock.now();
+    let progressAtMs = this.deps.clock.now();
+    while (ackedCursor < total) {
+      while (cursor < total && inFlight.length < sendWindowChunks) {
+        const piece = await this.copyPiece(cursor, total);
+        const payload = encodeCopyFrame(piece.end, encodeChunk({ extents: piece.extents, data: piece.data }));
+        connection.send(ReplFrame.CopyData, payload, { generation });
+        this.countSent(payload.length);
+        copy.bytes += piece.data.length;
+        inFlight.push(piece.end);
+        cursor = piece.end;
+      }
+      let frame: Frame;
+      try {
+        frame = await inbox.next(retransmitMs);
+      } catch (err) {
+        if (!isFerryError(err, 'UNAVAILABLE') || connection.isClosed || this.deps.clock.now() - progressAtMs > ackTimeoutMs) throw err;
+        // Silence: ask where the target stands; it answers with a rewinding CopyAck.
+        this.sendHeartbeat(connection);
+        continue;
+      }
+      if (frame.type !== ReplFrame.CopyAck) {
+        this.unexpected(frame);
+        continue;
+      }
+      const ack = json<CopyAckBody>(frame);
+      if (ack.rewind) {
+        // A piece was lost or damaged on the way: send again from where the target is.
+        this.stats.corruptFramesResent++;
+        cursor = ack.cursorBlock;
+        inFlight.length = 0;
+      }
+      if (ack.cursorBlock > ackedCursor) progressAtMs = this.deps.clock.now();
+      ackedCursor = Math.max(ackedCursor, ack.cursorBlock);
+      while (inFlight.length > 0 && (inFlight[0] as number) <= ackedCursor) inFlight.shift();
+      copy.cursorBlock = ackedCursor;
+      if (this.deps.clock.now() - this.lastPersistMs >= copyProgressPersistMs) this.persist();
+    }
+    // "Start playback" from the stamped delta set (E FIG. 11 steps 355-357).
+    const done = (): void => {
+      connection.sendJson(ReplFrame.CopyDone as number, { stampedDeltaSet: copy.stampedDeltaSet }, { generation });
+    };
+    done();
+    const doneSentAtMs = this.deps.clock.now();
+    for (;;) {
+      let frame: Frame;
+      try {
+        frame = await inbox.next(retransmitMs);
+      } catch (err) {
+        if (!isFerryError(err, 'UNAVAILABLE') || connection.isClosed || this.deps.clock.now() - doneSentAtMs > ackTimeoutMs) throw err;
+        done();
+        continue;
+      }
+      if (frame.type === ReplFrame.CopyAck) {
+        if (json<CopyAckBody>(frame).done) break;
+        continue;
+      }
+      this.unexpected(frame);
+    }
+    this.markCopied();
+  }
+
+  private markCopied(): void {
+    this.pair.initialCopy.cursorBlock = this.pair.initialCopy.totalBlocks;
+    this.pair.initialCopy.doneAt = new Date(this.deps.clock.now()).toISOString();
+    this.apply({ type: 'copied' });
+    this.deps.log.info({ volume: this.pair.volume, bytes: this.pair.initialCopy.bytes }, 'initial copy complete');
+  }
+
+  /** The next piece of the copy from `cursor`: valid extents with their data, holes as zero extents. */
+  private async copyPiece(cursor: number, total: number): Promise<{ end: number; extents: ChunkExtent[]; data: Buffer }> {
+    const { volume } = this.deps;
+    const bs = volume.blockBytes;
+    const dataBlocksMax = Math.max(1, Math.floor(chunkDataBytesMax / bs));
+    const extents: ChunkExtent[] = [];
+    const parts: Buffer[] = [];
+    let dataBlocks = 0;
+    let at = cursor;
+    while (at < total && dataBlocks < dataBlocksMax && extents.length < chunkExtentsMax - 1) {
+      const next = volume.allocation.runs(at, total).next();
+      if (next.done) {
+        extents.push({ block: at, count: total - at, zero: true });
+        at = total;
+        break;
+      }
+      const [s, n] = next.value;
+      if (s > at) extents.push({ block: at, count: s - at, zero: true });
+      const take = Math.min(n, dataBlocksMax - dataBlocks);
+      // Read under the blocks' lock: a block is copied before or after a write, never torn.
+      const data = await volume.withBlocksLocked(s, take, () => volume.read(s * bs, take * bs));
+      extents.push({ block: s, count: take, zero: false });
+      parts.push(data);
+      dataBlocks += take;
+      at = s + take;
+    }
+    return { end: at, extents, data: Buffer.concat(parts) };
+  }
+
+  // ---- bookkeeping -------------------------------------------------------------------
+
+  private countSent(bytes: number): void {
+    const now = this.deps.clock.now();
+    this.pair.bytesSent += bytes;
+    this.sentBytesTotal += bytes;
+    if (this.sendingSinceMs === 0) this.sendingSinceMs = now;
+    this.rateWindow.push({ atMs: now, bytes });
+    while (this.rateWindow.length > 0 && now - (this.rateWindow[0] as { atMs: number }).atMs > 5000) this.rateWindow.shift();
+  }
+
+  /** Bytes per second over the last 5 s, and since the sender started. */
+  rates(): { current: number; average: number } {
+    const now = this.deps.clock.now();
+    while (this.rateWindow.length > 0 && now - (this.rateWindow[0] as { atMs: number }).atMs > 5000) this.rateWindow.shift();
+    const windowBytes = this.rateWindow.reduce((s, r) => s + r.bytes, 0);
+    const elapsed = this.sendingSinceMs > 0 ? Math.max(1, now - this.sendingSinceMs) : 0;
+    return { current: windowBytes / 5, average: elapsed > 0 ? (this.sentBytesTotal * 1000) / elapsed : 0 };
+  }
+
+  private unexpected(frame: Frame): void {
+    if (frame.type === FrameType.Pong || frame.type === ReplFrame.Ack) return;
+    if (frame.type === FrameType.Error) {
+      const body = json<{ code: string; message: string }>(frame);
+      throw new FerryError(body.code === 'STALE_GENERATION' ? 'PROTOCOL_ERROR' : 'UNAVAILABLE', `target: ${body.code}: ${body.message}`);
+    }
+    throw new FerryError('PROTOCOL_ERROR', `unexpected frame type ${frame.type} from the target`);
+  }
+
+  persist(): void {
+    this.lastPersistMs = this.deps.clock.now();
+    this.deps.catalog.putPair(this.pair);
+  }
+
+  get saveVolume(): { usedBytes: number; capacityBytes: number } {
+    return { usedBytes: this.ring.usedBytes, capacityBytes: this.ring.capacityBytes };
+  }
+}
+
+export function assertSource(pair: PairRecord): void {
+  assert(pair.role === 'source', `pair of ${pair.volume} is not a source`);
+}

@@ -1,0 +1,143 @@
+import type { DeltaSetRecord, PairRecord } from '../storage/replication-catalog.js';
+
+/** One line of `ferry status --json` (SPEC §5 names the fields). */
+export interface PairStatusView {
+  volume: string;
+  role: 'source' | 'target';
+  peer: string;
+  peerSite: string;
+  peerVolume: string;
+  mode: string;
+  state: string;
+  reason: string;
+  generation: number;
+  deltaSetCreated: number;
+  deltaSetSent: number;
+  deltaSetAcked: number;
+  deltaSetReceived: number;
+  deltaSetPlayedBack: number;
+  lagBlocks: number;
+  lagSeconds: number;
+  bytesSent: number;
+  bytesReceived: number;
+  /** Bytes per second over the last few seconds. */
+  transferRate: number;
+  averageTransferRate: number;
+  initialCopy: { done: boolean; percent: number; copiedBlocks: number; totalBlocks: number; bytes: number; etaSeconds: number | null };
+  saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
+  connected: boolean;
+  retries: number;
+  corruptFrames: number;
+  lastError: string;
+}
+
+export interface OutstandingDeltaSet {
+  n: number;
+  state: string;
+  createdAt: string;
+  /** How long the interval it covers lasted (previous cut to its cut). */
+  durationMs: number;
+  blocks: number;
+  dataBytes: number;
+  playbackMs: number | null;
+}
+
+export interface InfoView extends PairStatusView {
+  currentDeltaSet: number;
+  currentChunk: number;
+  blocksDifferent: number;
+  outstanding: OutstandingDeltaSet[];
+  intervalMs: number;
+  highWaterBytes: number;
+}
+
+export interface LiveFigures {
+  nowMs: number;
+  /** Source: dirty blocks not yet in a delta set. Target: as the source last said. */
+  dirtyBlocks: number;
+  /** Target: the source's clock as last heard, advanced by local elapsed time. */
+  sourceNowMs: number;
+  rates: { current: number; average: number };
+  saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
+  connected: boolean;
+  retries: number;
+  corruptFrames: number;
+  lastError: string;
+  currentDeltaSet: number;
+  currentChunk: number;
+}
+
+/**
+ * Lag as the target sees the source, from source-stamped times only (so the two
+ * clocks need not agree): the replica reflects the source as of the cut of the last
+ * delta set played back; if anything was written since, lag is the time since then.
+ */
+export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: LiveFigures): PairStatusView {
+  const unplayed = rows.filter((d) => d.generation === pair.generation && d.n > pair.deltaSetPlayedBack);
+  const lagBlocks = live.dirtyBlocks + unplayed.reduce((s, d) => s + d.blocks, 0);
+  const copyDone = pair.initialCopy.doneAt !== undefined;
+  const total = pair.initialCopy.totalBlocks;
+  const copied = copyDone ? total : pair.initialCopy.cursorBlock;
+  const reference = pair.playedBackCutMs > 0 ? pair.playedBackCutMs : Date.parse(pair.initialCopy.startedAt);
+  const lagSeconds = lagBlocks === 0 && copyDone && (pair.role === 'target' || pair.deltaSetPlayedBack >= pair.deltaSetCreated) ? 0 : Math.max(0, (live.sourceNowMs - reference) / 1000);
+  const remainingBytes = (total - copied) * (pair.initialCopy.totalBlocks > 0 ? pair.initialCopy.bytes / Math.max(1, copied) : 0);
+  return {
+    volume: pair.volume,
+    role: pair.role,
+    peer: pair.peerUrl,
+    peerSite: pair.peerSiteName,
+    peerVolume: pair.peerVolume,
+    mode: pair.mode,
+    state: pair.state,
+    reason: pair.stateReason,
+    generation: pair.generation,
+    deltaSetCreated: pair.role === 'source' ? pair.deltaSetCreated : Math.max(pair.deltaSetReceived, live.currentDeltaSet),
+    deltaSetSent: pair.deltaSetSent,
+    deltaSetAcked: pair.role === 'source' ? pair.deltaSetAcked : pair.deltaSetReceived,
+    deltaSetReceived: pair.deltaSetReceived,
+    deltaSetPlayedBack: pair.deltaSetPlayedBack,
+    lagBlocks,
+    lagSeconds: Math.round(lagSeconds * 10) / 10,
+    bytesSent: pair.bytesSent,
+    bytesReceived: pair.bytesReceived,
+    transferRate: Math.round(live.rates.current),
+    averageTransferRate: Math.round(live.rates.average),
+    initialCopy: {
+      done: copyDone,
+      percent: total > 0 ? Math.floor((copied / total) * 1000) / 10 : 100,
+      copiedBlocks: copied,
+      totalBlocks: total,
+      bytes: pair.initialCopy.bytes,
+      etaSeconds: copyDone ? 0 : live.rates.current > 0 ? Math.round(remainingBytes / live.rates.current) : null,
+    },
+    saveVolume: live.saveVolume,
+    connected: live.connected,
+    retries: live.retries,
+    corruptFrames: live.corruptFrames,
+    lastError: live.lastError,
+  };
+}
+
+export function infoView(pair: PairRecord, rows: DeltaSetRecord[], live: LiveFigures): InfoView {
+  const view = pairStatusView(pair, rows, live);
+  const outstanding = rows
+    .filter((d) => d.generation === pair.generation && d.n > pair.deltaSetPlayedBack - (pair.role === 'target' ? 4 : 0))
+    .map((d) => ({
+      n: d.n,
+      state: d.state,
+      createdAt: new Date(d.createdAtMs).toISOString(),
+      durationMs: d.createdAtMs - d.previousCutMs,
+      blocks: d.blocks,
+      dataBytes: d.dataBytes,
+      playbackMs: d.playbackMs ?? null,
+    }));
+  return {
+    ...view,
+    currentDeltaSet: live.currentDeltaSet,
+    currentChunk: live.currentChunk,
+    blocksDifferent: view.lagBlocks,
+    outstanding,
+    intervalMs: pair.intervalMs,
+    highWaterBytes: pair.highWaterBytes,
+  };
+}

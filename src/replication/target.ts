@@ -1,0 +1,523 @@
+import type { Logger } from 'pino';
+import { type Clock, Waker } from '../lib/clock.js';
+import { crc32c } from '../lib/checksum.js';
+import { FerryError, assert } from '../lib/errors.js';
+import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
+import type { VolumeAccess } from '../storage/catalog.js';
+import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/replication-catalog.js';
+import type { Volume } from '../storage/volume.js';
+import type { RcpConnection } from '../transport/connection.js';
+import { FrameType, type Frame } from '../transport/frame.js';
+import { decodeChunk, type Chunk } from './chunk.js';
+import { Inbox } from './inbox.js';
+import {
+  ReplFrame,
+  decodeChunkFrame,
+  decodeCopyFrame,
+  headerCrcFields,
+  json,
+  type AckBody,
+  type ControlBody,
+  type CopyAckBody,
+  type DeltaSetHeaderBody,
+  type HeartbeatBody,
+  type NackBody,
+  type TargetPosition,
+} from './protocol.js';
+
+/** A session with no frame for this long is considered dead (the source heartbeats every second). */
+export const sessionIdleMs = 60_000;
+/** How often a target waiting for save-volume space tells the source it is alive but full. */
+const fullNoticeMs = 500;
+/** Played delta sets kept in the mailbox for `ferry info` history. */
+const playedHistoryMax = 16;
+/** Copy progress is made durable (volume flushed, cursor persisted) at least this often. */
+const copyPersistBytes = 64 * 1024 * 1024;
+
+interface OverlayEntry {
+  lsn: number;
+  /** Offset of the block's data in the record payload; -1: the block reads as zeros. */
+  payloadOffset: number;
+}
+
+interface Receiving {
+  n: number;
+  chunks: { lsn: number; blocks: number; dataBytes: number }[];
+  dataCrc: number;
+  startLsn: number | undefined;
+}
+
+export interface TargetDeps {
+  volume: Volume;
+  pair: PairRecord;
+  catalog: ReplicationCatalog;
+  journal: JournalFile;
+  clock: Clock;
+  log: Logger;
+  setAccess(access: VolumeAccess): void;
+}
+
+export interface TargetStats {
+  corruptFramesRejected: number;
+  staleFramesRefused: number;
+  lastSourceNowMs: number;
+  lastSourceHeardLocalMs: number;
+  sourceDirtyBlocks: number;
+  sourceDeltaSetCreated: number;
+  saveVolumeFull: boolean;
+  connected: boolean;
+  playing: number;
+}
+
+/**
+ * The target end of one pair (E FIG. 9): stores received chunks in its save volume,
+ * checks each delta set against its header (sent last) before acknowledging it, and
+ * plays delta sets back in order, all-or-nothing as seen by readers (an overlay of the
+ * delta set under integration, E "block index") and after a crash (redo from the save
+ * volume before anyone reads).
+ */
+export class TargetReplica {
+  readonly stats: TargetStats = {
+    corruptFramesRejected: 0,
+    staleFramesRefused: 0,
+    lastSourceNowMs: 0,
+    lastSourceHeardLocalMs: 0,
+    sourceDirtyBlocks: 0,
+    sourceDeltaSetCreated: 0,
+    saveVolumeFull: false,
+    connected: false,
+    playing: 0,
+  };
+  private ring: RingSpace;
+  private receiving: Receiving;
+  private overlay: Map<number, OverlayEntry> | undefined;
+  private readonly playbackWaker = new Waker();
+  private readonly spaceWaker = new Waker();
+  private session: RcpConnection | undefined;
+  private closed = false;
+  private playbackLoopDone: Promise<void> | undefined;
+  private copyUnflushedBytes = 0;
+
+  private constructor(private readonly deps: TargetDeps) {
+    const rows = this.rows();
+    const head = rows.reduce((h, d) => Math.max(h, d.endLsn), 0);
+    const live = rows.filter((d) => d.state !== 'played');
+    this.ring = new RingSpace(deps.pair.saveVolumeBytes, head, live[0]?.startLsn ?? head);
+    this.receiving = { n: deps.pair.deltaSetReceived + 1, chunks: [], dataCrc: 0, startLsn: undefined };
+  }
+
+  /** Recovery: redo an interrupted playback, find chunks of a partly received delta set. */
+  static async open(deps: TargetDeps): Promise<TargetReplica> {
+    const t = new TargetReplica(deps);
+    const interrupted = t.rows().find((d) => d.state === 'playing');
+    if (interrupted) {
+      deps.log.info({ volume: deps.pair.volume, deltaSet: interrupted.n }, 'redoing the playback interrupted by a crash');
+      await t.playOne(interrupted);
+    }
+    await t.recoverReceiving();
+    return t;
+  }
+
+  get pair(): PairRecord {
+    return this.deps.pair;
+  }
+
+  get saveVolume(): { usedBytes: number; capacityBytes: number } {
+    return { usedBytes: this.ring.usedBytes, capacityBytes: this.ring.capacityBytes };
+  }
+
+  get copyDone(): boolean {
+    return this.deps.pair.initialCopy.doneAt !== undefined;
+  }
+
+  position(): TargetPosition {
+    const p = this.deps.pair;
+    return {
+      pairId: p.pairId,
+      generation: p.generation,
+      copyCursorBlock: p.initialCopy.cursorBlock,
+      copyDone: this.copyDone,
+      deltaSetReceived: p.deltaSetReceived,
+      chunksStored: this.receiving.chunks.length,
+      deltaSetPlayedBack: p.deltaSetPlayedBack,
+      full: this.stats.saveVolumeFull,
+    };
+  }
+
+  start(): void {
+    this.playbackLoopDone = this.playbackLoop();
+  }
+
+  /** Reads the consistent image: the volume, with the delta set under integration laid over it. */
+  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    await this.deps.volume.readInto(buf, offset);
+    const overlay = this.overlay;
+    if (!overlay) return;
+    const bs = this.deps.volume.blockBytes;
+    const first = Math.floor(offset / bs);
+    const end = Math.ceil((offset + buf.length) / bs);
+    const block = Buffer.allocUnsafe(bs);
+    for (let b = first; b < end; b++) {
+      const e = overlay.get(b);
+      if (!e) continue;
+      if (e.payloadOffset < 0) block.fill(0);
+      else await this.deps.journal.readPayloadRange(e.lsn, e.payloadOffset, block, 0, bs);
+      const from = Math.max(offset, b * bs);
+      const to = Math.min(offset + buf.length, (b + 1) * bs);
+      block.copy(buf, from - offset, from - b * bs, to - b * bs);
+    }
+  }
+
+  /** Serves one session from the source; a newer session replaces an older one. */
+  async serve(connection: RcpConnection): Promise<void> {
+    this.session?.destroy();
+    this.session = connection;
+    this.stats.connected = true;
+    const inbox = new Inbox(connection);
+    const generation = BigInt(this.deps.pair.generation);
+    connection.on('corrupt', () => {
+      // Rule 4: a damaged frame is refused, counted, and asked for again.
+      this.stats.corruptFramesRejected++;
+      if (!this.copyDone) this.copyAck(connection, true);
+      else this.nack(connection, this.receiving.chunks.length, 'frame failed its checksum');
+    });
+    connection.sendJson(ReplFrame.PairOpenOk as number, this.position(), { generation });
+    try {
+      while (!this.closed && !connection.isClosed) {
+        const frame = await inbox.next(sessionIdleMs);
+        if (frame.generation < generation) {
+          // Rule 5: traffic of an older generation is fenced off.
+          this.stats.staleFramesRefused++;
+          connection.sendError('STALE_GENERATION', `frame of generation ${frame.generation} refused; the pair is at generation ${generation}`, { generation });
+          connection.close();
+          return;
+        }
+        await this.handle(connection, frame);
+      }
+    } catch (err) {
+      if (!connection.isClosed) this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message }, 'replication session ended');
+    } finally {
+      inbox.close();
+      if (this.session === connection) {
+        this.session = undefined;
+        this.stats.connected = false;
+      }
+      connection.destroy();
+    }
+  }
+
+  private async handle(connection: RcpConnection, frame: Frame): Promise<void> {
+    switch (frame.type) {
+      case ReplFrame.CopyData:
+        return this.applyCopy(connection, frame.payload);
+      case ReplFrame.CopyDone:
+        return this.finishCopy(connection);
+      case ReplFrame.Chunk:
+        return this.storeChunk(connection, frame.payload);
+      case ReplFrame.DeltaSetHeader:
+        return this.seal(connection, json<DeltaSetHeaderBody>(frame));
+      case ReplFrame.Heartbeat: {
+        const hb = json<HeartbeatBody>(frame);
+        this.stats.lastSourceNowMs = hb.sourceNowMs;
+        this.stats.lastSourceHeardLocalMs = this.deps.clock.now();
+        this.stats.sourceDirtyBlocks = hb.dirtyBlocks;
+        this.stats.sourceDeltaSetCreated = hb.deltaSetCreated;
+        if (!this.copyDone) this.copyAck(connection, true);
+        else this.ack(connection, this.receiving.n, this.receiving.chunks.length, false);
+        return;
+      }
+      case ReplFrame.Control: {
+        const body = json<ControlBody>(frame);
+        if (body.op === 'status') connection.sendJson(ReplFrame.ControlOk as number, this.position());
+        return;
+      }
+      case FrameType.Ping:
+        connection.sendJson(FrameType.Pong, {}, { sequence: frame.sequence });
+        return;
+      default:
+        throw new FerryError('PROTOCOL_ERROR', `unexpected frame type ${frame.type} on a replication session`);
+    }
+  }
+
+  // ---- initial copy -----------------------------------------------------------------
+
+  private async applyCopy(connection: RcpConnection, payload: Buffer): Promise<void> {
+    const { volume, pair } = this.deps;
+    const { cursorBlock, chunkBytes } = decodeCopyFrame(payload);
+    const chunk = decodeChunk(chunkBytes, volume.blockBytes, volume.blockCount);
+    const start = chunk.extents[0]?.block ?? cursorBlock;
+    if (this.copyDone || start !== pair.initialCopy.cursorBlock || cursorBlock <= start || cursorBlock > volume.blockCount) {
+      // Out of order after a lost piece (or a duplicate): say where we stand.
+      this.copyAck(connection, true);
+      return;
+    }
+    await this.applyChunk(chunk);
+    pair.initialCopy.cursorBlock = cursorBlock;
+    pair.initialCopy.totalBlocks = volume.blockCount;
+    pair.initialCopy.bytes += chunk.data.length;
+    this.copyUnflushedBytes += chunk.data.length + 1;
+    if (this.copyUnflushedBytes >= copyPersistBytes) await this.persistCopy();
+    this.copyAck(connection, false);
+  }
+
+  private async persistCopy(): Promise<void> {
+    await this.deps.volume.flush();
+    this.deps.catalog.putPair(this.deps.pair);
+    this.copyUnflushedBytes = 0;
+  }
+
+  private async finishCopy(connection: RcpConnection): Promise<void> {
+    const { pair, volume } = this.deps;
+    if (!this.copyDone) {
+      if (pair.initialCopy.cursorBlock < volume.blockCount) {
+        this.copyAck(connection, true);
+        return;
+      }
+      await volume.flush();
+      pair.initialCopy.doneAt = new Date(this.deps.clock.now()).toISOString();
+      pair.state = 'duplex';
+      this.deps.catalog.putPair(pair);
+      this.deps.setAccess('read-only');
+      this.deps.log.info({ volume: pair.volume }, 'initial copy received; volume is now a read-only replica');
+      this.playbackWaker.signal();
+    }
+    const body: CopyAckBody = { cursorBlock: volume.blockCount, done: true };
+    connection.sendJson(ReplFrame.CopyAck as number, body, { generation: BigInt(pair.generation) });
+  }
+
+  private copyAck(connection: RcpConnection, rewind: boolean): void {
+    const body: CopyAckBody = { cursorBlock: this.deps.pair.initialCopy.cursorBlock, ...(rewind ? { rewind } : {}) };
+    connection.sendJson(ReplFrame.CopyAck as number, body, { generation: BigInt(this.deps.pair.generation) });
+  }
+
+  // ---- delta sets -------------------------------------------------------------------
+
+  private async storeChunk(connection: RcpConnection, payload: Buffer): Promise<void> {
+    const { volume, pair, journal } = this.deps;
+    const { deltaSet, index, chunkBytes } = decodeChunkFrame(payload);
+    if (deltaSet <= pair.deltaSetReceived) {
+      this.ack(connection, deltaSet, Number.MAX_SAFE_INTEGER, true);
+      return;
+    }
+    if (deltaSet !== this.receiving.n) {
+      this.nack(connection, this.receiving.chunks.length, `expected delta set ${this.receiving.n}, got ${deltaSet}`);
+      return;
+    }
+    if (index < this.receiving.chunks.length) {
+      this.ack(connection, deltaSet, this.receiving.chunks.length, false);
+      return;
+    }
+    if (index > this.receiving.chunks.length) {
+      this.nack(connection, this.receiving.chunks.length, `chunk ${index} arrived before chunk ${this.receiving.chunks.length}`);
+      return;
+    }
+    const chunk = decodeChunk(chunkBytes, volume.blockBytes, volume.blockCount);
+    const encoded = journal.encode({ type: JournalRecordType.Chunk, flags: 0, generation: pair.generation, deltaSet, index }, chunkBytes);
+    let lsn = this.ring.allocate(encoded.length);
+    while (lsn === undefined) {
+      // Rule 8 at the target: a full save volume stops acknowledging (back-pressure)
+      // until playback frees space; the source is told it is alive but full.
+      if (encoded.length > this.ring.capacityBytes) throw new FerryError('UNAVAILABLE', 'a chunk is larger than the whole save volume');
+      this.stats.saveVolumeFull = true;
+      this.ack(connection, deltaSet, this.receiving.chunks.length, false);
+      await this.spaceWaker.wait(this.deps.clock, fullNoticeMs);
+      if (this.closed || connection.isClosed) return;
+      lsn = this.ring.allocate(encoded.length);
+    }
+    this.stats.saveVolumeFull = false;
+    await journal.write(lsn, encoded);
+    await journal.sync();
+    this.receiving.startLsn ??= lsn;
+    this.receiving.chunks.push({ lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length });
+    this.receiving.dataCrc = crc32c(chunk.data, this.receiving.dataCrc);
+    pair.bytesReceived += payload.length;
+    this.ack(connection, deltaSet, this.receiving.chunks.length, false);
+  }
+
+  private async seal(connection: RcpConnection, header: DeltaSetHeaderBody): Promise<void> {
+    const { pair } = this.deps;
+    const { headerCrc, ...fields } = header;
+    if (crc32c(headerCrcFields(fields)) !== headerCrc) {
+      this.stats.corruptFramesRejected++;
+      this.nack(connection, this.receiving.chunks.length, 'delta-set header failed its checksum');
+      return;
+    }
+    if (header.deltaSet <= pair.deltaSetReceived) {
+      this.ack(connection, header.deltaSet, header.chunkCount, true);
+      return;
+    }
+    const r = this.receiving;
+    if (header.deltaSet !== r.n || r.chunks.length < header.chunkCount) {
+      // Completeness check (E FIG. 9): everything the header names must be here.
+      this.nack(connection, r.chunks.length, `delta set ${header.deltaSet} incomplete: ${r.chunks.length} of ${header.chunkCount} chunks`);
+      return;
+    }
+    const blocks = r.chunks.reduce((s, c) => s + c.blocks, 0);
+    const dataBytes = r.chunks.reduce((s, c) => s + c.dataBytes, 0);
+    if (r.chunks.length !== header.chunkCount || blocks !== header.blockCount || dataBytes !== header.dataBytes || r.dataCrc !== header.dataCrc) {
+      this.stats.corruptFramesRejected++;
+      throw new FerryError('CHECKSUM_MISMATCH', `delta set ${header.deltaSet} does not match its header (blocks ${blocks}/${header.blockCount}, data checksum); refusing it`);
+    }
+    const now = this.deps.clock.now();
+    const record: DeltaSetRecord = {
+      volume: pair.volume,
+      generation: pair.generation,
+      n: header.deltaSet,
+      state: 'received',
+      startLsn: r.startLsn ?? this.ring.head,
+      endLsn: this.ring.head,
+      chunks: header.chunkCount,
+      blocks,
+      dataBytes,
+      dataCrc: header.dataCrc,
+      createdAtMs: header.createdAtMs,
+      previousCutMs: header.previousCutMs,
+      sealedAtMs: now,
+      receivedAtMs: now,
+    };
+    this.deps.catalog.transaction(() => {
+      this.deps.catalog.putDeltaSet(record);
+      pair.deltaSetReceived = header.deltaSet;
+      this.deps.catalog.putPair(pair);
+    });
+    this.receiving = { n: header.deltaSet + 1, chunks: [], dataCrc: 0, startLsn: undefined };
+    this.ack(connection, header.deltaSet, header.chunkCount, true);
+    this.playbackWaker.signal();
+  }
+
+  private ack(connection: RcpConnection, deltaSet: number, chunksStored: number, sealed: boolean): void {
+    const body: AckBody = { deltaSet, chunksStored, sealed, deltaSetPlayedBack: this.deps.pair.deltaSetPlayedBack, full: this.stats.saveVolumeFull };
+    connection.sendJson(ReplFrame.Ack as number, body, { generation: BigInt(this.deps.pair.generation) });
+  }
+
+  private nack(connection: RcpConnection, index: number, reason: string): void {
+    const body: NackBody = { deltaSet: this.receiving.n, index, reason };
+    connection.sendJson(ReplFrame.Nack as number, body, { generation: BigInt(this.deps.pair.generation) });
+  }
+
+  // ---- playback ---------------------------------------------------------------------
+
+  private async playbackLoop(): Promise<void> {
+    while (!this.closed) {
+      const next = this.copyDone ? this.rows().find((d) => d.n === this.deps.pair.deltaSetPlayedBack + 1 && d.state === 'received') : undefined;
+      if (next) {
+        try {
+          await this.playOne(next);
+        } catch (err) {
+          this.deps.log.error({ err, volume: this.pair.volume, deltaSet: next.n }, 'playback failed; the replica keeps its last consistent image');
+          await this.playbackWaker.wait(this.deps.clock, 5000);
+        }
+        continue;
+      }
+      await this.playbackWaker.wait(this.deps.clock, 1000);
+    }
+  }
+
+  /** Integrates one delta set (E FIG. 9 playback module), all-or-nothing. */
+  private async playOne(ds: DeltaSetRecord): Promise<void> {
+    const { volume, journal, catalog, pair } = this.deps;
+    assert(ds.n === pair.deltaSetPlayedBack + 1, `playback of delta set ${ds.n} out of order (played ${pair.deltaSetPlayedBack})`);
+    const startedAt = this.deps.clock.now();
+    // 1. Index the delta set: from this moment readers see the image after it.
+    const records: { lsn: number; chunk: Chunk; payloadDataOffset: number }[] = [];
+    const overlay = new Map<number, OverlayEntry>();
+    let lsn = ds.startLsn;
+    for (let index = 0; index < ds.chunks; index++) {
+      const record = await journal.readNext(lsn, ds.endLsn);
+      if (!record || record.deltaSet !== ds.n || record.index !== index || record.generation !== ds.generation) {
+        throw new FerryError('CORRUPT_RECORD', `save volume: chunk ${index} of delta set ${ds.n} is missing or damaged`);
+      }
+      const chunk = decodeChunk(record.payload, volume.blockBytes, volume.blockCount);
+      const payloadDataOffset = record.payload.length - chunk.data.length;
+      let dataAt = payloadDataOffset;
+      for (const e of chunk.extents) {
+        for (let b = 0; b < e.count; b++) {
+          overlay.set(e.block + b, { lsn: record.lsn, payloadOffset: e.zero ? -1 : dataAt + b * volume.blockBytes });
+        }
+        if (!e.zero) dataAt += e.count * volume.blockBytes;
+      }
+      records.push({ lsn: record.lsn, chunk, payloadDataOffset });
+      lsn = record.nextLsn;
+    }
+    this.overlay = overlay;
+    this.stats.playing = ds.n;
+    try {
+      // 2. Durable intent: a crash from here on redoes this delta set before anyone reads.
+      catalog.putDeltaSet({ ...ds, state: 'playing', playbackStartedAtMs: startedAt });
+      // 3. Write the after-images into the volume, then make them durable.
+      for (const r of records) await this.applyChunk(r.chunk);
+      await volume.flush();
+      // 4. Done: the mailbox says so, the save-volume space is free, the overlay goes.
+      const playbackMs = this.deps.clock.now() - startedAt;
+      catalog.transaction(() => {
+        catalog.putDeltaSet({ ...ds, state: 'played', playbackStartedAtMs: startedAt, playbackMs });
+        pair.deltaSetPlayedBack = ds.n;
+        pair.playedBackCutMs = ds.createdAtMs;
+        catalog.putPair(pair);
+        for (const old of this.rows().filter((d) => d.state === 'played' && d.n <= ds.n - playedHistoryMax)) catalog.deleteDeltaSet(old.volume, old.generation, old.n);
+      });
+      const nextLive = this.rows().find((d) => d.state !== 'played');
+      this.ring.release(Math.max(this.ring.tail, nextLive?.startLsn ?? this.receiving.startLsn ?? this.ring.head));
+      this.spaceWaker.signal();
+    } finally {
+      this.overlay = undefined;
+      this.stats.playing = 0;
+    }
+  }
+
+  private async applyChunk(chunk: Chunk): Promise<void> {
+    const { volume } = this.deps;
+    const bs = volume.blockBytes;
+    let dataAt = 0;
+    for (const e of chunk.extents) {
+      if (e.zero) {
+        for (let done = 0; done < e.count; ) {
+          const n = Math.min(e.count - done, Math.floor((32 * 1024 * 1024) / bs));
+          await volume.writeZeroes((e.block + done) * bs, n * bs);
+          done += n;
+        }
+      } else {
+        await volume.write(e.block * bs, chunk.data.subarray(dataAt, dataAt + e.count * bs));
+        dataAt += e.count * bs;
+      }
+    }
+  }
+
+  private async recoverReceiving(): Promise<void> {
+    const { journal, pair } = this.deps;
+    const n = pair.deltaSetReceived + 1;
+    let lsn = this.ring.head;
+    for (let index = 0; ; index++) {
+      const limit = this.ring.tail + this.ring.capacityBytes;
+      const record = await journal.readNext(lsn, limit);
+      if (!record || record.deltaSet !== n || record.index !== index || record.generation !== pair.generation) break;
+      const chunk = decodeChunk(record.payload, this.deps.volume.blockBytes, this.deps.volume.blockCount);
+      this.ring.head = record.nextLsn;
+      this.receiving.startLsn ??= record.lsn;
+      this.receiving.chunks.push({ lsn: record.lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length });
+      this.receiving.dataCrc = crc32c(chunk.data, this.receiving.dataCrc);
+      lsn = record.nextLsn;
+    }
+    if (this.receiving.chunks.length > 0) this.deps.log.info({ volume: pair.volume, deltaSet: n, chunks: this.receiving.chunks.length }, 'resuming a partly received delta set');
+  }
+
+  private rows(): DeltaSetRecord[] {
+    return this.deps.catalog.listDeltaSets(this.deps.pair.volume).filter((d) => d.generation === this.deps.pair.generation);
+  }
+
+  /** Waits for the playback in progress, then stops. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.session?.destroy();
+    this.playbackWaker.signal();
+    this.spaceWaker.signal();
+    await this.playbackLoopDone;
+    this.deps.catalog.putPair(this.deps.pair);
+  }
+
+  /** Ends the session (stop at the source): finishes the playback in progress first. */
+  endSession(): void {
+    this.session?.destroy();
+  }
+}

@@ -1,0 +1,197 @@
+import { open, type FileHandle } from 'node:fs/promises';
+import { crc32c } from '../lib/checksum.js';
+import { FerryError, assert } from '../lib/errors.js';
+
+/**
+ * A save volume (E FIG. 4-5): a wrap-around journal file holding delta-set chunks.
+ * Positions are logical byte numbers that only grow (`lsn`); the physical offset is
+ * `lsn % capacity`. A record never straddles the end of the file: when it would, the
+ * writer skips to the next lap. What is live (and so where the tail is) is decided
+ * by the owner's mailbox, not by the journal, so the journal keeps no header state
+ * that could disagree with it.
+ *
+ * Record: u32 magic "JREC", u16 type, u16 flags, u64 generation, u64 delta set,
+ * u32 index, u32 payload bytes, u32 CRC32C(payload), u32 CRC32C(bytes 0..35),
+ * payload, padding to `recordAlignBytes`.
+ */
+export const journalRecordMagic = 0x4a524543;
+export const journalRecordHeaderBytes = 40;
+export const recordAlignBytes = 512;
+
+export enum JournalRecordType {
+  Chunk = 1,
+}
+
+export interface JournalRecordHeader {
+  type: JournalRecordType;
+  flags: number;
+  generation: number;
+  deltaSet: number;
+  index: number;
+}
+
+export interface JournalRecord extends JournalRecordHeader {
+  payload: Buffer;
+  lsn: number;
+  /** Logical position just past this record (its padding included). */
+  nextLsn: number;
+}
+
+export function recordSpanBytes(payloadBytes: number): number {
+  return Math.ceil((journalRecordHeaderBytes + payloadBytes) / recordAlignBytes) * recordAlignBytes;
+}
+
+/**
+ * Pure space accounting of the ring: live bytes are [tail, head). `allocate` returns the
+ * logical position for a record, or undefined when the ring is full (flow control,
+ * SPEC §4 rule 8: the owner must wait or fall back, never overwrite live data).
+ */
+export class RingSpace {
+  constructor(
+    readonly capacityBytes: number,
+    public head = 0,
+    public tail = 0,
+  ) {
+    assert(capacityBytes > 0 && capacityBytes % recordAlignBytes === 0, `ring capacity ${capacityBytes} must be a positive multiple of ${recordAlignBytes}`);
+    assert(tail <= head && head - tail <= capacityBytes, `ring positions tail ${tail} head ${head} inconsistent`);
+  }
+
+  get usedBytes(): number {
+    return this.head - this.tail;
+  }
+
+  get freeBytes(): number {
+    return this.capacityBytes - this.usedBytes;
+  }
+
+  /** Where a record of `spanBytes` would go, without taking it. */
+  peek(spanBytes: number): number | undefined {
+    if (spanBytes > this.capacityBytes) return undefined;
+    let at = this.head;
+    const offset = at % this.capacityBytes;
+    if (offset + spanBytes > this.capacityBytes) at += this.capacityBytes - offset;
+    return at + spanBytes - this.tail <= this.capacityBytes ? at : undefined;
+  }
+
+  allocate(spanBytes: number): number | undefined {
+    const at = this.peek(spanBytes);
+    if (at !== undefined) this.head = at + spanBytes;
+    return at;
+  }
+
+  /** Frees everything before `lsn` (the start of the oldest record still needed). */
+  release(lsn: number): void {
+    assert(lsn >= this.tail && lsn <= this.head, `ring release to ${lsn} outside [${this.tail}, ${this.head}]`);
+    this.tail = lsn;
+  }
+}
+
+export class JournalFile {
+  private constructor(
+    readonly path: string,
+    private readonly fh: FileHandle,
+    readonly capacityBytes: number,
+  ) {}
+
+  static async open(path: string, capacityBytes: number): Promise<JournalFile> {
+    const fh = await open(path, 'a+').then(async (h) => {
+      await h.close();
+      return open(path, 'r+');
+    });
+    const stat = await fh.stat();
+    if (stat.size !== capacityBytes) await fh.truncate(capacityBytes);
+    return new JournalFile(path, fh, capacityBytes);
+  }
+
+  encode(header: JournalRecordHeader, payload: Uint8Array): Buffer {
+    const span = recordSpanBytes(payload.length);
+    const buf = Buffer.alloc(span);
+    buf.writeUInt32LE(journalRecordMagic, 0);
+    buf.writeUInt16LE(header.type, 4);
+    buf.writeUInt16LE(header.flags, 6);
+    buf.writeBigUInt64LE(BigInt(header.generation), 8);
+    buf.writeBigUInt64LE(BigInt(header.deltaSet), 16);
+    buf.writeUInt32LE(header.index, 24);
+    buf.writeUInt32LE(payload.length, 28);
+    buf.writeUInt32LE(crc32c(payload), 32);
+    buf.writeUInt32LE(crc32c(buf.subarray(0, 36)), 36);
+    buf.set(payload, journalRecordHeaderBytes);
+    return buf;
+  }
+
+  /** Writes an encoded record at a position the ring allocated. Not durable until `sync`. */
+  async write(lsn: number, encoded: Buffer): Promise<void> {
+    const offset = lsn % this.capacityBytes;
+    assert(offset + encoded.length <= this.capacityBytes, `journal record at ${lsn} straddles the end`);
+    let done = 0;
+    while (done < encoded.length) {
+      const { bytesWritten } = await this.fh.write(encoded, done, encoded.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
+
+  async sync(): Promise<void> {
+    await this.fh.datasync();
+  }
+
+  /**
+   * Reads the record at `lsn`; throws CORRUPT_RECORD if it is not an intact record
+   * (what a torn or overwritten record looks like). `expect` checks its identity.
+   */
+  async read(lsn: number, expect?: Partial<JournalRecordHeader>): Promise<JournalRecord> {
+    const offset = lsn % this.capacityBytes;
+    const head = Buffer.alloc(journalRecordHeaderBytes);
+    const { bytesRead } = await this.fh.read(head, 0, head.length, offset);
+    const bad = (why: string): FerryError => new FerryError('CORRUPT_RECORD', `save volume ${this.path}: record at ${lsn} ${why}`);
+    if (bytesRead < head.length || head.readUInt32LE(0) !== journalRecordMagic) throw bad('is missing');
+    if (head.readUInt32LE(36) !== crc32c(head.subarray(0, 36))) throw bad('has a damaged header');
+    const payloadBytes = head.readUInt32LE(28);
+    if (offset + journalRecordHeaderBytes + payloadBytes > this.capacityBytes) throw bad('claims a length past the end');
+    const payload = Buffer.allocUnsafe(payloadBytes);
+    const got = (await this.fh.read(payload, 0, payloadBytes, offset + journalRecordHeaderBytes)).bytesRead;
+    if (got < payloadBytes || crc32c(payload) !== head.readUInt32LE(32)) throw bad('failed its data checksum');
+    const record: JournalRecord = {
+      type: head.readUInt16LE(4),
+      flags: head.readUInt16LE(6),
+      generation: Number(head.readBigUInt64LE(8)),
+      deltaSet: Number(head.readBigUInt64LE(16)),
+      index: head.readUInt32LE(24),
+      payload,
+      lsn,
+      nextLsn: lsn + recordSpanBytes(payloadBytes),
+    };
+    if (expect) {
+      for (const [key, value] of Object.entries(expect)) {
+        if (record[key as keyof JournalRecordHeader] !== value) throw bad(`is not the expected record (${key} ${String(record[key as keyof JournalRecordHeader])} != ${String(value)})`);
+      }
+    }
+    return record;
+  }
+
+  /**
+   * Reads the record at `lsn` or, when the writer skipped to the next lap there, at the
+   * start of the next lap. Returns undefined at the end of what was written.
+   */
+  async readNext(lsn: number, limitLsn: number): Promise<JournalRecord | undefined> {
+    for (const at of [lsn, lsn + (this.capacityBytes - (lsn % this.capacityBytes))]) {
+      if (at >= limitLsn) return undefined;
+      try {
+        return await this.read(at);
+      } catch {
+        if (at !== lsn || lsn % this.capacityBytes === 0) return undefined;
+      }
+    }
+    return undefined;
+  }
+
+  /** Reads `length` bytes of the payload of the record at `lsn`, from `payloadOffset` (already verified). */
+  async readPayloadRange(lsn: number, payloadOffset: number, buf: Uint8Array, bufOffset: number, length: number): Promise<void> {
+    const at = (lsn % this.capacityBytes) + journalRecordHeaderBytes + payloadOffset;
+    const { bytesRead } = await this.fh.read(buf, bufOffset, length, at);
+    if (bytesRead !== length) throw new FerryError('CORRUPT_RECORD', `save volume ${this.path}: short read at ${lsn}`);
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close().catch(() => undefined);
+  }
+}

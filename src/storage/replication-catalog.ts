@@ -1,0 +1,120 @@
+import { crc32c } from '../lib/checksum.js';
+import { FerryError } from '../lib/errors.js';
+import type { Catalog } from './catalog.js';
+
+/**
+ * Catalog records of replication: one pair row per replicated volume and the
+ * mailbox of delta sets (what is ready, sent, acknowledged, received, played back).
+ * Each row is a JSON body with a CRC32C, checked when read.
+ */
+export type PairRole = 'source' | 'target';
+export type PairMode = 'async' | 'sync';
+
+export interface PairRecord {
+  volume: string;
+  pairId: string;
+  role: PairRole;
+  mode: PairMode;
+  /** The other site's API URL (for the source: where to send; for the target: who sends). */
+  peerUrl: string;
+  peerSiteId: string;
+  peerSiteName: string;
+  peerVolume: string;
+  state: string;
+  stateReason: string;
+  generation: number;
+  intervalMs: number;
+  highWaterBytes: number;
+  saveVolumeBytes: number;
+  createdAt: string;
+  /** Initial copy: next block to copy, total blocks, the delta set stamped at its start. */
+  initialCopy: { cursorBlock: number; totalBlocks: number; stampedDeltaSet: number; startedAt: string; doneAt?: string; bytes: number };
+  deltaSetCreated: number;
+  deltaSetSent: number;
+  deltaSetAcked: number;
+  deltaSetReceived: number;
+  deltaSetPlayedBack: number;
+  bytesSent: number;
+  bytesReceived: number;
+  paused: boolean;
+  /** Source clock, ms: the cut of the delta set last played back at the target (what the replica reflects). */
+  playedBackCutMs: number;
+}
+
+export type DeltaSetState = 'ready' | 'acked' | 'received' | 'playing' | 'played';
+
+export interface DeltaSetRecord {
+  volume: string;
+  generation: number;
+  n: number;
+  state: DeltaSetState;
+  /** Save-volume positions of its chunk records, [startLsn, endLsn). */
+  startLsn: number;
+  endLsn: number;
+  chunks: number;
+  blocks: number;
+  dataBytes: number;
+  dataCrc: number;
+  /** Source clock, ms: when the delta set was cut (lag is measured against these, both from one clock). */
+  createdAtMs: number;
+  /** Source clock, ms: the cut of the previous delta set (start of the interval this one covers). */
+  previousCutMs: number;
+  sealedAtMs: number;
+  ackedAtMs?: number;
+  receivedAtMs?: number;
+  playbackStartedAtMs?: number;
+  playbackMs?: number;
+}
+
+function checked<T>(body: string, crc: number, what: string): T {
+  if (crc32c(body) !== crc) throw new FerryError('CORRUPT_RECORD', `catalog row for ${what} failed its checksum`);
+  return JSON.parse(body) as T;
+}
+
+export class ReplicationCatalog {
+  constructor(private readonly catalog: Catalog) {}
+
+  listPairs(): PairRecord[] {
+    const rows = this.catalog.db.prepare('SELECT volume, body, crc FROM pairs ORDER BY volume').all() as { volume: string; body: string; crc: number }[];
+    return rows.map((r) => checked<PairRecord>(r.body, r.crc, `pair ${r.volume}`));
+  }
+
+  getPair(volume: string): PairRecord | undefined {
+    const row = this.catalog.db.prepare('SELECT body, crc FROM pairs WHERE volume = ?').get(volume) as { body: string; crc: number } | undefined;
+    return row ? checked<PairRecord>(row.body, row.crc, `pair ${volume}`) : undefined;
+  }
+
+  putPair(pair: PairRecord): void {
+    const body = JSON.stringify(pair);
+    this.catalog.db.prepare('INSERT INTO pairs (volume, body, crc) VALUES (?, ?, ?) ON CONFLICT(volume) DO UPDATE SET body = excluded.body, crc = excluded.crc').run(pair.volume, body, crc32c(body));
+  }
+
+  deletePair(volume: string): void {
+    this.catalog.transaction(() => {
+      this.catalog.db.prepare('DELETE FROM pairs WHERE volume = ?').run(volume);
+      this.catalog.db.prepare('DELETE FROM delta_sets WHERE volume = ?').run(volume);
+    });
+  }
+
+  putDeltaSet(ds: DeltaSetRecord): void {
+    const body = JSON.stringify(ds);
+    this.catalog.db
+      .prepare('INSERT INTO delta_sets (volume, generation, n, body, crc) VALUES (?, ?, ?, ?, ?) ON CONFLICT(volume, generation, n) DO UPDATE SET body = excluded.body, crc = excluded.crc')
+      .run(ds.volume, ds.generation, ds.n, body, crc32c(body));
+  }
+
+  deleteDeltaSet(volume: string, generation: number, n: number): void {
+    this.catalog.db.prepare('DELETE FROM delta_sets WHERE volume = ? AND generation = ? AND n = ?').run(volume, generation, n);
+  }
+
+  /** Delta sets of a volume, oldest first. */
+  listDeltaSets(volume: string): DeltaSetRecord[] {
+    const rows = this.catalog.db.prepare('SELECT n, body, crc FROM delta_sets WHERE volume = ? ORDER BY generation, n').all(volume) as { n: number; body: string; crc: number }[];
+    return rows.map((r) => checked<DeltaSetRecord>(r.body, r.crc, `delta set ${volume}#${r.n}`));
+  }
+
+  /** Several updates as one durable step. */
+  transaction<T>(fn: () => T): T {
+    return this.catalog.transaction(fn);
+  }
+}

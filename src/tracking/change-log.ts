@@ -1,0 +1,193 @@
+import { assert, isFerryError } from '../lib/errors.js';
+import { PagedBitmap } from '../lib/paged-bitmap.js';
+import type { BitmapFile } from '../storage/bitmap-file.js';
+import type { ActivityLog } from './activity-log.js';
+
+/** Blocks per activity-log extent: 4 MiB of 8 KiB blocks. */
+export const extentBytesDefault = 4 * 1024 * 1024;
+
+/** Copies blocks of the old table, as they are now, into the delta set being built. */
+export type OldTableCopier = (firstBlock: number, blockCount: number) => Promise<void>;
+
+/**
+ * The change log of a replicated source (E FIG. 8, 10): a queue of two bit-map tables.
+ * Host writes mark the new table; at a delta-set boundary the tables switch and the
+ * old table's blocks are copied into the save volume in the background; a write to a
+ * block still set in the old table first has that block copied (priority copy).
+ *
+ * Rule 1 (no acknowledged write lost from tracking): a write marks the new table, then
+ * its activity-log extent is made hot durably, and only then may its data reach the
+ * disk. The persisted bitmap plus the hot extents always cover every block written
+ * since the last sealed delta set, so after a crash `open` recovers a superset.
+ */
+export class ChangeLog {
+  current: PagedBitmap;
+  old: PagedBitmap | undefined;
+  /** Bytes newly marked since the last switch (the high-water trigger reads it). */
+  modifiedBytes = 0;
+  private copier: OldTableCopier | undefined;
+  private evicting: Promise<void> | undefined;
+  readonly extentBlocks: number;
+
+  constructor(
+    readonly blockBytes: number,
+    private readonly persisted: BitmapFile,
+    private readonly al: ActivityLog,
+    extentBytes = extentBytesDefault,
+  ) {
+    this.extentBlocks = Math.max(1, Math.floor(extentBytes / blockBytes));
+    this.current = new PagedBitmap(persisted.bitmap.bitCount);
+  }
+
+  get blockCount(): number {
+    return this.current.bitCount;
+  }
+
+  /**
+   * Recovery after a start or a crash: the dirty set is the persisted bitmap plus every
+   * block of every extent the activity log held hot. Made durable in the persisted
+   * bitmap, after which the activity log can start empty. Returns the blocks recovered.
+   */
+  async recover(recoveredExtents: number[]): Promise<number> {
+    const p = this.persisted.bitmap;
+    for (const e of recoveredExtents) {
+      const first = e * this.extentBlocks;
+      if (first >= p.bitCount) continue;
+      p.setRange(first, Math.min(this.extentBlocks, p.bitCount - first));
+    }
+    await this.persisted.sync();
+    this.current = p.clone();
+    this.al.cool(recoveredExtents);
+    await this.al.flush();
+    return this.current.count;
+  }
+
+  /** Installs the copier the delta-set builder uses while an old table exists. */
+  setCopier(copier: OldTableCopier | undefined): void {
+    this.copier = copier;
+  }
+
+  /**
+   * Called for every change before its data can reach the volume, with the change's
+   * blocks locked. Resolves once the change is recorded durably (rule 1).
+   */
+  async mark(firstBlock: number, blockCount: number): Promise<void> {
+    if (this.old && this.copier && this.old.anySet(firstBlock, blockCount)) {
+      await this.copier(firstBlock, blockCount);
+    }
+    this.modifiedBytes += this.current.setRange(firstBlock, blockCount) * this.blockBytes;
+    const extents: number[] = [];
+    const firstExtent = Math.floor(firstBlock / this.extentBlocks);
+    const lastExtent = Math.floor((firstBlock + blockCount - 1) / this.extentBlocks);
+    for (let e = firstExtent; e <= lastExtent; e++) extents.push(e);
+    for (;;) {
+      try {
+        await this.al.ensureHot(extents);
+        return;
+      } catch (err) {
+        if (!isFerryError(err, 'UNAVAILABLE')) throw err;
+        await this.evict(new Set(extents));
+      }
+    }
+  }
+
+  /**
+   * The switch at a delta-set boundary. The caller holds the volume quiesced, so no
+   * change is between its mark and its data write. Returns the old table.
+   */
+  switchTables(): PagedBitmap {
+    assert(this.old === undefined, 'tables switched while the previous delta set is still being built');
+    this.old = this.current;
+    this.current = new PagedBitmap(this.old.bitCount);
+    this.modifiedBytes = 0;
+    return this.old;
+  }
+
+  /**
+   * The old table's delta set is durable in the save volume: its blocks no longer need
+   * tracking. The persisted bitmap becomes the new table; extents with nothing dirty
+   * leave the activity log.
+   */
+  async sealed(): Promise<void> {
+    assert(this.old !== undefined && this.old.count === 0, 'delta set sealed before every block of the old table was copied');
+    this.old = undefined;
+    await this.persistCurrent();
+  }
+
+  /**
+   * Puts blocks back into the new table (a delta set that could not be built, e.g. the
+   * save volume was full): they will go out with the next one.
+   */
+  requeue(bitmap: PagedBitmap): void {
+    this.current.or(bitmap);
+  }
+
+  /** Abandons the old table by merging it back (flow control: the save volume is full). */
+  async mergeOldBack(): Promise<void> {
+    if (!this.old) return;
+    this.current.or(this.old);
+    this.old = undefined;
+    await this.persistCurrent();
+  }
+
+  /** Blocks dirty (not yet in a sealed delta set). */
+  get dirtyBlocks(): number {
+    return this.current.count + (this.old?.count ?? 0);
+  }
+
+  /** Makes every dirty bit durable in the persisted bitmap (clean shutdown). */
+  async close(): Promise<void> {
+    if (this.old) this.current.or(this.old);
+    await this.persistCurrent();
+  }
+
+  private async persistCurrent(): Promise<void> {
+    const p = this.persisted.bitmap;
+    p.clearAll();
+    p.or(this.current);
+    if (this.old) p.or(this.old);
+    await this.persisted.sync();
+    const cold: number[] = [];
+    for (const e of this.al.hotExtents) {
+      const first = e * this.extentBlocks;
+      const count = Math.min(this.extentBlocks, Math.max(0, this.current.bitCount - first));
+      if (count === 0 || !this.current.anySet(first, count)) cold.push(e);
+    }
+    this.al.cool(cold);
+    await this.al.flush();
+  }
+
+  /** The activity log is full: make some extents' bits durable, then let them go. */
+  private async evict(keep: Set<number>): Promise<void> {
+    if (this.evicting) return this.evicting;
+    this.evicting = (async () => {
+      const victims = this.al.hotExtents.filter((e) => !keep.has(e)).slice(0, Math.max(1, Math.floor(this.al.extentsMax / 8)));
+      const p = this.persisted.bitmap;
+      for (const e of victims) {
+        const first = e * this.extentBlocks;
+        const end = Math.min(first + this.extentBlocks, p.bitCount);
+        for (const table of [this.current, this.old]) {
+          if (!table) continue;
+          for (const [s, n] of table.runs(first, end)) p.setRange(s, n);
+        }
+      }
+      await this.persisted.sync();
+      // A write may have marked a victim since its bits were copied: keep those.
+      this.al.cool(victims.filter((e) => {
+        const first = e * this.extentBlocks;
+        const end = Math.min(first + this.extentBlocks, p.bitCount);
+        for (const table of [this.current, this.old]) {
+          if (!table) continue;
+          for (const [s, n] of table.runs(first, end)) if (!p.allSet(s, n)) return false;
+        }
+        return true;
+      }));
+      await this.al.flush();
+    })();
+    try {
+      await this.evicting;
+    } finally {
+      this.evicting = undefined;
+    }
+  }
+}
