@@ -3,6 +3,7 @@ import type { DeltaSetRecord, PairRecord } from '../storage/replication-catalog.
 /** One line of `ferry status --json` (SPEC §5 names the fields). */
 export interface PairStatusView {
   volume: string;
+  pairId: string;
   role: 'source' | 'target';
   peer: string;
   peerSite: string;
@@ -83,6 +84,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
   const remainingBytes = (total - copied) * (pair.initialCopy.totalBlocks > 0 ? pair.initialCopy.bytes / Math.max(1, copied) : 0);
   return {
     volume: pair.volume,
+    pairId: pair.pairId,
     role: pair.role,
     peer: pair.peerUrl,
     peerSite: pair.peerSiteName,

@@ -69,7 +69,9 @@ export class TestSite {
   async start(): Promise<void> {
     this.logs = [];
     this.exitCode = null;
-    const proc = spawn(process.execPath, [ferryBin, 'site', 'start', '--dir', this.dir], {
+    // A restarted site keeps its address, as a real one would, so peers find it again.
+    const listen = this.port > 0 ? ['--listen', `${this.host}:${this.port}`] : [];
+    const proc = spawn(process.execPath, [ferryBin, 'site', 'start', '--dir', this.dir, ...listen], {
       env: { ...process.env, FERRY_LOG_LEVEL: 'debug', ...this.env },
       stdio: ['ignore', 'pipe', 'pipe'],
     });

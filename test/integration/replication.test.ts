@@ -1,0 +1,377 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { TestSite } from '../helpers/site.js';
+import { FaultProxy } from '../helpers/fault-proxy.js';
+import { VolumeModel, pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
+import { connectRcp } from '../../src/transport/connection.js';
+import { FrameType, decodeJsonPayload } from '../../src/transport/frame.js';
+import { ReplFrame } from '../../src/replication/protocol.js';
+
+const MiB = 1024 * 1024;
+
+async function pair(name: string, env: Record<string, string> = {}): Promise<[TestSite, TestSite]> {
+  return Promise.all([TestSite.create(`${name}-a`, { env }), TestSite.create(`${name}-b`, { env })]);
+}
+
+test('new remote copy while the source is written, then delta sets: digests equal, status truthful', async () => {
+  const [a, b] = await pair('basic');
+  try {
+    const size = 32 * MiB;
+    const model = new VolumeModel(size);
+    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
+    for (let i = 0; i < 40; i++) {
+      const w = model.randomWrite(256 * 1024);
+      await a.writeData('db', w.offset, w.data);
+      model.apply(w.offset, w.data);
+    }
+    const start = await a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '300ms', '--json']);
+    assert.equal(start.code, 0, start.stderr);
+    // Writes during the initial copy go into delta sets.
+    const during: Promise<void>[] = [];
+    for (let i = 0; i < 30; i++) {
+      const w = model.randomWrite();
+      model.apply(w.offset, w.data);
+      during.push(a.writeData('db', w.offset, w.data));
+    }
+    await Promise.all(during);
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), model.digest());
+    assert.equal(await a.digest('db'), model.digest());
+
+    // The target is read-only to hosts.
+    const denied = await fetch(`${b.url}/api/v1/volumes/db/data?offset=0`, { method: 'PUT', body: Buffer.alloc(1), headers: { 'content-type': 'application/octet-stream' } });
+    assert.equal(denied.status, 409);
+
+    // After the copy: more writes, rewrites of the same blocks, then in sync again.
+    for (let round = 0; round < 5; round++) {
+      for (let i = 0; i < 10; i++) {
+        const w = model.randomWrite();
+        model.apply(w.offset, w.data);
+        await a.writeData('db', w.offset, w.data);
+      }
+    }
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), model.digest());
+
+    const s = await pairStatus(a, 'db');
+    const t = await pairStatus(b, 'db');
+    assert.equal(s.role, 'source');
+    assert.equal(t.role, 'target');
+    assert.equal(s.state, 'duplex');
+    assert.equal(t.state, 'duplex');
+    assert.equal(s.lagBlocks, 0);
+    assert.equal(s.lagSeconds, 0);
+    assert.ok(s.deltaSetCreated >= 2, `delta sets created: ${s.deltaSetCreated}`);
+    assert.equal(t.deltaSetPlayedBack, s.deltaSetCreated);
+    assert.ok(s.bytesSent > 0 && t.bytesReceived > 0);
+    // Only valid extents were copied, not the whole 32 MiB.
+    assert.ok(s.initialCopy.bytes < size / 2, `initial copy sent ${s.initialCopy.bytes} bytes`);
+
+    const info = await a.cli(['info', 'db', '-v']);
+    assert.equal(info.code, 0, info.stderr);
+    assert.match(info.stdout, /current delta set:/);
+    assert.match(info.stdout, /lag:\s+0s, 0 blocks different/);
+
+    // Stop at the source: both sides end the relationship; the target becomes writable.
+    const stop = await a.cli(['replicate', 'stop', 'db']);
+    assert.equal(stop.code, 0, stop.stderr);
+    await waitFor('target pair removed', async () => (await b.api('GET', '/api/v1/status/db')).status === 404);
+    assert.equal((await b.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-write');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('bad replicate requests get clear errors and change nothing', async () => {
+  const [a, b] = await pair('bad');
+  try {
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: '8M' });
+    await b.api('POST', '/api/v1/volumes', { name: 'v', size: '16M' });
+    let r = await a.cli(['replicate', 'start', 'v', '--to', b.url]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /VOLUME_EXISTS.*different size/);
+    r = await a.cli(['replicate', 'start', 'nope', '--to', b.url]);
+    assert.match(r.stderr, /VOLUME_NOT_FOUND/);
+    r = await a.cli(['replicate', 'start', 'v', '--to', 'http://127.0.0.1:1']);
+    assert.match(r.stderr, /UNAVAILABLE/);
+    r = await a.cli(['replicate', 'start', 'v', '--to', 'ftp://x']);
+    assert.match(r.stderr, /INVALID_ADDRESS/);
+    r = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', 'soon']);
+    assert.match(r.stderr, /INVALID_DURATION/);
+    r = await a.cli(['replicate', 'pause', 'v']);
+    assert.match(r.stderr, /NOT_FOUND: volume v is not replicated/);
+    assert.equal((await a.api<unknown[]>('GET', '/api/v1/status')).body.length, 0);
+    assert.equal((await b.api<unknown[]>('GET', '/api/v1/status')).body.length, 0);
+    // A good start still works afterwards, and a second start is refused.
+    r = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--target-volume', 'v2']);
+    assert.equal(r.code, 0, r.stderr);
+    r = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--target-volume', 'v3']);
+    assert.match(r.stderr, /VOLUME_IN_USE/);
+    r = await a.cli(['volume', 'delete', 'v']);
+    assert.match(r.stderr, /VOLUME_IN_USE/);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+/**
+ * Kills one side with SIGKILL at random moments while writes, cuts, sends and playback
+ * are under way. Cuts are made only on demand, right after the writes before them
+ * settled, so every image the target may show is known: the model at one of the cuts.
+ */
+async function crashSoak(victim: 'source' | 'target', kills: number): Promise<void> {
+  const [a, b] = await pair(`kill-${victim}`);
+  try {
+    const size = 16 * MiB;
+    const model = new VolumeModel(size);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    const boundaries = new Set<string>([model.digest()]);
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '1h', '--high-water', '1T', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    let samples = 0;
+    let initialCopyBytes = (await pairStatus(a, 'v')).initialCopy.bytes;
+    for (let k = 0; k < kills; k++) {
+      // Writes (some left in flight when the kill comes), then a cut.
+      const inflight: { offset: number; data: Buffer; done: boolean }[] = [];
+      const activity = (async () => {
+        for (let round = 0; round < 3; round++) {
+          const batch = model.disjointWrites(8, 32 * 1024).map((w) => ({ ...w, done: false }));
+          inflight.push(...batch);
+          await Promise.all(
+            batch.map(async (w) => {
+              await a.writeData('v', w.offset, w.data);
+              w.done = true;
+              model.apply(w.offset, w.data);
+            }),
+          );
+          boundaries.add(model.digest());
+          await a.api('POST', '/api/v1/replication/v/delta');
+        }
+      })().catch(() => undefined);
+      await new Promise((r) => setTimeout(r, Math.floor(Math.random() * 250)));
+      const site = victim === 'source' ? a : b;
+      await site.kill('SIGKILL');
+      await activity;
+      await site.start();
+      if (victim === 'source') {
+        // Writes cut off by the kill may or may not have landed: the source says which.
+        for (const w of inflight.filter((x) => !x.done)) model.apply(w.offset, await a.readData('v', w.offset, w.data.length));
+        boundaries.add(model.digest());
+      } else {
+        // Writes whose answer was lost with the target's connection still happened at the source.
+        for (const w of inflight) if (!w.done) model.apply(w.offset, await a.readData('v', w.offset, w.data.length));
+      }
+      // A stable point: if the target is not playing back, it must show a cut's image.
+      const before = await pairStatus(b, 'v');
+      if (before.deltaSetReceived === before.deltaSetPlayedBack) {
+        const digest = await b.digest('v');
+        const after = await pairStatus(b, 'v');
+        if (after.deltaSetPlayedBack === before.deltaSetPlayedBack && after.deltaSetReceived === after.deltaSetPlayedBack) {
+          assert.ok(boundaries.has(digest), `after kill ${k} the target shows an image that is no delta-set boundary (played back ${after.deltaSetPlayedBack})`);
+          samples++;
+        }
+      }
+    }
+    await a.api('POST', '/api/v1/replication/v/delta');
+    await waitInSync(a, b, 'v', 'v', 90_000);
+    const finalDigest = await a.digest('v');
+    assert.equal(finalDigest, model.digest(), 'the source holds every acknowledged write');
+    assert.equal(await b.digest('v'), finalDigest, 'the target equals the source in the end');
+    const s = await pairStatus(a, 'v');
+    assert.equal(s.initialCopy.bytes, initialCopyBytes, 'no full copy after any restart');
+    assert.ok(s.deltaSetCreated >= kills / 2, `delta sets ${s.deltaSetCreated}`);
+    assert.ok(samples >= kills / 4, `stable points checked: ${samples}`);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+}
+
+test('SIGKILL of the source at 20 random moments: resumes without a full copy, target always at a boundary', async () => {
+  await crashSoak('source', Number(process.env.FERRY_SOAK_KILLS ?? 20));
+});
+
+test('SIGKILL of the target at 20 random moments: resumes without a full copy, target always at a boundary', async () => {
+  await crashSoak('target', Number(process.env.FERRY_SOAK_KILLS ?? 20));
+});
+
+test('fault-injecting proxy: flipped bits are refused and resent, drops and stalls recovered, nothing wrong applied', async () => {
+  const [a, b] = await pair('faults');
+  const proxy = new FaultProxy(b.host, b.port, 42);
+  await proxy.start();
+  try {
+    const size = 16 * MiB;
+    const model = new VolumeModel(size);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    for (let i = 0; i < 20; i++) {
+      const w = model.randomWrite(256 * 1024);
+      model.apply(w.offset, w.data);
+      await a.writeData('v', w.offset, w.data);
+    }
+    const start = await a.cli(['replicate', 'start', 'v', '--to', proxy.url, '--interval', '200ms']);
+    assert.equal(start.code, 0, start.stderr);
+    proxy.plan = { flipProbability: 0.05, cleanBytes: 512, dropProbability: 0.01, stallProbability: 0.02, stallMs: 300 };
+    for (let round = 0; round < 20; round++) {
+      for (let i = 0; i < 5; i++) {
+        const w = model.randomWrite();
+        model.apply(w.offset, w.data);
+        await a.writeData('v', w.offset, w.data);
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await waitFor('faults to have been injected', async () => proxy.flips >= 3 && proxy.drops >= 1, 60_000);
+    proxy.plan = { flipProbability: 0, cleanBytes: 0, dropProbability: 0, stallProbability: 0, stallMs: 0 };
+    await waitInSync(a, b, 'v', 'v', 90_000);
+    assert.equal(await b.digest('v'), model.digest());
+    const s = await pairStatus(a, 'v');
+    const t = await pairStatus(b, 'v');
+    assert.ok(s.corruptFrames + t.corruptFrames + s.retries > 0, 'damage was seen and counted');
+    assert.ok(proxy.flips > 0 && proxy.drops > 0, `flips ${proxy.flips} drops ${proxy.drops} stalls ${proxy.stalls}`);
+  } finally {
+    await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('target unreachable: Suspend (failure) with the reason, then resumes by itself', async () => {
+  const [a, b] = await pair('suspend');
+  const proxy = new FaultProxy(b.host, b.port, 7);
+  await proxy.start();
+  try {
+    const model = new VolumeModel(8 * MiB);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
+    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', proxy.url, '--interval', '200ms', '--wait'])).code, 0);
+    await proxy.close();
+    for (let i = 0; i < 10; i++) {
+      const w = model.randomWrite();
+      model.apply(w.offset, w.data);
+      await a.writeData('v', w.offset, w.data);
+    }
+    const suspended = await waitFor('suspend on failure', async () => {
+      const s = await pairStatus(a, 'v');
+      return s.state === 'suspended' ? s : undefined;
+    }, 60_000);
+    assert.match(suspended.reason, /target unreachable/);
+    assert.ok(suspended.lagBlocks > 0);
+    // The peer comes back on the same address.
+    const { createServer, connect } = await import('node:net');
+    const relay = createServer((c) => {
+      const u = connect(b.port, b.host);
+      c.pipe(u).pipe(c);
+      c.on('error', () => u.destroy());
+      u.on('error', () => c.destroy());
+    });
+    await new Promise<void>((resolve) => relay.listen(proxy.port, '127.0.0.1', resolve));
+    try {
+      await waitInSync(a, b, 'v', 'v', 60_000);
+      assert.equal((await pairStatus(a, 'v')).state, 'duplex');
+      assert.equal(await b.digest('v'), await a.digest('v'));
+    } finally {
+      relay.close();
+    }
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('pause and resume: Suspend (command), changes tracked, Duplex-Pending catches up', async () => {
+  const [a, b] = await pair('pause');
+  try {
+    const model = new VolumeModel(8 * MiB);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
+    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '200ms', '--wait'])).code, 0);
+    const paused = await a.cli(['replicate', 'pause', 'v', '--json']);
+    assert.equal(JSON.parse(paused.stdout).state, 'suspended');
+    for (let i = 0; i < 10; i++) {
+      const w = model.randomWrite();
+      model.apply(w.offset, w.data);
+      await a.writeData('v', w.offset, w.data);
+    }
+    await new Promise((r) => setTimeout(r, 800));
+    const s = await pairStatus(a, 'v');
+    assert.equal(s.state, 'suspended');
+    assert.match(s.reason, /command/);
+    assert.ok(s.lagBlocks > 0);
+    assert.equal((await pairStatus(b, 'v')).deltaSetPlayedBack, 0);
+    const resumed = await a.cli(['replicate', 'resume', 'v', '--json']);
+    assert.match(JSON.parse(resumed.stdout).state, /duplex/);
+    await waitInSync(a, b, 'v');
+    assert.equal(await b.digest('v'), model.digest());
+    assert.equal((await pairStatus(a, 'v')).state, 'duplex');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('full save volumes at either end: no write lost, target consistent, lag recovers', async () => {
+  const [a, b] = await pair('full');
+  try {
+    const size = 64 * MiB;
+    const model = new VolumeModel(size);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '100ms', '--high-water', '2M', '--save-volume', '16M', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    // Suspend sending so the source save volume fills with delta sets nobody acknowledges.
+    await a.cli(['replicate', 'pause', 'v']);
+    for (let i = 0; i < 120; i++) {
+      const w = model.randomWrite(256 * 1024);
+      model.apply(w.offset, w.data);
+      await a.writeData('v', w.offset, w.data);
+    }
+    const full = await waitFor('source save volume full', async () => {
+      const s = await pairStatus(a, 'v');
+      return s.saveVolume.full ? s : undefined;
+    }, 30_000);
+    assert.ok(full.lagBlocks > 0);
+    // Host writes are still accepted while the save volume is full.
+    const w = model.randomWrite();
+    model.apply(w.offset, w.data);
+    await a.writeData('v', w.offset, w.data);
+    await a.cli(['replicate', 'resume', 'v']);
+    await waitInSync(a, b, 'v', 'v', 90_000);
+    assert.equal(await b.digest('v'), model.digest());
+    assert.equal((await pairStatus(a, 'v')).saveVolume.full, false);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a frame from an older generation is refused', async () => {
+  const [a, b] = await pair('gen');
+  try {
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
+    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--wait'])).code, 0);
+    const pairs = (await a.api<{ volume: string }[]>('GET', '/api/v1/status')).body;
+    assert.equal(pairs.length, 1);
+    const info = (await a.api<{ generation: number; pairId: string }>('GET', '/api/v1/replication/v/info')).body;
+    const pairId = info.pairId;
+    const { connection } = await connectRcp(b.host, b.port, { siteId: 'stale', siteName: 'stale' });
+    try {
+      connection.sendJson(ReplFrame.PairOpen as number, { pairId, targetVolume: 'v', generation: info.generation - 1 }, { generation: BigInt(info.generation - 1) });
+      const reply = await connection.nextFrame(5000);
+      assert.equal(reply.type, FrameType.Error);
+      assert.equal(decodeJsonPayload<{ code: string }>(reply).code, 'STALE_GENERATION');
+    } finally {
+      connection.destroy();
+    }
+    // Inside an open session, a frame of an older generation is refused too.
+    const session = await connectRcp(b.host, b.port, { siteId: 'stale2', siteName: 'stale2' });
+    try {
+      session.connection.sendJson(ReplFrame.PairOpen as number, { pairId, targetVolume: 'v', generation: info.generation }, { generation: BigInt(info.generation) });
+      const ok = await session.connection.nextFrame(5000);
+      assert.equal(ok.type, ReplFrame.PairOpenOk);
+      session.connection.sendJson(ReplFrame.Heartbeat as number, { sourceNowMs: 0, dirtyBlocks: 0, deltaSetCreated: 0 }, { generation: BigInt(info.generation - 1) });
+      const refused = await session.connection.nextFrame(5000);
+      assert.equal(refused.type, FrameType.Error);
+      assert.equal(decodeJsonPayload<{ code: string }>(refused).code, 'STALE_GENERATION');
+    } finally {
+      session.connection.destroy();
+    }
+    // The real pair carries on.
+    await a.writeData('v', 0, Buffer.alloc(8192, 7));
+    await waitInSync(a, b, 'v');
+    assert.equal(await b.digest('v'), await a.digest('v'));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
