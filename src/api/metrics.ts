@@ -1,5 +1,6 @@
 import { Registry, Gauge, collectDefaultMetrics } from 'prom-client';
 import type { Site } from '../site/site.js';
+import type { PairStatusView } from '../replication/status.js';
 
 /** A Prometheus registry per site (not the global one), so several sites can share a process in tests. */
 export function createMetrics(site: Site): Registry {
@@ -42,5 +43,31 @@ export function createMetrics(site: Site): Registry {
       this.set(site.rcp.handshakes);
     },
   });
+  const pairGauge = (name: string, help: string, value: (p: PairStatusView) => number): void => {
+    new Gauge({
+      name,
+      help,
+      labelNames: ['volume', 'role', 'peer'],
+      registers: [register],
+      collect() {
+        this.reset();
+        for (const p of site.replication.status()) this.set({ volume: p.volume, role: p.role, peer: p.peerSite }, value(p));
+      },
+    });
+  };
+  pairGauge('ferry_replication_lag_seconds', 'How far the replica is behind its source, from source-stamped delta-set times', (p) => p.lagSeconds);
+  pairGauge('ferry_replication_lag_blocks', 'Blocks written at the source not yet played back at the target', (p) => p.lagBlocks);
+  pairGauge('ferry_replication_bytes_sent_total', 'Bytes sent for this pair (frames included)', (p) => p.bytesSent);
+  pairGauge('ferry_replication_bytes_received_total', 'Bytes received for this pair', (p) => p.bytesReceived);
+  pairGauge('ferry_replication_transfer_rate_bytes', 'Bytes per second sent over the last seconds', (p) => p.transferRate);
+  pairGauge('ferry_replication_delta_set_created', 'Last delta set cut at the source', (p) => p.deltaSetCreated);
+  pairGauge('ferry_replication_delta_set_acked', 'Last delta set acknowledged by the target', (p) => p.deltaSetAcked);
+  pairGauge('ferry_replication_delta_set_played_back', 'Last delta set played back at the target', (p) => p.deltaSetPlayedBack);
+  pairGauge('ferry_replication_retries_total', 'Failed sessions retried', (p) => p.retries);
+  pairGauge('ferry_replication_corrupt_frames_total', 'Damaged frames refused or resent', (p) => p.corruptFrames);
+  pairGauge('ferry_replication_initial_copy_ratio', 'Progress of the initial copy, 0 to 1', (p) => p.initialCopy.percent / 100);
+  pairGauge('ferry_replication_save_volume_used_bytes', 'Bytes of the save volume holding delta sets', (p) => p.saveVolume.usedBytes);
+  pairGauge('ferry_replication_save_volume_full', '1 while the save volume is full (changes tracked in the bitmap)', (p) => (p.saveVolume.full ? 1 : 0));
+  pairGauge('ferry_replication_connected', '1 while a replication session is up', (p) => (p.connected ? 1 : 0));
   return register;
 }

@@ -1,54 +1,83 @@
 // Node's thread pool runs file I/O; the default of 4 threads starves concurrent volume requests.
 process.env.UV_THREADPOOL_SIZE ??= '16';
 
+import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { resolve, dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createInterface } from 'node:readline';
 import { initSiteDir } from '../storage/site-dir.js';
 import { ApiClient, volumePath } from './client.js';
-import { createLogger, startSite } from './daemon.js';
 import { FerryError } from '../lib/errors.js';
 
 /**
- * `npm start`: ferry's main job on embedded defaults. Initialises (once) and runs a
- * site under ./.ferry/site-a on 127.0.0.1:7370 with a volume `demo`, and prints
- * what to try next. Ctrl-C stops it cleanly; the data stays for the next start.
+ * `npm start`: ferry's main job on embedded defaults — a two-site demo on loopback.
+ * Site A (127.0.0.1:7370, NBD 10809) holds volume `demo` and replicates it to site B
+ * (127.0.0.1:7371, NBD 10810). Each site is a real daemon in its own process; data
+ * stays under ./.ferry/ for the next start. Ctrl-C stops both cleanly.
  */
 const root = resolve(process.env.FERRY_DEMO_DIR ?? '.ferry');
-const dir = resolve(root, 'site-a');
-const listen = process.env.FERRY_DEMO_LISTEN ?? '127.0.0.1:7370';
-const nbd = process.env.FERRY_DEMO_NBD ?? '127.0.0.1:10809';
+const cli = join(dirname(fileURLToPath(import.meta.url)), 'main.js');
+const sites = [
+  { name: 'site-a', dir: join(root, 'site-a'), listen: '127.0.0.1:7370', nbd: '127.0.0.1:10809' },
+  { name: 'site-b', dir: join(root, 'site-b'), listen: '127.0.0.1:7371', nbd: '127.0.0.1:10810' },
+];
+
+function startDaemon(dir: string, name: string): Promise<ChildProcess> {
+  const child = spawn(process.execPath, [cli, 'site', 'start', '--dir', dir], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, FERRY_LOG_LEVEL: process.env.FERRY_LOG_LEVEL ?? 'info' } });
+  return new Promise((resolveStart, reject) => {
+    const lines = createInterface({ input: child.stdout! });
+    lines.on('line', (line) => {
+      if (line.includes('"site started"')) resolveStart(child);
+      else if (/"level":(40|50|60)/.test(line)) process.stderr.write(`${name}: ${line}\n`);
+    });
+    child.once('exit', (code) => reject(new FerryError('UNAVAILABLE', `${name} exited with status ${code} while starting`)));
+  });
+}
 
 async function main(): Promise<void> {
-  if (!existsSync(resolve(dir, 'site.json'))) {
-    await initSiteDir({ dir, name: 'site-a', listen, nbd, blockBytes: 8192 });
+  for (const s of sites) {
+    if (!existsSync(join(s.dir, 'site.json'))) await initSiteDir({ dir: s.dir, name: s.name, listen: s.listen, nbd: s.nbd, blockBytes: 8192 });
   }
-  const log = createLogger();
-  const running = await startSite(dir, log.child({}, { level: process.env.FERRY_LOG_LEVEL ?? 'warn' }));
-  const api = new ApiClient(running.url);
-  try {
-    await api.get(volumePath('demo'));
-  } catch (err) {
-    if (!(err instanceof FerryError && err.code === 'VOLUME_NOT_FOUND')) throw err;
-    await api.post('/api/v1/volumes', { name: 'demo', size: '1G' });
-  }
+  const children = await Promise.all(sites.map((s) => startDaemon(s.dir, s.name)));
+  let stopping = false;
   const stop = (): void => {
-    void running.stop().then(() => process.exit(0));
+    if (stopping) return;
+    stopping = true;
+    for (const c of children) c.kill('SIGTERM');
+    Promise.all(children.map((c) => new Promise((r) => (c.exitCode !== null ? r(null) : c.once('exit', r))))).then(() => process.exit(0), () => process.exit(1));
   };
   process.on('SIGINT', stop);
   process.on('SIGTERM', stop);
+  for (const c of children) c.once('exit', () => stop());
+
+  const a = new ApiClient(`http://${sites[0]!.listen}`);
+  const b = `http://${sites[1]!.listen}`;
+  try {
+    await a.get(volumePath('demo'));
+  } catch (err) {
+    if (!(err instanceof FerryError && err.code === 'VOLUME_NOT_FOUND')) throw err;
+    await a.post('/api/v1/volumes', { name: 'demo', size: '1G' });
+  }
+  const pairs = await a.get<{ volume: string }[]>('/api/v1/status');
+  if (!pairs.some((p) => p.volume === 'demo')) await a.post('/api/v1/replication', { volume: 'demo', to: b, interval: '5s' });
+
+  const A = `http://${sites[0]!.listen}`;
   process.stdout.write(
     [
       '',
-      `ferry site "site-a" is running (data in ${dir})`,
-      `  API and dashboard: ${running.url}/`,
-      `  metrics:           ${running.url}/metrics`,
+      `ferry two-site demo is running (data in ${root})`,
+      `  site-a  ${A}/   NBD nbd://${sites[0]!.nbd}/demo   (source, read-write)`,
+      `  site-b  ${b}/   NBD nbd://${sites[1]!.nbd}/demo   (replica, read-only)`,
       '',
-      'Try, in another terminal:',
-      `  npx ferry volume list --site ${running.url}`,
-      `  npx ferry volume create vol1 --size 10G --site ${running.url}`,
-      `  npx ferry volume show demo --site ${running.url}`,
+      'Volume "demo" on site-a replicates to site-b in delta sets every 5s. Try, in another terminal:',
+      `  npx ferry status --site ${A}`,
+      `  npx ferry info demo -v --site ${A}`,
+      `  qemu-io -f raw -c 'write -P 0x5a 0 1M' nbd://${sites[0]!.nbd}/demo`,
+      `  npx ferry replicate delta demo --site ${A}        # cut a delta set now`,
+      `  npx ferry volume digest demo --site ${A} ; npx ferry volume digest demo --site ${b}`,
       '',
-      'Ctrl-C stops the site; the data stays for the next start.',
+      'Ctrl-C stops both sites; the data stays for the next start.',
       '',
     ].join('\n'),
   );

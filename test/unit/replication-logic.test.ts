@@ -1,0 +1,99 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { RingSpace } from '../../src/storage/journal.js';
+import { DeltaSetTrigger } from '../../src/replication/triggers.js';
+import { initialPairStatus, nextPairStatus, type PairEvent, type PairStatus } from '../../src/replication/pair-state.js';
+import { decodeChunk, encodeChunk } from '../../src/replication/chunk.js';
+import { isFerryError, FerryError } from '../../src/lib/errors.js';
+
+test('ring space never hands out overlapping or straddling space, and refuses when full', () => {
+  fc.assert(
+    fc.property(fc.array(fc.oneof(fc.record({ alloc: fc.integer({ min: 1, max: 12 }) }), fc.record({ free: fc.constant(true) })), { maxLength: 200 }), (ops) => {
+      const capacity = 16 * 512;
+      const ring = new RingSpace(capacity);
+      const live: [number, number][] = [];
+      for (const op of ops) {
+        if ('alloc' in op) {
+          const span = op.alloc * 512;
+          const at = ring.allocate(span);
+          if (at === undefined) {
+            // Full: there really is no room before the tail, with the lap skip counted.
+            const offset = ring.head % capacity;
+            const need = offset + span > capacity ? capacity - offset + span : span;
+            assert.ok(ring.usedBytes + need > capacity, `refused with ${ring.freeBytes} free for ${span}`);
+            continue;
+          }
+          assert.ok((at % capacity) + span <= capacity, 'a record never straddles the end');
+          for (const [s, e] of live) assert.ok(at >= e || at + span <= s, 'no overlap with live space');
+          assert.ok(at + span - ring.tail <= capacity);
+          live.push([at, at + span]);
+        } else if (live.length > 0) {
+          live.shift();
+          ring.release(live[0]?.[0] ?? ring.head);
+        }
+      }
+    }),
+    { numRuns: 500 },
+  );
+});
+
+test('delta-set triggers: interval, high water, on demand, and nothing to cut means no cut', () => {
+  const t = new DeltaSetTrigger({ intervalMs: 1000, highWaterBytes: 100 }, 0);
+  assert.equal(t.due(500, 10), undefined);
+  assert.equal(t.due(999, 99), undefined);
+  assert.equal(t.due(1000, 1), 'interval');
+  t.rearm(1000);
+  assert.equal(t.due(1200, 100), 'high-water');
+  t.rearm(1200);
+  assert.equal(t.due(2300, 0), undefined, 'an interval with nothing modified cuts nothing');
+  assert.equal(t.due(2400, 5), undefined, 'and re-arms');
+  assert.equal(t.due(3300, 5), 'interval');
+  t.rearm(3300);
+  t.demand();
+  assert.equal(t.due(3301, 0), 'on-demand');
+  t.rearm(3301);
+  assert.equal(t.due(3302, 0), undefined);
+});
+
+test('pair states follow the documented machine and refuse the rest', () => {
+  const run = (events: PairEvent[]): PairStatus => events.reduce(nextPairStatus, initialPairStatus);
+  assert.equal(run([{ type: 'start' }]).state, 'initial-copying');
+  assert.equal(run([{ type: 'start' }, { type: 'copied' }]).state, 'duplex');
+  const cmd = run([{ type: 'start' }, { type: 'copied' }, { type: 'suspend' }, { type: 'drained' }]);
+  assert.deepEqual([cmd.state, cmd.cause], ['suspended', 'command']);
+  const failed = run([{ type: 'start' }, { type: 'copied' }, { type: 'failure', reason: 'link down' }]);
+  assert.deepEqual([failed.state, failed.cause, failed.reason], ['suspended', 'failure', 'link down']);
+  assert.equal(nextPairStatus(failed, { type: 'resume' }).state, 'duplex-pending');
+  assert.equal(nextPairStatus(nextPairStatus(failed, { type: 'resume' }), { type: 'caught-up' }).state, 'duplex');
+  const failedDuringCopy = run([{ type: 'start' }, { type: 'failure', reason: 'x' }]);
+  assert.equal(nextPairStatus(failedDuringCopy, { type: 'resume' }).state, 'initial-copying', 'an unfinished copy resumes as a copy');
+  // A failure while suspended by command keeps the command (the operator's choice wins).
+  assert.equal(nextPairStatus(cmd, { type: 'failure', reason: 'y' }).cause, 'command');
+  for (const bad of [{ type: 'copied' }, { type: 'drained' }, { type: 'suspend' }, { type: 'failure', reason: 'z' }] as PairEvent[]) {
+    assert.throws(() => nextPairStatus(initialPairStatus, bad), (err) => isFerryError(err, 'BAD_REQUEST'), bad.type);
+  }
+  assert.throws(() => run([{ type: 'start' }, { type: 'start' }]), (err) => isFerryError(err, 'BAD_REQUEST'));
+  assert.equal(run([{ type: 'start' }, { type: 'copied' }, { type: 'stop' }]).state, 'simplex');
+});
+
+test('chunks round-trip, and malformed chunks are refused with a typed error', () => {
+  const bs = 512;
+  const data = Buffer.alloc(3 * bs, 9);
+  const chunk = { extents: [{ block: 4, count: 2, zero: false }, { block: 10, count: 1000, zero: true }, { block: 2000, count: 1, zero: false }], data };
+  const decoded = decodeChunk(encodeChunk(chunk), bs, 4096);
+  assert.deepEqual(decoded.extents, chunk.extents);
+  assert.deepEqual(decoded.data, data);
+  assert.throws(() => decodeChunk(encodeChunk(chunk), bs, 2000), (e) => isFerryError(e, 'PROTOCOL_ERROR'), 'extent past the end');
+  assert.throws(() => decodeChunk(encodeChunk({ ...chunk, data: data.subarray(1) }), bs, 4096), (e) => isFerryError(e, 'PROTOCOL_ERROR'), 'short data');
+  fc.assert(
+    fc.property(fc.uint8Array({ maxLength: 300 }), (bytes) => {
+      try {
+        decodeChunk(Buffer.from(bytes), bs, 4096);
+      } catch (err) {
+        assert.ok(err instanceof FerryError);
+      }
+    }),
+    { numRuns: 2000 },
+  );
+});
