@@ -1,0 +1,180 @@
+/**
+ * bench/replication — run by hand: `npm run bench:replication` (after `npm run build`).
+ *
+ * (a) new remote copy of a 4 GiB volume holding 2 GiB of data, ferry vs nbdcopy between
+ *     two qemu-nbd exports of raw files on the same disk (time ratio, target <= 1.0);
+ * (b) fio 4k random write QD32 and 1M sequential write QD8 through NBD on a replicated
+ *     source vs an unreplicated volume of the same site (ratio, target >= 0.9), with the
+ *     largest lag seen during the run;
+ * (c) bytes on the wire per distinct block written when the same blocks are rewritten
+ *     within one delta set (target 1.0 plus framing).
+ *
+ * Environment: BENCH_VOLUME_GIB (default 4), BENCH_DATA_GIB (default 2), BENCH_FIO_SECONDS (default 20).
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm, open } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { randomBytes } from 'node:crypto';
+import { TestSite } from '../test/helpers/site.js';
+import { pairStatus, waitInSync } from '../test/helpers/replication.js';
+
+const run = promisify(execFile);
+const GiB = 1024 ** 3;
+const volumeBytes = Number(process.env.BENCH_VOLUME_GIB ?? 4) * GiB;
+const dataBytes = Number(process.env.BENCH_DATA_GIB ?? 2) * GiB;
+const fioSeconds = Number(process.env.BENCH_FIO_SECONDS ?? 20);
+
+function table(headers: string[], rows: string[][]): string {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  return [headers, ...rows].map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ')).join('\n');
+}
+
+async function timed<T>(fn: () => Promise<T>): Promise<[number, T]> {
+  const t0 = process.hrtime.bigint();
+  const v = await fn();
+  return [Number(process.hrtime.bigint() - t0) / 1e9, v];
+}
+
+async function writeDataFile(path: string, bytes: number): Promise<void> {
+  const fh = await open(path, 'w');
+  const chunk = 16 * 1024 * 1024;
+  for (let at = 0; at < bytes; at += chunk) await fh.write(randomBytes(Math.min(chunk, bytes - at)), 0, Math.min(chunk, bytes - at), at);
+  await fh.truncate(volumeBytes);
+  await fh.close();
+}
+
+function qemuNbd(file: string, port: number): ChildProcess {
+  return spawn('qemu-nbd', ['-f', 'raw', '-t', '-b', '127.0.0.1', '-p', String(port), '-x', 'disk', file], { stdio: 'ignore' });
+}
+
+async function waitPort(port: number): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    try {
+      await run('nbdinfo', [`nbd://127.0.0.1:${port}/disk`]);
+      return;
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  throw new Error(`qemu-nbd on ${port} did not come up`);
+}
+
+async function benchCopy(dir: string): Promise<string[][]> {
+  const src = join(dir, 'src.raw');
+  const dst = join(dir, 'dst.raw');
+  await writeDataFile(src, dataBytes);
+  const dstFh = await open(dst, 'w');
+  await dstFh.truncate(volumeBytes);
+  await dstFh.close();
+  await run('sync');
+  const q1 = qemuNbd(src, 10901);
+  const q2 = qemuNbd(dst, 10902);
+  let nbdcopySeconds: number;
+  try {
+    await waitPort(10901);
+    await waitPort(10902);
+    [nbdcopySeconds] = await timed(() => run('nbdcopy', ['nbd://127.0.0.1:10901/disk', 'nbd://127.0.0.1:10902/disk']));
+  } finally {
+    q1.kill();
+    q2.kill();
+  }
+  const [a, b] = await Promise.all([TestSite.create('bench-a'), TestSite.create('bench-b')]);
+  try {
+    await a.api('POST', '/api/v1/volumes', { name: 'big', size: volumeBytes });
+    await run('nbdcopy', [src, `nbd://127.0.0.1:${a.nbdPort}/big`]);
+    await run('sync');
+    const [ferrySeconds, r] = await timed(() => a.cli(['replicate', 'start', 'big', '--to', b.url, '--wait']));
+    if (r.code !== 0) throw new Error(r.stderr);
+    const s = await pairStatus(a, 'big');
+    const same = (await a.digest('big')) === (await b.digest('big'));
+    return [
+      ['(a) new remote copy', `${(dataBytes / GiB).toFixed(1)} GiB of ${(volumeBytes / GiB).toFixed(0)} GiB`, `${ferrySeconds.toFixed(2)} s`, `${nbdcopySeconds.toFixed(2)} s`, (ferrySeconds / nbdcopySeconds).toFixed(2), `<= 1.0; ${(s.bytesSent / GiB).toFixed(2)} GiB on the wire; digests ${same ? 'equal' : 'DIFFER'}`],
+    ];
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+}
+
+interface FioResult {
+  iops: number;
+  mibps: number;
+}
+
+async function fio(port: number, name: string, rw: string, bs: string, depth: number): Promise<FioResult> {
+  const { stdout } = await run('fio', [
+    '--name=bench', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${port}/${name}`, `--rw=${rw}`, `--bs=${bs}`, `--iodepth=${depth}`,
+    '--size=1G', '--time_based', `--runtime=${fioSeconds}`, '--output-format=json',
+  ], { maxBuffer: 64 * 1024 * 1024 });
+  const job = (JSON.parse(stdout) as { jobs: { write: { iops: number; bw_bytes: number } }[] }).jobs[0]!;
+  return { iops: job.write.iops, mibps: job.write.bw_bytes / 1024 / 1024 };
+}
+
+async function benchWrites(): Promise<string[][]> {
+  const [a, b] = await Promise.all([TestSite.create('bench-wa'), TestSite.create('bench-wb')]);
+  const rows: string[][] = [];
+  try {
+    for (const v of ['plain', 'repl']) await a.api('POST', '/api/v1/volumes', { name: v, size: 2 * GiB });
+    const start = await a.cli(['replicate', 'start', 'repl', '--to', b.url, '--interval', '5s', '--wait']);
+    if (start.code !== 0) throw new Error(start.stderr);
+    for (const [label, rw, bs, depth] of [['4k random write QD32', 'randwrite', '4k', 32], ['1M sequential write QD8', 'write', '1M', 8]] as const) {
+      const plain = await fio(a.nbdPort, 'plain', rw, bs, depth);
+      let maxLag = 0;
+      const watcher = setInterval(() => {
+        void pairStatus(a, 'repl').then((s) => (maxLag = Math.max(maxLag, s.lagSeconds)), () => undefined);
+      }, 500);
+      const repl = await fio(a.nbdPort, 'repl', rw, bs, depth);
+      clearInterval(watcher);
+      await waitInSync(a, b, 'repl', 'repl', 300_000);
+      rows.push([`(b) ${label}`, `${plain.iops.toFixed(0)} IOPS ${plain.mibps.toFixed(1)} MiB/s`, `${repl.iops.toFixed(0)} IOPS ${repl.mibps.toFixed(1)} MiB/s`, (repl.iops / plain.iops).toFixed(2), `>= 0.9; max lag ${maxLag.toFixed(1)} s (interval 5 s)`]);
+    }
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+  return rows;
+}
+
+async function benchRewrites(): Promise<string[][]> {
+  const [a, b] = await Promise.all([TestSite.create('bench-ra'), TestSite.create('bench-rb')]);
+  try {
+    const bs = 8192;
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 256 * 1024 * 1024 });
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '1h', '--high-water', '1T', '--wait']);
+    if (start.code !== 0) throw new Error(start.stderr);
+    const before = (await pairStatus(a, 'v')).bytesSent;
+    const distinct = 2000;
+    const rewrites = 10;
+    const blocks = Array.from({ length: distinct }, (_, i) => i * 3);
+    for (let r = 0; r < rewrites; r++) {
+      for (let i = 0; i < blocks.length; i += 50) {
+        await Promise.all(blocks.slice(i, i + 50).map((blk) => a.writeData('v', blk * bs, randomBytes(bs))));
+      }
+    }
+    await a.api('POST', '/api/v1/replication/v/delta');
+    await waitInSync(a, b, 'v');
+    const sent = (await pairStatus(a, 'v')).bytesSent - before;
+    return [['(c) rewrites in one delta set', `${distinct} blocks x ${rewrites} writes`, `${sent} bytes sent`, `${distinct * bs} bytes distinct`, (sent / (distinct * bs)).toFixed(3), '1.0 plus framing']];
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+}
+
+async function main(): Promise<void> {
+  const only = process.argv[2];
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-bench-repl-'));
+  const rows: string[][] = [];
+  try {
+    if (!only || only === 'c') rows.push(...(await benchRewrites()));
+    if (!only || only === 'a') rows.push(...(await benchCopy(dir)));
+    if (!only || only === 'b') rows.push(...(await benchWrites()));
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+  process.stdout.write(`${table(['case', 'workload', 'ferry', 'reference', 'ratio', 'target / notes'], rows)}\n`);
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);
+  process.exit(1);
+});
