@@ -422,7 +422,7 @@ export class ReplicationManager {
     const dirtyBlocks = await changeLog.recover(recovered);
     if (exists) log.info({ volume: pair.volume, dirtyBlocks, hotExtents: recovered.length }, 'change log recovered');
     const journal = await JournalFile.open(join(dir, 'save.journal'), pair.saveVolumeBytes);
-    return new SourceReplicator({
+    const source = new SourceReplicator({
       volume,
       pair,
       catalog: this.catalog,
@@ -432,6 +432,8 @@ export class ReplicationManager {
       log,
       openSession: (p) => this.openSession(p),
     });
+    source.track();
+    return source;
   }
 
   private async openTarget(pair: PairRecord): Promise<TargetReplica> {

@@ -132,12 +132,18 @@ export class SourceReplicator {
     return this.deps.changeLog.dirtyBlocks;
   }
 
-  /** Installs the write hook (before hosts are let in) and starts the cutter and sender. */
-  start(): void {
+  /** Installs the change log's write hook. Done when the pair is opened, before any host is let in (rule 1). */
+  track(): void {
+    if (this.removeHook) return;
     const hook: WriteHook = {
       beforeChange: (_volume, change) => this.deps.changeLog.mark(change.firstBlock, change.blockCount),
     };
     this.removeHook = this.deps.volume.addHook(hook);
+  }
+
+  /** Starts the cutter and the send thread. */
+  start(): void {
+    this.track();
     this.loops = [this.cutLoop(), this.sendLoop()];
   }
 
