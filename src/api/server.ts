@@ -6,6 +6,7 @@ import { parseSize } from '../lib/units.js';
 import { dashboardHtml } from '../dashboard/page.js';
 import type { Site } from '../site/site.js';
 import type { Volume } from '../storage/volume.js';
+import type { VolumeAccess } from '../storage/catalog.js';
 import { createMetrics } from './metrics.js';
 
 /** Largest JSON body the API accepts. */
@@ -116,6 +117,25 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
     async (req) => {
       const body = req.body as { size: string | number; force?: boolean };
       return site.volumes.resize((req.params as { name: string }).name, parseSize(body.size), body.force ?? false);
+    },
+  );
+
+  app.post(
+    '/api/v1/volumes/:name/access',
+    {
+      schema: {
+        params: nameParams,
+        body: {
+          type: 'object',
+          properties: { access: { type: 'string', enum: ['read-write', 'read-only', 'raw'] } },
+          required: ['access'],
+          additionalProperties: false,
+        },
+      },
+    },
+    async (req) => {
+      const body = req.body as { access: VolumeAccess };
+      return site.setVolumeAccess((req.params as { name: string }).name, body.access);
     },
   );
 

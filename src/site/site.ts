@@ -2,22 +2,28 @@ import type { Server as HttpServer } from 'node:http';
 import type { Logger } from 'pino';
 import { FerryError } from '../lib/errors.js';
 import { formatHostPort, parseHostPort, type HostPort } from '../lib/units.js';
-import { Catalog } from '../storage/catalog.js';
+import { ExportRegistry } from '../nbd/export.js';
+import { NbdServer } from '../nbd/server.js';
+import { Catalog, type VolumeAccess } from '../storage/catalog.js';
 import { SiteLock, readSiteConfig, siteLayout, type SiteConfig, type SiteLayout } from '../storage/site-dir.js';
-import { VolumeStore } from '../storage/volume-store.js';
+import { VolumeStore, type VolumeInfo } from '../storage/volume-store.js';
 import { RcpServer } from '../transport/rcp-server.js';
 import { SiteListener } from '../transport/listener.js';
+import { VolumeExportSource } from './nbd-exports.js';
 
 export interface SiteStartOptions {
   /** The API layer's HTTP server; it never listens itself, the site listener hands it connections. */
   httpServer: HttpServer;
   /** Overrides the configured listen address (tests pass port 0). */
   listen?: string;
+  /** Overrides the configured NBD address (tests pass port 0). */
+  nbd?: string;
   firstBytesTimeoutMs?: number;
 }
 
 export interface SiteAddresses {
   listen: HostPort;
+  nbd?: HostPort;
 }
 
 /**
@@ -28,8 +34,11 @@ export interface SiteAddresses {
 export class Site {
   readonly volumes: VolumeStore;
   readonly rcp: RcpServer;
+  /** What the NBD listener serves: volumes now, snapshots (`VOL@SNAP`) when that layer adds its source. */
+  readonly exports = new ExportRegistry();
   readonly startedAt = new Date();
   private listener: SiteListener | undefined;
+  private nbdServer: NbdServer | undefined;
   private httpServer: HttpServer | undefined;
   private addresses: SiteAddresses | undefined;
   private stopping: Promise<void> | undefined;
@@ -43,6 +52,7 @@ export class Site {
   ) {
     this.volumes = new VolumeStore(catalog, layout.volumesDir, config.blockBytes, log);
     this.rcp = new RcpServer({ siteId: config.id, siteName: config.name }, log);
+    this.exports.add(new VolumeExportSource(this.volumes));
   }
 
   static async open(dir: string, log: Logger): Promise<Site> {
@@ -75,13 +85,28 @@ export class Site {
       ...(options.firstBytesTimeoutMs !== undefined ? { firstBytesTimeoutMs: options.firstBytesTimeoutMs } : {}),
     });
     const bound = await this.listener.listen();
-    this.addresses = { listen: bound };
-    this.log.info({ listen: formatHostPort(bound), siteId: this.config.id }, 'site started');
+    const nbdAddress = parseHostPort(options.nbd ?? this.config.nbd);
+    this.nbdServer = new NbdServer({ host: nbdAddress.host, port: nbdAddress.port, provider: this.exports, log: this.log });
+    const nbdBound = await this.nbdServer.listen();
+    this.addresses = { listen: bound, nbd: nbdBound };
+    this.log.info({ listen: formatHostPort(bound), nbd: formatHostPort(nbdBound), siteId: this.config.id }, 'site started');
     return this.addresses;
   }
 
   get boundAddresses(): SiteAddresses | undefined {
     return this.addresses;
+  }
+
+  get nbd(): NbdServer | undefined {
+    return this.nbdServer;
+  }
+
+  /** Changes who may use a volume; its NBD connections drain and reconnect to see the new mode. */
+  async setVolumeAccess(name: string, access: VolumeAccess): Promise<VolumeInfo> {
+    const info = this.volumes.setAccess(name, access);
+    await this.nbdServer?.disconnectExport(name);
+    this.log.info({ volume: name, access }, 'volume access changed');
+    return info;
   }
 
   /** Drains and closes everything. Safe to call more than once. */
@@ -90,6 +115,8 @@ export class Site {
       this.log.info('site stopping');
       this.rcp.closeAll();
       await this.listener?.close();
+      // Hosts' requests in flight are answered before the volumes close.
+      await this.nbdServer?.close();
       this.httpServer?.closeAllConnections();
       await new Promise<void>((resolve) => (this.httpServer ? this.httpServer.close(() => resolve()) : resolve()));
       await this.volumes.close();
