@@ -4,12 +4,16 @@
  * in one run. Prints IOPS, MiB/s, p99 completion latency and ferry/qemu-nbd ratios,
  * plus each server's resident memory.
  *
- *   npm run build && node dist/bench/nbd.js [--size 1G] [--runtime 10] [--dir /tmp]
+ *   npm run build && node dist/bench/nbd.js [--size 1G] [--runtime 10] [--rounds 3] [--dir /tmp]
+ *
+ * Each job runs `rounds` times against each server, alternating ferry and qemu-nbd, and
+ * the median round is reported: on a shared machine, load from elsewhere then hits both
+ * sides alike instead of skewing one ratio.
  */
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { mkdtemp, readFile, rm, open } from 'node:fs/promises';
 import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
@@ -143,6 +147,12 @@ async function startQemuNbd(root: string, sizeBytes: number): Promise<{ proc: Ch
   throw new Error('qemu-nbd did not start');
 }
 
+/** The round with the median IOPS. */
+function median(results: Result[]): Result {
+  const sorted = [...results].sort((a, b) => a.iops - b.iops);
+  return sorted[Math.floor(sorted.length / 2)] as Result;
+}
+
 function pad(s: string, n: number): string {
   return s.length >= n ? s : s + ' '.repeat(n - s.length);
 }
@@ -150,6 +160,7 @@ function pad(s: string, n: number): string {
 async function main(): Promise<void> {
   const sizeBytes = parseSize(arg('size', '1G'));
   const runtimeS = Number(arg('runtime', '10'));
+  const rounds = Math.max(1, Number(arg('rounds', '3')));
   const root = await mkdtemp(join(arg('dir', tmpdir()), 'ferry-bench-'));
   const ferry = await startFerry(root, sizeBytes);
   const qemu = await startQemuNbd(root, sizeBytes);
@@ -158,8 +169,14 @@ async function main(): Promise<void> {
     await prefill(qemu.uri, sizeBytes);
     const rows: { job: Job; f: Result; q: Result }[] = [];
     for (const job of jobs) {
-      const f = await fio(ferry.uri, job, sizeBytes, runtimeS);
-      const q = await fio(qemu.uri, job, sizeBytes, runtimeS);
+      const fs: Result[] = [];
+      const qs: Result[] = [];
+      for (let i = 0; i < rounds; i++) {
+        fs.push(await fio(ferry.uri, job, sizeBytes, runtimeS));
+        qs.push(await fio(qemu.uri, job, sizeBytes, runtimeS));
+      }
+      const f = median(fs);
+      const q = median(qs);
       rows.push({ job, f, q });
       process.stderr.write(`${job.name}: ferry ${f.iops.toFixed(0)} IOPS, qemu-nbd ${q.iops.toFixed(0)} IOPS\n`);
     }
@@ -176,7 +193,7 @@ async function main(): Promise<void> {
     }
     out.push('');
     out.push(`RSS after the run: ferry ${(fm.rss / 1024).toFixed(0)} MiB (peak ${(fm.hwm / 1024).toFixed(0)} MiB), qemu-nbd ${(qm.rss / 1024).toFixed(0)} MiB (peak ${(qm.hwm / 1024).toFixed(0)} MiB)`);
-    out.push(`volume ${sizeBytes} bytes, ${runtimeS}s per job, files in ${root}`);
+    out.push(`volume ${sizeBytes} bytes, median of ${rounds} alternating rounds of ${runtimeS}s per job and server, ${availableParallelism()} CPUs`);
     process.stdout.write(`${out.join('\n')}\n`);
   } finally {
     ferry.proc.kill('SIGTERM');

@@ -1,3 +1,4 @@
+import { read as fsRead, write as fsWrite } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { trim as punchHole } from 'fs-native-extensions';
 import { FerryError, assert } from '../lib/errors.js';
@@ -62,6 +63,9 @@ export class Volume {
   private readonly locks = new RangeLock();
   private sizeBytesValue: number;
   private closed = false;
+  /** Positioned reads and writes running on the raw descriptor; close waits for them. */
+  private rawOps = 0;
+  private rawIdle: (() => void) | undefined;
 
   private constructor(
     readonly name: string,
@@ -144,7 +148,7 @@ export class Volume {
     this.checkRange(offset, buf.length);
     let done = 0;
     while (done < buf.length) {
-      const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done);
+      const bytesRead = await this.rawIo(fsRead, buf, done, buf.length - done, offset + done);
       if (bytesRead === 0) {
         buf.fill(0, done);
         break;
@@ -158,7 +162,7 @@ export class Volume {
       await this.markAllocated(change);
       let done = 0;
       while (done < data.length) {
-        const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
+        const bytesWritten = await this.rawIo(fsWrite, data, done, data.length - done, offset + done);
         done += bytesWritten;
       }
       if (options.fua) await this.flush();
@@ -235,6 +239,8 @@ export class Volume {
     if (this.closed) return;
     this.closed = true;
     await this.locks.drain();
+    // Reads take no lock; the descriptor must not be closed (and its number reused) under them.
+    if (this.rawOps > 0) await new Promise<void>((resolve) => (this.rawIdle = resolve));
     try {
       await this.alloc.sync();
       await this.fh.datasync();
@@ -242,6 +248,28 @@ export class Volume {
       await this.alloc.close();
       await this.fh.close();
     }
+  }
+
+  /**
+   * pread / pwrite through the callback API on the descriptor: several times cheaper per
+   * call than FileHandle's promise API, which matters at tens of thousands of NBD
+   * requests a second. Counted so that `close` waits for them.
+   */
+  private rawIo(
+    op: (fd: number, buf: Uint8Array, off: number, len: number, pos: number, cb: (err: NodeJS.ErrnoException | null, n: number) => void) => void,
+    buf: Uint8Array,
+    off: number,
+    len: number,
+    pos: number,
+  ): Promise<number> {
+    this.rawOps++;
+    return new Promise((resolve, reject) => {
+      op(this.fh.fd, buf, off, len, pos, (err, n) => {
+        if (--this.rawOps === 0 && this.rawIdle) this.rawIdle();
+        if (err) reject(err);
+        else resolve(n);
+      });
+    });
   }
 
   private checkOpen(): void {
