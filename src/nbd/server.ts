@@ -24,8 +24,7 @@ export interface NbdServerOptions {
  */
 export class NbdServer {
   private readonly server: Server;
-  private readonly sessions = new Set<NbdSession>();
-  private readonly sockets = new Set<Socket>();
+  private readonly sessions = new Map<NbdSession, Socket>();
   private readonly log: Logger;
   private readonly limits: SessionLimits;
   private readonly totals: SessionStats & { connections: number } = { connections: 0, requests: 0, errors: 0, bytesRead: 0, bytesWritten: 0 };
@@ -58,7 +57,7 @@ export class NbdServer {
   /** Counters since start, including closed connections. */
   get stats(): Readonly<SessionStats & { connections: number }> {
     const live = { ...this.totals };
-    for (const s of this.sessions) {
+    for (const s of this.sessions.keys()) {
       live.requests += s.stats.requests;
       live.errors += s.stats.errors;
       live.bytesRead += s.stats.bytesRead;
@@ -72,26 +71,31 @@ export class NbdServer {
    * so that clients reconnect and see its new state, e.g. after it became read-only.
    */
   async disconnectExport(name: string): Promise<void> {
-    await Promise.all([...this.sessions].filter((s) => s.exportName === name).map((s) => s.shutdown()));
+    await this.drain([...this.sessions.keys()].filter((s) => s.exportName === name));
   }
 
   /** Stops accepting, drains every connection, cuts those still busy after `drainTimeoutMs`. Idempotent. */
   close(): Promise<void> {
     this.closing ??= (async () => {
       const stopped = new Promise<void>((resolve) => this.server.close(() => resolve()));
-      const sessions = [...this.sessions];
-      const drained = Promise.all(sessions.map((s) => s.shutdown()));
-      let timer: NodeJS.Timeout | undefined;
-      const timedOut = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), drainTimeoutMs)));
-      if ((await Promise.race([drained, timedOut])) === 'timeout') {
-        this.log.warn({ connections: this.sessions.size }, 'nbd connections still busy after the drain timeout; closing them');
-        for (const socket of this.sockets) socket.destroy();
-        await drained;
-      }
-      clearTimeout(timer);
+      await this.drain([...this.sessions.keys()]);
       await stopped;
     })();
     return this.closing;
+  }
+
+  /** Lets the sessions answer what they are running and close; cuts the ones a client keeps open too long. */
+  private async drain(sessions: NbdSession[]): Promise<void> {
+    if (sessions.length === 0) return;
+    const drained = Promise.all(sessions.map((s) => s.shutdown()));
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), drainTimeoutMs)));
+    if ((await Promise.race([drained, timedOut])) === 'timeout') {
+      this.log.warn({ connections: sessions.length }, 'nbd connections still open after the drain timeout; closing them');
+      for (const s of sessions) this.sessions.get(s)?.destroy();
+      await drained;
+    }
+    clearTimeout(timer);
   }
 
   private accept(socket: Socket): void {
@@ -122,17 +126,13 @@ export class NbdServer {
       log,
       this.limits,
     );
-    this.sessions.add(session);
-    this.sockets.add(socket);
+    this.sessions.set(session, socket);
     this.totals.connections++;
     socket.on('data', (chunk: Buffer) => session.onData(chunk));
     socket.on('end', () => session.onEnd());
     socket.on('drain', () => session.onDrain());
     socket.on('error', (err) => log.debug({ err: err.message }, 'nbd connection error'));
-    socket.on('close', () => {
-      this.sockets.delete(socket);
-      session.onClose();
-    });
+    socket.on('close', () => session.onClose());
     void session.done.then(() => {
       this.sessions.delete(session);
       this.totals.requests += session.stats.requests;

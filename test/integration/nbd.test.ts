@@ -417,3 +417,45 @@ test('BLOCK_STATUS with REQ_ONE, and a structured READ of a hole', async () => {
   assert.ok(read.data?.equals(Buffer.concat([Buffer.alloc(100), Buffer.alloc(100, 1)])));
   c.close();
 });
+
+test('changing a volume to read-only drains its open connections; reconnecting clients see READ_ONLY', async () => {
+  await createVolume('live', '8M');
+  const c = await RawNbdClient.open(site.nbdPort, 'live');
+  assert.equal(c.flags & txFlag.readOnly, 0);
+  c.sendRequest({ type: cmd.write, cookie: 1n, offset: 0, length: 4096, payload: Buffer.alloc(4096, 0x42) });
+  assert.equal((await c.reply()).error, 0);
+  const r = await site.cli(['volume', 'access', 'live', 'read-only']);
+  assert.equal(r.code, 0, r.stderr);
+  await c.closed;
+  const again = await RawNbdClient.open(site.nbdPort, 'live');
+  assert.ok(again.flags & txFlag.readOnly);
+  again.sendRequest({ type: cmd.write, cookie: 2n, offset: 0, length: 1, payload: Buffer.alloc(1) });
+  assert.equal((await again.reply()).error, nbdErrno.EPERM);
+  again.close();
+  assert.ok((await site.readData('live', 0, 4096)).equals(Buffer.alloc(4096, 0x42)));
+});
+
+test('SIGTERM drains NBD connections: every write that was answered is there after a restart', async () => {
+  await createVolume('drain', '8M');
+  const c = await RawNbdClient.open(site.nbdPort, 'drain');
+  const block = (i: number): Buffer => Buffer.alloc(65_536, i + 1);
+  for (let i = 0; i < 16; i++) c.sendRequest({ type: cmd.write, cookie: BigInt(i), offset: i * 65_536, length: 65_536, payload: block(i) });
+  for (let i = 0; i < 16; i++) assert.equal((await c.reply()).error, 0);
+  for (let i = 16; i < 48; i++) c.sendRequest({ type: cmd.write, cookie: BigInt(i), offset: i * 65_536, length: 65_536, payload: block(i) });
+  const answered: number[] = [];
+  const collecting = (async () => {
+    for (;;) {
+      const rep = await c.reply().catch(() => undefined);
+      if (!rep) return;
+      assert.equal(rep.error, 0);
+      answered.push(Number(rep.cookie));
+    }
+  })();
+  assert.equal(await site.kill('SIGTERM'), 0, 'clean exit');
+  await collecting;
+  await c.closed;
+  await site.start();
+  for (const i of [...Array(16).keys(), ...answered]) {
+    assert.ok((await site.readData('drain', i * 65_536, 65_536)).equals(block(i)), `write ${i} kept`);
+  }
+});
