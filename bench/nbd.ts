@@ -42,6 +42,8 @@ interface Result {
   iops: number;
   mibps: number;
   p99us: number;
+  /** Server CPU time (all threads, user + system) per I/O, in microseconds. */
+  cpuUsPerIo: number;
 }
 
 function arg(name: string, fallback: string): string {
@@ -60,7 +62,19 @@ async function freePort(): Promise<number> {
   });
 }
 
-async function fio(uri: string, job: Job, sizeBytes: number, runtimeS: number): Promise<Result> {
+/** User + system CPU time of a process, all threads, in microseconds (from /proc/PID/stat). */
+async function cpuUs(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const ticks = Number(fields[11]) + Number(fields[12]);
+  return (ticks / clockTicksPerSecond) * 1e6;
+}
+
+/** USER_HZ; 100 on every Linux build that matters here. */
+const clockTicksPerSecond = 100;
+
+async function fio(uri: string, job: Job, sizeBytes: number, runtimeS: number, serverPid: number): Promise<Result> {
+  const cpuBefore = await cpuUs(serverPid);
   const { stdout } = await execFileP(
     'fio',
     [
@@ -84,7 +98,10 @@ async function fio(uri: string, job: Job, sizeBytes: number, runtimeS: number): 
   const j = parsed.jobs[0];
   if (!j || j.error !== 0) throw new Error(`fio failed: ${stdout}`);
   const side = job.rw.includes('read') ? j.read : j.write;
-  return { iops: side.iops, mibps: side.bw_bytes / 1024 / 1024, p99us: (side.clat_ns.percentile['99.000000'] ?? 0) / 1000 };
+  const cpu = (await cpuUs(serverPid)) - cpuBefore;
+  // fio's counts exclude the ramp-up second; the CPU time includes it, so count its I/O too.
+  const ios = side.iops * (runtimeS + 1);
+  return { iops: side.iops, mibps: side.bw_bytes / 1024 / 1024, p99us: (side.clat_ns.percentile['99.000000'] ?? 0) / 1000, cpuUsPerIo: cpu / ios };
 }
 
 interface FioSide {
@@ -172,8 +189,8 @@ async function main(): Promise<void> {
       const fs: Result[] = [];
       const qs: Result[] = [];
       for (let i = 0; i < rounds; i++) {
-        fs.push(await fio(ferry.uri, job, sizeBytes, runtimeS));
-        qs.push(await fio(qemu.uri, job, sizeBytes, runtimeS));
+        fs.push(await fio(ferry.uri, job, sizeBytes, runtimeS, ferry.proc.pid as number));
+        qs.push(await fio(qemu.uri, job, sizeBytes, runtimeS, qemu.proc.pid as number));
       }
       const f = median(fs);
       const q = median(qs);
@@ -182,17 +199,29 @@ async function main(): Promise<void> {
     }
     const fm = await rssKiB(ferry.proc.pid as number);
     const qm = await rssKiB(qemu.proc.pid as number);
-    const header = ['job', 'ferry IOPS', 'qemu IOPS', 'ferry MiB/s', 'qemu MiB/s', 'ferry p99 us', 'qemu p99 us', 'ratio'];
-    const widths = [20, 11, 11, 12, 11, 13, 12, 6];
+    const header = ['job', 'ferry IOPS', 'qemu IOPS', 'ferry MiB/s', 'qemu MiB/s', 'ferry p99 us', 'qemu p99 us', 'ratio', 'CPU us/IO ferry', 'qemu'];
+    const widths = [20, 11, 11, 12, 11, 13, 12, 6, 15, 6];
     const line = (cells: string[]): string => `| ${cells.map((c, i) => pad(c, widths[i] ?? 8)).join(' | ')} |`;
     const out = [line(header), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`];
     for (const { job, f, q } of rows) {
       out.push(
-        line([job.name, f.iops.toFixed(0), q.iops.toFixed(0), f.mibps.toFixed(1), q.mibps.toFixed(1), f.p99us.toFixed(0), q.p99us.toFixed(0), (f.iops / q.iops).toFixed(2)]),
+        line([
+          job.name,
+          f.iops.toFixed(0),
+          q.iops.toFixed(0),
+          f.mibps.toFixed(1),
+          q.mibps.toFixed(1),
+          f.p99us.toFixed(0),
+          q.p99us.toFixed(0),
+          (f.iops / q.iops).toFixed(2),
+          f.cpuUsPerIo.toFixed(1),
+          q.cpuUsPerIo.toFixed(1),
+        ]),
       );
     }
     out.push('');
     out.push(`RSS after the run: ferry ${(fm.rss / 1024).toFixed(0)} MiB (peak ${(fm.hwm / 1024).toFixed(0)} MiB), qemu-nbd ${(qm.rss / 1024).toFixed(0)} MiB (peak ${(qm.hwm / 1024).toFixed(0)} MiB)`);
+    out.push('ratio = ferry IOPS / qemu-nbd IOPS; CPU us/IO = server CPU time (all threads, user+system) per I/O');
     out.push(`volume ${sizeBytes} bytes, median of ${rounds} alternating rounds of ${runtimeS}s per job and server, ${availableParallelism()} CPUs`);
     process.stdout.write(`${out.join('\n')}\n`);
   } finally {

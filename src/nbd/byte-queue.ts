@@ -34,6 +34,28 @@ export class ByteQueue {
     return out;
   }
 
+  /** Consumes the next `n` bytes as views of the chunks holding them (no copy); undefined if fewer are queued. */
+  takeChunks(n: number): Buffer[] | undefined {
+    if (n > this.total) return undefined;
+    const out: Buffer[] = [];
+    let left = n;
+    while (left > 0) {
+      const first = this.chunks[0] as Buffer;
+      const available = first.length - this.head;
+      const part = Math.min(available, left);
+      out.push(first.subarray(this.head, this.head + part));
+      left -= part;
+      if (part === available) {
+        this.chunks.shift();
+        this.head = 0;
+      } else {
+        this.head += part;
+      }
+    }
+    this.total -= n;
+    return out;
+  }
+
   /** Discards up to `n` bytes; returns how many were discarded. */
   skip(n: number): number {
     let left = Math.min(n, this.total);

@@ -31,7 +31,8 @@ export interface NbdExport {
   readonly readOnly: boolean;
   readonly blockSizes: ExportBlockSizes;
   readInto(buf: Uint8Array, offset: number): Promise<void>;
-  write(offset: number, data: Uint8Array, options: { fua: boolean }): Promise<void>;
+  /** `data` may be consecutive pieces (the chunks a payload arrived in), written as one range. */
+  write(offset: number, data: Uint8Array | readonly Uint8Array[], options: { fua: boolean }): Promise<void>;
   writeZeroes(offset: number, length: number, options: { fua: boolean; noHole: boolean }): Promise<void>;
   trim(offset: number, length: number, options: { fua: boolean }): Promise<void>;
   flush(): Promise<void>;

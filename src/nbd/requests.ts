@@ -8,8 +8,8 @@ export interface NbdRequest {
   /** Exact up to 2^53; larger offsets are past the end of any volume and are refused as such. */
   offset: number;
   length: number;
-  /** The WRITE payload, complete. */
-  payload?: Buffer;
+  /** The WRITE payload, complete, as the consecutive network chunks it arrived in (not copied). */
+  payload?: Buffer[];
 }
 
 export type ParsedRequest =
@@ -68,7 +68,7 @@ export class RequestParser {
       }
       this.header = request;
     }
-    const payload = queue.take(request.length);
+    const payload = queue.takeChunks(request.length);
     if (!payload) return undefined;
     this.header = undefined;
     request.payload = payload;

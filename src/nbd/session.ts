@@ -252,7 +252,7 @@ export class NbdSession {
           op = this.read(exp, r);
           break;
         case cmd.write:
-          op = exp.write(r.offset, r.payload as Buffer, { fua }).then(() => this.ok(r));
+          op = exp.write(r.offset, r.payload as Buffer[], { fua }).then(() => this.ok(r));
           break;
         case cmd.writeZeroes: {
           const noHole = (r.flags & cmdFlag.noHole) !== 0;

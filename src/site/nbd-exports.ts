@@ -69,7 +69,7 @@ export class VolumeExport implements NbdExport {
     return this.volume.readInto(buf, offset);
   }
 
-  async write(offset: number, data: Uint8Array, options: { fua: boolean }): Promise<void> {
+  async write(offset: number, data: Uint8Array | readonly Uint8Array[], options: { fua: boolean }): Promise<void> {
     this.checkWritable();
     await this.volume.write(offset, data, { fua: options.fua });
   }
