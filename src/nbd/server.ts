@@ -1,11 +1,14 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from 'pino';
 import type { HostPort } from '../lib/units.js';
+import { BufferPool } from './buffer-pool.js';
 import type { ExportProvider } from './export.js';
 import { NbdSession, defaultSessionLimits, type SessionLimits, type SessionStats } from './session.js';
 
 /** Connections served at once; more are refused by the kernel listener. */
 export const connectionsMax = 256;
+/** Idle READ buffers kept for reuse, across all connections. */
+export const idleReadBufferBytesMax = 64 * 1024 * 1024;
 /** How long a stopping server waits for requests in flight before cutting connections. */
 export const drainTimeoutMs = 10_000;
 
@@ -29,6 +32,7 @@ export class NbdServer {
   private readonly limits: SessionLimits;
   private readonly totals: SessionStats & { connections: number } = { connections: 0, requests: 0, errors: 0, bytesRead: 0, bytesWritten: 0 };
   private closing: Promise<void> | undefined;
+  private readonly pool = new BufferPool(idleReadBufferBytesMax);
 
   constructor(private readonly options: NbdServerOptions) {
     this.log = options.log.child({ component: 'nbd' });
@@ -109,12 +113,12 @@ export class NbdServer {
     const session = new NbdSession(
       this.options.provider,
       {
-        write: (chunks) => {
+        write: (chunks, onSent) => {
           if (socket.destroyed) return true;
-          if (chunks.length === 1) return socket.write(chunks[0] as Buffer);
+          if (chunks.length === 1) return socket.write(chunks[0] as Buffer, onSent);
           socket.cork();
           let ok = true;
-          for (const c of chunks) ok = socket.write(c);
+          chunks.forEach((c, i) => (ok = socket.write(c, i === chunks.length - 1 ? onSent : undefined)));
           socket.uncork();
           return ok;
         },
@@ -125,6 +129,7 @@ export class NbdServer {
       },
       log,
       this.limits,
+      this.pool,
     );
     this.sessions.set(session, socket);
     this.totals.connections++;

@@ -1,3 +1,4 @@
+import { BufferPool } from './buffer-pool.js';
 import { ByteQueue } from './byte-queue.js';
 import { errnoOf, type ExportProvider, type NbdExport } from './export.js';
 import { Negotiation, type TransmissionSetup } from './negotiation.js';
@@ -24,8 +25,12 @@ import { RequestParser, checkRequest, commandName, type NbdRequest, type Request
 
 /** The byte pipe a session talks over: a TCP socket in the server, an array in tests. */
 export interface NbdTransport {
-  /** Sends the buffers in order, batched into as few syscalls as possible; false when the peer is not keeping up. */
-  write(chunks: Buffer[]): boolean;
+  /**
+   * Sends the buffers in order, batched into as few syscalls as possible; false when the
+   * peer is not keeping up. `onSent` runs once the bytes have left the buffers (or the
+   * connection failed), after which they may be reused.
+   */
+  write(chunks: Buffer[], onSent?: () => void): boolean;
   /** Sends what is queued, then closes. */
   end(): void;
   /** Closes at once (hard disconnect). */
@@ -98,6 +103,8 @@ export class NbdSession {
   private ending = false;
   private closed = false;
   private pending: Buffer[] = [];
+  /** Pooled buffers behind `pending` replies, given back once those are sent. */
+  private pendingPooled: Buffer[] = [];
   private flushScheduled = false;
   private timer: NodeJS.Timeout | undefined;
 
@@ -106,6 +113,7 @@ export class NbdSession {
     private readonly transport: NbdTransport,
     private readonly log: SessionLog,
     private readonly limits: SessionLimits = defaultSessionLimits,
+    private readonly pool: BufferPool = new BufferPool(0),
   ) {
     this.negotiation = new Negotiation(provider);
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
@@ -144,6 +152,7 @@ export class NbdSession {
     this.closed = true;
     this.stopping = true;
     this.pending = [];
+    this.pendingPooled = [];
     this.queue.clear();
     if (this.timer) clearTimeout(this.timer);
     this.settle();
@@ -290,32 +299,38 @@ export class NbdSession {
       (reply) => {
         if (r.type === cmd.read) this.stats.bytesRead += r.length;
         else if (r.type === cmd.write) this.stats.bytesWritten += r.length;
-        this.complete(bytes, reply);
+        this.complete(bytes, reply, this.readBuffers.get(r));
       },
       (err: unknown) => {
         const isWrite = r.type === cmd.write || r.type === cmd.trim || r.type === cmd.writeZeroes;
         const errno = errnoOf(err, isWrite);
         if (errno === nbdErrno.EIO) this.log.warn({ err, export: exp.name, command: commandName(r.type), offset: r.offset, length: r.length }, 'nbd request failed');
         this.stats.errors++;
+        const pooled = this.readBuffers.get(r);
+        if (pooled) this.pool.release(pooled);
         this.complete(bytes, this.errorReply(r, errno, (err as Error)?.message ?? String(err)));
       },
     );
   }
 
+  /** The pooled buffer each READ in flight reads into. */
+  private readonly readBuffers = new WeakMap<NbdRequest, Buffer>();
+
   private async read(exp: NbdExport, r: NbdRequest): Promise<Buffer> {
-    if (this.setup?.structuredReplies) {
-      if (r.length === 0) return encodeStructuredDone(r.cookie);
-      // One allocation for header and data: the read lands where it is sent from.
-      const at = structuredReplyHeaderBytes + 8;
-      const buf = Buffer.allocUnsafe(at + r.length);
-      await exp.readInto(buf.subarray(at), r.offset);
+    const structured = this.setup?.structuredReplies === true;
+    if (structured && r.length === 0) return encodeStructuredDone(r.cookie);
+    // One buffer for header and data: the read lands where it is sent from.
+    const at = structured ? structuredReplyHeaderBytes + 8 : simpleReplyHeaderBytes;
+    const pooled = this.pool.get(at + r.length);
+    this.readBuffers.set(r, pooled);
+    const buf = pooled.subarray(0, at + r.length);
+    await exp.readInto(buf.subarray(at), r.offset);
+    if (structured) {
       writeStructuredHeader(buf, 0, replyFlag.done, replyType.offsetData, r.cookie, 8 + r.length);
       buf.writeBigUInt64BE(BigInt(r.offset), structuredReplyHeaderBytes);
-      return buf;
+    } else {
+      writeSimpleReply(buf, 0, 0, r.cookie);
     }
-    const buf = Buffer.allocUnsafe(simpleReplyHeaderBytes + r.length);
-    await exp.readInto(buf.subarray(simpleReplyHeaderBytes), r.offset);
-    writeSimpleReply(buf, 0, 0, r.cookie);
     return buf;
   }
 
@@ -348,18 +363,19 @@ export class NbdSession {
     this.queueReply(this.errorReply(r, errno, message));
   }
 
-  private complete(bytes: number, reply: Buffer): void {
+  private complete(bytes: number, reply: Buffer, pooled?: Buffer): void {
     this.inFlight--;
     this.inFlightBytes -= bytes;
-    this.queueReply(reply);
+    this.queueReply(reply, pooled);
     if (this.stopping) this.finishIfIdle();
     else if (this.readPaused) this.pump();
     this.settle();
   }
 
-  private queueReply(reply: Buffer): void {
+  private queueReply(reply: Buffer, pooled?: Buffer): void {
     if (this.closed) return;
     this.pending.push(reply);
+    if (pooled) this.pendingPooled.push(pooled);
     if (!this.flushScheduled) {
       this.flushScheduled = true;
       // Replies completing in this turn of the event loop go out together.
@@ -371,8 +387,11 @@ export class NbdSession {
     this.flushScheduled = false;
     if (this.closed || this.pending.length === 0) return;
     const batch = this.pending;
+    const pooled = this.pendingPooled;
     this.pending = [];
-    if (!this.transport.write(batch)) this.outputBlocked = true;
+    this.pendingPooled = [];
+    const onSent = pooled.length === 0 ? undefined : () => pooled.forEach((b) => this.pool.release(b));
+    if (!this.transport.write(batch, onSent)) this.outputBlocked = true;
   }
 
   private finishIfIdle(): void {

@@ -450,3 +450,19 @@ test('fuzz: a session never applies a partial or corrupted write, whatever the s
     { numRuns: 300 },
   );
 });
+
+test('buffer pool: reuses released buffers by power-of-two size, keeps at most its bound idle', async () => {
+  const { BufferPool } = await import('../../src/nbd/buffer-pool.js');
+  const pool = new BufferPool(3 * 1024 * 1024);
+  const a = pool.get(1024 * 1024 + 28);
+  assert.equal(a.length, 2 * 1024 * 1024);
+  pool.release(a);
+  assert.equal(pool.get(1_500_000), a, 'reused');
+  const b = pool.get(2 * 1024 * 1024);
+  const c = pool.get(2 * 1024 * 1024);
+  pool.release(b);
+  pool.release(c); // over the bound: dropped
+  assert.equal(pool.get(2 * 1024 * 1024), b);
+  assert.notEqual(pool.get(2 * 1024 * 1024), c);
+  assert.equal(pool.get(100).length, 100, 'small buffers are not pooled');
+});
