@@ -225,6 +225,7 @@ test('fio --ioengine=nbd: random writes then crc32c verify, zero errors', async 
     '--verify=crc32c',
     '--do_verify=1',
     '--verify_fatal=1',
+    '--verify_state_save=0', // else fio leaves a state file in the working directory
     '--output-format=json',
   ]);
   const job = (JSON.parse(out.slice(out.indexOf('{'))) as { jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number } }[] }).jobs[0];
