@@ -8,6 +8,7 @@ import { checkVolumeName } from '../storage/volume-store.js';
 import { dashboardHtml } from '../dashboard/page.js';
 import type { Site } from '../site/site.js';
 import type { Volume } from '../storage/volume.js';
+import type { VolumeAccess } from '../storage/catalog.js';
 import { createMetrics } from './metrics.js';
 
 /** Largest JSON body the API accepts. */
@@ -118,6 +119,31 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
     async (req) => {
       const body = req.body as { size: string | number; force?: boolean };
       return site.volumes.resize((req.params as { name: string }).name, parseSize(body.size), body.force ?? false);
+    },
+  );
+
+  app.post(
+    '/api/v1/volumes/:name/access',
+    {
+      schema: {
+        params: nameParams,
+        body: {
+          type: 'object',
+          properties: { access: { type: 'string', enum: ['read-write', 'read-only', 'raw'] } },
+          required: ['access'],
+          additionalProperties: false,
+        },
+      },
+    },
+    async (req) => {
+      const body = req.body as { access: VolumeAccess };
+      const name = (req.params as { name: string }).name;
+      const pair = site.replication.catalog.getPair(name);
+      if (pair) {
+        // A replica made writable by hand would diverge from its source without anyone knowing.
+        throw new FerryError('VOLUME_IN_USE', `volume ${name} is the ${pair.role} of a replication pair; its access follows the pair (use failover or "replicate stop")`);
+      }
+      return site.setVolumeAccess(name, body.access);
     },
   );
 

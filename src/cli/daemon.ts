@@ -13,7 +13,7 @@ export function createLogger(): Logger {
 }
 
 /** Opens the site in `dir`, wires the API to its listener and starts serving. */
-export async function startSite(dir: string, log: Logger, listen?: string): Promise<RunningSite> {
+export async function startSite(dir: string, log: Logger, listen?: string, nbd?: string): Promise<RunningSite> {
   const site = await Site.open(dir, log);
   try {
     const api = await buildApi(site);
@@ -21,6 +21,7 @@ export async function startSite(dir: string, log: Logger, listen?: string): Prom
     const { listen: bound } = await site.start({
       httpServer: api.server,
       ...(listen !== undefined ? { listen } : {}),
+      ...(nbd !== undefined ? { nbd } : {}),
       ...(firstBytes !== undefined ? { firstBytesTimeoutMs: Number(firstBytes) } : {}),
     });
     const host = bound.host.includes(':') ? `[${bound.host}]` : bound.host;
@@ -32,9 +33,9 @@ export async function startSite(dir: string, log: Logger, listen?: string): Prom
 }
 
 /** Runs a site in the foreground until SIGTERM or SIGINT, then drains and exits 0. */
-export async function runDaemon(dir: string, listen?: string): Promise<void> {
+export async function runDaemon(dir: string, listen?: string, nbd?: string): Promise<void> {
   const log = createLogger();
-  const running = await startSite(dir, log, listen);
+  const running = await startSite(dir, log, listen, nbd);
   let stopping = false;
   const stop = (signal: string): void => {
     if (stopping) return;

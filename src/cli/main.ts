@@ -84,9 +84,11 @@ site
   .description('run the site daemon in the foreground (SIGTERM/SIGINT stop it cleanly)')
   .requiredOption('--dir <dir>', 'data directory')
   .option('--listen <host:port>', 'override the configured listener (port 0: any free port)')
-  .action(async (opts: { dir: string; listen?: string }) => {
+  .option('--nbd <host:port>', 'override the configured NBD listener (port 0: any free port)')
+  .action(async (opts: { dir: string; listen?: string; nbd?: string }) => {
     if (opts.listen !== undefined) parseHostPort(opts.listen);
-    await runDaemon(resolve(opts.dir), opts.listen);
+    if (opts.nbd !== undefined) parseHostPort(opts.nbd);
+    await runDaemon(resolve(opts.dir), opts.listen, opts.nbd);
   });
 
 site
@@ -148,6 +150,17 @@ volume
   .action(async (name: string, _opts: unknown, cmd: Command) => {
     await client(cmd).delete(volumePath(name));
     print(cmd, { deleted: name }, () => `volume ${name} deleted`);
+  });
+
+volume
+  .command('access <name> <access>')
+  .description('set who may use a volume: read-write, read-only (hosts may only read) or raw (no host access)')
+  .action(async (name: string, access: string, _opts: unknown, cmd: Command) => {
+    if (!['read-write', 'read-only', 'raw'].includes(access)) {
+      throw new FerryError('BAD_REQUEST', `invalid access "${access}": use read-write, read-only or raw`);
+    }
+    const info = await client(cmd).post<VolumeInfo>(volumePath(name, '/access'), { access });
+    print(cmd, info, () => `volume ${info.name} is now ${info.access}`);
   });
 
 volume

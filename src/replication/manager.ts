@@ -5,7 +5,7 @@ import type { Logger } from 'pino';
 import type { Clock } from '../lib/clock.js';
 import { FerryError } from '../lib/errors.js';
 import { BitmapFile } from '../storage/bitmap-file.js';
-import type { Catalog } from '../storage/catalog.js';
+import type { Catalog, VolumeAccess } from '../storage/catalog.js';
 import { JournalFile } from '../storage/journal.js';
 import { ReplicationCatalog, type PairMode, type PairRecord } from '../storage/replication-catalog.js';
 import type { VolumeStore } from '../storage/volume-store.js';
@@ -45,6 +45,8 @@ export interface ManagerDeps {
   rcp: RcpServer;
   clock: Clock;
   log: Logger;
+  /** Changes a volume's host access and drains host connections that no longer fit it. */
+  setAccess(volume: string, access: VolumeAccess): Promise<unknown>;
 }
 
 /** Parses a peer URL (`http://host:port`) into where its RCP listener is. */
@@ -197,7 +199,7 @@ export class ReplicationManager {
       // Stop at the target finishes the delta set being played back (E, "stop" on a secondary).
       await target?.close();
       this.catalog.deletePair(volumeName);
-      this.deps.volumes.setAccess(volumeName, 'read-write');
+      await this.deps.setAccess(volumeName, 'read-write');
     }
     await this.removeFiles(record.id);
     this.deps.log.info({ volume: volumeName, role: pair.role }, 'replication stopped');
@@ -332,7 +334,7 @@ export class ReplicationManager {
         record = volumes.record(body.targetVolume);
       }
       // Until the initial copy completes the volume is not a consistent image: no host access.
-      volumes.setAccess(body.targetVolume, 'raw');
+      await this.deps.setAccess(body.targetVolume, 'raw');
       const pair: PairRecord = {
         volume: body.targetVolume,
         pairId: body.pairId,
@@ -449,7 +451,7 @@ export class ReplicationManager {
       journal,
       clock,
       log,
-      setAccess: (access) => volumes.setAccess(pair.volume, access),
+      setAccess: (access) => this.deps.setAccess(pair.volume, access),
     });
   }
 }

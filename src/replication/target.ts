@@ -5,7 +5,7 @@ import { FerryError, assert } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
 import type { VolumeAccess } from '../storage/catalog.js';
 import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/replication-catalog.js';
-import type { Volume } from '../storage/volume.js';
+import type { Extent, Volume } from '../storage/volume.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { decodeChunk, type Chunk } from './chunk.js';
@@ -54,7 +54,7 @@ export interface TargetDeps {
   journal: JournalFile;
   clock: Clock;
   log: Logger;
-  setAccess(access: VolumeAccess): void;
+  setAccess(access: VolumeAccess): Promise<unknown>;
 }
 
 export interface TargetStats {
@@ -168,6 +168,15 @@ export class TargetReplica {
     }
   }
 
+  /**
+   * Allocation of the consistent image: while a delta set is under playback its blocks
+   * may still be holes in the volume, so the range is reported allocated (safe: a
+   * sparse-aware reader then reads it).
+   */
+  blockStatus(offset: number, length: number): Extent[] {
+    return this.overlay ? [{ offset, length, allocated: true }] : this.deps.volume.blockStatus(offset, length);
+  }
+
   /** Serves one session from the source; a newer session replaces an older one. */
   async serve(connection: RcpConnection): Promise<void> {
     this.session?.destroy();
@@ -277,7 +286,7 @@ export class TargetReplica {
       pair.initialCopy.doneAt = new Date(this.deps.clock.now()).toISOString();
       pair.state = 'duplex';
       this.deps.catalog.putPair(pair);
-      this.deps.setAccess('read-only');
+      await this.deps.setAccess('read-only');
       this.deps.log.info({ volume: pair.volume }, 'initial copy received; volume is now a read-only replica');
       this.playbackWaker.signal();
     }

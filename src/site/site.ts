@@ -2,25 +2,31 @@ import type { Server as HttpServer } from 'node:http';
 import type { Logger } from 'pino';
 import { FerryError } from '../lib/errors.js';
 import { formatHostPort, parseHostPort, type HostPort } from '../lib/units.js';
-import { Catalog } from '../storage/catalog.js';
+import { ExportRegistry } from '../nbd/export.js';
+import { NbdServer } from '../nbd/server.js';
+import { Catalog, type VolumeAccess } from '../storage/catalog.js';
 import { SiteLock, readSiteConfig, siteLayout, type SiteConfig, type SiteLayout } from '../storage/site-dir.js';
-import { VolumeStore } from '../storage/volume-store.js';
+import { VolumeStore, type VolumeInfo } from '../storage/volume-store.js';
 import { RcpServer } from '../transport/rcp-server.js';
 import { SiteListener } from '../transport/listener.js';
 import { systemClock } from '../lib/clock.js';
 import { ReplicationManager } from '../replication/manager.js';
 import type { Extent } from '../storage/volume.js';
+import { VolumeExportSource } from './nbd-exports.js';
 
 export interface SiteStartOptions {
   /** The API layer's HTTP server; it never listens itself, the site listener hands it connections. */
   httpServer: HttpServer;
   /** Overrides the configured listen address (tests pass port 0). */
   listen?: string;
+  /** Overrides the configured NBD address (tests pass port 0). */
+  nbd?: string;
   firstBytesTimeoutMs?: number;
 }
 
 export interface SiteAddresses {
   listen: HostPort;
+  nbd?: HostPort;
 }
 
 /**
@@ -32,8 +38,11 @@ export class Site {
   readonly volumes: VolumeStore;
   readonly rcp: RcpServer;
   readonly replication: ReplicationManager;
+  /** What the NBD listener serves: volumes now, snapshots (`VOL@SNAP`) when that layer adds its source. */
+  readonly exports = new ExportRegistry();
   readonly startedAt = new Date();
   private listener: SiteListener | undefined;
+  private nbdServer: NbdServer | undefined;
   private httpServer: HttpServer | undefined;
   private addresses: SiteAddresses | undefined;
   private stopping: Promise<void> | undefined;
@@ -57,7 +66,9 @@ export class Site {
       rcp: this.rcp,
       clock: systemClock,
       log,
+      setAccess: (volume, access) => this.setVolumeAccess(volume, access),
     });
+    this.exports.add(new VolumeExportSource(this.volumes, (name) => this.replication.targets.get(name)));
   }
 
   /** The API URL peers reach this site at (the bound listener). */
@@ -76,8 +87,7 @@ export class Site {
     return {
       sizeBytes: volume.sizeBytes,
       readInto: target ? (buf, offset) => target.readInto(buf, offset) : (buf, offset) => volume.readInto(buf, offset),
-      // Blocks of a delta set under playback may be holes in the volume still: report them allocated.
-      blockStatus: target ? (offset, length) => [{ offset, length, allocated: true }] : (offset, length) => volume.blockStatus(offset, length),
+      blockStatus: target ? (offset, length) => target.blockStatus(offset, length) : (offset, length) => volume.blockStatus(offset, length),
     };
   }
 
@@ -112,14 +122,29 @@ export class Site {
       ...(options.firstBytesTimeoutMs !== undefined ? { firstBytesTimeoutMs: options.firstBytesTimeoutMs } : {}),
     });
     const bound = await this.listener.listen();
-    this.addresses = { listen: bound };
+    const nbdAddress = parseHostPort(options.nbd ?? this.config.nbd);
+    this.nbdServer = new NbdServer({ host: nbdAddress.host, port: nbdAddress.port, provider: this.exports, log: this.log });
+    const nbdBound = await this.nbdServer.listen();
+    this.addresses = { listen: bound, nbd: nbdBound };
     this.replication.startAll();
-    this.log.info({ listen: formatHostPort(bound), siteId: this.config.id }, 'site started');
+    this.log.info({ listen: formatHostPort(bound), nbd: formatHostPort(nbdBound), siteId: this.config.id }, 'site started');
     return this.addresses;
   }
 
   get boundAddresses(): SiteAddresses | undefined {
     return this.addresses;
+  }
+
+  get nbd(): NbdServer | undefined {
+    return this.nbdServer;
+  }
+
+  /** Changes who may use a volume; its NBD connections drain and reconnect to see the new mode. */
+  async setVolumeAccess(name: string, access: VolumeAccess): Promise<VolumeInfo> {
+    const info = this.volumes.setAccess(name, access);
+    await this.nbdServer?.disconnectExport(name);
+    this.log.info({ volume: name, access }, 'volume access changed');
+    return info;
   }
 
   /** Drains and closes everything. Safe to call more than once. */
@@ -129,6 +154,8 @@ export class Site {
       await this.replication.close();
       this.rcp.closeAll();
       await this.listener?.close();
+      // Hosts' requests in flight are answered before the volumes close.
+      await this.nbdServer?.close();
       this.httpServer?.closeAllConnections();
       await new Promise<void>((resolve) => (this.httpServer ? this.httpServer.close(() => resolve()) : resolve()));
       await this.volumes.close();

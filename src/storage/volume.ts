@@ -1,3 +1,4 @@
+import { read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { trim as punchHole } from 'fs-native-extensions';
 import { FerryError, assert } from '../lib/errors.js';
@@ -64,6 +65,9 @@ export class Volume {
   private closed = false;
   /** Set while writes are paused (a consistency point is being taken). */
   private paused: Promise<void> | undefined;
+  /** Positioned reads and writes running on the raw descriptor; close waits for them. */
+  private rawOps = 0;
+  private rawIdle: (() => void) | undefined;
 
   private constructor(
     readonly name: string,
@@ -146,7 +150,7 @@ export class Volume {
     this.checkRange(offset, buf.length);
     let done = 0;
     while (done < buf.length) {
-      const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done);
+      const bytesRead = await this.rawIo(fsRead, buf, done, buf.length - done, offset + done);
       if (bytesRead === 0) {
         buf.fill(0, done);
         break;
@@ -155,13 +159,27 @@ export class Volume {
     }
   }
 
-  async write(offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
-    await this.change('write', offset, data.length, async (change) => {
+  /**
+   * Writes `data` at `offset`. The data may be given as consecutive pieces (e.g. the
+   * network chunks an NBD payload arrived in): they are written with one pwritev,
+   * without first being copied into one buffer.
+   */
+  async write(offset: number, data: Uint8Array | readonly Uint8Array[], options: WriteOptions = {}): Promise<void> {
+    const pieces = data instanceof Uint8Array ? [data] : data;
+    let length = 0;
+    for (const p of pieces) length += p.length;
+    await this.change('write', offset, length, async (change) => {
       await this.markAllocated(change);
-      let done = 0;
-      while (done < data.length) {
-        const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
-        done += bytesWritten;
+      if (pieces.length === 1) {
+        const one = pieces[0] as Uint8Array;
+        for (let done = 0; done < length; ) done += await this.rawIo(fsWrite, one, done, length - done, offset + done);
+      } else {
+        let rest = pieces;
+        for (let done = 0; done < length; ) {
+          const n = await this.rawWritev(rest, offset + done);
+          done += n;
+          if (done < length) rest = dropBytes(rest, n);
+        }
       }
       if (options.fua) await this.flush();
     });
@@ -237,6 +255,8 @@ export class Volume {
     if (this.closed) return;
     this.closed = true;
     await this.locks.drain();
+    // Reads take no lock; the descriptor must not be closed (and its number reused) under them.
+    if (this.rawOps > 0) await new Promise<void>((resolve) => (this.rawIdle = resolve));
     try {
       await this.alloc.sync();
       await this.fh.datasync();
@@ -244,6 +264,39 @@ export class Volume {
       await this.alloc.close();
       await this.fh.close();
     }
+  }
+
+  /**
+   * pread / pwrite through the callback API on the descriptor: several times cheaper per
+   * call than FileHandle's promise API, which matters at tens of thousands of NBD
+   * requests a second. Counted so that `close` waits for them.
+   */
+  private rawIo(
+    op: (fd: number, buf: Uint8Array, off: number, len: number, pos: number, cb: (err: NodeJS.ErrnoException | null, n: number) => void) => void,
+    buf: Uint8Array,
+    off: number,
+    len: number,
+    pos: number,
+  ): Promise<number> {
+    this.rawOps++;
+    return new Promise((resolve, reject) => {
+      op(this.fh.fd, buf, off, len, pos, (err, n) => {
+        if (--this.rawOps === 0 && this.rawIdle) this.rawIdle();
+        if (err) reject(err);
+        else resolve(n);
+      });
+    });
+  }
+
+  private rawWritev(buffers: readonly Uint8Array[], pos: number): Promise<number> {
+    this.rawOps++;
+    return new Promise((resolve, reject) => {
+      fsWritev(this.fh.fd, buffers as NodeJS.ArrayBufferView[], pos, (err, n) => {
+        if (--this.rawOps === 0 && this.rawIdle) this.rawIdle();
+        if (err) reject(err);
+        else resolve(n);
+      });
+    });
   }
 
   private checkOpen(): void {
@@ -352,6 +405,21 @@ export class Volume {
       done += bytesWritten;
     }
   }
+}
+
+/** The pieces left after the first `n` bytes (a short pwritev). */
+function dropBytes(pieces: readonly Uint8Array[], n: number): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  let skip = n;
+  for (const p of pieces) {
+    if (skip >= p.length) {
+      skip -= p.length;
+      continue;
+    }
+    out.push(skip > 0 ? p.subarray(skip) : p);
+    skip = 0;
+  }
+  return out;
 }
 
 function checkGeometry(sizeBytes: number, blockBytes: number): void {

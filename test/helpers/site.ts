@@ -71,6 +71,7 @@ export class TestSite {
     this.exitCode = null;
     // A restarted site keeps its address, as a real one would, so peers find it again.
     const listen = this.port > 0 ? ['--listen', `${this.host}:${this.port}`] : [];
+    if (this.nbdPort > 0) listen.push('--nbd', `${this.host}:${this.nbdPort}`);
     const proc = spawn(process.execPath, [ferryBin, 'site', 'start', '--dir', this.dir, ...listen], {
       env: { ...process.env, FERRY_LOG_LEVEL: 'debug', ...this.env },
       stdio: ['ignore', 'pipe', 'pipe'],
