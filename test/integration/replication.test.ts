@@ -1,4 +1,10 @@
 import { test } from 'node:test';
+import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
 import assert from 'node:assert/strict';
 import { TestSite } from '../helpers/site.js';
 import { FaultProxy } from '../helpers/fault-proxy.js';
@@ -8,6 +14,7 @@ import { FrameType, decodeJsonPayload } from '../../src/transport/frame.js';
 import { ReplFrame } from '../../src/replication/protocol.js';
 
 const MiB = 1024 * 1024;
+const execFileP = promisify(execFile);
 
 async function pair(name: string, env: Record<string, string> = {}): Promise<[TestSite, TestSite]> {
   return Promise.all([TestSite.create(`${name}-a`, { env }), TestSite.create(`${name}-b`, { env })]);
@@ -78,6 +85,44 @@ test('new remote copy while the source is written, then delta sets: digests equa
     await waitFor('target pair removed', async () => (await b.api('GET', '/api/v1/status/db')).status === 404);
     assert.equal((await b.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-write');
   } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('writes through NBD (qemu-io) during and after the initial copy; the replica read back with nbdcopy is identical', async () => {
+  const [a, b] = await pair('nbd');
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-repl-nbd-'));
+  try {
+    const size = 64 * MiB;
+    const model = new VolumeModel(size);
+    await a.api('POST', '/api/v1/volumes', { name: 'vm', size });
+    const qemuWrites = async (count: number): Promise<void> => {
+      const cmds: string[] = [];
+      for (let i = 0; i < count; i++) {
+        const length = 1 + Math.floor(Math.random() * 200_000);
+        const offset = Math.floor(Math.random() * (size - length));
+        const pattern = 1 + Math.floor(Math.random() * 254);
+        model.bytes.fill(pattern, offset, offset + length);
+        cmds.push('-c', `write -P ${pattern} ${offset} ${length}`);
+      }
+      await execFileP('qemu-io', ['-f', 'raw', ...cmds, `nbd://127.0.0.1:${a.nbdPort}/vm`]);
+    };
+    await qemuWrites(30);
+    const start = await a.cli(['replicate', 'start', 'vm', '--to', b.url, '--interval', '300ms']);
+    assert.equal(start.code, 0, start.stderr);
+    await qemuWrites(30); // during the copy
+    await waitFor('initial copy', async () => (await pairStatus(a, 'vm')).initialCopy.done);
+    await qemuWrites(30); // after it
+    await waitInSync(a, b, 'vm');
+    const out = join(dir, 'replica.raw');
+    await execFileP('nbdcopy', [`nbd://127.0.0.1:${b.nbdPort}/vm`, out]);
+    const replica = createHash('sha256').update(await readFile(out)).digest('hex');
+    assert.equal(replica, model.digest());
+    assert.equal(await a.digest('vm'), model.digest());
+    // The replica's export is read-only.
+    await assert.rejects(execFileP('qemu-io', ['-f', 'raw', '-c', 'write 0 4096', `nbd://127.0.0.1:${b.nbdPort}/vm`]), /read-only|Operation not permitted|EPERM|Permission/i);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
     await Promise.all([a.destroy(), b.destroy()]);
   }
 });
