@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import { execFile } from 'node:child_process';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -357,10 +357,11 @@ test('full save volumes at either end: no write lost, target consistent, lag rec
     assert.equal(start.code, 0, start.stderr);
     // Suspend sending so the source save volume fills with delta sets nobody acknowledges.
     await a.cli(['replicate', 'pause', 'v']);
-    for (let i = 0; i < 120; i++) {
-      const w = model.randomWrite(256 * 1024);
-      model.apply(w.offset, w.data);
-      await a.writeData('v', w.offset, w.data);
+    // 24 MiB of distinct blocks: more than the 16 MiB save volume holds.
+    for (let i = 0; i < 96; i++) {
+      const data = randomBytes(256 * 1024);
+      model.apply(i * 256 * 1024, data);
+      await a.writeData('v', i * 256 * 1024, data);
     }
     const full = await waitFor('source save volume full', async () => {
       const s = await pairStatus(a, 'v');
