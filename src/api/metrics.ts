@@ -42,5 +42,25 @@ export function createMetrics(site: Site): Registry {
       this.set(site.rcp.handshakes);
     },
   });
+  new Gauge({
+    name: 'ferry_snapshots',
+    help: 'Number of snapshots of each volume',
+    labelNames: ['volume'],
+    registers: [register],
+    collect() {
+      this.reset();
+      for (const s of site.snapshots.stats()) this.set({ volume: s.volume }, s.snapshots);
+    },
+  });
+  new Gauge({
+    name: 'ferry_snapshot_save_bytes',
+    help: 'Bytes of save volumes (before-images) held by the snapshots of each volume',
+    labelNames: ['volume'],
+    registers: [register],
+    collect() {
+      this.reset();
+      for (const s of site.snapshots.stats()) this.set({ volume: s.volume }, s.saveBytes);
+    },
+  });
   return register;
 }

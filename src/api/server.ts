@@ -7,6 +7,7 @@ import { dashboardHtml } from '../dashboard/page.js';
 import type { Site } from '../site/site.js';
 import type { Volume } from '../storage/volume.js';
 import { createMetrics } from './metrics.js';
+import { registerSnapshotRoutes } from './snapshots.js';
 
 /** Largest JSON body the API accepts. */
 export const jsonBodyBytesMax = 64 * 1024;
@@ -161,6 +162,8 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
     return { volume: name, sizeBytes: volume.sizeBytes, sha256: await digestVolume(volume) };
   });
 
+  registerSnapshotRoutes(app, site);
+
   await app.ready();
   return app;
 }
@@ -173,7 +176,7 @@ function writableVolume(site: Site, name: string): void {
 }
 
 /** SHA-256 of the whole volume; holes are hashed as zeros without reading the file. */
-export async function digestVolume(volume: Volume): Promise<string> {
+export async function digestVolume(volume: Pick<Volume, 'sizeBytes' | 'blockStatus' | 'read'>): Promise<string> {
   const hash = createHash('sha256');
   const chunkBytes = 4 * 1024 * 1024;
   const zeros = Buffer.alloc(chunkBytes);

@@ -7,6 +7,8 @@ import { SiteLock, readSiteConfig, siteLayout, type SiteConfig, type SiteLayout 
 import { VolumeStore } from '../storage/volume-store.js';
 import { RcpServer } from '../transport/rcp-server.js';
 import { SiteListener } from '../transport/listener.js';
+import { join } from 'node:path';
+import { SnapshotManager } from '../snapshot/manager.js';
 
 export interface SiteStartOptions {
   /** The API layer's HTTP server; it never listens itself, the site listener hands it connections. */
@@ -28,6 +30,8 @@ export interface SiteAddresses {
 export class Site {
   readonly volumes: VolumeStore;
   readonly rcp: RcpServer;
+  /** Snapshot queues of every volume (SPEC C3); hooks each volume's write path. */
+  readonly snapshots: SnapshotManager;
   readonly startedAt = new Date();
   private listener: SiteListener | undefined;
   private httpServer: HttpServer | undefined;
@@ -43,6 +47,7 @@ export class Site {
   ) {
     this.volumes = new VolumeStore(catalog, layout.volumesDir, config.blockBytes, log);
     this.rcp = new RcpServer({ siteId: config.id, siteName: config.name }, log);
+    this.snapshots = new SnapshotManager(catalog, this.volumes, join(layout.dir, 'snapshots'), log);
   }
 
   static async open(dir: string, log: Logger): Promise<Site> {
@@ -54,6 +59,9 @@ export class Site {
       catalog = new Catalog(layout.catalogPath);
       const site = new Site(config, layout, catalog, lock, log.child({ site: config.name }));
       await site.volumes.load();
+      // Snapshots load after volumes and before anything listens: every volume with
+      // snapshots has its copy-on-first-write hook before the first write can arrive.
+      await site.snapshots.load();
       return site;
     } catch (err) {
       catalog?.close();
@@ -92,6 +100,7 @@ export class Site {
       await this.listener?.close();
       this.httpServer?.closeAllConnections();
       await new Promise<void>((resolve) => (this.httpServer ? this.httpServer.close(() => resolve()) : resolve()));
+      await this.snapshots.close();
       await this.volumes.close();
       this.catalog.close();
       await this.lock.release();
