@@ -488,8 +488,12 @@ export class SnapshotManager {
     return this.info(snap);
   }
 
-  /** Checkpoints every loaded block map and closes the save volumes. Idempotent. */
-  async close(): Promise<void> {
+  /**
+   * Checkpoints every loaded block map and closes the save volumes. Idempotent.
+   * `checkpoint: false` leaves the maps as a crash would (tests use it to exercise the
+   * save-volume tail scan at the next load).
+   */
+  async close(options: { checkpoint?: boolean } = {}): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     for (const vs of this.byVolume.values()) {
@@ -497,7 +501,7 @@ export class SnapshotManager {
         vs.unhook?.();
         vs.unhook = undefined;
         for (const s of vs.queue) {
-          await s.close().catch((err: unknown) => this.log.error({ volume: vs.name, snapshot: s.name, err }, 'closing a snapshot failed'));
+          await s.close(options.checkpoint ?? true).catch((err: unknown) => this.log.error({ volume: vs.name, snapshot: s.name, err }, 'closing a snapshot failed'));
         }
       };
       await vs.gate.exclusive(async () => {

@@ -145,9 +145,9 @@ export class SnapshotState {
     return next;
   }
 
-  async close(): Promise<void> {
+  async close(checkpoint = true): Promise<void> {
     if (this.maps) {
-      if (!this.failure) await this.checkpoint();
+      if (checkpoint && !this.failure) await this.checkpoint();
       await this.maps.save.close();
     }
   }
