@@ -118,6 +118,11 @@ export class SaveVolume {
           const rec = buf.subarray(i * recordBytes, (i + 1) * recordBytes);
           const parsed = checkRecord(rec, index, tag, blockBytes);
           if (!parsed) {
+            // A crash leaves the unsynced last group short (SIGKILL: the file ends
+            // early) or unwritten (power loss: zeros where the file grew). A record
+            // that is present, not zero and still fails its checks was written —
+            // damage, which is refused rather than guessed about.
+            if (!isZero(rec)) throw new FerryError('SNAPSHOT_CORRUPT', `${path}: save-volume record ${index} is damaged`);
             firstBad = index;
             break scan;
           }
@@ -277,6 +282,16 @@ function checkRecord(rec: Buffer, index: number, tag: number, blockBytes: number
   if (rec.readUInt32LE(24) !== crc32c(rec.subarray(recordHeaderBytes))) return undefined;
   return { block: rec.readUIntLE(16, 6), groupStart: rec.readUInt32LE(12) };
 }
+
+function isZero(buf: Buffer): boolean {
+  for (let i = 0; i < buf.length; i += 4096) {
+    const piece = buf.subarray(i, Math.min(buf.length, i + 4096));
+    if (!piece.equals(zeroPage.subarray(0, piece.length))) return false;
+  }
+  return true;
+}
+
+const zeroPage = Buffer.alloc(4096);
 
 async function readFully(fh: FileHandle, buf: Buffer, length: number, position: number): Promise<void> {
   let done = 0;

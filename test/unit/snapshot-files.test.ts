@@ -120,6 +120,17 @@ test('save volume: a torn last group is dropped, a damaged durable record is ref
     const trusted = await SaveVolume.open(path, id, bb, 3, () => undefined);
     await assert.rejects(trusted.readRecord(1, 4, out), (err) => isFerryError(err, 'SNAPSHOT_CORRUPT'));
     await trusted.close();
+    // In the last group: a damaged (non-zero) record is refused; a zeroed one (power
+    // loss before the group's fdatasync) is a torn tail and cut off.
+    await flip(path, 4096 + 1 * recordBytes + 32 + 17); // repair record 1
+    await flip(path, 4096 + 2 * recordBytes + 32 + 17);
+    await assert.rejects(SaveVolume.open(path, id, bb, 0, () => undefined), (err) => isFerryError(err, 'SNAPSHOT_CORRUPT'));
+    const zfh = await open(path, 'r+');
+    await zfh.write(Buffer.alloc(recordBytes), 0, recordBytes, 4096 + 2 * recordBytes);
+    await zfh.close();
+    const cut = await SaveVolume.open(path, id, bb, 0, () => undefined);
+    assert.equal(cut.recordCount, 2);
+    await cut.close();
     // A save volume of another snapshot is refused.
     await assert.rejects(SaveVolume.open(path, '00000000-0000-4000-8000-000000000002', bb, 0, () => undefined), (err) => isFerryError(err, 'SNAPSHOT_CORRUPT'));
   });
