@@ -78,6 +78,8 @@ class VolumeSnapshots {
   readonly holders = new HolderIndex();
   readonly gate = new Gate();
   unhook: (() => void) | undefined;
+  /** Every snapshot with seq >= this is loaded: reads check one number, not the queue. */
+  loadedFromSeq = Number.POSITIVE_INFINITY;
 
   constructor(readonly name: string) {}
 
@@ -212,8 +214,8 @@ export class SnapshotManager {
 
   /**
    * Takes a snapshot. Order (each step durable before the next): the volume's
-   * completed writes are flushed; the previous newest snapshot's block map is
-   * checkpointed; the new snapshot's files (meta bit map, empty save volume, empty
+   * completed writes are flushed (and the previous newest snapshot's block map
+   * checkpointed); the new snapshot's files (meta bit map, empty save volume, empty
    * block map) are written; the catalog row is inserted — the commit point. A crash
    * before the row leaves orphan files that the next start removes.
    */
@@ -234,9 +236,10 @@ export class SnapshotManager {
           if (vs.queue.length >= snapshotsPerVolumeMax) {
             throw new FerryError('SNAPSHOT_LIMIT', `volume ${volumeName} already has ${snapshotsPerVolumeMax} snapshots; delete some first`);
           }
-          await volume.flush();
+          // The previous newest snapshot's checkpoint only shortens its tail scan at the
+          // next start; it runs alongside the flush.
           const previous = vs.newest();
-          if (previous?.maps) await previous.checkpoint();
+          await Promise.all([volume.flush(), previous?.maps ? previous.checkpoint() : undefined]);
           const record: SnapshotRecord = {
             volume: volumeName,
             volumeId: volumeRecord.id,
@@ -575,6 +578,7 @@ export class SnapshotManager {
     if (snap.record.state === 'damaged') {
       throw new FerryError('SNAPSHOT_CORRUPT', `snapshot ${vs.name}@${snap.name} is damaged: a later snapshot it read through was deleted while corrupt`);
     }
+    if (snap.seq >= vs.loadedFromSeq) return;
     for (const s of vs.queue) {
       if (s.seq < snap.seq) continue;
       try {
@@ -584,6 +588,8 @@ export class SnapshotManager {
         throw new FerryError('SNAPSHOT_CORRUPT', `snapshot ${vs.name}@${snap.name} cannot be read: it reads through snapshot ${s.name}, which is damaged (${(err as Error).message})`);
       }
     }
+    // Snapshots stay loaded and new ones are created loaded, so this only moves down.
+    vs.loadedFromSeq = Math.min(vs.loadedFromSeq, snap.seq);
   }
 
   private checkRange(snap: SnapshotState, offset: number, length: number): void {

@@ -175,13 +175,22 @@ export class SaveVolume {
   async readRecord(index: number, block: number, into: Uint8Array, at = 0): Promise<void> {
     // A block map never points outside its save volume.
     assert(Number.isInteger(index) && index >= 0 && index < this.recordCountValue, `save-volume record ${index} outside ${this.path} (${this.recordCountValue} records)`);
-    const rec = Buffer.alloc(this.recordBytes);
-    await readFully(this.fh, rec, rec.length, fileHeaderBytes + index * this.recordBytes);
-    const parsed = checkRecord(rec, index, this.tag, this.blockBytes);
-    if (!parsed || parsed.block !== block) {
+    // One readv: the header into a small buffer, the data straight into the caller's.
+    const header = Buffer.allocUnsafe(recordHeaderBytes);
+    const data = Buffer.from(into.buffer, into.byteOffset + at, this.blockBytes);
+    const { bytesRead } = await this.fh.readv([header, data], fileHeaderBytes + index * this.recordBytes);
+    if (
+      bytesRead !== this.recordBytes ||
+      header.readUInt32LE(0) !== recordMagic ||
+      header.readUInt32LE(4) !== crc32c(header.subarray(8, recordHeaderBytes)) ||
+      header.readUInt32LE(8) !== index ||
+      header.readUInt32LE(28) !== this.tag ||
+      header.readUIntLE(16, 6) !== block ||
+      header.readUInt32LE(24) !== crc32c(data)
+    ) {
+      data.fill(0); // never leave unchecked bytes in the caller's buffer
       throw new FerryError('SNAPSHOT_CORRUPT', `${this.path}: save-volume record ${index} (block ${block}) failed its checksum`);
     }
-    into.set(rec.subarray(recordHeaderBytes), at);
   }
 
   async close(): Promise<void> {

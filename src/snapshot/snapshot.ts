@@ -78,17 +78,24 @@ export class SnapshotState {
    */
   static async createFiles(files: SnapshotFiles, record: SnapshotRecord, allocation: BitsView, onSaved: SavedListener): Promise<SnapshotState> {
     const blockCount = record.sizeBytes / record.blockBytes;
-    const validFile = await BitmapFile.create(files.valid, blockCount);
-    try {
-      for (const [start, length] of allocation.runs(0, blockCount)) validFile.bitmap.setRange(start, length);
-      await validFile.sync();
-    } finally {
-      await validFile.close();
-    }
-    const save = await SaveVolume.create(files.save, record.id, record.blockBytes);
-    await writeFileAtomic(files.map, encodeBlockMap(crc32c(record.id), new Map(), 0));
+    const writeValid = async (): Promise<PagedBitmap> => {
+      const validFile = await BitmapFile.create(files.valid, blockCount);
+      try {
+        for (const [start, length] of allocation.runs(0, blockCount)) validFile.bitmap.setRange(start, length);
+        await validFile.sync();
+        return validFile.bitmap;
+      } finally {
+        await validFile.close();
+      }
+    };
+    // The three files are independent until the catalog row names them: write them at once.
+    const [valid, save] = await Promise.all([
+      writeValid(),
+      SaveVolume.create(files.save, record.id, record.blockBytes),
+      writeFileAtomic(files.map, encodeBlockMap(crc32c(record.id), new Map(), 0)),
+    ]);
     const state = new SnapshotState(record, files, onSaved);
-    state.install({ valid: validFile.bitmap, saved: new PagedBitmap(blockCount), blockMap: new Map(), save }, 0);
+    state.install({ valid, saved: new PagedBitmap(blockCount), blockMap: new Map(), save }, 0);
     return state;
   }
 
