@@ -410,27 +410,50 @@ export class SnapshotManager {
       const between = vs.queue.filter((s) => s.seq >= from.seq && (to === undefined || s.seq < to.seq)).map((s) => s.loaded.saved);
       return deltaCandidates(from.blockCount, between, from.loaded.valid, to ? to.loaded.valid : volume.allocation);
     });
-    for (const [start, length] of chunkRuns(candidates.runs(), extentBytesMax / bb)) {
-      const [a, b] = await vs.gate.shared(async () => {
-        const a = Buffer.alloc(length * bb);
-        const b = Buffer.alloc(length * bb);
-        await this.readBlocks(vs, from, volume, start, length, a);
-        if (to) await this.readBlocks(vs, to, volume, start, length, b);
-        else await volume.readInto(b, start * bb);
-        return [a, b];
-      });
+    // Runs are taken in batches of up to extentBytesMax: a batch of scattered single
+    // blocks is read in parallel instead of one block after another.
+    const batchBlocksMax = extentBytesMax / bb;
+    let batch: [number, number][] = [];
+    let batchBlocks = 0;
+    const emit = async function* (this: SnapshotManager, runs: [number, number][]): AsyncGenerator<DeltaExtent> {
+      const images = await vs.gate.shared(() =>
+        Promise.all(
+          runs.map(async ([start, length]) => {
+            const a = Buffer.alloc(length * bb);
+            const b = Buffer.alloc(length * bb);
+            await Promise.all([
+              this.readBlocks(vs, from, volume, start, length, a),
+              to ? this.readBlocks(vs, to, volume, start, length, b) : volume.readInto(b, start * bb),
+            ]);
+            return [a, b] as const;
+          }),
+        ),
+      );
       const validTo: BitsView = to ? to.loaded.valid : volume.allocation;
-      let runStart = -1;
-      for (let k = 0; k <= length; k++) {
-        const changed =
-          k < length && validTo.get(start + k) && !a.subarray(k * bb, (k + 1) * bb).equals(b.subarray(k * bb, (k + 1) * bb));
-        if (changed && runStart < 0) runStart = k;
-        if (!changed && runStart >= 0) {
-          yield { offset: (start + runStart) * bb, length: (k - runStart) * bb, data: b.subarray(runStart * bb, k * bb) };
-          runStart = -1;
+      for (let r = 0; r < runs.length; r++) {
+        const [start, length] = runs[r] as [number, number];
+        const [a, b] = images[r] as readonly [Buffer, Buffer];
+        let runStart = -1;
+        for (let k = 0; k <= length; k++) {
+          const changed = k < length && validTo.get(start + k) && !a.subarray(k * bb, (k + 1) * bb).equals(b.subarray(k * bb, (k + 1) * bb));
+          if (changed && runStart < 0) runStart = k;
+          if (!changed && runStart >= 0) {
+            yield { offset: (start + runStart) * bb, length: (k - runStart) * bb, data: b.subarray(runStart * bb, k * bb) };
+            runStart = -1;
+          }
         }
       }
+    };
+    for (const run of chunkRuns(candidates.runs(), batchBlocksMax)) {
+      if (batchBlocks + run[1] > batchBlocksMax) {
+        yield* emit.call(this, batch);
+        batch = [];
+        batchBlocks = 0;
+      }
+      batch.push(run);
+      batchBlocks += run[1];
     }
+    if (batch.length > 0) yield* emit.call(this, batch);
   }
 
   /** Reads `length` bytes of the snapshot image at `offset`. */

@@ -195,3 +195,32 @@ test('a crash between files and catalog row leaves orphans that the next start r
     await env.close();
   });
 });
+
+test('restore writes every differing block through the volume write path (what change tracking sees), and nothing else', async () => {
+  await withDir(async (dir) => {
+    const env = await new Env(dir).open();
+    await env.store.create('v', 64 * bb);
+    const v = env.store.get('v');
+    await v.write(0, Buffer.alloc(16 * bb, 1));
+    await env.snaps.create('v', 'p');
+    await v.write(3 * bb + 10, Buffer.alloc(2 * bb, 2)); // blocks 3-5
+    await v.write(40 * bb, Buffer.alloc(bb, 3)); // block 40, invalid in p
+    await v.write(7 * bb, Buffer.alloc(bb, 1)); // block 7 rewritten with the same bytes
+    await v.trim(10 * bb, 2 * bb); // blocks 10-11 trimmed
+    const seen = new Map<number, string>();
+    const unhook = v.addHook({
+      beforeChange: (_vol, change) => {
+        for (let b = change.firstBlock; b < change.firstBlock + change.blockCount; b++) seen.set(b, change.kind);
+      },
+    });
+    const r = await env.snaps.restore('v', 'p');
+    unhook();
+    assert.deepEqual(
+      [...seen.entries()].sort((a, b) => a[0] - b[0]),
+      [[3, 'write'], [4, 'write'], [5, 'write'], [10, 'write'], [11, 'write'], [40, 'trim']],
+    );
+    assert.deepEqual(r, { blocksWritten: 5, blocksTrimmed: 1 });
+    assert.deepEqual(await v.read(0, 64 * bb), await env.snaps.read('v', 'p', 0, 64 * bb));
+    await env.close();
+  });
+});
