@@ -95,6 +95,16 @@ export function checkSnapshotName(name: unknown): string {
   return name;
 }
 
+/**
+ * Splits an NBD export name: `VOL` is the volume, `VOL@SNAP` its snapshot (read-only).
+ * Names cannot contain '@', so the split is unambiguous.
+ */
+export function parseExportName(exportName: string): { volume: string; snapshot?: string } {
+  const at = exportName.indexOf('@');
+  if (at < 0) return { volume: exportName };
+  return { volume: exportName.slice(0, at), snapshot: exportName.slice(at + 1) };
+}
+
 function checkAttrs(attrs: Record<string, string | null>): void {
   if (typeof attrs !== 'object' || attrs === null || Array.isArray(attrs)) throw new FerryError('BAD_REQUEST', 'attributes must be an object of strings');
   for (const [k, v] of Object.entries(attrs)) {

@@ -9,7 +9,7 @@ import { isFerryError } from '../../src/lib/errors.js';
 import { PagedBitmap } from '../../src/lib/paged-bitmap.js';
 import { Catalog } from '../../src/storage/catalog.js';
 import { VolumeStore } from '../../src/storage/volume-store.js';
-import { SnapshotManager } from '../../src/snapshot/manager.js';
+import { SnapshotManager, parseExportName } from '../../src/snapshot/manager.js';
 import { SaveVolume } from '../../src/snapshot/save-volume.js';
 import { HolderIndex, blocksNeedingBeforeImage, blocksToMoveOnDelete, deltaCandidates } from '../../src/snapshot/maps.js';
 
@@ -59,6 +59,11 @@ class Env {
     return join(this.dir, 'snapshots', `${id}.${ext}`);
   }
 }
+
+test('export names: VOL and VOL@SNAP', () => {
+  assert.deepEqual(parseExportName('db1'), { volume: 'db1' });
+  assert.deepEqual(parseExportName('db1@nightly-3'), { volume: 'db1', snapshot: 'nightly-3' });
+});
 
 test('holder index answers the first holder at or after a snapshot', () => {
   const h = new HolderIndex();
@@ -221,6 +226,35 @@ test('restore writes every differing block through the volume write path (what c
     );
     assert.deepEqual(r, { blocksWritten: 5, blocksTrimmed: 1 });
     assert.deepEqual(await v.read(0, 64 * bb), await env.snaps.read('v', 'p', 0, 64 * bb));
+    await env.close();
+  });
+});
+
+test('a snapshot read racing a first write to the same block returns the before-image', async () => {
+  await withDir(async (dir) => {
+    const env = await new Env(dir).open();
+    await env.store.create('v', 16 * bb);
+    const v = env.store.get('v');
+    await v.write(0, Buffer.alloc(16 * bb, 1));
+    await env.snaps.create('v', 's');
+    // A slow disk read: the snapshot's read of the volume lands after the write below.
+    const readInto = v.readInto.bind(v);
+    let slowNext = false;
+    v.readInto = async (buf: Uint8Array, offset: number): Promise<void> => {
+      if (slowNext) {
+        slowNext = false;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      await readInto(buf, offset);
+    };
+    for (let b = 0; b < 12; b++) {
+      slowNext = true;
+      const reading = env.snaps.read('v', 's', b * bb, bb);
+      await new Promise((r) => setTimeout(r, 5));
+      await v.write(b * bb, Buffer.alloc(bb, 2));
+      assert.ok((await reading).every((x) => x === 1), `block ${b} read as it was when the snapshot was taken`);
+    }
+    v.readInto = readInto;
     await env.close();
   });
 });
