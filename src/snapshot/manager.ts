@@ -287,15 +287,19 @@ export class SnapshotManager {
    * before the row is removed leaves both snapshots exact (the older one merely holds
    * its own copy of some blocks); after it, the files are orphans removed at start.
    *
-   * A corrupt snapshot can only be deleted with `force`: the older snapshots that read
+   * Host writes are held back only when the newest snapshot is deleted (they would
+   * save into it otherwise). A corrupt snapshot can only be deleted with `force`: the older snapshots that read
    * through it are then marked damaged, since what they needed from it is lost.
    */
   async delete(volumeName: string, snapshotName: string, options: { force?: boolean } = {}): Promise<void> {
     this.checkOpen();
     const { vs, snap } = this.find(volumeName, snapshotName);
     const volume = this.volumes.get(volumeName);
+    // Host writes only ever touch the newest snapshot: deleting an older one needs the
+    // gate (no snapshot read sees the queue change) but need not hold the writes back.
+    const holdWrites = <T>(fn: () => Promise<T>): Promise<T> => (vs.newest() === snap ? volume.exclusive(fn) : fn());
     await vs.gate.exclusive(() =>
-      volume.exclusive(async () => {
+      holdWrites(async () => {
         if (snap.deleted) throw new FerryError('SNAPSHOT_NOT_FOUND', `snapshot ${volumeName}@${snapshotName} not found`);
         const index = vs.queue.indexOf(snap);
         assert(index >= 0, `snapshot ${snapshotName} not in its queue`);
