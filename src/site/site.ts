@@ -1,4 +1,5 @@
 import type { Server as HttpServer } from 'node:http';
+import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { FerryError } from '../lib/errors.js';
 import { formatHostPort, parseHostPort, type HostPort } from '../lib/units.js';
@@ -7,7 +8,6 @@ import { SiteLock, readSiteConfig, siteLayout, type SiteConfig, type SiteLayout 
 import { VolumeStore } from '../storage/volume-store.js';
 import { RcpServer } from '../transport/rcp-server.js';
 import { SiteListener } from '../transport/listener.js';
-import { join } from 'node:path';
 import { SnapshotManager } from '../snapshot/manager.js';
 
 export interface SiteStartOptions {
