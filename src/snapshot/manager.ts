@@ -9,7 +9,7 @@ import type { Catalog, SnapshotRecord } from '../storage/catalog.js';
 import { ioBytesMax, type Change, type Extent, type Volume } from '../storage/volume.js';
 import { volumeNamePattern, type VolumeStore } from '../storage/volume-store.js';
 import { Gate } from './gate.js';
-import { HolderIndex, blocksNeedingBeforeImage, blocksToMoveOnDelete, chunkRuns, deltaCandidates, type BitsView } from './maps.js';
+import { HolderIndex, blocksNeedingBeforeImage, blocksToMoveOnDelete, chunkRuns, deltaCandidates, snapshotsToUnload, type BitsView } from './maps.js';
 import type { SaveEntry } from './save-volume.js';
 import { SnapshotState, snapshotFiles } from './snapshot.js';
 
@@ -23,6 +23,10 @@ const moveBatchBlocksMax = 256;
 export const attrsCountMax = 64;
 export const attrKeyBytesMax = 64;
 export const attrValueBytesMax = 1024;
+/** Maps of older snapshots not read for this long leave memory. */
+export const snapshotIdleUnloadMs = 10 * 60 * 1000;
+/** How often idle maps are looked for. */
+const unloadCheckIntervalMs = 60 * 1000;
 /** The name `diff`/`delta` accept for the volume as it is now. */
 export const currentImageName = 'current';
 
@@ -149,6 +153,8 @@ export function extentsOf(bits: BitsView, offset: number, length: number, blockB
 export class SnapshotManager {
   private readonly byVolume = new Map<string, VolumeSnapshots>();
   private closed = false;
+  private unloadTimer: NodeJS.Timeout | undefined;
+  private readonly nowMs: () => number = () => Date.now();
 
   constructor(
     private readonly catalog: Catalog,
@@ -202,6 +208,38 @@ export class SnapshotManager {
       }
       this.hook(vs, this.volumes.get(vs.name));
     }
+    this.unloadTimer = setInterval(() => {
+      this.unloadIdle(snapshotIdleUnloadMs).catch((err: unknown) => this.log.error({ err }, 'unloading idle snapshot maps failed'));
+    }, unloadCheckIntervalMs);
+    this.unloadTimer.unref();
+  }
+
+  /**
+   * Drops from memory the maps of older snapshots not read for `idleMs` (only a
+   * prefix of each queue can go: see `snapshotsToUnload`). Returns how many left.
+   */
+  async unloadIdle(idleMs: number): Promise<number> {
+    let unloaded = 0;
+    for (const vs of this.byVolume.values()) {
+      if (this.closed) break;
+      await vs.gate.exclusive(async () => {
+        const now = this.nowMs();
+        const seqs = snapshotsToUnload(
+          vs.queue.map((s) => ({ seq: s.seq, loaded: s.maps !== undefined, lastReadAtMs: s.lastReadAtMs })),
+          now,
+          idleMs,
+        );
+        for (const seq of seqs) {
+          const s = vs.bySeq.get(seq) as SnapshotState;
+          assert(s !== vs.newest(), 'the newest snapshot is never unloaded');
+          for (const block of s.loaded.blockMap.keys()) vs.holders.remove(block, s.seq);
+          await s.unload();
+          vs.loadedFromSeq = Math.max(vs.loadedFromSeq, s.seq + 1);
+          unloaded++;
+        }
+      });
+    }
+    return unloaded;
   }
 
   list(volume: string): SnapshotInfo[] {
@@ -430,8 +468,10 @@ export class SnapshotManager {
     let batch: [number, number][] = [];
     let batchBlocks = 0;
     const emit = async function* (this: SnapshotManager, runs: [number, number][]): AsyncGenerator<DeltaExtent> {
-      const images = await vs.gate.shared(() =>
-        Promise.all(
+      const images = await vs.gate.shared(async () => {
+        // Maps may have been unloaded between batches: load them again if so.
+        await this.ensureLoaded(vs, from);
+        return Promise.all(
           runs.map(async ([start, length]) => {
             const a = Buffer.alloc(length * bb);
             const b = Buffer.alloc(length * bb);
@@ -441,9 +481,10 @@ export class SnapshotManager {
             ]);
             return [a, b] as const;
           }),
-        ),
-      );
-      const validTo: BitsView = to ? to.loaded.valid : volume.allocation;
+        );
+      });
+      const validTo: BitsView | undefined = to ? to.validBits : volume.allocation;
+      assert(validTo, `snapshot ${toName} has no meta bit map in memory`);
       for (let r = 0; r < runs.length; r++) {
         const [start, length] = runs[r] as [number, number];
         const [a, b] = images[r] as readonly [Buffer, Buffer];
@@ -506,7 +547,10 @@ export class SnapshotManager {
       readInto: (buf: Uint8Array, offset: number) => manager.readImage(vs, snap, buf, offset),
       blockStatus(offset: number, length: number): Extent[] {
         manager.checkRange(snap, offset, length);
-        return extentsOf(snap.loaded.valid, offset, length, snap.record.blockBytes);
+        if (snap.deleted) throw new FerryError('SNAPSHOT_NOT_FOUND', `snapshot ${volumeName}@${snapshotName} was deleted`);
+        const valid = snap.validBits;
+        assert(valid, `snapshot ${snapshotName} has no meta bit map in memory`);
+        return extentsOf(valid, offset, length, snap.record.blockBytes);
       },
     };
   }
@@ -536,6 +580,7 @@ export class SnapshotManager {
   async close(options: { checkpoint?: boolean } = {}): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    clearInterval(this.unloadTimer);
     for (const vs of this.byVolume.values()) {
       const run = async (): Promise<void> => {
         vs.unhook?.();
@@ -615,6 +660,7 @@ export class SnapshotManager {
     if (snap.record.state === 'damaged') {
       throw new FerryError('SNAPSHOT_CORRUPT', `snapshot ${vs.name}@${snap.name} is damaged: a later snapshot it read through was deleted while corrupt`);
     }
+    snap.lastReadAtMs = this.nowMs();
     if (snap.seq >= vs.loadedFromSeq) return;
     for (const s of vs.queue) {
       if (s.seq < snap.seq) continue;

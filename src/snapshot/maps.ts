@@ -197,3 +197,22 @@ export function* chunkRuns(runs: Iterable<[number, number]>, max: number): Gener
     for (let s = start; s < start + length; s += max) yield [s, Math.min(max, start + length - s)];
   }
 }
+
+/**
+ * Which loaded snapshots may leave memory (E FIG. 42): a read of snapshot S needs the
+ * maps of S and of every later snapshot, so only a prefix of the queue can go — every
+ * snapshot older than the oldest one read within `idleMs`, never the newest (the
+ * write path needs it). `queue` is oldest first; returns the seqs to unload.
+ */
+export function snapshotsToUnload(queue: { seq: number; loaded: boolean; lastReadAtMs: number }[], nowMs: number, idleMs: number): number[] {
+  if (queue.length === 0) return [];
+  const newest = queue[queue.length - 1] as { seq: number };
+  let keepFrom = newest.seq;
+  for (const s of queue) {
+    if (nowMs - s.lastReadAtMs < idleMs) {
+      keepFrom = Math.min(keepFrom, s.seq);
+      break;
+    }
+  }
+  return queue.filter((s) => s.loaded && s.seq < keepFrom).map((s) => s.seq);
+}

@@ -45,6 +45,9 @@ export class SnapshotState {
   maps: SnapshotMaps | undefined;
   failure: FerryError | undefined;
   deleted = false;
+  /** When a read of this snapshot last needed its maps (ms, the manager's clock). */
+  lastReadAtMs = 0;
+  private keptValid: PagedBitmap | undefined;
   private loading: Promise<SnapshotMaps> | undefined;
   private checkpointedRecords = 0;
   private checkpointChain: Promise<void> = Promise.resolve();
@@ -157,6 +160,26 @@ export class SnapshotState {
       if (checkpoint && !this.failure) await this.checkpoint();
       await this.maps.save.close();
     }
+  }
+
+  /**
+   * Drops the maps from memory (E FIG. 42: deallocated, staged again when needed).
+   * The caller makes sure nothing uses them; the next `load` reads them back.
+   */
+  async unload(): Promise<void> {
+    const maps = this.maps;
+    if (!maps) return;
+    await this.close();
+    // The meta bit map stays: it costs what the volume's allocation map costs, and
+    // block status of an exported snapshot is answered from it without I/O.
+    this.keptValid = maps.valid;
+    this.maps = undefined;
+    this.loading = undefined;
+  }
+
+  /** The meta bit map, if it is in memory (loaded, or kept after an unload). */
+  get validBits(): PagedBitmap | undefined {
+    return this.maps?.valid ?? this.keptValid;
   }
 
   async removeFiles(): Promise<void> {

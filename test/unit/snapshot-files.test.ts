@@ -11,7 +11,7 @@ import { Catalog } from '../../src/storage/catalog.js';
 import { VolumeStore } from '../../src/storage/volume-store.js';
 import { SnapshotManager, parseExportName } from '../../src/snapshot/manager.js';
 import { SaveVolume } from '../../src/snapshot/save-volume.js';
-import { HolderIndex, blocksNeedingBeforeImage, blocksToMoveOnDelete, deltaCandidates } from '../../src/snapshot/maps.js';
+import { HolderIndex, blocksNeedingBeforeImage, blocksToMoveOnDelete, deltaCandidates, snapshotsToUnload } from '../../src/snapshot/maps.js';
 
 const log = pino({ level: 'silent' });
 const baseDir = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
@@ -96,6 +96,15 @@ test('decision functions: before-images only for valid unsaved blocks; moves on 
   validM.set(60);
   validM.clear(10);
   assert.deepEqual([...deltaCandidates(100, [saved], valid, validM).runs()], [[10, 1], [15, 2], [60, 1]]);
+});
+
+test('only a prefix of the queue older than the oldest recent read leaves memory, never the newest', () => {
+  const q = (reads: number[]) => reads.map((lastReadAtMs, i) => ({ seq: i + 1, loaded: true, lastReadAtMs }));
+  assert.deepEqual(snapshotsToUnload(q([0, 0, 0, 0]), 1000, 100), [1, 2, 3]);
+  assert.deepEqual(snapshotsToUnload(q([0, 950, 0, 0]), 1000, 100), [1]);
+  assert.deepEqual(snapshotsToUnload(q([990, 0, 0, 0]), 1000, 100), []);
+  assert.deepEqual(snapshotsToUnload([{ seq: 5, loaded: true, lastReadAtMs: 0 }], 1000, 100), []);
+  assert.deepEqual(snapshotsToUnload([], 1000, 100), []);
 });
 
 test('save volume: a torn last group is dropped, a damaged durable record is refused', async () => {

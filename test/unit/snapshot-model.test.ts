@@ -13,7 +13,8 @@ import { SnapshotManager } from '../../src/snapshot/manager.js';
 /**
  * Model-based test of the snapshot facility: random sequences of writes (at byte
  * offsets, partial blocks), trims, zeroes, snapshots, deletes, restores, reads, deltas
- * and restarts (clean, or crash-like without block-map checkpoints) against an
+ * unloads of older snapshots' maps, and restarts (clean, or crash-like without
+ * block-map checkpoints) against an
  * in-memory model — a byte array for the volume and a copy of it per snapshot. Every
  * read is compared byte for byte.
  */
@@ -180,6 +181,15 @@ class Delta implements Cmd {
   toString = (): string => `delta(${this.a}, ${this.b})`;
 }
 
+class Unload implements Cmd {
+  check = (): boolean => true;
+  async run(_m: Model, r: Real): Promise<void> {
+    // Idle time 0: every older snapshot's maps leave memory; reads load them again.
+    await r.manager.unloadIdle(0);
+  }
+  toString = (): string => 'unload';
+}
+
 class Restart implements Cmd {
   constructor(readonly crash: boolean) {}
   check = (): boolean => true;
@@ -208,9 +218,10 @@ const commands = [
   fc.tuple(fc.nat(), offsetArb, lengthArb).map(([p, o, l]) => new Read(p, o, l)),
   fc.tuple(fc.nat(), fc.nat()).map(([a, b]) => new Delta(a, b)),
   fc.boolean().map((c) => new Restart(c)),
+  fc.constant(null).map(() => new Unload()),
 ] as fc.Arbitrary<Cmd>[];
 
-test(`snapshot model: ${runs} runs of write/trim/snapshot/delete/restore/read/delta/restart`, { timeout: 600_000 }, async () => {
+test(`snapshot model: ${runs} runs of write/trim/snapshot/delete/restore/read/delta/unload/restart`, { timeout: 600_000 }, async () => {
   const root = await mkdtemp(join(baseDir, 'ferry-snapmodel-'));
   let runNo = 0;
   try {
