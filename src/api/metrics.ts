@@ -69,5 +69,25 @@ export function createMetrics(site: Site): Registry {
   pairGauge('ferry_replication_save_volume_used_bytes', 'Bytes of the save volume holding delta sets', (p) => p.saveVolume.usedBytes);
   pairGauge('ferry_replication_save_volume_full', '1 while the save volume is full (changes tracked in the bitmap)', (p) => (p.saveVolume.full ? 1 : 0));
   pairGauge('ferry_replication_connected', '1 while a replication session is up', (p) => (p.connected ? 1 : 0));
+  new Gauge({
+    name: 'ferry_snapshots',
+    help: 'Number of snapshots of each volume',
+    labelNames: ['volume'],
+    registers: [register],
+    collect() {
+      this.reset();
+      for (const s of site.snapshots.stats()) this.set({ volume: s.volume }, s.snapshots);
+    },
+  });
+  new Gauge({
+    name: 'ferry_snapshot_save_bytes',
+    help: 'Bytes of save volumes (before-images) held by the snapshots of each volume',
+    labelNames: ['volume'],
+    registers: [register],
+    collect() {
+      this.reset();
+      for (const s of site.snapshots.stats()) this.set({ volume: s.volume }, s.saveBytes);
+    },
+  });
   return register;
 }

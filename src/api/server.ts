@@ -10,6 +10,7 @@ import type { Site } from '../site/site.js';
 import type { Volume } from '../storage/volume.js';
 import type { VolumeAccess } from '../storage/catalog.js';
 import { createMetrics } from './metrics.js';
+import { registerSnapshotRoutes } from './snapshots.js';
 
 /** Largest JSON body the API accepts. */
 export const jsonBodyBytesMax = 64 * 1024;
@@ -255,6 +256,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
   app.get('/api/v1/status', async () => site.replication.status());
   app.get('/api/v1/status/:volume', { schema: { params: volumeParams } }, async (req) => site.replication.status((req.params as { volume: string }).volume));
   app.get('/api/v1/replication/:volume/info', { schema: { params: volumeParams } }, async (req) => site.replication.info((req.params as { volume: string }).volume));
+  registerSnapshotRoutes(app, site);
 
   await app.ready();
   return app;

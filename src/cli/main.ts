@@ -9,6 +9,7 @@ import { formatDuration, formatSize, parseDuration, parseSize, parseHostPort } f
 import type { InfoView, PairStatusView } from '../replication/status.js';
 import { initSiteDir } from '../storage/site-dir.js';
 import type { VolumeInfo } from '../storage/volume-store.js';
+import type { SnapshotInfo } from '../snapshot/manager.js';
 import { ApiClient, defaultSiteUrl, volumePath } from './client.js';
 import { runDaemon } from './daemon.js';
 import { keyValues, table } from './format.js';
@@ -296,6 +297,92 @@ async function waitForCopy(api: ApiClient, volume: string, draw: boolean): Promi
     await new Promise((r) => setTimeout(r, tty ? 500 : 2000));
   }
 }
+
+// ---- snapshot --------------------------------------------------------------
+const snapshot = program.command('snapshot').description('point-in-time snapshots of a volume: create, list, delete, restore, diff');
+
+function snapshotPath(vol: string, snap?: string, suffix = ''): string {
+  return volumePath(vol, `/snapshots${snap === undefined ? '' : `/${encodeURIComponent(snap)}`}${suffix}`);
+}
+
+snapshot
+  .command('create <volume>')
+  .description('take a snapshot of the volume now (copy-on-first-write: instant, costs space only as blocks change)')
+  .option('--name <snap>', 'snapshot name (default: generated)')
+  .option('--attr <key=value...>', 'free attributes')
+  .action(async (vol: string, opts: { name?: string; attr?: string[] }, cmd: Command) => {
+    const attrs: Record<string, string> = {};
+    for (const kv of opts.attr ?? []) {
+      const at = kv.indexOf('=');
+      if (at <= 0) throw new FerryError('BAD_REQUEST', `attribute "${kv}" must be KEY=VALUE`);
+      attrs[kv.slice(0, at)] = kv.slice(at + 1);
+    }
+    const info = await client(cmd).post<SnapshotInfo>(snapshotPath(vol), { ...(opts.name !== undefined ? { name: opts.name } : {}), attrs });
+    print(cmd, info, () => `snapshot ${info.volume}@${info.name} created`);
+  });
+
+snapshot
+  .command('list <volume>')
+  .description("list the volume's snapshots, oldest first")
+  .action(async (vol: string, _opts: unknown, cmd: Command) => {
+    const list = await client(cmd).get<SnapshotInfo[]>(snapshotPath(vol));
+    print(cmd, list, () =>
+      list.length === 0
+        ? `volume ${vol} has no snapshots`
+        : table(
+            ['NAME', 'CREATED', 'SAVED', 'STATE', 'ATTRIBUTES'],
+            list.map((s) => [
+              s.name,
+              s.createdAt,
+              formatSize(s.saveBytes),
+              s.failure ? `${s.state} (${s.failure.code})` : s.state,
+              Object.entries(s.attrs)
+                .map(([k, v]) => `${k}=${v}`)
+                .join(' '),
+            ]),
+          ),
+    );
+  });
+
+snapshot
+  .command('delete <volume> <snap>')
+  .description('delete a snapshot (before-images older snapshots still need are kept)')
+  .option('--force', 'delete a damaged snapshot; older snapshots that read through it are marked damaged')
+  .action(async (vol: string, snap: string, opts: { force?: boolean }, cmd: Command) => {
+    await client(cmd).delete(snapshotPath(vol, snap, opts.force ? '?force=true' : ''));
+    print(cmd, { deleted: `${vol}@${snap}` }, () => `snapshot ${vol}@${snap} deleted`);
+  });
+
+snapshot
+  .command('restore <volume> <snap>')
+  .description('make the volume byte-identical to the snapshot (changed blocks are written and tracked)')
+  .action(async (vol: string, snap: string, _opts: unknown, cmd: Command) => {
+    const r = await client(cmd).post<{ blocksWritten: number; blocksTrimmed: number }>(snapshotPath(vol, snap, '/restore'));
+    print(cmd, r, () => `volume ${vol} restored from ${snap}: ${r.blocksWritten} block(s) written, ${r.blocksTrimmed} trimmed`);
+  });
+
+snapshot
+  .command('diff <volume> <from> <to>')
+  .description(`extents changed from snapshot FROM to snapshot TO (or "current"), in block order`)
+  .action(async (vol: string, from: string, to: string, _opts: unknown, cmd: Command) => {
+    const d = await client(cmd).get<{ changedBytes: number; extents: { offset: number; length: number }[]; truncated: boolean }>(
+      snapshotPath(vol, from, `/diff?to=${encodeURIComponent(to)}`),
+    );
+    print(cmd, d, () =>
+      [
+        `${d.extents.length} extent(s), ${formatSize(d.changedBytes)} (${d.changedBytes} bytes) changed from ${from} to ${to}${d.truncated ? ' (list truncated)' : ''}`,
+        ...(d.extents.length > 0 ? [table(['OFFSET', 'LENGTH'], d.extents.map((e) => [String(e.offset), String(e.length)]))] : []),
+      ].join('\n'),
+    );
+  });
+
+snapshot
+  .command('digest <volume> <snap>')
+  .description('SHA-256 of the snapshot image')
+  .action(async (vol: string, snap: string, _opts: unknown, cmd: Command) => {
+    const d = await client(cmd).get<{ sha256: string }>(snapshotPath(vol, snap, '/digest'));
+    print(cmd, d, () => `${d.sha256}  ${vol}@${snap}`);
+  });
 
 program.addOption(new Option('--debug', 'print stack traces on errors').hideHelp());
 

@@ -223,6 +223,14 @@ export class SourceReplicator {
     const { volume, changeLog, clock } = this.deps;
     const blocks = changeLog.current.count;
     const needBytes = deltaSetSpanBytesMax(blocks, volume.blockBytes);
+    if (needBytes > this.ring.capacityBytes) {
+      // Even an empty save volume cannot hold this backlog as one delta set.
+      const message = `the backlog of ${blocks} blocks needs up to ${needBytes} bytes, more than the whole save volume (${this.ring.capacityBytes} bytes); enlarge it (--save-volume) or stop and restart the pair`;
+      if (this.stats.lastError !== message) this.deps.log.error({ volume: this.pair.volume, needBytes }, message);
+      this.stats.lastError = message;
+      this.stats.saveVolumeFull = true;
+      return;
+    }
     if (!this.makeRoom(needBytes)) {
       // Rule 8: never block or drop host writes; keep accumulating in the bitmap and
       // cut once acknowledgements free the save volume.

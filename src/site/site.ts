@@ -1,4 +1,5 @@
 import type { Server as HttpServer } from 'node:http';
+import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { FerryError } from '../lib/errors.js';
 import { formatHostPort, parseHostPort, type HostPort } from '../lib/units.js';
@@ -13,6 +14,8 @@ import { systemClock } from '../lib/clock.js';
 import { ReplicationManager } from '../replication/manager.js';
 import type { Extent } from '../storage/volume.js';
 import { VolumeExportSource } from './nbd-exports.js';
+import { SnapshotManager } from '../snapshot/manager.js';
+import { SnapshotExportSource } from './snapshot-exports.js';
 
 export interface SiteStartOptions {
   /** The API layer's HTTP server; it never listens itself, the site listener hands it connections. */
@@ -40,6 +43,8 @@ export class Site {
   readonly replication: ReplicationManager;
   /** What the NBD listener serves: volumes now, snapshots (`VOL@SNAP`) when that layer adds its source. */
   readonly exports = new ExportRegistry();
+  /** Snapshot queues of every volume (SPEC C3); hooks each volume's write path. */
+  readonly snapshots: SnapshotManager;
   readonly startedAt = new Date();
   private listener: SiteListener | undefined;
   private nbdServer: NbdServer | undefined;
@@ -69,6 +74,8 @@ export class Site {
       setAccess: (volume, access) => this.setVolumeAccess(volume, access),
     });
     this.exports.add(new VolumeExportSource(this.volumes, (name) => this.replication.targets.get(name)));
+    this.snapshots = new SnapshotManager(catalog, this.volumes, join(layout.dir, 'snapshots'), log);
+    this.exports.add(new SnapshotExportSource(this.volumes, this.snapshots));
   }
 
   /** The API URL peers reach this site at (the bound listener). */
@@ -101,6 +108,9 @@ export class Site {
       const site = new Site(config, layout, catalog, lock, log.child({ site: config.name }));
       await site.volumes.load();
       await site.replication.load();
+      // Snapshots load after volumes and before anything listens: every volume with
+      // snapshots has its copy-on-first-write hook before the first write can arrive.
+      await site.snapshots.load();
       return site;
     } catch (err) {
       catalog?.close();
@@ -158,6 +168,7 @@ export class Site {
       await this.nbdServer?.close();
       this.httpServer?.closeAllConnections();
       await new Promise<void>((resolve) => (this.httpServer ? this.httpServer.close(() => resolve()) : resolve()));
+      await this.snapshots.close();
       await this.volumes.close();
       this.catalog.close();
       await this.lock.release();

@@ -70,12 +70,17 @@ export class RingSpace {
     let at = this.head;
     const offset = at % this.capacityBytes;
     if (offset + spanBytes > this.capacityBytes) at += this.capacityBytes - offset;
-    return at + spanBytes - this.tail <= this.capacityBytes ? at : undefined;
+    // With nothing live, the skipped end of the lap holds nothing either: the tail moves with it.
+    const tail = this.usedBytes === 0 ? at : this.tail;
+    return at + spanBytes - tail <= this.capacityBytes ? at : undefined;
   }
 
   allocate(spanBytes: number): number | undefined {
     const at = this.peek(spanBytes);
-    if (at !== undefined) this.head = at + spanBytes;
+    if (at !== undefined) {
+      if (this.usedBytes === 0) this.tail = at;
+      this.head = at + spanBytes;
+    }
     return at;
   }
 

@@ -127,7 +127,13 @@ export class Volume {
   }
 
   /** The allocation (meta) bit map. Read-only for callers. */
-  get allocation(): { get(block: number): boolean; runs(start?: number, end?: number): Generator<[number, number]> } {
+  get allocation(): {
+    get(block: number): boolean;
+    runs(start?: number, end?: number): Generator<[number, number]>;
+    page(index: number): Uint8Array | undefined;
+    readonly pageCount: number;
+    readonly count: number;
+  } {
     return this.alloc.bitmap;
   }
 
@@ -245,6 +251,21 @@ export class Volume {
       await this.fh.datasync();
       await this.alloc.resize(sizeBytes / this.blockBytes);
       this.sizeBytesValue = sizeBytes;
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Runs `fn` with every block locked: no change is in flight and none can start until
+   * it returns. Snapshot creation and deletion use it so that no write straddles them.
+   */
+  async exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    this.checkOpen();
+    const release = await this.locks.acquire(0, Number.MAX_SAFE_INTEGER);
+    try {
+      this.checkOpen();
+      return await fn();
     } finally {
       release();
     }
