@@ -16,7 +16,8 @@ import { FrameType, type Frame } from '../transport/frame.js';
 import type { RcpServer } from '../transport/rcp-server.js';
 import { nextPairStatus, initialPairStatus } from './pair-state.js';
 import { ReplFrame, json, type PairCreateBody, type PairOpenBody, type TargetPosition } from './protocol.js';
-import { SourceReplicator } from './source.js';
+import { SourceReplicator, type PointInTimeImage } from './source.js';
+import type { SnapshotManager } from '../snapshot/manager.js';
 import { infoView, pairStatusView, type InfoView, type LiveFigures, type PairStatusView } from './status.js';
 import { TargetReplica } from './target.js';
 
@@ -45,6 +46,8 @@ export interface ManagerDeps {
   rcp: RcpServer;
   clock: Clock;
   log: Logger;
+  /** Point-in-time images for initial copies. */
+  snapshots: SnapshotManager;
   /** Changes a volume's host access and drains host connections that no longer fit it. */
   setAccess(volume: string, access: VolumeAccess): Promise<unknown>;
 }
@@ -176,6 +179,15 @@ export class ReplicationManager {
       this.catalog.putPair(pair);
       const source = await this.openSource(pair);
       this.sources.set(pair.volume, source);
+      try {
+        await this.copyImage(pair);
+      } catch (err) {
+        this.sources.delete(pair.volume);
+        await source.close();
+        this.catalog.deletePair(pair.volume);
+        await this.tellTargetToStop(pair).catch(() => undefined);
+        throw err;
+      }
       source.start();
       log.info({ volume: pair.volume, to: pair.peerUrl, targetVolume }, 'replication started');
       return pair;
@@ -191,6 +203,7 @@ export class ReplicationManager {
       const source = this.sources.get(volumeName);
       this.sources.delete(volumeName);
       await source?.close();
+      await this.dropCopyImage(pair).catch((err: Error) => this.deps.log.warn({ volume: volumeName, err: err.message }, 'the initial-copy snapshot could not be deleted'));
       this.catalog.deletePair(volumeName);
       await this.tellTargetToStop(pair).catch((err: Error) => this.deps.log.warn({ volume: volumeName, err: err.message }, 'the target could not be told that replication stopped; stop it there too'));
     } else {
@@ -399,6 +412,38 @@ export class ReplicationManager {
     }
   }
 
+  // ---- initial-copy snapshots ---------------------------------------------------------
+
+  private copySnapshotName(pair: PairRecord): string {
+    return `ferry-initial-copy-${pair.pairId.slice(0, 8)}`;
+  }
+
+  /**
+   * The snapshot the initial copy reads (E FIG. 11): taken once the change log tracks
+   * the volume, stamped with the current delta set; every write after it is in a
+   * later delta set. If it is gone (deleted by hand), a new one is taken and stamped
+   * anew: the target then stays unreadable until it has played that delta set.
+   */
+  private async copyImage(pair: PairRecord): Promise<PointInTimeImage> {
+    const { snapshots, log } = this.deps;
+    const name = this.copySnapshotName(pair);
+    if (!snapshots.list(pair.volume).some((s) => s.name === name)) {
+      const stamp = pair.deltaSetCreated;
+      await snapshots.create(pair.volume, name, { purpose: 'initial copy', pairId: pair.pairId, deltaSet: String(stamp) });
+      if (pair.initialCopy.cursorBlock > 0 || stamp !== pair.initialCopy.stampedDeltaSet) {
+        log.warn({ volume: pair.volume, snapshot: name, stamp }, 'initial-copy snapshot was missing; a new one was taken and the copy goes on from it');
+      }
+      pair.initialCopy.stampedDeltaSet = stamp;
+      this.catalog.putPair(pair);
+    }
+    return snapshots.exportView(pair.volume, name);
+  }
+
+  private async dropCopyImage(pair: PairRecord): Promise<void> {
+    const name = this.copySnapshotName(pair);
+    if (this.deps.snapshots.list(pair.volume).some((s) => s.name === name)) await this.deps.snapshots.delete(pair.volume, name);
+  }
+
   // ---- files -----------------------------------------------------------------------
 
   private pairDir(volumeId: string): string {
@@ -433,6 +478,8 @@ export class ReplicationManager {
       clock,
       log,
       openSession: (p) => this.openSession(p),
+      copyImage: (p) => this.copyImage(p),
+      copied: (p) => this.dropCopyImage(p),
     });
     source.track();
     return source;

@@ -4,7 +4,7 @@ import { crc32c } from '../lib/checksum.js';
 import { FerryError, assert, isFerryError } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
 import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/replication-catalog.js';
-import type { Volume, WriteHook } from '../storage/volume.js';
+import type { Extent, Volume, WriteHook } from '../storage/volume.js';
 import type { ChangeLog } from '../tracking/change-log.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
@@ -50,8 +50,24 @@ export interface SourceDeps {
   journal: JournalFile;
   clock: Clock;
   log: Logger;
+  /**
+   * The point-in-time image the initial copy reads (a snapshot stamped with the delta
+   * set current when it was taken, E FIG. 11); made if it does not exist yet.
+   */
+  copyImage(pair: PairRecord): Promise<PointInTimeImage>;
+  /** The initial copy is complete: its image can go. */
+  copied(pair: PairRecord): Promise<void>;
   /** Opens an RCP session to the target (handshake done) and returns its position. */
   openSession(pair: PairRecord): Promise<{ connection: RcpConnection; position: TargetPosition }>;
+}
+
+/** Blocks of allocation looked at per step when the copy searches for the next valid extent. */
+const copyScanBlocksMax = 1 << 20;
+
+/** What the initial copy reads: a volume image frozen at a point in time. */
+export interface PointInTimeImage {
+  blockStatus(offset: number, length: number): Extent[];
+  readInto(buf: Uint8Array, offset: number): Promise<void>;
 }
 
 /** Counters for status and metrics, kept in memory. */
@@ -509,6 +525,7 @@ export class SourceReplicator {
     const bs = volume.blockBytes;
     const copy = this.pair.initialCopy;
     copy.totalBlocks = total;
+    const image = await this.deps.copyImage(this.pair);
     let cursor = fromBlock;
     let ackedCursor = fromBlock;
     const inFlight: number[] = [];
@@ -516,7 +533,7 @@ export class SourceReplicator {
     let progressAtMs = this.deps.clock.now();
     while (ackedCursor < total) {
       while (cursor < total && inFlight.length < sendWindowChunks) {
-        const piece = await this.copyPiece(cursor, total);
+        const piece = await this.copyPiece(image, cursor, total);
         const payload = encodeCopyFrame(piece.end, encodeChunk({ extents: piece.extents, data: piece.data }));
         connection.send(ReplFrame.CopyData, payload, { generation });
         this.countSent(payload.length);
@@ -578,30 +595,35 @@ export class SourceReplicator {
     this.pair.initialCopy.cursorBlock = this.pair.initialCopy.totalBlocks;
     this.pair.initialCopy.doneAt = new Date(this.deps.clock.now()).toISOString();
     this.apply({ type: 'copied' });
+    this.deps.copied(this.pair).catch((err: Error) => this.deps.log.warn({ volume: this.pair.volume, err: err.message }, 'the initial-copy snapshot could not be deleted; delete it by hand'));
     this.deps.log.info({ volume: this.pair.volume, bytes: this.pair.initialCopy.bytes }, 'initial copy complete');
   }
 
-  /** The next piece of the copy from `cursor`: valid extents with their data, holes as zero extents. */
-  private async copyPiece(cursor: number, total: number): Promise<{ end: number; extents: ChunkExtent[]; data: Buffer }> {
-    const { volume } = this.deps;
-    const bs = volume.blockBytes;
+  /**
+   * The next piece of the copy from `cursor`, read from the point-in-time image: its
+   * valid extents with their data (copy by extent, E FIG. 8), holes as zero extents.
+   */
+  private async copyPiece(image: PointInTimeImage, cursor: number, total: number): Promise<{ end: number; extents: ChunkExtent[]; data: Buffer }> {
+    const bs = this.deps.volume.blockBytes;
     const dataBlocksMax = Math.max(1, Math.floor(chunkDataBytesMax / bs));
     const extents: ChunkExtent[] = [];
     const parts: Buffer[] = [];
     let dataBlocks = 0;
     let at = cursor;
     while (at < total && dataBlocks < dataBlocksMax && extents.length < chunkExtentsMax - 1) {
-      const next = volume.allocation.runs(at, total).next();
-      if (next.done) {
-        extents.push({ block: at, count: total - at, zero: true });
-        at = total;
-        break;
+      const windowBlocks = Math.min(total - at, copyScanBlocksMax);
+      const allocated = image.blockStatus(at * bs, windowBlocks * bs).find((e) => e.allocated);
+      if (!allocated) {
+        extents.push({ block: at, count: windowBlocks, zero: true });
+        at += windowBlocks;
+        continue;
       }
-      const [s, n] = next.value;
+      const s = Math.floor(allocated.offset / bs);
+      const n = Math.ceil((allocated.offset + allocated.length) / bs) - s;
       if (s > at) extents.push({ block: at, count: s - at, zero: true });
       const take = Math.min(n, dataBlocksMax - dataBlocks);
-      // Read under the blocks' lock: a block is copied before or after a write, never torn.
-      const data = await volume.withBlocksLocked(s, take, () => volume.read(s * bs, take * bs));
+      const data = Buffer.allocUnsafe(take * bs);
+      await image.readInto(data, s * bs);
       extents.push({ block: s, count: take, zero: false });
       parts.push(data);
       dataBlocks += take;

@@ -18,6 +18,7 @@ import {
   json,
   type AckBody,
   type ControlBody,
+  type CopyDoneBody,
   type CopyAckBody,
   type DeltaSetHeaderBody,
   type HeartbeatBody,
@@ -97,6 +98,7 @@ export class TargetReplica {
   private closed = false;
   private playbackLoopDone: Promise<void> | undefined;
   private copyUnflushedBytes = 0;
+  private hostsAllowed = false;
 
   private constructor(private readonly deps: TargetDeps) {
     const rows = this.rows();
@@ -219,8 +221,11 @@ export class TargetReplica {
     switch (frame.type) {
       case ReplFrame.CopyData:
         return this.applyCopy(connection, frame.payload);
-      case ReplFrame.CopyDone:
-        return this.finishCopy(connection);
+      case ReplFrame.CopyDone: {
+        const stamped = json<CopyDoneBody>(frame).stampedDeltaSet;
+        if (!Number.isSafeInteger(stamped) || stamped < 0) throw new FerryError('PROTOCOL_ERROR', 'CopyDone without a stamped delta set');
+        return this.finishCopy(connection, stamped);
+      }
       case ReplFrame.Chunk:
         return this.storeChunk(connection, frame.payload);
       case ReplFrame.DeltaSetHeader:
@@ -275,7 +280,19 @@ export class TargetReplica {
     this.copyUnflushedBytes = 0;
   }
 
-  private async finishCopy(connection: RcpConnection): Promise<void> {
+  /**
+   * The copied image plus the delta sets up to the one stamped on the copy's snapshot
+   * is the first consistent image; until then hosts get no access (raw).
+   */
+  private async openToHostsIfConsistent(): Promise<void> {
+    const { pair } = this.deps;
+    if (!this.copyDone || this.hostsAllowed || pair.deltaSetPlayedBack < pair.initialCopy.stampedDeltaSet) return;
+    this.hostsAllowed = true;
+    await this.deps.setAccess('read-only');
+    this.deps.log.info({ volume: pair.volume }, 'the replica holds a consistent image; read-only access for hosts');
+  }
+
+  private async finishCopy(connection: RcpConnection, stampedDeltaSet: number): Promise<void> {
     const { pair, volume } = this.deps;
     if (!this.copyDone) {
       if (pair.initialCopy.cursorBlock < volume.blockCount) {
@@ -284,10 +301,10 @@ export class TargetReplica {
       }
       await volume.flush();
       pair.initialCopy.doneAt = new Date(this.deps.clock.now()).toISOString();
+      pair.initialCopy.stampedDeltaSet = stampedDeltaSet;
       pair.state = 'duplex';
       this.deps.catalog.putPair(pair);
-      await this.deps.setAccess('read-only');
-      this.deps.log.info({ volume: pair.volume }, 'initial copy received; volume is now a read-only replica');
+      await this.openToHostsIfConsistent();
       this.playbackWaker.signal();
     }
     const body: CopyAckBody = { cursorBlock: volume.blockCount, done: true };
@@ -468,6 +485,7 @@ export class TargetReplica {
       const nextLive = this.rows().find((d) => d.state !== 'played');
       this.ring.release(Math.max(this.ring.tail, nextLive?.startLsn ?? this.receiving.startLsn ?? this.ring.head));
       this.spaceWaker.signal();
+      await this.openToHostsIfConsistent();
     } finally {
       this.overlay = undefined;
       this.stats.playing = 0;

@@ -61,6 +61,7 @@ export class Site {
   ) {
     this.volumes = new VolumeStore(catalog, layout.volumesDir, config.blockBytes, log);
     this.rcp = new RcpServer({ siteId: config.id, siteName: config.name }, log);
+    this.snapshots = new SnapshotManager(catalog, this.volumes, join(layout.dir, 'snapshots'), log);
     this.replication = new ReplicationManager({
       self: { siteId: config.id, siteName: config.name },
       selfUrl: () => this.url,
@@ -72,9 +73,9 @@ export class Site {
       clock: systemClock,
       log,
       setAccess: (volume, access) => this.setVolumeAccess(volume, access),
+      snapshots: this.snapshots,
     });
     this.exports.add(new VolumeExportSource(this.volumes, (name) => this.replication.targets.get(name)));
-    this.snapshots = new SnapshotManager(catalog, this.volumes, join(layout.dir, 'snapshots'), log);
     this.exports.add(new SnapshotExportSource(this.volumes, this.snapshots));
   }
 
