@@ -9,7 +9,8 @@
  * (c) bytes on the wire per distinct block written when the same blocks are rewritten
  *     within one delta set (target 1.0 plus framing).
  *
- * Environment: BENCH_VOLUME_GIB (default 4), BENCH_DATA_GIB (default 2), BENCH_FIO_SECONDS (default 20).
+ * Environment: BENCH_VOLUME_GIB (default 4), BENCH_DATA_GIB (default 2), BENCH_FIO_SECONDS (default 20),
+ * BENCH_SAVE_VOLUME (default 4G).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm, open } from 'node:fs/promises';
@@ -25,6 +26,9 @@ const GiB = 1024 ** 3;
 const volumeBytes = Number(process.env.BENCH_VOLUME_GIB ?? 4) * GiB;
 const dataBytes = Number(process.env.BENCH_DATA_GIB ?? 2) * GiB;
 const fioSeconds = Number(process.env.BENCH_FIO_SECONDS ?? 20);
+/** Save volume for (b): a burst of random writes can dirty the whole 1 GiB range fio uses. */
+const saveVolume = process.env.BENCH_SAVE_VOLUME ?? '4G';
+const syncWaitMs = Number(process.env.BENCH_SYNC_WAIT_S ?? 120) * 1000;
 
 function table(headers: string[], rows: string[][]): string {
   const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
@@ -107,7 +111,8 @@ async function fio(port: number, name: string, rw: string, bs: string, depth: nu
     '--name=bench', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${port}/${name}`, `--rw=${rw}`, `--bs=${bs}`, `--iodepth=${depth}`,
     '--size=1G', '--time_based', `--runtime=${fioSeconds}`, '--output-format=json',
   ], { maxBuffer: 64 * 1024 * 1024 });
-  const job = (JSON.parse(stdout) as { jobs: { write: { iops: number; bw_bytes: number } }[] }).jobs[0]!;
+  // fio may print notices before its JSON.
+  const job = (JSON.parse(stdout.slice(stdout.indexOf('{'))) as { jobs: { write: { iops: number; bw_bytes: number } }[] }).jobs[0]!;
   return { iops: job.write.iops, mibps: job.write.bw_bytes / 1024 / 1024 };
 }
 
@@ -116,7 +121,7 @@ async function benchWrites(): Promise<string[][]> {
   const rows: string[][] = [];
   try {
     for (const v of ['plain', 'repl']) await a.api('POST', '/api/v1/volumes', { name: v, size: 2 * GiB });
-    const start = await a.cli(['replicate', 'start', 'repl', '--to', b.url, '--interval', '5s', '--wait']);
+    const start = await a.cli(['replicate', 'start', 'repl', '--to', b.url, '--interval', '5s', '--save-volume', saveVolume, '--wait']);
     if (start.code !== 0) throw new Error(start.stderr);
     for (const [label, rw, bs, depth] of [['4k random write QD32', 'randwrite', '4k', 32], ['1M sequential write QD8', 'write', '1M', 8]] as const) {
       const plain = await fio(a.nbdPort, 'plain', rw, bs, depth);
@@ -126,8 +131,18 @@ async function benchWrites(): Promise<string[][]> {
       }, 500);
       const repl = await fio(a.nbdPort, 'repl', rw, bs, depth);
       clearInterval(watcher);
-      await waitInSync(a, b, 'repl', 'repl', 300_000);
-      rows.push([`(b) ${label}`, `${plain.iops.toFixed(0)} IOPS ${plain.mibps.toFixed(1)} MiB/s`, `${repl.iops.toFixed(0)} IOPS ${repl.mibps.toFixed(1)} MiB/s`, (repl.iops / plain.iops).toFixed(2), `>= 0.9; max lag ${maxLag.toFixed(1)} s (interval 5 s)`]);
+      const [syncSeconds, synced] = await timed(() => waitInSync(a, b, 'repl', 'repl', syncWaitMs).then(() => true, () => false));
+      const after = await pairStatus(a, 'repl');
+      const row = [
+        `(b) ${label}`,
+        `${repl.iops.toFixed(0)} IOPS ${repl.mibps.toFixed(1)} MiB/s replicated`,
+        `${plain.iops.toFixed(0)} IOPS ${plain.mibps.toFixed(1)} MiB/s plain`,
+        (repl.iops / plain.iops).toFixed(2),
+        `>= 0.9; max lag during the run ${maxLag.toFixed(1)} s (interval 5 s); ${synced ? `in sync ${syncSeconds.toFixed(1)} s after fio` : `NOT in sync ${syncSeconds.toFixed(0)} s after fio (${after.lagBlocks} blocks behind)`}`,
+      ];
+      process.stdout.write(`${row.join(' | ')}\n`);
+      rows.push(row);
+      if (!synced) break;
     }
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);

@@ -165,15 +165,7 @@ export class ReplicationManager {
         saveVolumeBytes: options.saveVolumeBytes,
         createdAt: new Date(this.deps.clock.now()).toISOString(),
         initialCopy: { cursorBlock: 0, totalBlocks: volume.blockCount, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },
-        deltaSetCreated: 0,
-        deltaSetSent: 0,
-        deltaSetAcked: 0,
-        deltaSetReceived: 0,
-        deltaSetPlayedBack: 0,
-        bytesSent: 0,
-        bytesReceived: 0,
-        paused: false,
-        playedBackCutMs: 0,
+        ...freshCounters(),
       };
       await this.removeFiles(record.id);
       this.catalog.putPair(pair);
@@ -365,15 +357,7 @@ export class ReplicationManager {
         saveVolumeBytes: saveVolumeBytesDefault,
         createdAt: new Date(this.deps.clock.now()).toISOString(),
         initialCopy: { cursorBlock: 0, totalBlocks: body.sizeBytes / blockBytes, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },
-        deltaSetCreated: 0,
-        deltaSetSent: 0,
-        deltaSetAcked: 0,
-        deltaSetReceived: 0,
-        deltaSetPlayedBack: 0,
-        bytesSent: 0,
-        bytesReceived: 0,
-        paused: false,
-        playedBackCutMs: 0,
+        ...freshCounters(),
       };
       await this.removeFiles(record.id);
       this.catalog.putPair(pair);
@@ -519,4 +503,9 @@ function refuse(connection: RcpConnection, err: unknown): void {
     connection.sendError(e.code, e.message);
     connection.close();
   }
+}
+
+/** The progress fields of a pair that has not moved yet. */
+function freshCounters(): Pick<PairRecord, 'deltaSetCreated' | 'deltaSetSent' | 'deltaSetAcked' | 'deltaSetReceived' | 'deltaSetPlayedBack' | 'bytesSent' | 'bytesReceived' | 'paused' | 'playedBackCutMs'> {
+  return { deltaSetCreated: 0, deltaSetSent: 0, deltaSetAcked: 0, deltaSetReceived: 0, deltaSetPlayedBack: 0, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 0 };
 }

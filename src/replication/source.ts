@@ -9,7 +9,7 @@ import type { ChangeLog } from '../tracking/change-log.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { DeltaSetBuilder, deltaSetSpanBytesMax } from './builder.js';
-import { chunkDataBytesMax, chunkExtentsMax, encodeChunk, type ChunkExtent } from './chunk.js';
+import { chunkExtentsMax, encodeChunk, type ChunkExtent } from './chunk.js';
 import { Inbox } from './inbox.js';
 import { isActive, nextPairStatus, type PairEvent, type PairStatus } from './pair-state.js';
 import {
@@ -60,6 +60,9 @@ export interface SourceDeps {
   /** Opens an RCP session to the target (handshake done) and returns its position. */
   openSession(pair: PairRecord): Promise<{ connection: RcpConnection; position: TargetPosition }>;
 }
+
+/** Data carried by one piece of the initial copy: larger than a delta-set chunk, it goes straight to the volume. */
+export const copyPieceBytesMax = 4 * 1024 * 1024;
 
 /** Blocks of allocation looked at per step when the copy searches for the next valid extent. */
 const copyScanBlocksMax = 1 << 20;
@@ -605,7 +608,7 @@ export class SourceReplicator {
    */
   private async copyPiece(image: PointInTimeImage, cursor: number, total: number): Promise<{ end: number; extents: ChunkExtent[]; data: Buffer }> {
     const bs = this.deps.volume.blockBytes;
-    const dataBlocksMax = Math.max(1, Math.floor(chunkDataBytesMax / bs));
+    const dataBlocksMax = Math.max(1, Math.floor(copyPieceBytesMax / bs));
     const extents: ChunkExtent[] = [];
     const parts: Buffer[] = [];
     let dataBlocks = 0;

@@ -532,27 +532,7 @@ export class SnapshotManager {
     this.checkOpen();
     const { vs, snap } = this.find(volumeName, snapshotName);
     await vs.gate.shared(() => this.ensureLoaded(vs, snap));
-    const manager = this;
-    return {
-      volume: volumeName,
-      snapshot: snapshotName,
-      sizeBytes: snap.record.sizeBytes,
-      blockBytes: snap.record.blockBytes,
-      readOnly: true,
-      async read(offset: number, length: number): Promise<Buffer> {
-        const buf = Buffer.alloc(length);
-        await manager.readImage(vs, snap, buf, offset);
-        return buf;
-      },
-      readInto: (buf: Uint8Array, offset: number) => manager.readImage(vs, snap, buf, offset),
-      blockStatus(offset: number, length: number): Extent[] {
-        manager.checkRange(snap, offset, length);
-        if (snap.deleted) throw new FerryError('SNAPSHOT_NOT_FOUND', `snapshot ${volumeName}@${snapshotName} was deleted`);
-        const valid = snap.validBits;
-        assert(valid, `snapshot ${snapshotName} has no meta bit map in memory`);
-        return extentsOf(valid, offset, length, snap.record.blockBytes);
-      },
-    };
+    return this.exportView(volumeName, snapshotName);
   }
 
   /**
