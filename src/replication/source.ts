@@ -4,7 +4,7 @@ import { crc32c } from '../lib/checksum.js';
 import { FerryError, assert, isFerryError } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
 import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/replication-catalog.js';
-import type { Extent, Volume, WriteHook } from '../storage/volume.js';
+import { ioBytesMax, type Extent, type Volume, type WriteHook } from '../storage/volume.js';
 import type { ChangeLog } from '../tracking/change-log.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
@@ -64,8 +64,8 @@ export interface SourceDeps {
 /** Data carried by one piece of the initial copy: larger than a delta-set chunk, it goes straight to the volume. */
 export const copyPieceBytesMax = 4 * 1024 * 1024;
 
-/** Blocks of allocation looked at per step when the copy searches for the next valid extent. */
-const copyScanBlocksMax = 1 << 20;
+/** Bytes of allocation looked at per step when the copy searches for the next valid extent (the I/O layer's request limit). */
+const copyScanBytesMax = ioBytesMax;
 
 /** What the initial copy reads: a volume image frozen at a point in time. */
 export interface PointInTimeImage {
@@ -122,6 +122,10 @@ export class SourceReplicator {
   private sendingSinceMs = 0;
   private sentBytesTotal = 0;
   private lastPersistMs = 0;
+  /** Blocks of the delta set being built, from the switch until its mailbox row is written. */
+  private buildingBlocks = 0;
+  /** Counts acknowledged work (copy pieces, chunks, delta sets). */
+  private progress = 0;
 
   constructor(private readonly deps: SourceDeps) {
     const { pair, catalog } = deps;
@@ -147,8 +151,13 @@ export class SourceReplicator {
     return this.deps.changeLog;
   }
 
+  /**
+   * Blocks written and not yet in a sealed delta set: the new table plus every block of
+   * the delta set being built (those leave the old table as they are copied, but are
+   * not in the mailbox until it is sealed; lag must not read 0 in between).
+   */
   get dirtyBlocks(): number {
-    return this.deps.changeLog.dirtyBlocks;
+    return this.deps.changeLog.current.count + this.buildingBlocks;
   }
 
   /** Installs the change log's write hook. Done when the pair is opened, before any host is let in (rule 1). */
@@ -266,6 +275,7 @@ export class SourceReplicator {
     const createdAtMs = clock.now();
     try {
       old = changeLog.switchTables();
+      this.buildingBlocks = old.count;
     } finally {
       resume();
     }
@@ -295,6 +305,7 @@ export class SourceReplicator {
           this.pair.deltaSetCreated = n;
           this.deps.catalog.putPair(this.pair);
         });
+        this.buildingBlocks = 0;
         this.previousCutMs = createdAtMs;
         await changeLog.sealed();
         this.stats.saveVolumeUsedBytes = this.ring.usedBytes;
@@ -303,6 +314,7 @@ export class SourceReplicator {
       } catch (err) {
         changeLog.setCopier(undefined);
         await changeLog.mergeOldBack();
+        this.buildingBlocks = 0;
         throw err;
       } finally {
         this.building = undefined;
@@ -344,8 +356,14 @@ export class SourceReplicator {
           continue;
         }
         if (this.status.state === 'suspended') this.apply({ type: 'resume' });
-        failures = 0;
-        await this.session(connection, position);
+        const progressBefore = this.progress;
+        try {
+          await this.session(connection, position);
+        } finally {
+          // Only progress clears the failures: a session that connects and then fails the
+          // same way each time must still end in Suspend (failure) with its reason.
+          if (this.progress > progressBefore) failures = 0;
+        }
       } catch (err) {
         if (this.closed) break;
         failures++;
@@ -459,6 +477,7 @@ export class SourceReplicator {
         this.noteAck(ack);
         if (ack.full) progressAtMs = this.deps.clock.now();
         if (ack.deltaSet === ds.n && ack.chunksStored > acked) {
+          this.progress++;
           acked = ack.chunksStored;
           progressAtMs = this.deps.clock.now();
         }
@@ -493,7 +512,10 @@ export class SourceReplicator {
       }
       const ack = json<AckBody>(frame);
       this.noteAck(ack);
-      if (ack.deltaSet === ds.n && ack.sealed) break;
+      if (ack.deltaSet === ds.n && ack.sealed) {
+        this.progress++;
+        break;
+      }
     }
     const now = this.deps.clock.now();
     this.deps.catalog.transaction(() => {
@@ -564,7 +586,10 @@ export class SourceReplicator {
         cursor = ack.cursorBlock;
         inFlight.length = 0;
       }
-      if (ack.cursorBlock > ackedCursor) progressAtMs = this.deps.clock.now();
+      if (ack.cursorBlock > ackedCursor) {
+        progressAtMs = this.deps.clock.now();
+        this.progress++;
+      }
       ackedCursor = Math.max(ackedCursor, ack.cursorBlock);
       while (inFlight.length > 0 && (inFlight[0] as number) <= ackedCursor) inFlight.shift();
       copy.cursorBlock = ackedCursor;
@@ -614,7 +639,7 @@ export class SourceReplicator {
     let dataBlocks = 0;
     let at = cursor;
     while (at < total && dataBlocks < dataBlocksMax && extents.length < chunkExtentsMax - 1) {
-      const windowBlocks = Math.min(total - at, copyScanBlocksMax);
+      const windowBlocks = Math.min(total - at, Math.floor(copyScanBytesMax / bs));
       const allocated = image.blockStatus(at * bs, windowBlocks * bs).find((e) => e.allocated);
       if (!allocated) {
         extents.push({ block: at, count: windowBlocks, zero: true });

@@ -127,6 +127,23 @@ test('writes through NBD (qemu-io) during and after the initial copy; the replic
   }
 });
 
+test('a volume larger than one I/O request (256 MiB, data past 64 MiB) is copied whole', async () => {
+  const [a, b] = await pair('large');
+  try {
+    const size = 256 * MiB;
+    await a.api('POST', '/api/v1/volumes', { name: 'big', size });
+    for (const offset of [0, 70 * MiB + 4321, 200 * MiB, size - 100_000]) await a.writeData('big', offset, randomBytes(100_000));
+    const start = await a.cli(['replicate', 'start', 'big', '--to', b.url, '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    await waitInSync(a, b, 'big');
+    assert.equal(await b.digest('big'), await a.digest('big'));
+    const s = await pairStatus(a, 'big');
+    assert.ok(s.initialCopy.bytes < 8 * MiB, `only valid extents were sent: ${s.initialCopy.bytes} bytes`);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('bad replicate requests get clear errors and change nothing', async () => {
   const [a, b] = await pair('bad');
   try {
