@@ -139,6 +139,7 @@ export class ReplicationManager {
         blockBytes: volume.blockBytes,
         generation: 1,
         mode: options.mode,
+        saveVolumeBytes: options.saveVolumeBytes,
       };
       const { connection, peer } = await this.connect(options.to);
       try {
@@ -354,7 +355,7 @@ export class ReplicationManager {
         generation: body.generation,
         intervalMs: 0,
         highWaterBytes: 0,
-        saveVolumeBytes: saveVolumeBytesDefault,
+        saveVolumeBytes: Number.isSafeInteger(body.saveVolumeBytes) && body.saveVolumeBytes >= saveVolumeBytesDefault ? body.saveVolumeBytes : saveVolumeBytesDefault,
         createdAt: new Date(this.deps.clock.now()).toISOString(),
         initialCopy: { cursorBlock: 0, totalBlocks: body.sizeBytes / blockBytes, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },
         ...freshCounters(),

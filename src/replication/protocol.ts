@@ -34,6 +34,8 @@ export interface PairCreateBody {
   blockBytes: number;
   generation: number;
   mode: 'async' | 'sync';
+  /** The source's save volume: the target's must hold any delta set the source can cut. */
+  saveVolumeBytes: number;
 }
 
 export interface PairOpenBody {
