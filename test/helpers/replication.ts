@@ -1,25 +1,9 @@
+import type { PairStatusView } from '../../src/replication/status.js';
 import { createHash, randomBytes } from 'node:crypto';
 import type { TestSite } from './site.js';
 
-export interface PairStatus {
-  volume: string;
-  role: string;
-  state: string;
-  reason: string;
-  generation: number;
-  deltaSetCreated: number;
-  deltaSetAcked: number;
-  deltaSetReceived: number;
-  deltaSetPlayedBack: number;
-  lagBlocks: number;
-  lagSeconds: number;
-  bytesSent: number;
-  bytesReceived: number;
-  corruptFrames: number;
-  retries: number;
-  initialCopy: { done: boolean; percent: number; bytes: number };
-  saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
-}
+/** One line of `ferry status --json`, as the product defines it. */
+export type PairStatus = PairStatusView;
 
 export async function pairStatus(site: TestSite, volume: string): Promise<PairStatus> {
   const { status, body } = await site.api<PairStatus[]>('GET', `/api/v1/status/${volume}`);
