@@ -16,7 +16,8 @@ import { FrameType, type Frame } from '../transport/frame.js';
 import type { RcpServer } from '../transport/rcp-server.js';
 import { nextPairStatus, initialPairStatus } from './pair-state.js';
 import { ReplFrame, json, type PairCreateBody, type PairOpenBody, type TargetPosition } from './protocol.js';
-import { SourceReplicator, type PointInTimeImage } from './source.js';
+import { SourceReplicator } from './source.js';
+import type { CopyPlan, PointInTimeImage } from './copy.js';
 import type { SnapshotManager } from '../snapshot/manager.js';
 import { infoView, pairStatusView, type InfoView, type LiveFigures, type PairStatusView } from './status.js';
 import { TargetReplica } from './target.js';
@@ -173,7 +174,7 @@ export class ReplicationManager {
       const source = await this.openSource(pair);
       this.sources.set(pair.volume, source);
       try {
-        await this.copyImage(pair);
+        await this.copyPlan(pair);
       } catch (err) {
         this.sources.delete(pair.volume);
         await source.close();
@@ -291,13 +292,13 @@ export class ReplicationManager {
     return connectRcp(host, port, this.deps.self, sessionOpenTimeoutMs);
   }
 
-  private async openSession(pair: PairRecord): Promise<{ connection: RcpConnection; position: TargetPosition }> {
+  private async openSession(pair: PairRecord, channel: 'deltas' | 'copy'): Promise<{ connection: RcpConnection; position: TargetPosition }> {
     const { connection, peer } = await this.connect(pair.peerUrl);
     try {
       if (peer.siteId !== pair.peerSiteId) {
         throw new FerryError('PROTOCOL_ERROR', `the site at ${pair.peerUrl} is ${peer.siteName} (${peer.siteId}), not the pair's target ${pair.peerSiteName} (${pair.peerSiteId})`);
       }
-      const open: PairOpenBody = { pairId: pair.pairId, targetVolume: pair.peerVolume, generation: pair.generation };
+      const open: PairOpenBody = { pairId: pair.pairId, targetVolume: pair.peerVolume, generation: pair.generation, channel };
       connection.sendJson(ReplFrame.PairOpen as number, open, { generation: BigInt(pair.generation) });
       const position = await expectOpenOk(connection);
       return { connection, position };
@@ -391,7 +392,8 @@ export class ReplicationManager {
         connection.close();
         return;
       }
-      await target.serve(connection);
+      if (body.channel === 'copy') await target.serveCopy(connection);
+      else await target.serve(connection);
     } catch (err) {
       refuse(connection, err);
     }
@@ -422,6 +424,21 @@ export class ReplicationManager {
       this.catalog.putPair(pair);
     }
     return snapshots.exportView(pair.volume, name);
+  }
+
+  /** The copy of a pair: every block of its stamped snapshot (a new remote copy). */
+  private async copyPlan(pair: PairRecord): Promise<CopyPlan> {
+    const volume = this.deps.volumes.get(pair.volume);
+    pair.initialCopy.copyId ??= 1;
+    const image = await this.copyImage(pair);
+    return {
+      copyId: pair.initialCopy.copyId,
+      image,
+      blockCount: volume.blockCount,
+      blockBytes: volume.blockBytes,
+      stampedDeltaSet: pair.initialCopy.stampedDeltaSet,
+      final: true,
+    };
   }
 
   private async dropCopyImage(pair: PairRecord): Promise<void> {
@@ -462,8 +479,8 @@ export class ReplicationManager {
       journal,
       clock,
       log,
-      openSession: (p) => this.openSession(p),
-      copyImage: (p) => this.copyImage(p),
+      openSession: (p, channel) => this.openSession(p, channel),
+      copyPlan: (p) => this.copyPlan(p),
       copied: (p) => this.dropCopyImage(p),
     });
     source.track();

@@ -42,12 +42,16 @@ export interface PairOpenBody {
   pairId: string;
   targetVolume: string;
   generation: number;
+  /** Which of the pair's two connections this is: delta sets (default) or the copy. */
+  channel?: 'deltas' | 'copy';
 }
 
 /** The target's position: everything the source needs to resume. */
 export interface TargetPosition {
   pairId: string;
   generation: number;
+  /** The copy the target has seen last (0: none) and where it stands in it. */
+  copyId: number;
   copyCursorBlock: number;
   copyDone: boolean;
   /** Last delta set completely received and stored. */
@@ -96,7 +100,10 @@ export interface CopyAckBody {
 }
 
 export interface CopyDoneBody {
+  copyId: number;
   stampedDeltaSet: number;
+  /** The last copy before playback (the first step of a two-step full copy is not). */
+  final: boolean;
 }
 
 export interface ControlBody {
@@ -128,16 +135,21 @@ export function decodeChunkFrame(payload: Buffer): { deltaSet: number; index: nu
   return { deltaSet: Number(payload.readBigUInt64LE(0)), index: payload.readUInt32LE(8), chunkBytes: payload.subarray(chunkFramePrefixBytes) };
 }
 
-/** Copy frame payload: u64 cursor (first block after this piece), then the chunk encoding. */
-export function encodeCopyFrame(cursorBlock: number, chunkBytes: Buffer): Buffer {
-  const prefix = Buffer.alloc(8);
-  prefix.writeBigUInt64LE(BigInt(cursorBlock), 0);
+/**
+ * Copy frame payload: u32 copy id, u32 0, u64 first block of the piece, u64 first block
+ * after it, then the chunk encoding (the piece's planned blocks in [from, to)).
+ */
+export function encodeCopyFrame(copyId: number, fromBlock: number, toBlock: number, chunkBytes: Buffer): Buffer {
+  const prefix = Buffer.alloc(24);
+  prefix.writeUInt32LE(copyId, 0);
+  prefix.writeBigUInt64LE(BigInt(fromBlock), 8);
+  prefix.writeBigUInt64LE(BigInt(toBlock), 16);
   return Buffer.concat([prefix, chunkBytes]);
 }
 
-export function decodeCopyFrame(payload: Buffer): { cursorBlock: number; chunkBytes: Buffer } {
-  if (payload.length < 8) throw new FerryError('PROTOCOL_ERROR', 'copy frame too short');
-  return { cursorBlock: Number(payload.readBigUInt64LE(0)), chunkBytes: payload.subarray(8) };
+export function decodeCopyFrame(payload: Buffer): { copyId: number; fromBlock: number; toBlock: number; chunkBytes: Buffer } {
+  if (payload.length < 24) throw new FerryError('PROTOCOL_ERROR', 'copy frame too short');
+  return { copyId: payload.readUInt32LE(0), fromBlock: Number(payload.readBigUInt64LE(8)), toBlock: Number(payload.readBigUInt64LE(16)), chunkBytes: payload.subarray(24) };
 }
 
 export function json<T>(frame: Frame): T {

@@ -4,28 +4,26 @@ import { crc32c } from '../lib/checksum.js';
 import { FerryError, assert, isFerryError } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
 import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/replication-catalog.js';
-import { ioBytesMax, type Extent, type Volume, type WriteHook } from '../storage/volume.js';
+import type { Volume, WriteHook } from '../storage/volume.js';
 import type { ChangeLog } from '../tracking/change-log.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { DeltaSetBuilder, deltaSetSpanBytesMax } from './builder.js';
-import { chunkExtentsMax, encodeChunk, type ChunkExtent } from './chunk.js';
 import { Inbox } from './inbox.js';
 import { isActive, nextPairStatus, type PairEvent, type PairStatus } from './pair-state.js';
 import {
   ReplFrame,
   encodeChunkFrame,
-  encodeCopyFrame,
   headerCrcFields,
   json,
   type AckBody,
-  type CopyAckBody,
   type DeltaSetHeaderBody,
   type HeartbeatBody,
   type NackBody,
   type TargetPosition,
 } from './protocol.js';
 import { DeltaSetTrigger, type TriggerReason } from './triggers.js';
+import { CopyRunner, type CopyPlan, type CopyStats } from './copy.js';
 
 /** Chunks (or copy pieces) sent and not yet acknowledged. */
 export const sendWindowChunks = 8;
@@ -40,7 +38,6 @@ export const retryDelayMsMin = 200;
 /** Longest sleep of the cutter between trigger checks. */
 const cutterPollMs = 100;
 const heartbeatMs = 1_000;
-const copyProgressPersistMs = 1_000;
 
 export interface SourceDeps {
   volume: Volume;
@@ -51,26 +48,14 @@ export interface SourceDeps {
   clock: Clock;
   log: Logger;
   /**
-   * The point-in-time image the initial copy reads (a snapshot stamped with the delta
-   * set current when it was taken, E FIG. 11); made if it does not exist yet.
+   * The copy that makes the target whole: its image (a snapshot stamped with the delta
+   * set current when it was taken, E FIG. 11), made if it does not exist yet.
    */
-  copyImage(pair: PairRecord): Promise<PointInTimeImage>;
-  /** The initial copy is complete: its image can go. */
+  copyPlan(pair: PairRecord): Promise<CopyPlan>;
+  /** The copy is complete: its image can go. */
   copied(pair: PairRecord): Promise<void>;
-  /** Opens an RCP session to the target (handshake done) and returns its position. */
-  openSession(pair: PairRecord): Promise<{ connection: RcpConnection; position: TargetPosition }>;
-}
-
-/** Data carried by one piece of the initial copy: larger than a delta-set chunk, it goes straight to the volume. */
-export const copyPieceBytesMax = 4 * 1024 * 1024;
-
-/** Bytes of allocation looked at per step when the copy searches for the next valid extent (the I/O layer's request limit). */
-const copyScanBytesMax = ioBytesMax;
-
-/** What the initial copy reads: a volume image frozen at a point in time. */
-export interface PointInTimeImage {
-  blockStatus(offset: number, length: number): Extent[];
-  readInto(buf: Uint8Array, offset: number): Promise<void>;
+  /** Opens an RCP connection of the pair (handshake done) and returns the target's position. */
+  openSession(pair: PairRecord, channel: 'deltas' | 'copy'): Promise<{ connection: RcpConnection; position: TargetPosition }>;
 }
 
 /** Counters for status and metrics, kept in memory. */
@@ -116,12 +101,13 @@ export class SourceReplicator {
   private removeHook: (() => void) | undefined;
   private closed = false;
   private loops: Promise<void>[] = [];
+  private copier: CopyRunner | undefined;
   private connection: RcpConnection | undefined;
   private previousCutMs: number;
   private rateWindow: { atMs: number; bytes: number }[] = [];
   private sendingSinceMs = 0;
   private sentBytesTotal = 0;
-  private lastPersistMs = 0;
+
   /** Blocks of the delta set being built, from the switch until its mailbox row is written. */
   private buildingBlocks = 0;
   /** Counts acknowledged work (copy pieces, chunks, delta sets). */
@@ -169,10 +155,16 @@ export class SourceReplicator {
     this.removeHook = this.deps.volume.addHook(hook);
   }
 
-  /** Starts the cutter and the send thread. */
+  /** Starts the cutter, the send thread and, until the target is whole, the copy. */
   start(): void {
     this.track();
     this.loops = [this.cutLoop(), this.sendLoop()];
+    if (this.pair.initialCopy.doneAt === undefined) this.loops.push(this.copyLoop());
+  }
+
+  /** Copy progress and connection, while a copy runs. */
+  get copyStats(): CopyStats | undefined {
+    return this.copier?.stats;
   }
 
   /** Cut a delta set now (`ferry replicate delta`). Resolves when it is sealed. */
@@ -219,6 +211,7 @@ export class SourceReplicator {
     this.cutWaker.signal();
     this.sendWaker.signal();
     this.connection?.destroy();
+    this.copier?.close();
     await Promise.allSettled(this.loops);
     await this.building?.catch(() => undefined);
     this.removeHook?.();
@@ -348,7 +341,7 @@ export class SourceReplicator {
         continue;
       }
       try {
-        const { connection, position } = await this.deps.openSession(this.pair);
+        const { connection, position } = await this.deps.openSession(this.pair, 'deltas');
         this.connection = connection;
         this.stats.connected = true;
         if (this.closed || (!isActive(this.status) && this.status.cause === 'command')) {
@@ -385,11 +378,6 @@ export class SourceReplicator {
   private async session(connection: RcpConnection, position: TargetPosition): Promise<void> {
     const inbox = new Inbox(connection);
     try {
-      if (!position.copyDone) {
-        await this.initialCopy(connection, inbox, position.copyCursorBlock);
-      } else if (this.status.state === 'initial-copying') {
-        this.markCopied();
-      }
       this.notePlayedBack(position.deltaSetPlayedBack);
       let next = position.deltaSetReceived + 1;
       let fromChunk = position.chunksStored;
@@ -541,82 +529,36 @@ export class SourceReplicator {
     return out;
   }
 
-  // ---- initial copy (E FIG. 11, SPEC C5) ---------------------------------------------
+  // ---- copy (E FIG. 11, SPEC C5) ---------------------------------------------------
 
-  private async initialCopy(connection: RcpConnection, inbox: Inbox, fromBlock: number): Promise<void> {
-    const { volume } = this.deps;
-    const generation = BigInt(this.pair.generation);
-    const total = volume.blockCount;
-    const bs = volume.blockBytes;
-    const copy = this.pair.initialCopy;
-    copy.totalBlocks = total;
-    const image = await this.deps.copyImage(this.pair);
-    let cursor = fromBlock;
-    let ackedCursor = fromBlock;
-    const inFlight: number[] = [];
-    this.sendingSinceMs = this.deps.clock.now();
-    let progressAtMs = this.deps.clock.now();
-    while (ackedCursor < total) {
-      while (cursor < total && inFlight.length < sendWindowChunks) {
-        const piece = await this.copyPiece(image, cursor, total);
-        const payload = encodeCopyFrame(piece.end, encodeChunk({ extents: piece.extents, data: piece.data }));
-        connection.send(ReplFrame.CopyData, payload, { generation });
-        this.countSent(payload.length);
-        copy.bytes += piece.data.length;
-        inFlight.push(piece.end);
-        cursor = piece.end;
+  /**
+   * Runs the copy on its own connection while delta sets flow on the other (E FIG. 29):
+   * the target stores them and plays them back once the copy is done.
+   */
+  private async copyLoop(): Promise<void> {
+    while (!this.closed && this.pair.initialCopy.doneAt === undefined) {
+      if (!isActive(this.status) && !(this.status.state === 'suspended' && this.status.cause === 'failure')) {
+        await this.sendWaker.wait(this.deps.clock, 1000);
+        continue;
       }
-      let frame: Frame;
+      this.copier = new CopyRunner({
+        pair: this.pair,
+        clock: this.deps.clock,
+        log: this.deps.log,
+        openSession: (p) => this.deps.openSession(p, 'copy'),
+        plan: () => this.deps.copyPlan(this.pair),
+        persist: () => this.persist(),
+        countSent: (bytes) => this.countSent(bytes),
+      });
       try {
-        frame = await inbox.next(retransmitMs);
+        if (this.sendingSinceMs === 0) this.sendingSinceMs = this.deps.clock.now();
+        if (await this.copier.run()) this.markCopied();
       } catch (err) {
-        if (!isFerryError(err, 'UNAVAILABLE') || connection.isClosed || this.deps.clock.now() - progressAtMs > ackTimeoutMs) throw err;
-        // Silence: ask where the target stands; it answers with a rewinding CopyAck.
-        this.sendHeartbeat(connection);
-        continue;
+        this.stats.lastError = (err as Error).message;
+        this.deps.log.error({ err, volume: this.pair.volume }, 'copy could not run; retrying');
+        await this.sendWaker.wait(this.deps.clock, retryDelayMsMax);
       }
-      if (frame.type !== ReplFrame.CopyAck) {
-        this.unexpected(frame);
-        continue;
-      }
-      const ack = json<CopyAckBody>(frame);
-      if (ack.rewind) {
-        // A piece was lost or damaged on the way: send again from where the target is.
-        this.stats.corruptFramesResent++;
-        cursor = ack.cursorBlock;
-        inFlight.length = 0;
-      }
-      if (ack.cursorBlock > ackedCursor) {
-        progressAtMs = this.deps.clock.now();
-        this.progress++;
-      }
-      ackedCursor = Math.max(ackedCursor, ack.cursorBlock);
-      while (inFlight.length > 0 && (inFlight[0] as number) <= ackedCursor) inFlight.shift();
-      copy.cursorBlock = ackedCursor;
-      if (this.deps.clock.now() - this.lastPersistMs >= copyProgressPersistMs) this.persist();
     }
-    // "Start playback" from the stamped delta set (E FIG. 11 steps 355-357).
-    const done = (): void => {
-      connection.sendJson(ReplFrame.CopyDone as number, { stampedDeltaSet: copy.stampedDeltaSet }, { generation });
-    };
-    done();
-    const doneSentAtMs = this.deps.clock.now();
-    for (;;) {
-      let frame: Frame;
-      try {
-        frame = await inbox.next(retransmitMs);
-      } catch (err) {
-        if (!isFerryError(err, 'UNAVAILABLE') || connection.isClosed || this.deps.clock.now() - doneSentAtMs > ackTimeoutMs) throw err;
-        done();
-        continue;
-      }
-      if (frame.type === ReplFrame.CopyAck) {
-        if (json<CopyAckBody>(frame).done) break;
-        continue;
-      }
-      this.unexpected(frame);
-    }
-    this.markCopied();
   }
 
   private markCopied(): void {
@@ -625,39 +567,6 @@ export class SourceReplicator {
     this.apply({ type: 'copied' });
     this.deps.copied(this.pair).catch((err: Error) => this.deps.log.warn({ volume: this.pair.volume, err: err.message }, 'the initial-copy snapshot could not be deleted; delete it by hand'));
     this.deps.log.info({ volume: this.pair.volume, bytes: this.pair.initialCopy.bytes }, 'initial copy complete');
-  }
-
-  /**
-   * The next piece of the copy from `cursor`, read from the point-in-time image: its
-   * valid extents with their data (copy by extent, E FIG. 8), holes as zero extents.
-   */
-  private async copyPiece(image: PointInTimeImage, cursor: number, total: number): Promise<{ end: number; extents: ChunkExtent[]; data: Buffer }> {
-    const bs = this.deps.volume.blockBytes;
-    const dataBlocksMax = Math.max(1, Math.floor(copyPieceBytesMax / bs));
-    const extents: ChunkExtent[] = [];
-    const parts: Buffer[] = [];
-    let dataBlocks = 0;
-    let at = cursor;
-    while (at < total && dataBlocks < dataBlocksMax && extents.length < chunkExtentsMax - 1) {
-      const windowBlocks = Math.min(total - at, Math.floor(copyScanBytesMax / bs));
-      const allocated = image.blockStatus(at * bs, windowBlocks * bs).find((e) => e.allocated);
-      if (!allocated) {
-        extents.push({ block: at, count: windowBlocks, zero: true });
-        at += windowBlocks;
-        continue;
-      }
-      const s = Math.floor(allocated.offset / bs);
-      const n = Math.ceil((allocated.offset + allocated.length) / bs) - s;
-      if (s > at) extents.push({ block: at, count: s - at, zero: true });
-      const take = Math.min(n, dataBlocksMax - dataBlocks);
-      const data = Buffer.allocUnsafe(take * bs);
-      await image.readInto(data, s * bs);
-      extents.push({ block: s, count: take, zero: false });
-      parts.push(data);
-      dataBlocks += take;
-      at = s + take;
-    }
-    return { end: at, extents, data: Buffer.concat(parts) };
   }
 
   // ---- bookkeeping -------------------------------------------------------------------
@@ -690,7 +599,7 @@ export class SourceReplicator {
   }
 
   persist(): void {
-    this.lastPersistMs = this.deps.clock.now();
+
     this.deps.catalog.putPair(this.pair);
   }
 

@@ -77,11 +77,12 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
   const unplayed = rows.filter((d) => d.generation === pair.generation && d.n > pair.deltaSetPlayedBack);
   const lagBlocks = live.dirtyBlocks + unplayed.reduce((s, d) => s + d.blocks, 0);
   const copyDone = pair.initialCopy.doneAt !== undefined;
-  const total = pair.initialCopy.totalBlocks;
-  const copied = copyDone ? total : pair.initialCopy.cursorBlock;
+  // A resync copies only the blocks that differ: progress counts those.
+  const total = pair.initialCopy.plannedBlocks ?? pair.initialCopy.totalBlocks;
+  const copied = copyDone ? total : Math.min(total, pair.initialCopy.copiedBlocks ?? pair.initialCopy.cursorBlock);
   const reference = pair.playedBackCutMs > 0 ? pair.playedBackCutMs : Date.parse(pair.initialCopy.startedAt);
   const lagSeconds = lagBlocks === 0 && copyDone && (pair.role === 'target' || pair.deltaSetPlayedBack >= pair.deltaSetCreated) ? 0 : Math.max(0, (live.sourceNowMs - reference) / 1000);
-  const remainingBytes = (total - copied) * (pair.initialCopy.totalBlocks > 0 ? pair.initialCopy.bytes / Math.max(1, copied) : 0);
+  const remainingBytes = (total - copied) * (total > 0 ? pair.initialCopy.bytes / Math.max(1, copied) : 0);
   return {
     volume: pair.volume,
     pairId: pair.pairId,

@@ -95,12 +95,14 @@ export class TargetReplica {
   private readonly playbackWaker = new Waker();
   private readonly spaceWaker = new Waker();
   private session: RcpConnection | undefined;
+  private copySession: RcpConnection | undefined;
   private closed = false;
   private playbackLoopDone: Promise<void> | undefined;
   private copyUnflushedBytes = 0;
   private hostsAllowed = false;
 
   private constructor(private readonly deps: TargetDeps) {
+    deps.pair.initialCopy.copyId ??= 1;
     const rows = this.rows();
     const head = rows.reduce((h, d) => Math.max(h, d.endLsn), 0);
     const live = rows.filter((d) => d.state !== 'played');
@@ -137,6 +139,7 @@ export class TargetReplica {
     return {
       pairId: p.pairId,
       generation: p.generation,
+      copyId: p.initialCopy.copyId ?? 1,
       copyCursorBlock: p.initialCopy.cursorBlock,
       copyDone: this.copyDone,
       deltaSetReceived: p.deltaSetReceived,
@@ -189,8 +192,7 @@ export class TargetReplica {
     connection.on('corrupt', () => {
       // Rule 4: a damaged frame is refused, counted, and asked for again.
       this.stats.corruptFramesRejected++;
-      if (!this.copyDone) this.copyAck(connection, true);
-      else this.nack(connection, this.receiving.chunks.length, 'frame failed its checksum');
+      this.nack(connection, this.receiving.chunks.length, 'frame failed its checksum');
     });
     connection.sendJson(ReplFrame.PairOpenOk as number, this.position(), { generation });
     try {
@@ -217,15 +219,63 @@ export class TargetReplica {
     }
   }
 
+  /**
+   * Serves the copy connection of the pair (E FIG. 29 pipe 458), alongside the delta
+   * sets' connection; a newer copy session replaces an older one.
+   */
+  async serveCopy(connection: RcpConnection): Promise<void> {
+    this.copySession?.destroy();
+    this.copySession = connection;
+    const inbox = new Inbox(connection);
+    const generation = BigInt(this.deps.pair.generation);
+    connection.on('corrupt', () => {
+      // Rule 4: a damaged piece is refused, counted, and sent again from the cursor.
+      this.stats.corruptFramesRejected++;
+      this.copyAck(connection, true);
+    });
+    connection.sendJson(ReplFrame.PairOpenOk as number, this.position(), { generation });
+    try {
+      while (!this.closed && !connection.isClosed) {
+        const frame = await inbox.next(sessionIdleMs);
+        if (frame.generation < generation) {
+          this.stats.staleFramesRefused++;
+          connection.sendError('STALE_GENERATION', `frame of generation ${frame.generation} refused; the pair is at generation ${generation}`, { generation });
+          connection.close();
+          return;
+        }
+        switch (frame.type) {
+          case ReplFrame.CopyData:
+            await this.applyCopy(connection, frame.payload);
+            break;
+          case ReplFrame.CopyDone: {
+            const body = json<CopyDoneBody>(frame);
+            if (!Number.isSafeInteger(body.stampedDeltaSet) || body.stampedDeltaSet < 0 || !Number.isSafeInteger(body.copyId)) {
+              throw new FerryError('PROTOCOL_ERROR', 'CopyDone without a copy id or stamped delta set');
+            }
+            await this.finishCopy(connection, body);
+            break;
+          }
+          case ReplFrame.Heartbeat:
+            this.copyAck(connection, true);
+            break;
+          case FrameType.Ping:
+            connection.sendJson(FrameType.Pong, {}, { sequence: frame.sequence });
+            break;
+          default:
+            throw new FerryError('PROTOCOL_ERROR', `unexpected frame type ${frame.type} on a copy session`);
+        }
+      }
+    } catch (err) {
+      if (!connection.isClosed) this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message }, 'copy session ended');
+    } finally {
+      inbox.close();
+      if (this.copySession === connection) this.copySession = undefined;
+      connection.destroy();
+    }
+  }
+
   private async handle(connection: RcpConnection, frame: Frame): Promise<void> {
     switch (frame.type) {
-      case ReplFrame.CopyData:
-        return this.applyCopy(connection, frame.payload);
-      case ReplFrame.CopyDone: {
-        const stamped = json<CopyDoneBody>(frame).stampedDeltaSet;
-        if (!Number.isSafeInteger(stamped) || stamped < 0) throw new FerryError('PROTOCOL_ERROR', 'CopyDone without a stamped delta set');
-        return this.finishCopy(connection, stamped);
-      }
       case ReplFrame.Chunk:
         return this.storeChunk(connection, frame.payload);
       case ReplFrame.DeltaSetHeader:
@@ -236,8 +286,7 @@ export class TargetReplica {
         this.stats.lastSourceHeardLocalMs = this.deps.clock.now();
         this.stats.sourceDirtyBlocks = hb.dirtyBlocks;
         this.stats.sourceDeltaSetCreated = hb.deltaSetCreated;
-        if (!this.copyDone) this.copyAck(connection, true);
-        else this.ack(connection, this.receiving.n, this.receiving.chunks.length, false);
+        this.ack(connection, this.receiving.n, this.receiving.chunks.length, false);
         return;
       }
       case ReplFrame.Control: {
@@ -257,16 +306,22 @@ export class TargetReplica {
 
   private async applyCopy(connection: RcpConnection, payload: Buffer): Promise<void> {
     const { volume, pair } = this.deps;
-    const { cursorBlock, chunkBytes } = decodeCopyFrame(payload);
+    const { copyId, fromBlock, toBlock, chunkBytes } = decodeCopyFrame(payload);
     const chunk = decodeChunk(chunkBytes, volume.blockBytes, volume.blockCount);
-    const start = chunk.extents[0]?.block ?? cursorBlock;
-    if (this.copyDone || start !== pair.initialCopy.cursorBlock || cursorBlock <= start || cursorBlock > volume.blockCount) {
-      // Out of order after a lost piece (or a duplicate): say where we stand.
+    const copy = pair.initialCopy;
+    if (copyId > (copy.copyId ?? 1) && fromBlock === 0) {
+      // A new copy (a resync's second step): playback waits until it is done.
+      pair.initialCopy = { cursorBlock: 0, totalBlocks: volume.blockCount, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0, copyId };
+      this.deps.catalog.putPair(pair);
+    }
+    const outside = chunk.extents.some((e) => e.block < fromBlock || e.block + e.count > toBlock);
+    if (copyId !== pair.initialCopy.copyId || (this.copyDone && copyId === pair.initialCopy.copyId) || fromBlock !== pair.initialCopy.cursorBlock || toBlock <= fromBlock || toBlock > volume.blockCount || outside) {
+      // Out of order after a lost piece (or a duplicate, or a piece of an older copy): say where we stand.
       this.copyAck(connection, true);
       return;
     }
     await this.applyChunk(chunk);
-    pair.initialCopy.cursorBlock = cursorBlock;
+    pair.initialCopy.cursorBlock = toBlock;
     pair.initialCopy.totalBlocks = volume.blockCount;
     pair.initialCopy.bytes += chunk.data.length;
     this.copyUnflushedBytes += chunk.data.length + 1;
@@ -292,20 +347,22 @@ export class TargetReplica {
     this.deps.log.info({ volume: pair.volume }, 'the replica holds a consistent image; read-only access for hosts');
   }
 
-  private async finishCopy(connection: RcpConnection, stampedDeltaSet: number): Promise<void> {
+  private async finishCopy(connection: RcpConnection, done: CopyDoneBody): Promise<void> {
     const { pair, volume } = this.deps;
-    if (!this.copyDone) {
-      if (pair.initialCopy.cursorBlock < volume.blockCount) {
-        this.copyAck(connection, true);
-        return;
-      }
+    if (done.copyId !== pair.initialCopy.copyId || pair.initialCopy.cursorBlock < volume.blockCount) {
+      this.copyAck(connection, true);
+      return;
+    }
+    if (!this.copyDone && done.final) {
       await volume.flush();
       pair.initialCopy.doneAt = new Date(this.deps.clock.now()).toISOString();
-      pair.initialCopy.stampedDeltaSet = stampedDeltaSet;
+      pair.initialCopy.stampedDeltaSet = done.stampedDeltaSet;
       pair.state = 'duplex';
       this.deps.catalog.putPair(pair);
       await this.openToHostsIfConsistent();
       this.playbackWaker.signal();
+    } else if (!done.final) {
+      await this.persistCopy();
     }
     const body: CopyAckBody = { cursorBlock: volume.blockCount, done: true };
     connection.sendJson(ReplFrame.CopyAck as number, body, { generation: BigInt(pair.generation) });
@@ -537,6 +594,7 @@ export class TargetReplica {
     if (this.closed) return;
     this.closed = true;
     this.session?.destroy();
+    this.copySession?.destroy();
     this.playbackWaker.signal();
     this.spaceWaker.signal();
     await this.playbackLoopDone;

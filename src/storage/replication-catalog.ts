@@ -27,8 +27,24 @@ export interface PairRecord {
   highWaterBytes: number;
   saveVolumeBytes: number;
   createdAt: string;
-  /** Initial copy: next block to copy, total blocks, the delta set stamped at its start. */
-  initialCopy: { cursorBlock: number; totalBlocks: number; stampedDeltaSet: number; startedAt: string; doneAt?: string; bytes: number };
+  /**
+   * The copy that makes the target whole (a new remote copy, or a resync's): next
+   * block, volume blocks, the delta set stamped on its image. `copyId` numbers the
+   * copies of the pair (0: none yet); `plannedBlocks`/`copiedBlocks` count only the
+   * blocks it sends (a resync copies a few); `snapshot` names the image it reads.
+   */
+  initialCopy: {
+    cursorBlock: number;
+    totalBlocks: number;
+    stampedDeltaSet: number;
+    startedAt: string;
+    doneAt?: string;
+    bytes: number;
+    copyId?: number;
+    plannedBlocks?: number;
+    copiedBlocks?: number;
+    snapshot?: string;
+  };
   deltaSetCreated: number;
   deltaSetSent: number;
   deltaSetAcked: number;

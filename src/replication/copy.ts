@@ -1,0 +1,293 @@
+import type { Logger } from 'pino';
+import { type Clock, Waker } from '../lib/clock.js';
+import { FerryError, isFerryError } from '../lib/errors.js';
+import type { PagedBitmap } from '../lib/paged-bitmap.js';
+import type { PairRecord } from '../storage/replication-catalog.js';
+import { ioBytesMax, type Extent } from '../storage/volume.js';
+import type { RcpConnection } from '../transport/connection.js';
+import { FrameType, type Frame } from '../transport/frame.js';
+import { chunkExtentsMax, encodeChunk, type ChunkExtent } from './chunk.js';
+import { Inbox } from './inbox.js';
+import { ReplFrame, encodeCopyFrame, json, type CopyAckBody, type CopyDoneBody, type TargetPosition } from './protocol.js';
+
+/** Data carried by one piece of a copy: larger than a delta-set chunk, it goes straight to the volume. */
+export const copyPieceBytesMax = 4 * 1024 * 1024;
+/** Copy pieces sent and not yet acknowledged. */
+export const copyWindowPieces = 8;
+/** Silence after which the copy asks the target where it stands. */
+const copyRetransmitMs = 1_000;
+/** No progress for this long: the connection counts as failed. */
+const copyAckTimeoutMs = 30_000;
+const copyPersistMs = 1_000;
+const retryDelayMsMin = 200;
+const retryDelayMsMax = 5_000;
+/** Bytes of allocation looked at per step when the copy searches for the next valid extent. */
+const copyScanBytesMax = ioBytesMax;
+
+/** What a copy reads: a volume image frozen at a point in time (a snapshot). */
+export interface PointInTimeImage {
+  blockStatus(offset: number, length: number): Extent[];
+  readInto(buf: Uint8Array, offset: number): Promise<void>;
+}
+
+/**
+ * One copy from a point-in-time image to the target's volume (E FIG. 11 for a new
+ * remote copy, FIG. 28 steps 534 and 536-537 for a resync): every block, or only the
+ * blocks of `blocks`, in block order. Runs on its own connection, concurrently with
+ * the delta sets of the same pair (E FIG. 29, pipes 458 and 460).
+ */
+export interface CopyPlan {
+  /** Numbers the copies of one pair; a target seeing a new id starts over. */
+  copyId: number;
+  image: PointInTimeImage;
+  blockCount: number;
+  blockBytes: number;
+  /** The blocks to copy; absent: every block, holes as zero extents. */
+  blocks?: PagedBitmap;
+  /** The delta set stamped on the image: the target plays back from the next one. */
+  stampedDeltaSet: number;
+  /** The last copy before playback starts (a full copy in two steps sends two). */
+  final: boolean;
+}
+
+export interface CopyPiece {
+  /** Blocks [from, end) were handled; those in the plan are in `extents`. */
+  from: number;
+  end: number;
+  extents: ChunkExtent[];
+  data: Buffer;
+  /** Blocks of the plan in this piece. */
+  blocks: number;
+}
+
+/**
+ * The next piece of a copy from `cursor`: the planned blocks' valid extents with their
+ * data (copy by extent, E FIG. 8), holes as zero extents.
+ */
+export async function copyPiece(plan: CopyPlan, cursor: number): Promise<CopyPiece> {
+  const bs = plan.blockBytes;
+  const total = plan.blockCount;
+  const dataBlocksMax = Math.max(1, Math.floor(copyPieceBytesMax / bs));
+  const windowBlocksMax = Math.floor(copyScanBytesMax / bs);
+  const extents: ChunkExtent[] = [];
+  const reads: Promise<void>[] = [];
+  const parts: Buffer[] = [];
+  let dataBlocks = 0;
+  let blocks = 0;
+  let at = cursor;
+  const runs = plan.blocks ? plan.blocks.runs(cursor, total) : [[cursor, total - cursor] as [number, number]][Symbol.iterator]();
+  let run = runs.next();
+  while (!run.done && dataBlocks < dataBlocksMax && extents.length < chunkExtentsMax - 2) {
+    const [runStart, runLength] = run.value;
+    const runEnd = runStart + runLength;
+    at = Math.max(at, runStart);
+    if (at >= runEnd) {
+      run = runs.next();
+      continue;
+    }
+    const windowBlocks = Math.min(runEnd - at, windowBlocksMax);
+    const allocated = plan.image.blockStatus(at * bs, windowBlocks * bs).find((e) => e.allocated);
+    if (!allocated) {
+      extents.push({ block: at, count: windowBlocks, zero: true });
+      blocks += windowBlocks;
+      at += windowBlocks;
+      continue;
+    }
+    const s = Math.floor(allocated.offset / bs);
+    const n = Math.min(Math.ceil((allocated.offset + allocated.length) / bs), runEnd) - s;
+    if (s > at) {
+      extents.push({ block: at, count: s - at, zero: true });
+      blocks += s - at;
+    }
+    const take = Math.min(n, dataBlocksMax - dataBlocks);
+    const data = Buffer.allocUnsafe(take * bs);
+    // The extents of a piece are read concurrently: scattered blocks cost one round trip.
+    reads.push(plan.image.readInto(data, s * bs));
+    extents.push({ block: s, count: take, zero: false });
+    parts.push(data);
+    dataBlocks += take;
+    blocks += take;
+    at = s + take;
+  }
+  await Promise.all(reads);
+  const end = run.done ? total : at;
+  return { from: cursor, end, extents, data: Buffer.concat(parts), blocks };
+}
+
+export interface CopyRunnerDeps {
+  pair: PairRecord;
+  clock: Clock;
+  log: Logger;
+  /** Opens the copy connection to the target (handshake done) and returns its position. */
+  openSession(pair: PairRecord): Promise<{ connection: RcpConnection; position: TargetPosition }>;
+  plan(): Promise<CopyPlan>;
+  /** Makes the pair record durable. */
+  persist(): void;
+  countSent(bytes: number): void;
+}
+
+export interface CopyStats {
+  connected: boolean;
+  retries: number;
+  rewinds: number;
+  lastError: string;
+}
+
+/**
+ * Drives one copy to the end over its own connection, reconnecting with backoff and
+ * resuming from the target's cursor after any failure or restart of either side.
+ */
+export class CopyRunner {
+  readonly stats: CopyStats = { connected: false, retries: 0, rewinds: 0, lastError: '' };
+  private closed = false;
+  private readonly waker = new Waker();
+  private connection: RcpConnection | undefined;
+  private lastPersistMs = 0;
+
+  constructor(private readonly deps: CopyRunnerDeps) {}
+
+  /** Resolves true once the target has the whole copy, false if closed first. */
+  async run(): Promise<boolean> {
+    let failures = 0;
+    const plan = await this.deps.plan();
+    const copy = this.deps.pair.initialCopy;
+    copy.plannedBlocks = plan.blocks ? plan.blocks.count : plan.blockCount;
+    while (!this.closed) {
+      try {
+        const { connection, position } = await this.deps.openSession(this.deps.pair);
+        this.connection = connection;
+        this.stats.connected = true;
+        if (this.closed) break;
+        const before = copy.cursorBlock;
+        try {
+          await this.session(connection, plan, position);
+          return true;
+        } finally {
+          if (copy.cursorBlock > before) failures = 0;
+        }
+      } catch (err) {
+        if (this.closed) break;
+        failures++;
+        this.stats.retries++;
+        this.stats.lastError = (err as Error).message;
+        this.deps.log.warn({ volume: this.deps.pair.volume, err: (err as Error).message, failures }, 'copy session failed; retrying');
+        await this.waker.wait(this.deps.clock, Math.min(retryDelayMsMax, retryDelayMsMin * 2 ** Math.min(failures, 6)));
+      } finally {
+        this.stats.connected = false;
+        this.connection?.destroy();
+        this.connection = undefined;
+      }
+    }
+    return false;
+  }
+
+  close(): void {
+    this.closed = true;
+    this.waker.signal();
+    this.connection?.destroy();
+  }
+
+  private async session(connection: RcpConnection, plan: CopyPlan, position: TargetPosition): Promise<void> {
+    const copy = this.deps.pair.initialCopy;
+    const generation = BigInt(this.deps.pair.generation);
+    const inbox = new Inbox(connection);
+    try {
+      if (position.copyId === plan.copyId && position.copyDone) return;
+      // The target starts a copy it has not seen from the beginning.
+      const from = position.copyId === plan.copyId ? position.copyCursorBlock : 0;
+      if (from !== copy.cursorBlock) {
+        copy.cursorBlock = from;
+        copy.copiedBlocks = plan.blocks ? countBelow(plan.blocks, from) : from;
+      }
+      let cursor = from;
+      let acked = from;
+      const inFlight: { end: number; blocks: number }[] = [];
+      let progressAtMs = this.deps.clock.now();
+      while (acked < plan.blockCount) {
+        while (cursor < plan.blockCount && inFlight.length < copyWindowPieces) {
+          const piece = await copyPiece(plan, cursor);
+          const payload = encodeCopyFrame(plan.copyId, piece.from, piece.end, encodeChunk({ extents: piece.extents, data: piece.data }));
+          connection.send(ReplFrame.CopyData, payload, { generation });
+          this.deps.countSent(payload.length);
+          copy.bytes += piece.data.length;
+          inFlight.push({ end: piece.end, blocks: piece.blocks });
+          cursor = piece.end;
+        }
+        let frame: Frame;
+        try {
+          frame = await inbox.next(copyRetransmitMs);
+        } catch (err) {
+          if (!isFerryError(err, 'UNAVAILABLE') || connection.isClosed || this.deps.clock.now() - progressAtMs > copyAckTimeoutMs) throw err;
+          // Silence: ask where the target stands; it answers with a rewinding CopyAck.
+          connection.sendJson(ReplFrame.Heartbeat as number, { sourceNowMs: this.deps.clock.now(), dirtyBlocks: 0, deltaSetCreated: 0 }, { generation });
+          continue;
+        }
+        if (frame.type !== ReplFrame.CopyAck) {
+          unexpected(frame);
+          continue;
+        }
+        const ack = json<CopyAckBody>(frame);
+        if (ack.cursorBlock > acked) {
+          progressAtMs = this.deps.clock.now();
+          while (inFlight.length > 0 && (inFlight[0] as { end: number }).end <= ack.cursorBlock) copy.copiedBlocks = (copy.copiedBlocks ?? 0) + (inFlight.shift() as { blocks: number }).blocks;
+          acked = ack.cursorBlock;
+          copy.cursorBlock = acked;
+        }
+        if (ack.rewind && ack.cursorBlock < cursor) {
+          // A piece was lost or damaged on the way: send again from where the target is.
+          this.stats.rewinds++;
+          cursor = acked;
+          inFlight.length = 0;
+        }
+        if (this.deps.clock.now() - this.lastPersistMs >= copyPersistMs) {
+          this.lastPersistMs = this.deps.clock.now();
+          this.deps.persist();
+        }
+      }
+      await this.finish(connection, inbox, plan);
+    } finally {
+      inbox.close();
+    }
+  }
+
+  /** "Start playback" from the stamped delta set (E FIG. 11 steps 355-357), or end a first step. */
+  private async finish(connection: RcpConnection, inbox: Inbox, plan: CopyPlan): Promise<void> {
+    const generation = BigInt(this.deps.pair.generation);
+    const body: CopyDoneBody = { copyId: plan.copyId, stampedDeltaSet: plan.stampedDeltaSet, final: plan.final };
+    const send = (): void => void connection.sendJson(ReplFrame.CopyDone as number, body, { generation });
+    send();
+    const sentAtMs = this.deps.clock.now();
+    for (;;) {
+      let frame: Frame;
+      try {
+        frame = await inbox.next(copyRetransmitMs);
+      } catch (err) {
+        if (!isFerryError(err, 'UNAVAILABLE') || connection.isClosed || this.deps.clock.now() - sentAtMs > copyAckTimeoutMs) throw err;
+        send();
+        continue;
+      }
+      if (frame.type === ReplFrame.CopyAck) {
+        const ack = json<CopyAckBody>(frame);
+        if (ack.done) return;
+        if (ack.rewind) throw new FerryError('UNAVAILABLE', `target is at block ${ack.cursorBlock} of the copy, not at its end`);
+        continue;
+      }
+      unexpected(frame);
+    }
+  }
+}
+
+function countBelow(bits: PagedBitmap, end: number): number {
+  let n = 0;
+  for (const [, length] of bits.runs(0, end)) n += length;
+  return n;
+}
+
+function unexpected(frame: Frame): void {
+  if (frame.type === FrameType.Pong) return;
+  if (frame.type === FrameType.Error) {
+    const body = json<{ code: string; message: string }>(frame);
+    throw new FerryError(body.code === 'STALE_GENERATION' ? 'PROTOCOL_ERROR' : 'UNAVAILABLE', `target: ${body.code}: ${body.message}`);
+  }
+  throw new FerryError('PROTOCOL_ERROR', `unexpected frame type ${frame.type} on a copy session`);
+}
