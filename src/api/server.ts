@@ -253,6 +253,32 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
     const deltaSet = await site.replication.delta(volume);
     return { volume, deltaSet };
   });
+  // ---- disaster recovery (E FIG. 21-33) ------------------------------------------------
+  app.post(
+    '/api/v1/replication/:volume/failover',
+    {
+      schema: {
+        params: volumeParams,
+        body: { type: 'object', properties: { mode: { type: 'string', enum: ['default', 'now', 'sync'] } }, additionalProperties: false },
+      },
+    },
+    async (req) => {
+      const volume = (req.params as { volume: string }).volume;
+      const mode = ((req.body as { mode?: 'default' | 'now' | 'sync' } | undefined)?.mode ?? 'default');
+      const result = await site.replication.failover(volume, mode);
+      return { ...result, status: site.replication.status(volume)[0] };
+    },
+  );
+  app.post('/api/v1/replication/:volume/resync', { schema: { params: volumeParams } }, async (req) => {
+    const volume = (req.params as { volume: string }).volume;
+    await site.replication.resync(volume);
+    return site.replication.status(volume)[0];
+  });
+  app.post('/api/v1/replication/:volume/failback', { schema: { params: volumeParams } }, async (req) => {
+    const volume = (req.params as { volume: string }).volume;
+    await site.replication.failback(volume);
+    return site.replication.status(volume)[0];
+  });
   app.get('/api/v1/status', async () => site.replication.status());
   app.get('/api/v1/status/:volume', { schema: { params: volumeParams } }, async (req) => site.replication.status((req.params as { volume: string }).volume));
   app.get('/api/v1/replication/:volume/info', { schema: { params: volumeParams } }, async (req) => site.replication.info((req.params as { volume: string }).volume));

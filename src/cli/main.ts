@@ -221,6 +221,64 @@ for (const [name, description] of [
     });
 }
 
+// ---- disaster recovery ---------------------------------------------------------------
+
+program
+  .command('failover <volume>')
+  .description('make this site (the target) the source: play back what was received, keep a restart-point snapshot, go read/write')
+  .option('--sync', 'the source must be up: it turns read-only and ships everything first (nothing lost)')
+  .option('--now', 'do not play back the delta sets received but not yet applied')
+  .action(async (volume: string, opts: { sync?: boolean; now?: boolean }, cmd: Command) => {
+    if (opts.sync && opts.now) throw new FerryError('BAD_REQUEST', '--sync and --now exclude each other');
+    const mode = opts.sync ? 'sync' : opts.now ? 'now' : 'default';
+    const r = await client(cmd).post<{ generation: number; restartPoint: number; restartSnapshot: string; skippedDeltaSets: number; sourceFenced: boolean; tookMs: number }>(
+      `/api/v1/replication/${encodeURIComponent(volume)}/failover`,
+      { mode },
+    );
+    print(cmd, r, () =>
+      [
+        `${volume} is read/write here (generation ${r.generation}) after ${formatDuration(r.tookMs)}`,
+        `restart point: delta set ${r.restartPoint}, snapshot ${volume}@${r.restartSnapshot}`,
+        r.skippedDeltaSets > 0 ? `${r.skippedDeltaSets} received delta sets were NOT played back (--now)` : '',
+        r.sourceFenced ? 'the old source was made read-only' : 'the old source could not be reached; it will be fenced when it returns',
+        `when the old source is back: ferry resync ${volume}`,
+      ]
+        .filter(Boolean)
+        .join('\n'),
+    );
+  });
+
+program
+  .command('resync <volume>')
+  .description('rebuild the old source from the blocks that differ (run at the current source, after failover)')
+  .option('--wait', 'show progress and return when the old source is a consistent replica again')
+  .action(async (volume: string, opts: { wait?: boolean }, cmd: Command) => {
+    const api = client(cmd);
+    const status = await api.post<PairStatusView>(`/api/v1/replication/${encodeURIComponent(volume)}/resync`);
+    const describe = (s: PairStatusView): string => {
+      const r = s.recovery;
+      const lines = [`resync of ${volume} → ${s.peerSite}:${s.peerVolume}: ${r?.phase ?? s.state}`];
+      if (r?.fullCopy) lines.push(`WARNING: a full copy was needed: ${r.fullCopyReason ?? ''}`);
+      if (r?.discardSnapshot) lines.push(`${r.discardedBlocks ?? 0} blocks written at ${s.peerSite} after the restart point were discarded; kept in snapshot ${s.peerVolume}@${r.discardSnapshot} there`);
+      if (r?.resyncBlocks !== undefined) lines.push(`${r.resyncBlocks} blocks to send`);
+      return lines.join('\n');
+    };
+    if (!opts.wait) {
+      print(cmd, status, () => describe(status));
+      return;
+    }
+    const final = await waitForCopy(api, volume, !globals(cmd).json);
+    print(cmd, final, () => `${describe(final)}\nresync complete: ${formatSize(final.initialCopy.bytes)} copied`);
+  });
+
+program
+  .command('failback <volume>')
+  .description('hand the source role back to the other site without a full copy (also a planned switchover)')
+  .action(async (volume: string, _opts: unknown, cmd: Command) => {
+    const s = await client(cmd).post<PairStatusView>(`/api/v1/replication/${encodeURIComponent(volume)}/failback`);
+    print(cmd, s, () => `${volume} is now the read-only replica of ${s.peerSite}:${s.peerVolume} (generation ${s.generation})`);
+  });
+
 program
   .command('status [volume]')
   .description('one line per replication pair')
@@ -289,11 +347,11 @@ async function waitForCopy(api: ApiClient, volume: string, draw: boolean): Promi
       const line = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${s.initialCopy.percent.toFixed(1)}% ${formatSize(s.initialCopy.bytes)} ${formatSize(s.transferRate)}/s ETA ${eta}`;
       process.stderr.write(tty ? `\r${line}` : `${line}\n`);
     }
-    if (s.initialCopy.done) {
+    if (s.initialCopy.done && (s.recovery === null || s.recovery.phase === 'resynced' || s.recovery.phase === 'resync-target')) {
       if (tty) process.stderr.write('\n');
       return s;
     }
-    if (s.state === 'suspended' && s.reason) throw new FerryError('UNAVAILABLE', `replication of ${volume} is suspended: ${s.reason}`);
+    if (s.state === 'suspended' && s.reason && s.recovery?.phase !== 'failed-over') throw new FerryError('UNAVAILABLE', `replication of ${volume} is suspended: ${s.reason}`);
     await new Promise((r) => setTimeout(r, tty ? 500 : 2000));
   }
 }

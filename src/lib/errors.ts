@@ -33,6 +33,7 @@ export type ErrorCode =
   | 'EXPORT_REFUSED'
   | 'CHECKSUM_MISMATCH'
   | 'UNAVAILABLE'
+  | 'STALE_GENERATION'
   | 'INTERNAL';
 
 const httpStatusByCode: Record<ErrorCode, number> = {
@@ -65,6 +66,7 @@ const httpStatusByCode: Record<ErrorCode, number> = {
   EXPORT_REFUSED: 409,
   CHECKSUM_MISMATCH: 400,
   UNAVAILABLE: 503,
+  STALE_GENERATION: 409,
   INTERNAL: 500,
 };
 

@@ -7,7 +7,7 @@ import { FerryError } from '../lib/errors.js';
 import { BitmapFile } from '../storage/bitmap-file.js';
 import type { Catalog, VolumeAccess } from '../storage/catalog.js';
 import { JournalFile } from '../storage/journal.js';
-import { ReplicationCatalog, type PairMode, type PairRecord } from '../storage/replication-catalog.js';
+import { ReplicationCatalog, type FailoverMode, type PairMode, type PairRecord } from '../storage/replication-catalog.js';
 import type { VolumeStore } from '../storage/volume-store.js';
 import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '../tracking/activity-log.js';
 import { ChangeLog } from '../tracking/change-log.js';
@@ -21,6 +21,7 @@ import type { CopyPlan, PointInTimeImage } from './copy.js';
 import type { SnapshotManager } from '../snapshot/manager.js';
 import { infoView, pairStatusView, type InfoView, type LiveFigures, type PairStatusView } from './status.js';
 import { TargetReplica } from './target.js';
+import { Recovery, type FailoverResult } from '../recovery/recovery.js';
 
 export const intervalMsDefault = 10_000;
 export const highWaterBytesDefault = 64 * 1024 * 1024;
@@ -75,7 +76,10 @@ export class ReplicationManager {
   readonly targets = new Map<string, TargetReplica>();
   private readonly starting = new Set<string>();
 
-  constructor(private readonly deps: ManagerDeps) {
+  readonly recovery: Recovery;
+  readonly defaults = { intervalMs: intervalMsDefault, highWaterBytes: highWaterBytesDefault };
+
+  constructor(readonly deps: ManagerDeps) {
     this.catalog = new ReplicationCatalog(deps.catalog);
     deps.volumes.addUseCheck((name) => {
       const pair = this.catalog.getPair(name);
@@ -83,6 +87,7 @@ export class ReplicationManager {
     });
     deps.rcp.register(ReplFrame.PairCreate, (c, peer, f) => void this.onCreate(c, peer, f));
     deps.rcp.register(ReplFrame.PairOpen, (c, peer, f) => void this.onOpen(c, peer, f));
+    this.recovery = new Recovery(this);
   }
 
   /** Opens every pair; sources recover their change logs before hosts can write. */
@@ -90,8 +95,13 @@ export class ReplicationManager {
     await mkdir(this.deps.replicationDir, { recursive: true });
     for (const pair of this.catalog.listPairs()) {
       try {
-        if (pair.role === 'source') this.sources.set(pair.volume, await this.openSource(pair));
-        else this.targets.set(pair.volume, await this.openTarget(pair));
+        const phase = pair.recovery?.phase;
+        if (pair.role === 'target') this.targets.set(pair.volume, await this.openTarget(pair));
+        else if (phase === 'fenced') await this.deps.setAccess(pair.volume, 'read-only');
+        else if (phase === 'failed-over' || phase === 'resync-full') await this.deps.setAccess(pair.volume, 'read-write');
+        else if (phase === 'resync' && !(await stat(join(this.pairDir(this.deps.volumes.record(pair.volume).id), 'copy.bitmap')).then(() => true, () => false))) {
+          // The resync's intermediate point was not taken yet: Recovery.resumeAll does it.
+        } else this.sources.set(pair.volume, await this.openSource(pair));
       } catch (err) {
         this.deps.log.error({ err, volume: pair.volume }, 'replication pair could not be opened');
         throw err;
@@ -103,9 +113,11 @@ export class ReplicationManager {
   startAll(): void {
     for (const s of this.sources.values()) s.start();
     for (const t of this.targets.values()) t.start();
+    this.recovery.resumeAll();
   }
 
   async close(): Promise<void> {
+    await this.recovery.close();
     await Promise.all([...this.sources.values()].map((s) => s.close()));
     await Promise.all([...this.targets.values()].map((t) => t.close()));
   }
@@ -224,6 +236,18 @@ export class ReplicationManager {
     return this.requireSource(volumeName).cutNow();
   }
 
+  failover(volumeName: string, mode: FailoverMode): Promise<FailoverResult> {
+    return this.recovery.failover(volumeName, mode);
+  }
+
+  resync(volumeName: string): Promise<void> {
+    return this.recovery.resync(volumeName);
+  }
+
+  failback(volumeName: string): Promise<void> {
+    return this.recovery.failback(volumeName);
+  }
+
   status(volumeName?: string): PairStatusView[] {
     const pairs = volumeName ? [this.requirePair(volumeName)] : this.catalog.listPairs().map((p) => this.requirePair(p.volume));
     return pairs.map((p) => pairStatusView(p, this.catalog.listDeltaSets(p.volume), this.live(p)));
@@ -239,16 +263,17 @@ export class ReplicationManager {
     const source = this.sources.get(pair.volume);
     if (source) {
       const st = source.stats;
+      const copy = source.copyStats;
       return {
         nowMs: now,
         dirtyBlocks: source.dirtyBlocks,
         sourceNowMs: now,
         rates: source.rates(),
         saveVolume: { ...source.saveVolume, full: st.saveVolumeFull },
-        connected: st.connected,
-        retries: st.retries,
-        corruptFrames: st.corruptFramesResent,
-        lastError: st.lastError,
+        connected: st.connected || (copy?.connected ?? false),
+        retries: st.retries + (copy?.retries ?? 0),
+        corruptFrames: st.corruptFramesResent + (copy?.rewinds ?? 0),
+        lastError: st.lastError || copy?.lastError || '',
         currentDeltaSet: st.currentDeltaSet,
         currentChunk: st.currentChunk,
       };
@@ -285,14 +310,18 @@ export class ReplicationManager {
     return source;
   }
 
+  freshCounters(): ReturnType<typeof freshCounters> {
+    return freshCounters();
+  }
+
   // ---- peers -----------------------------------------------------------------------
 
-  private async connect(url: string): Promise<{ connection: RcpConnection; peer: PeerIdentity }> {
+  async connect(url: string): Promise<{ connection: RcpConnection; peer: PeerIdentity }> {
     const { host, port } = peerAddress(url);
     return connectRcp(host, port, this.deps.self, sessionOpenTimeoutMs);
   }
 
-  private async openSession(pair: PairRecord, channel: 'deltas' | 'copy'): Promise<{ connection: RcpConnection; position: TargetPosition }> {
+  async openSession(pair: PairRecord, channel: 'deltas' | 'copy'): Promise<{ connection: RcpConnection; position: TargetPosition }> {
     const { connection, peer } = await this.connect(pair.peerUrl);
     try {
       if (peer.siteId !== pair.peerSiteId) {
@@ -377,7 +406,15 @@ export class ReplicationManager {
   private async onOpen(connection: RcpConnection, _peer: PeerIdentity, frame: Frame): Promise<void> {
     try {
       const body = json<PairOpenBody & { stop?: boolean }>(frame);
+      if (this.recovery.busy.has(body.targetVolume)) throw new FerryError('UNAVAILABLE', `volume ${body.targetVolume} at ${this.deps.self.siteName} is changing roles; try again shortly`);
       const target = this.targets.get(body.targetVolume);
+      const here = this.catalog.getPair(body.targetVolume);
+      if (!target && here && here.pairId === body.pairId && here.role === 'source' && here.generation > body.generation) {
+        // Rule 5: the volume failed over to this site; the old source must stop.
+        connection.sendError('STALE_GENERATION', `volume ${body.targetVolume} failed over to ${this.deps.self.siteName} (generation ${here.generation}); generation ${body.generation} is refused: run "ferry resync ${body.targetVolume}" at ${this.deps.self.siteName}`);
+        connection.close();
+        return;
+      }
       if (!target || target.pair.pairId !== body.pairId) {
         throw new FerryError('NOT_FOUND', `no replication pair ${body.pairId} for volume ${body.targetVolume} at ${this.deps.self.siteName}`);
       }
@@ -429,6 +466,21 @@ export class ReplicationManager {
   /** The copy of a pair: every block of its stamped snapshot (a new remote copy). */
   private async copyPlan(pair: PairRecord): Promise<CopyPlan> {
     const volume = this.deps.volumes.get(pair.volume);
+    if (pair.recovery?.phase === 'resync' && pair.initialCopy.snapshot) {
+      // A resync copies only the blocks that differ, from its intermediate snapshot.
+      const { file } = await BitmapFile.open(join(this.pairDir(this.deps.volumes.record(pair.volume).id), 'copy.bitmap'), 'throw');
+      const blocks = file.bitmap.clone();
+      await file.close();
+      return {
+        copyId: pair.initialCopy.copyId ?? 1,
+        image: this.deps.snapshots.exportView(pair.volume, pair.initialCopy.snapshot),
+        blockCount: volume.blockCount,
+        blockBytes: volume.blockBytes,
+        blocks,
+        stampedDeltaSet: pair.initialCopy.stampedDeltaSet,
+        final: true,
+      };
+    }
     pair.initialCopy.copyId ??= 1;
     const image = await this.copyImage(pair);
     return {
@@ -448,15 +500,15 @@ export class ReplicationManager {
 
   // ---- files -----------------------------------------------------------------------
 
-  private pairDir(volumeId: string): string {
+  pairDir(volumeId: string): string {
     return join(this.deps.replicationDir, volumeId);
   }
 
-  private async removeFiles(volumeId: string): Promise<void> {
+  async removeFiles(volumeId: string): Promise<void> {
     await rm(this.pairDir(volumeId), { recursive: true, force: true });
   }
 
-  private async openSource(pair: PairRecord): Promise<SourceReplicator> {
+  async openSource(pair: PairRecord): Promise<SourceReplicator> {
     const { volumes, clock, log } = this.deps;
     const record = volumes.record(pair.volume);
     const volume = volumes.get(pair.volume);
@@ -481,13 +533,14 @@ export class ReplicationManager {
       log,
       openSession: (p, channel) => this.openSession(p, channel),
       copyPlan: (p) => this.copyPlan(p),
-      copied: (p) => this.dropCopyImage(p),
+      copied: (p) => (p.recovery?.phase === 'resync' ? this.recovery.resyncDone(p) : this.dropCopyImage(p)),
+      fenced: (reason) => void this.recovery.fenceSelf(pair.volume, pair.peerSiteName, reason).catch((err: Error) => log.error({ volume: pair.volume, err: err.message }, 'the volume could not be fenced')),
     });
     source.track();
     return source;
   }
 
-  private async openTarget(pair: PairRecord): Promise<TargetReplica> {
+  async openTarget(pair: PairRecord): Promise<TargetReplica> {
     const { volumes, clock, log } = this.deps;
     const record = volumes.record(pair.volume);
     const dir = this.pairDir(record.id);
@@ -509,7 +562,8 @@ async function expectOpenOk(connection: RcpConnection): Promise<TargetPosition> 
   const reply = await connection.nextFrame(sessionOpenTimeoutMs);
   if (reply.type === FrameType.Error) {
     const body = json<{ code: string; message: string }>(reply);
-    throw new FerryError(body.code === 'VOLUME_IN_USE' || body.code === 'VOLUME_EXISTS' ? body.code : 'UNAVAILABLE', `peer refused: ${body.message}`);
+    const passed = (['VOLUME_IN_USE', 'VOLUME_EXISTS', 'STALE_GENERATION'] as const).find((c) => c === body.code);
+    throw new FerryError(passed ?? 'UNAVAILABLE', `peer refused: ${body.message}`);
   }
   if (reply.type !== ReplFrame.PairOpenOk) throw new FerryError('PROTOCOL_ERROR', `peer answered with frame type ${reply.type}`);
   return json<TargetPosition>(reply);
@@ -524,6 +578,6 @@ function refuse(connection: RcpConnection, err: unknown): void {
 }
 
 /** The progress fields of a pair that has not moved yet. */
-function freshCounters(): Pick<PairRecord, 'deltaSetCreated' | 'deltaSetSent' | 'deltaSetAcked' | 'deltaSetReceived' | 'deltaSetPlayedBack' | 'bytesSent' | 'bytesReceived' | 'paused' | 'playedBackCutMs'> {
+export function freshCounters(): Pick<PairRecord, 'deltaSetCreated' | 'deltaSetSent' | 'deltaSetAcked' | 'deltaSetReceived' | 'deltaSetPlayedBack' | 'bytesSent' | 'bytesReceived' | 'paused' | 'playedBackCutMs'> {
   return { deltaSetCreated: 0, deltaSetSent: 0, deltaSetAcked: 0, deltaSetReceived: 0, deltaSetPlayedBack: 0, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 0 };
 }

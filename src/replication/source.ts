@@ -35,6 +35,8 @@ export const retransmitMs = 1_000;
 export const sendRetriesMax = 3;
 export const retryDelayMsMax = 5_000;
 export const retryDelayMsMin = 200;
+/** How often a paused pair checks in with the target. */
+const probeMs = 5_000;
 /** Longest sleep of the cutter between trigger checks. */
 const cutterPollMs = 100;
 const heartbeatMs = 1_000;
@@ -54,6 +56,8 @@ export interface SourceDeps {
   copyPlan(pair: PairRecord): Promise<CopyPlan>;
   /** The copy is complete: its image can go. */
   copied(pair: PairRecord): Promise<void>;
+  /** The target refused this pair's generation: the volume failed over (the manager fences it). */
+  fenced(reason: string): void;
   /** Opens an RCP connection of the pair (handshake done) and returns the target's position. */
   openSession(pair: PairRecord, channel: 'deltas' | 'copy'): Promise<{ connection: RcpConnection; position: TargetPosition }>;
 }
@@ -178,6 +182,36 @@ export class SourceReplicator {
       await this.deps.clock.sleep(20);
     }
     return this.pair.deltaSetCreated;
+  }
+
+  /** Blocks the target does not have yet: dirty ones and those of unacknowledged delta sets. */
+  outstandingBlocks(): number {
+    const unacked = this.deps.catalog.listDeltaSets(this.pair.volume).filter((d) => d.generation === this.pair.generation && d.n > this.pair.deltaSetAcked);
+    return this.dirtyBlocks + unacked.reduce((s, d) => s + d.blocks, 0);
+  }
+
+  /**
+   * Ships what has been written: cuts delta sets until at most `withinBlocks` blocks are
+   * outstanding and, with `playedBack`, waits until the target has played back every
+   * delta set (failover --sync, failback). Fails after `timeoutMs` with what is left.
+   */
+  async drain(options: { withinBlocks: number; playedBack: boolean; timeoutMs: number }): Promise<void> {
+    const { clock } = this.deps;
+    const deadline = clock.now() + options.timeoutMs;
+    for (;;) {
+      if (this.closed) throw new FerryError('UNAVAILABLE', `replication of ${this.pair.volume} stopped`);
+      const outstanding = this.outstandingBlocks();
+      const played = !options.playedBack || this.pair.deltaSetPlayedBack >= this.pair.deltaSetCreated;
+      if (outstanding <= options.withinBlocks && played && (options.withinBlocks > 0 || !this.building)) return;
+      if (this.dirtyBlocks > 0 && !this.building) {
+        this.trigger.demand();
+        this.cutWaker.signal();
+      }
+      if (clock.now() > deadline) {
+        throw new FerryError('UNAVAILABLE', `the other site did not catch up within ${Math.round(options.timeoutMs / 1000)} s: ${outstanding} blocks outstanding, delta set ${this.pair.deltaSetPlayedBack} of ${this.pair.deltaSetCreated} played back${this.stats.lastError ? ` (${this.stats.lastError})` : ''}`);
+      }
+      await clock.sleep(50);
+    }
   }
 
   apply(event: PairEvent): PairStatus {
@@ -335,8 +369,15 @@ export class SourceReplicator {
 
   private async sendLoop(): Promise<void> {
     let failures = 0;
+    let lastProbeMs = Number.NEGATIVE_INFINITY;
     while (!this.closed) {
       if (!isActive(this.status) && !(this.status.state === 'suspended' && this.status.cause === 'failure')) {
+        // Paused: nothing is sent, but the pair still checks in now and then, so a
+        // failover of the other site is learnt (rule 5) even with no data moving.
+        if (this.deps.clock.now() - lastProbeMs >= probeMs) {
+          lastProbeMs = this.deps.clock.now();
+          if (await this.probe()) return;
+        }
         await this.sendWaker.wait(this.deps.clock, 1000);
         continue;
       }
@@ -359,6 +400,12 @@ export class SourceReplicator {
         }
       } catch (err) {
         if (this.closed) break;
+        if (isFerryError(err, 'STALE_GENERATION')) {
+          // Rule 5: the other side has taken over; this copy must stop being a source.
+          this.stats.lastError = (err as Error).message;
+          this.deps.fenced((err as Error).message);
+          return;
+        }
         failures++;
         this.stats.retries++;
         this.stats.lastError = (err as Error).message;
@@ -373,6 +420,21 @@ export class SourceReplicator {
         this.connection = undefined;
       }
     }
+  }
+
+  /** Opens and closes a session; true if the target refused the generation (then fenced). */
+  private async probe(): Promise<boolean> {
+    try {
+      const { connection } = await this.deps.openSession(this.pair, 'deltas');
+      connection.destroy();
+    } catch (err) {
+      if (isFerryError(err, 'STALE_GENERATION')) {
+        this.stats.lastError = (err as Error).message;
+        this.deps.fenced((err as Error).message);
+        return true;
+      }
+    }
+    return false;
   }
 
   private async session(connection: RcpConnection, position: TargetPosition): Promise<void> {

@@ -1,4 +1,4 @@
-import type { DeltaSetRecord, PairRecord } from '../storage/replication-catalog.js';
+import type { DeltaSetRecord, PairRecord, RecoveryRecord } from '../storage/replication-catalog.js';
 
 /** One line of `ferry status --json` (SPEC §5 names the fields). */
 export interface PairStatusView {
@@ -30,6 +30,8 @@ export interface PairStatusView {
   retries: number;
   corruptFrames: number;
   lastError: string;
+  /** Failover / resync / failback: phase, restart point, whether a full copy was needed, what was discarded. */
+  recovery: RecoveryRecord | null;
 }
 
 export interface OutstandingDeltaSet {
@@ -118,6 +120,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     retries: live.retries,
     corruptFrames: live.corruptFrames,
     lastError: live.lastError,
+    recovery: pair.recovery ?? null,
   };
 }
 

@@ -601,6 +601,26 @@ export class TargetReplica {
     this.deps.catalog.putPair(this.deps.pair);
   }
 
+  /**
+   * Ends both sessions and plays back every delta set already received (failover,
+   * failback). The caller keeps new sessions out.
+   */
+  async finishPlayback(timeoutMs: number): Promise<void> {
+    this.session?.destroy();
+    this.copySession?.destroy();
+    const deadline = this.deps.clock.now() + timeoutMs;
+    while (!this.closed && this.copyDone && this.rows().some((d) => d.state === 'received' || d.state === 'playing')) {
+      if (this.deps.clock.now() > deadline) throw new FerryError('UNAVAILABLE', `playback of the received delta sets did not finish within ${Math.round(timeoutMs / 1000)} s`);
+      this.playbackWaker.signal();
+      await this.deps.clock.sleep(20);
+    }
+  }
+
+  /** Delta sets received and not played back. */
+  unplayedDeltaSets(): number {
+    return this.rows().filter((d) => d.state === 'received' || d.state === 'playing').length;
+  }
+
   /** Ends the session (stop at the source): finishes the playback in progress first. */
   endSession(): void {
     this.session?.destroy();

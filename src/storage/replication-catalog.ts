@@ -55,6 +55,56 @@ export interface PairRecord {
   paused: boolean;
   /** Source clock, ms: the cut of the delta set last played back at the target (what the replica reflects). */
   playedBackCutMs: number;
+  /** Failover, resync and failback (E FIG. 21-33): where the pair stands, what was lost or kept. */
+  recovery?: RecoveryRecord;
+}
+
+/** Where a pair stands in a failover → resync → failback cycle (kept in its record). */
+export type RecoveryPhase =
+  /** New source after `failover`: read/write, not replicating; waits for `resync`. */
+  | 'failed-over'
+  /** Old source that learnt of the failover: read-only until resynced. */
+  | 'fenced'
+  /** New source: full-copy fallback, first step (copy of intermediate snapshot 1, E FIG. 28 step 536). */
+  | 'resync-full'
+  /** New source: the copy of the blocks that differ runs alongside replication of newer writes. */
+  | 'resync'
+  /** Old source rebuilt as the target: raw until the copy is done. */
+  | 'resync-target'
+  /** Resync complete: an ordinary pair in the new direction. */
+  | 'resynced'
+  /** New source handing the source role back (`failback` in progress). */
+  | 'failing-back';
+
+export type FailoverMode = 'default' | 'now' | 'sync';
+
+export interface RecoveryRecord {
+  phase: RecoveryPhase;
+  /** The generation the pair had before the failover. */
+  previousGeneration: number;
+  /** Last delta set of `previousGeneration` played back at the target when it took over. */
+  restartPoint: number;
+  /** The restart-point snapshot (at the new source). */
+  restartSnapshot?: string;
+  failedOverAt?: string;
+  failoverMode?: FailoverMode;
+  /** Delta sets received but not played back (`--now`): lost with the failover. */
+  skippedDeltaSets?: number;
+  /** The resync had to copy everything (its reason is in `fullCopyReason`). */
+  fullCopy?: boolean;
+  fullCopyReason?: string;
+  /** Blocks of the old source that were written after the restart point and overwritten. */
+  discardedBlocks?: number;
+  /** Where those writes are kept (a snapshot at the old source, rule 6). */
+  discardSnapshot?: string;
+  /** Blocks the resync had to send (differing blocks, or the whole volume). */
+  resyncBlocks?: number;
+  /** Intermediate snapshots at the new source (E FIG. 28 steps 533, 536-537). */
+  intermediateSnapshots?: string[];
+  resyncStartedAt?: string;
+  resyncDoneAt?: string;
+  /** Site that took over (at a fenced old source). */
+  failedOverTo?: string;
 }
 
 export type DeltaSetState = 'ready' | 'acked' | 'received' | 'playing' | 'played';
@@ -121,6 +171,10 @@ export class ReplicationCatalog {
 
   deleteDeltaSet(volume: string, generation: number, n: number): void {
     this.catalog.db.prepare('DELETE FROM delta_sets WHERE volume = ? AND generation = ? AND n = ?').run(volume, generation, n);
+  }
+
+  deleteDeltaSets(volume: string): void {
+    this.catalog.db.prepare('DELETE FROM delta_sets WHERE volume = ?').run(volume);
   }
 
   /** Delta sets of a volume, oldest first. */

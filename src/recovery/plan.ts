@@ -1,0 +1,77 @@
+import { FerryError } from '../lib/errors.js';
+import type { DeltaSetRecord, FailoverMode, PairRecord } from '../storage/replication-catalog.js';
+
+/**
+ * Decisions of disaster recovery (E FIG. 21-33), pure: callers bring the records and
+ * carry out the result.
+ */
+
+/** What the old source can undo from its own records (E FIG. 28 step 531). */
+export type UndoSource = { kind: 'delta-sets'; deltaSets: number[] } | { kind: 'full-copy'; reason: string };
+
+/**
+ * The delta sets n-x+1 … n an old source must find in its save volume to return to the
+ * restart point: every delta set it cut after the restart point, all of them. If any is
+ * gone, only a full copy can rebuild it.
+ */
+export function planUndo(pair: Pick<PairRecord, 'generation' | 'deltaSetCreated'>, restartGeneration: number, restartPoint: number, rows: Pick<DeltaSetRecord, 'generation' | 'n'>[]): UndoSource {
+  if (pair.generation !== restartGeneration) {
+    return { kind: 'full-copy', reason: `this copy is at generation ${pair.generation}, the restart point at generation ${restartGeneration}` };
+  }
+  if (restartPoint > pair.deltaSetCreated) {
+    return { kind: 'full-copy', reason: `the restart point (delta set ${restartPoint}) is newer than anything this copy created (${pair.deltaSetCreated}); its records were lost` };
+  }
+  const have = new Set(rows.filter((r) => r.generation === restartGeneration).map((r) => r.n));
+  const needed: number[] = [];
+  for (let n = restartPoint + 1; n <= pair.deltaSetCreated; n++) {
+    if (!have.has(n)) return { kind: 'full-copy', reason: `delta set ${n} (after the restart point ${restartPoint}) is no longer in the save volume` };
+    needed.push(n);
+  }
+  return { kind: 'delta-sets', deltaSets: needed };
+}
+
+/** Checks that a target may fail over now. */
+export function checkFailover(pair: PairRecord, mode: FailoverMode): void {
+  if (pair.role !== 'target') {
+    throw new FerryError('BAD_REQUEST', `volume ${pair.volume} is the source of its pair; failover is run at the target's site`);
+  }
+  if (pair.initialCopy.doneAt === undefined || pair.deltaSetPlayedBack < pair.initialCopy.stampedDeltaSet) {
+    throw new FerryError('BAD_REQUEST', `volume ${pair.volume} holds no consistent image yet (its ${pair.recovery?.phase === 'resync-target' ? 'resync' : 'initial copy'} is not complete); it cannot take over`);
+  }
+  if (mode !== 'default' && mode !== 'now' && mode !== 'sync') throw new FerryError('BAD_REQUEST', `unknown failover mode ${String(mode)}`);
+}
+
+/** The restart-point snapshot's name for the generation a failover starts. */
+export function restartSnapshotName(generation: number): string {
+  return `ferry-restart-point-g${generation}`;
+}
+
+export function discardSnapshotName(generation: number): string {
+  return `ferry-discarded-g${generation}`;
+}
+
+export function intermediateSnapshotName(generation: number, step: number): string {
+  return `ferry-resync-g${generation}-${step}`;
+}
+
+/** What status says about a pair in recovery, in one line. */
+export function describeRecovery(pair: PairRecord): string {
+  const r = pair.recovery;
+  if (!r) return '';
+  switch (r.phase) {
+    case 'failed-over':
+      return `failed over at generation ${pair.generation} (restart point: delta set ${r.restartPoint}, snapshot ${r.restartSnapshot ?? '?'}); run "ferry resync ${pair.volume}" here once ${pair.peerSiteName} is back`;
+    case 'fenced':
+      return `failed over to ${r.failedOverTo ?? pair.peerSiteName}; this copy is read-only until "ferry resync" is run there`;
+    case 'resync-full':
+      return `resync: full copy needed (${r.fullCopyReason ?? 'unknown reason'}); copying intermediate snapshot 1`;
+    case 'resync':
+      return `resync: copying ${r.resyncBlocks ?? '?'} blocks that differ${r.fullCopy ? ' (after a full copy)' : ''}`;
+    case 'resync-target':
+      return `being rebuilt from ${pair.peerSiteName}: no host access until the resync is complete`;
+    case 'resynced':
+      return '';
+    case 'failing-back':
+      return `failback to ${pair.peerSiteName} in progress`;
+  }
+}

@@ -1,0 +1,859 @@
+import { rm, stat, mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { FerryError } from '../lib/errors.js';
+import { PagedBitmap } from '../lib/paged-bitmap.js';
+import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
+import { BitmapFile } from '../storage/bitmap-file.js';
+import { JournalFile } from '../storage/journal.js';
+import type { PairRecord, RecoveryRecord, FailoverMode } from '../storage/replication-catalog.js';
+import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '../tracking/activity-log.js';
+import { extentBytesDefault } from '../tracking/change-log.js';
+import type { PeerIdentity, RcpConnection } from '../transport/connection.js';
+import { FrameType, type Frame } from '../transport/frame.js';
+import { decodeChunk } from '../replication/chunk.js';
+import { CopyRunner } from '../replication/copy.js';
+import { Inbox } from '../replication/inbox.js';
+import { ReplFrame, json } from '../replication/protocol.js';
+import type { ReplicationManager } from '../replication/manager.js';
+import { checkFailover, describeRecovery, discardSnapshotName, intermediateSnapshotName, planUndo, restartSnapshotName } from './plan.js';
+
+/** How long a failover waits for the other site's answer when it is only told (not --sync). */
+const fenceNoticeTimeoutMs = 1_500;
+const syncTimeoutMs = 120_000;
+const playbackTimeoutMs = 600_000;
+const requestTimeoutMs = 60_000;
+/** Runs of blocks per RecoveryData frame (12 bytes each). */
+const runsPerFrame = 1 << 20;
+/** Failback brings the other side within this many blocks before hosts are held (E FIG. 30: one chunk). */
+const failbackWithinBytes = 1024 * 1024;
+
+type RecoveryRequest =
+  | { op: 'fence'; pairId: string; volume: string; generation: number; sync: boolean }
+  | {
+      op: 'resync';
+      pairId: string;
+      volume: string;
+      generation: number;
+      restartGeneration: number;
+      restartPoint: number;
+      sourceUrl: string;
+      sourceVolume: string;
+      saveVolumeBytes: number;
+    }
+  | {
+      op: 'takeover';
+      pairId: string;
+      volume: string;
+      generation: number;
+      fromGeneration: number;
+      lastDeltaSet: number;
+      targetUrl: string;
+      targetVolume: string;
+      intervalMs: number;
+      highWaterBytes: number;
+      saveVolumeBytes: number;
+    };
+
+interface FenceReply {
+  lastDeltaSet: number;
+}
+
+interface ResyncReply {
+  fullCopy: boolean;
+  fullCopyReason?: string;
+  discardedBlocks: number;
+  discardSnapshot?: string;
+  undoBlocks: number;
+  /** RecoveryData frames that follow with the undo list. */
+  frames: number;
+}
+
+const undoMagic = 'ferry-undo';
+
+/** What the old source keeps of its undo list while it is being rebuilt (so a resync can be re-issued). */
+interface UndoRecord {
+  fullCopy: boolean;
+  fullCopyReason?: string;
+  discardedBlocks: number;
+  discardSnapshot?: string;
+}
+
+export interface FailoverResult {
+  volume: string;
+  generation: number;
+  restartPoint: number;
+  restartSnapshot: string;
+  skippedDeltaSets: number;
+  sourceFenced: boolean;
+  /** Milliseconds from the command to read/write access. */
+  tookMs: number;
+}
+
+/**
+ * Failover, resync and failback of replicated volumes (E FIG. 21-33, SPEC C7-C9):
+ * role changes of a pair with the generation incremented each time (rule 5), the
+ * restart point kept as a snapshot, the old source rebuilt from the blocks that differ
+ * (undo list from its own save volume and tracking, plus the new source's changes
+ * since the restart point) on one connection while newer writes replicate on the
+ * other, and the roles swapped back without a full copy.
+ */
+export class Recovery {
+  /** Volumes whose pair is changing role: replication sessions for them are refused meanwhile. */
+  readonly busy = new Set<string>();
+  private readonly background = new Map<string, Promise<void>>();
+  private readonly copiers = new Map<string, CopyRunner>();
+  private closed = false;
+
+  constructor(private readonly m: ReplicationManager) {
+    m.deps.rcp.register(ReplFrame.RecoveryRequest, (c, peer, f) => void this.onRequest(c, peer, f));
+  }
+
+  private get log() {
+    return this.m.deps.log;
+  }
+
+  private now(): string {
+    return new Date(this.m.deps.clock.now()).toISOString();
+  }
+
+  /** After load: carries on with resyncs and failbacks a restart interrupted. */
+  resumeAll(): void {
+    for (const pair of this.m.catalog.listPairs()) {
+      const phase = pair.recovery?.phase;
+      if (pair.role === 'source' && (phase === 'resync-full' || (phase === 'resync' && !this.m.sources.has(pair.volume)))) this.runResync(pair.volume);
+      if (pair.role === 'source' && phase === 'failing-back') this.retryFailback(pair.volume);
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const c of this.copiers.values()) c.close();
+    await Promise.allSettled([...this.background.values()]);
+  }
+
+  // ---- failover (at the target's site) ----------------------------------------------
+
+  async failover(volume: string, mode: FailoverMode): Promise<FailoverResult> {
+    const started = this.m.deps.clock.now();
+    const { snapshots, setAccess, volumes } = this.m.deps;
+    const target = this.m.targets.get(volume);
+    const pair = target?.pair ?? this.m.requirePair(volume);
+    checkFailover(pair, mode);
+    if (!target) throw new FerryError('UNAVAILABLE', `the target of ${volume} is not open`);
+    if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is already in progress`);
+    this.busy.add(volume);
+    try {
+      const next = pair.generation + 1;
+      let sourceFenced = false;
+      let notice: Promise<boolean> | undefined;
+      if (mode === 'sync') {
+        // E FIG. 33: the source must be up; it turns read-only and ships a last delta set.
+        const reply = await this.request<FenceReply>(pair.peerUrl, { op: 'fence', pairId: pair.pairId, volume: pair.peerVolume, generation: next, sync: true }, syncTimeoutMs + 10_000);
+        sourceFenced = true;
+        const deadline = this.m.deps.clock.now() + syncTimeoutMs;
+        while (pair.deltaSetReceived < reply.lastDeltaSet) {
+          if (this.m.deps.clock.now() > deadline) throw new FerryError('UNAVAILABLE', `the last delta set ${reply.lastDeltaSet} did not arrive`);
+          await this.m.deps.clock.sleep(20);
+        }
+      } else {
+        // E FIG. 32 step 561: if possible, the source is made read-only (told, not waited for long).
+        notice = this.request<FenceReply>(pair.peerUrl, { op: 'fence', pairId: pair.pairId, volume: pair.peerVolume, generation: next, sync: false }, fenceNoticeTimeoutMs).then(
+          () => true,
+          (err: Error) => {
+            this.log.warn({ volume, err: err.message }, 'the source site could not be told of the failover; it will learn of it when it returns');
+            return false;
+          },
+        );
+      }
+      let skipped = 0;
+      if (mode === 'now') {
+        await target.close();
+        skipped = target.unplayedDeltaSets();
+      } else {
+        await target.finishPlayback(playbackTimeoutMs);
+        await target.close();
+      }
+      const restartPoint = pair.deltaSetPlayedBack;
+      const restartSnapshot = restartSnapshotName(next);
+      if (!snapshots.list(volume).some((s) => s.name === restartSnapshot)) {
+        await snapshots.create(volume, restartSnapshot, { purpose: 'restart point', deltaSet: String(restartPoint), generation: String(pair.generation), pairId: pair.pairId });
+      }
+      const recovery: RecoveryRecord = {
+        phase: 'failed-over',
+        previousGeneration: pair.generation,
+        restartPoint,
+        restartSnapshot,
+        failedOverAt: this.now(),
+        failoverMode: mode,
+        skippedDeltaSets: skipped,
+      };
+      const sourcePair: PairRecord = {
+        ...pair,
+        role: 'source',
+        generation: next,
+        state: 'suspended',
+        stateReason: '',
+        intervalMs: pair.intervalMs || this.m.defaults.intervalMs,
+        highWaterBytes: pair.highWaterBytes || this.m.defaults.highWaterBytes,
+        initialCopy: { cursorBlock: 0, totalBlocks: volumes.get(volume).blockCount, stampedDeltaSet: 0, startedAt: this.now(), bytes: 0, copyId: 0 },
+        ...this.m.freshCounters(),
+        recovery,
+      };
+      sourcePair.stateReason = describeRecovery(sourcePair);
+      this.m.targets.delete(volume);
+      this.m.catalog.transaction(() => {
+        this.m.catalog.deleteDeltaSets(volume);
+        this.m.catalog.putPair(sourcePair);
+      });
+      await this.m.removeFiles(volumes.record(volume).id);
+      await setAccess(volume, 'read-write');
+      const tookMs = this.m.deps.clock.now() - started;
+      if (notice) sourceFenced = await notice;
+      this.log.warn({ volume, generation: next, restartPoint, skipped, mode, sourceFenced }, 'failover: this site is now the source');
+      return { volume, generation: next, restartPoint, restartSnapshot, skippedDeltaSets: skipped, sourceFenced, tookMs };
+    } finally {
+      this.busy.delete(volume);
+    }
+  }
+
+  // ---- fencing (at the old source) ----------------------------------------------------
+
+  /**
+   * The other site took over: this copy stops being written and replicated. Its change
+   * tracking and save volume stay as they are: the resync reads them.
+   */
+  async fenceSelf(volume: string, by: string, reason: string): Promise<void> {
+    const source = this.m.sources.get(volume);
+    this.m.sources.delete(volume);
+    await source?.close();
+    const pair = this.m.catalog.getPair(volume);
+    if (!pair || pair.role !== 'source') return;
+    if (pair.recovery?.phase !== 'fenced') {
+      pair.recovery = { phase: 'fenced', previousGeneration: pair.generation, restartPoint: 0, failedOverTo: by };
+      pair.state = 'suspended';
+      pair.stateReason = describeRecovery(pair);
+      this.m.catalog.putPair(pair);
+    }
+    await this.m.deps.setAccess(volume, 'read-only');
+    this.log.warn({ volume, by, reason }, 'this volume failed over to the other site: read-only until it is resynced');
+  }
+
+  // ---- resync (at the new source) -----------------------------------------------------
+
+  /** Starts (or continues) rebuilding the old source from the blocks that differ. */
+  async resync(volume: string): Promise<void> {
+    const pair = this.m.sources.get(volume)?.pair ?? this.m.requirePair(volume);
+    const phase = pair.recovery?.phase;
+    if (pair.role !== 'source' || !pair.recovery || !['failed-over', 'resync-full', 'resync'].includes(phase ?? '')) {
+      throw new FerryError('BAD_REQUEST', `volume ${volume} has not failed over to this site (it is the ${pair.role}${phase ? `, ${phase}` : ''}); resync is run at the site that took over`);
+    }
+    if (phase !== 'failed-over') {
+      if (!this.background.has(volume) && !this.m.sources.has(volume)) this.runResync(volume);
+      return;
+    }
+    if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is already in progress`);
+    this.busy.add(volume);
+    try {
+      const r = pair.recovery;
+      const request: RecoveryRequest = {
+        op: 'resync',
+        pairId: pair.pairId,
+        volume: pair.peerVolume,
+        generation: pair.generation,
+        restartGeneration: r.previousGeneration,
+        restartPoint: r.restartPoint,
+        sourceUrl: this.m.deps.selfUrl(),
+        sourceVolume: volume,
+        saveVolumeBytes: pair.saveVolumeBytes,
+      };
+      const { reply, runs } = await this.resyncRequest(pair.peerUrl, request);
+      const dir = await this.pairDir(volume);
+      const undo = new PagedBitmap(this.m.deps.volumes.get(volume).blockCount);
+      for (const [s, n] of runs) undo.setRange(s, n);
+      await writeBitmap(join(dir, 'undo.bitmap'), undo);
+      r.fullCopy = reply.fullCopy;
+      if (reply.fullCopyReason !== undefined) r.fullCopyReason = reply.fullCopyReason;
+      r.discardedBlocks = reply.discardedBlocks;
+      if (reply.discardSnapshot !== undefined) r.discardSnapshot = reply.discardSnapshot;
+      r.resyncStartedAt = this.now();
+      r.phase = reply.fullCopy ? 'resync-full' : 'resync';
+      if (reply.fullCopy) {
+        // Rule 6: never a full copy without saying so.
+        this.log.warn({ volume, reason: reply.fullCopyReason }, 'resync needs a FULL COPY: the old source cannot undo its changes from its own records');
+      }
+      if (reply.discardedBlocks > 0 || reply.discardSnapshot) {
+        this.log.warn({ volume, blocks: reply.discardedBlocks, snapshot: reply.discardSnapshot, site: pair.peerSiteName }, 'writes made at the old source after the restart point are discarded; they are kept in a snapshot there');
+      }
+      pair.state = 'initial-copying';
+      pair.stateReason = describeRecovery(pair);
+      this.m.catalog.putPair(pair);
+      this.runResync(volume);
+    } finally {
+      this.busy.delete(volume);
+    }
+  }
+
+  private runResync(volume: string): void {
+    if (this.background.has(volume)) return;
+    const work = (async () => {
+      for (let attempt = 0; !this.closed; attempt++) {
+        try {
+          await this.continueResync(volume);
+          return;
+        } catch (err) {
+          const pair = this.m.catalog.getPair(volume);
+          if (!pair?.recovery || this.closed) return;
+          this.log.error({ volume, err: (err as Error).message }, 'resync step failed; retrying');
+          pair.stateReason = `${describeRecovery(pair)}: ${(err as Error).message}`;
+          this.m.catalog.putPair(pair);
+          await this.m.deps.clock.sleep(Math.min(5000, 200 * 2 ** Math.min(attempt, 5)));
+        }
+      }
+    })().finally(() => this.background.delete(volume));
+    this.background.set(volume, work);
+  }
+
+  /** One pass through the resync's steps from wherever the record says it is. */
+  private async continueResync(volume: string): Promise<void> {
+    const { snapshots, volumes } = this.m.deps;
+    let pair = this.m.requirePair(volume);
+    const r = pair.recovery as RecoveryRecord;
+    const generation = pair.generation;
+    const i1 = intermediateSnapshotName(generation, 1);
+    const i2 = intermediateSnapshotName(generation, 2);
+    if (r.phase === 'resync-full') {
+      // E FIG. 28 step 536: copy a first intermediate snapshot whole, without replication.
+      if (!snapshots.list(volume).some((s) => s.name === i1)) {
+        if (pair.initialCopy.cursorBlock > 0) this.log.warn({ volume, snapshot: i1 }, 'intermediate snapshot 1 is gone; the full copy starts over');
+        await snapshots.create(volume, i1, { purpose: 'resync intermediate point 1', pairId: pair.pairId });
+        pair.initialCopy = { cursorBlock: 0, totalBlocks: volumes.get(volume).blockCount, stampedDeltaSet: 0, startedAt: this.now(), bytes: 0, copyId: (pair.initialCopy.copyId ?? 0) + 1, snapshot: i1 };
+        r.intermediateSnapshots = [i1];
+        this.m.catalog.putPair(pair);
+      }
+      const volumeInfo = volumes.get(volume);
+      const image = snapshots.exportView(volume, i1);
+      const copier = new CopyRunner({
+        pair,
+        clock: this.m.deps.clock,
+        log: this.log,
+        openSession: (p) => this.m.openSession(p, 'copy'),
+        plan: async () => ({ copyId: pair.initialCopy.copyId ?? 1, image, blockCount: volumeInfo.blockCount, blockBytes: volumeInfo.blockBytes, stampedDeltaSet: 0, final: false }),
+        persist: () => this.m.catalog.putPair(pair),
+        countSent: (bytes) => {
+          pair.bytesSent += bytes;
+        },
+      });
+      this.copiers.set(volume, copier);
+      let done: boolean;
+      try {
+        done = await copier.run();
+      } finally {
+        this.copiers.delete(volume);
+      }
+      if (!done) return;
+      r.phase = 'resync';
+      pair.stateReason = describeRecovery(pair);
+      this.m.catalog.putPair(pair);
+      this.log.info({ volume, snapshot: i1 }, 'resync: intermediate snapshot 1 copied; copying what changed since');
+    }
+    pair = this.m.requirePair(volume);
+    if (pair.recovery?.phase !== 'resync' || this.m.sources.has(volume)) return;
+    const rr = pair.recovery;
+    const dir = await this.pairDir(volume);
+    const copyBitmapPath = join(dir, 'copy.bitmap');
+    if (!(await exists(copyBitmapPath))) {
+      // E FIG. 28 step 533: tracking starts, then the intermediate point is taken; the
+      // writes after it replicate as delta sets, the blocks that differ before it are copied.
+      const source = await this.m.openSource(pair);
+      try {
+        if (!snapshots.list(volume).some((s) => s.name === i2)) {
+          await snapshots.create(volume, i2, { purpose: 'resync intermediate point', pairId: pair.pairId, deltaSet: String(pair.deltaSetCreated) });
+        }
+        const base = rr.fullCopy ? i1 : (rr.restartSnapshot as string);
+        const differ = await snapshots.changedBlocks(volume, base, i2);
+        if (!rr.fullCopy) differ.or(await readBitmap(join(dir, 'undo.bitmap')));
+        await writeBitmap(copyBitmapPath, differ);
+        rr.resyncBlocks = differ.count;
+        rr.intermediateSnapshots = [...new Set([...(rr.intermediateSnapshots ?? []), i2])];
+        pair.initialCopy = {
+          cursorBlock: 0,
+          totalBlocks: volumes.get(volume).blockCount,
+          stampedDeltaSet: pair.deltaSetCreated,
+          startedAt: this.now(),
+          bytes: 0,
+          copyId: (pair.initialCopy.copyId ?? 0) + 1,
+          snapshot: i2,
+          plannedBlocks: differ.count,
+          copiedBlocks: 0,
+        };
+        pair.state = 'initial-copying';
+        pair.stateReason = describeRecovery(pair);
+        this.m.catalog.putPair(pair);
+      } catch (err) {
+        await source.close();
+        throw err;
+      }
+      await source.close();
+      this.log.info({ volume, blocks: rr.resyncBlocks, fullCopy: rr.fullCopy ?? false }, 'resync: copying the blocks that differ while newer writes replicate');
+    }
+    const reopened = await this.m.openSource(pair);
+    this.m.sources.set(volume, reopened);
+    reopened.start();
+  }
+
+  /** The resync's copy is complete: the old source is a replica again (E FIG. 28 step 535). */
+  async resyncDone(pair: PairRecord): Promise<void> {
+    const r = pair.recovery;
+    if (!r || r.phase !== 'resync') return;
+    const { snapshots } = this.m.deps;
+    for (const name of [...(r.intermediateSnapshots ?? []), r.restartSnapshot]) {
+      if (name && snapshots.list(pair.volume).some((s) => s.name === name)) {
+        await snapshots.delete(pair.volume, name).catch((err: Error) => this.log.warn({ volume: pair.volume, snapshot: name, err: err.message }, 'snapshot could not be deleted'));
+      }
+    }
+    const dir = await this.pairDir(pair.volume);
+    await rm(join(dir, 'undo.bitmap'), { force: true });
+    await rm(join(dir, 'copy.bitmap'), { force: true });
+    r.phase = 'resynced';
+    r.resyncDoneAt = this.now();
+    pair.stateReason = '';
+    this.m.catalog.putPair(pair);
+    this.log.info({ volume: pair.volume, blocks: r.resyncBlocks, fullCopy: r.fullCopy ?? false, bytes: pair.initialCopy.bytes }, 'resync complete');
+  }
+
+  // ---- failback (at the current source) -----------------------------------------------
+
+  /**
+   * Hands the source role to the other site (E FIG. 30): catch up to within a chunk,
+   * hold hosts (read-only), ship the rest, let the other side take over, become its
+   * target. Also a planned switchover with no failure before it.
+   */
+  async failback(volume: string): Promise<void> {
+    const source = this.m.sources.get(volume);
+    const pair = source?.pair ?? this.m.requirePair(volume);
+    if (pair.role !== 'source') throw new FerryError('BAD_REQUEST', `volume ${volume} is the target of its pair; failback is run at the current source`);
+    const phase = pair.recovery?.phase;
+    if (phase === 'failed-over' || phase === 'resync-full' || phase === 'resync' || phase === 'fenced') {
+      throw new FerryError('BAD_REQUEST', `volume ${volume} cannot fail back now: ${describeRecovery(pair) || phase}; ${phase === 'fenced' ? 'it is not the current source' : 'run "ferry resync" and let it finish first'}`);
+    }
+    if (!source) throw new FerryError('UNAVAILABLE', `replication of ${volume} is not running`);
+    if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is already in progress`);
+    this.busy.add(volume);
+    try {
+      if (phase !== 'failing-back') {
+        if (pair.state !== 'duplex' && pair.state !== 'duplex-pending') {
+          throw new FerryError('BAD_REQUEST', `volume ${volume} is ${pair.state}${pair.stateReason ? ` (${pair.stateReason})` : ''}; failback needs a pair in duplex`);
+        }
+        const within = Math.max(1, Math.floor(failbackWithinBytes / this.m.deps.volumes.get(volume).blockBytes));
+        await source.drain({ withinBlocks: within, playedBack: false, timeoutMs: syncTimeoutMs });
+        await this.m.deps.setAccess(volume, 'read-only');
+        try {
+          await source.drain({ withinBlocks: 0, playedBack: true, timeoutMs: syncTimeoutMs });
+        } catch (err) {
+          await this.m.deps.setAccess(volume, 'read-write');
+          throw err;
+        }
+        pair.recovery = { ...(pair.recovery ?? { previousGeneration: pair.generation, restartPoint: pair.deltaSetCreated }), phase: 'failing-back' };
+        pair.stateReason = describeRecovery(pair);
+        this.m.catalog.putPair(pair);
+      }
+      await this.handOver(volume);
+    } finally {
+      this.busy.delete(volume);
+    }
+  }
+
+  private retryFailback(volume: string): void {
+    if (this.background.has(volume)) return;
+    const work = (async () => {
+      for (let attempt = 0; !this.closed; attempt++) {
+        try {
+          if (this.busy.has(volume)) return;
+          this.busy.add(volume);
+          try {
+            await this.handOver(volume);
+          } finally {
+            this.busy.delete(volume);
+          }
+          return;
+        } catch (err) {
+          if (this.m.catalog.getPair(volume)?.recovery?.phase !== 'failing-back') return;
+          this.log.warn({ volume, err: (err as Error).message }, 'failback: the other site did not take over yet; retrying');
+          await this.m.deps.clock.sleep(Math.min(5000, 200 * 2 ** Math.min(attempt, 5)));
+        }
+      }
+    })().finally(() => this.background.delete(volume));
+    this.background.set(volume, work);
+  }
+
+  /** The swap itself, once this side is read-only and the other has everything (idempotent). */
+  private async handOver(volume: string): Promise<void> {
+    const { volumes, setAccess } = this.m.deps;
+    const source = this.m.sources.get(volume);
+    const pair = source?.pair ?? this.m.requirePair(volume);
+    const next = pair.generation + 1;
+    await this.request(pair.peerUrl, {
+      op: 'takeover',
+      pairId: pair.pairId,
+      volume: pair.peerVolume,
+      generation: next,
+      fromGeneration: pair.generation,
+      lastDeltaSet: pair.deltaSetCreated,
+      targetUrl: this.m.deps.selfUrl(),
+      targetVolume: volume,
+      intervalMs: pair.intervalMs,
+      highWaterBytes: pair.highWaterBytes,
+      saveVolumeBytes: pair.saveVolumeBytes,
+    }, requestTimeoutMs);
+    this.m.sources.delete(volume);
+    await source?.close();
+    const blockCount = volumes.get(volume).blockCount;
+    const now = this.now();
+    const { recovery: _previous, ...rest } = pair;
+    const targetPair: PairRecord = {
+      ...rest,
+      role: 'target',
+      generation: next,
+      state: 'duplex',
+      stateReason: '',
+      initialCopy: { cursorBlock: blockCount, totalBlocks: blockCount, stampedDeltaSet: 0, startedAt: now, doneAt: now, bytes: 0, copyId: 1 },
+      ...this.m.freshCounters(),
+    };
+    await this.m.removeFiles(volumes.record(volume).id);
+    this.m.catalog.transaction(() => {
+      this.m.catalog.deleteDeltaSets(volume);
+      this.m.catalog.putPair(targetPair);
+    });
+    const target = await this.m.openTarget(targetPair);
+    this.m.targets.set(volume, target);
+    target.start();
+    await setAccess(volume, 'read-only');
+    this.log.warn({ volume, generation: next, source: pair.peerSiteName }, 'failback: the other site is the source again; this volume is its read-only replica');
+  }
+
+  // ---- requests from the other site ---------------------------------------------------
+
+  private async onRequest(connection: RcpConnection, peer: PeerIdentity, frame: Frame): Promise<void> {
+    try {
+      const body = json<RecoveryRequest>(frame);
+      if (typeof body.volume !== 'string' || typeof body.pairId !== 'string' || !Number.isSafeInteger(body.generation)) {
+        throw new FerryError('PROTOCOL_ERROR', 'recovery request lacks a volume, pair id or generation');
+      }
+      const pair = this.m.catalog.getPair(body.volume);
+      if (!pair || pair.pairId !== body.pairId) throw new FerryError('NOT_FOUND', `no replication pair ${body.pairId} for volume ${body.volume} at ${this.m.deps.self.siteName}`);
+      switch (body.op) {
+        case 'fence':
+          return this.onFence(connection, peer, pair, body);
+        case 'resync':
+          return await this.onResync(connection, peer, pair, body);
+        case 'takeover':
+          return await this.onTakeover(connection, peer, pair, body);
+        default:
+          throw new FerryError('PROTOCOL_ERROR', `unknown recovery request ${(body as { op: string }).op}`);
+      }
+    } catch (err) {
+      const e = err instanceof FerryError ? err : new FerryError('INTERNAL', (err as Error).message);
+      if (!connection.isClosed) {
+        connection.sendError(e.code, e.message);
+        connection.close();
+      }
+    }
+  }
+
+  private async onFence(connection: RcpConnection, peer: PeerIdentity, pair: PairRecord, body: Extract<RecoveryRequest, { op: 'fence' }>): Promise<void> {
+    if (pair.role !== 'source') throw new FerryError('BAD_REQUEST', `volume ${pair.volume} is not the source of its pair here`);
+    if (pair.recovery?.phase !== 'fenced') {
+      if (body.generation <= pair.generation) throw new FerryError('STALE_GENERATION', `pair is at generation ${pair.generation}; a failover to generation ${body.generation} is refused`);
+      const source = this.m.sources.get(pair.volume);
+      if (body.sync && source) {
+        // E FIG. 33: hosts are held, a last delta set is cut and acknowledged.
+        await this.m.deps.setAccess(pair.volume, 'read-only');
+        try {
+          await source.drain({ withinBlocks: 0, playedBack: false, timeoutMs: syncTimeoutMs });
+        } catch (err) {
+          await this.m.deps.setAccess(pair.volume, 'read-write');
+          throw err;
+        }
+      }
+      await this.fenceSelf(pair.volume, peer.siteName, `failover requested by ${peer.siteName}`);
+    }
+    const fenced = this.m.catalog.getPair(pair.volume) as PairRecord;
+    const reply: FenceReply = { lastDeltaSet: fenced.deltaSetCreated };
+    connection.sendJson(ReplFrame.RecoveryReply as number, reply);
+    connection.close();
+  }
+
+  /**
+   * E FIG. 28 steps 531-532 at the old source: list the blocks to undo (delta sets after
+   * the restart point from the save volume, plus unsent changes from the tracking),
+   * keep the writes being discarded in a snapshot, and turn into a raw target.
+   */
+  private async onResync(connection: RcpConnection, peer: PeerIdentity, pair: PairRecord, body: Extract<RecoveryRequest, { op: 'resync' }>): Promise<void> {
+    const { volumes, snapshots, setAccess } = this.m.deps;
+    const dir = await this.pairDir(pair.volume);
+    const undoPath = join(dir, 'undo.bitmap');
+    const recordPath = join(dir, 'undo.json');
+    const asTarget = pair.role === 'target' && pair.generation === body.generation && pair.recovery?.phase === 'resync-target';
+    if (!asTarget) {
+      if (pair.role !== 'source' || body.generation <= pair.generation) {
+        throw new FerryError('STALE_GENERATION', `volume ${pair.volume} here is the ${pair.role} at generation ${pair.generation}; a resync to generation ${body.generation} is refused`);
+      }
+      if (this.m.sources.has(pair.volume)) await this.fenceSelf(pair.volume, peer.siteName, 'resync requested');
+      let record = await readChecksummedJson<UndoRecord>(recordPath, undoMagic, 1).then((r) => r.body, () => undefined);
+      if (!record || !(await exists(undoPath))) {
+        const undo = await this.listUndo(pair, body.restartGeneration, body.restartPoint);
+        record = { fullCopy: undo.fullCopy, discardedBlocks: undo.bits.count };
+        if (undo.reason) record.fullCopyReason = undo.reason;
+        if (undo.fullCopy || undo.bits.count > 0) {
+          // Rule 6: what is about to be overwritten stays readable.
+          const name = discardSnapshotName(body.generation);
+          if (!snapshots.list(pair.volume).some((s) => s.name === name)) {
+            await snapshots.create(pair.volume, name, { purpose: 'writes discarded by resync', blocks: undo.fullCopy ? 'unknown' : String(undo.bits.count), pairId: pair.pairId });
+          }
+          record.discardSnapshot = name;
+        }
+        await writeBitmap(undoPath, undo.bits);
+        await writeFileAtomic(recordPath, encodeChecksummedJson(undoMagic, 1, record));
+      }
+      await setAccess(pair.volume, 'raw');
+      // The old source's own replication files go; the undo list stays.
+      for (const f of ['dirty.bitmap', 'activity.log', 'save.journal']) await rm(join(dir, f), { force: true });
+      const blockCount = volumes.get(pair.volume).blockCount;
+      const targetPair: PairRecord = {
+        ...pair,
+        role: 'target',
+        generation: body.generation,
+        peerUrl: body.sourceUrl,
+        peerSiteId: peer.siteId,
+        peerSiteName: peer.siteName,
+        peerVolume: body.sourceVolume,
+        state: 'initial-copying',
+        stateReason: '',
+        saveVolumeBytes: Math.max(pair.saveVolumeBytes, Number.isSafeInteger(body.saveVolumeBytes) ? body.saveVolumeBytes : 0),
+        initialCopy: { cursorBlock: 0, totalBlocks: blockCount, stampedDeltaSet: 0, startedAt: this.now(), bytes: 0, copyId: 0 },
+        ...this.m.freshCounters(),
+        recovery: {
+          phase: 'resync-target',
+          previousGeneration: pair.generation,
+          restartPoint: body.restartPoint,
+          fullCopy: record.fullCopy,
+          discardedBlocks: record.discardedBlocks,
+          ...(record.fullCopyReason !== undefined ? { fullCopyReason: record.fullCopyReason } : {}),
+          ...(record.discardSnapshot !== undefined ? { discardSnapshot: record.discardSnapshot } : {}),
+        },
+      };
+      targetPair.stateReason = describeRecovery(targetPair);
+      this.m.catalog.transaction(() => {
+        this.m.catalog.deleteDeltaSets(pair.volume);
+        this.m.catalog.putPair(targetPair);
+      });
+      const target = await this.m.openTarget(targetPair);
+      this.m.targets.set(pair.volume, target);
+      target.start();
+      this.log.warn({ volume: pair.volume, from: peer.siteName, fullCopy: record.fullCopy, discarded: record.discardedBlocks, snapshot: record.discardSnapshot }, 'resync: this volume is being rebuilt from the other site (raw until done)');
+    }
+    const { body: record } = await readChecksummedJson<UndoRecord>(recordPath, undoMagic, 1);
+    const undo = await readBitmap(undoPath);
+    const runs = [...undo.runs()];
+    const frames = Math.ceil(runs.length / runsPerFrame);
+    const reply: ResyncReply = { ...record, undoBlocks: undo.count, frames };
+    connection.sendJson(ReplFrame.RecoveryReply as number, reply);
+    for (let f = 0; f < frames; f++) {
+      const part = runs.slice(f * runsPerFrame, (f + 1) * runsPerFrame);
+      const buf = Buffer.alloc(part.length * 16);
+      part.forEach(([s, n], i) => {
+        buf.writeBigUInt64LE(BigInt(s), i * 16);
+        buf.writeUInt32LE(n, i * 16 + 8);
+      });
+      connection.send(ReplFrame.RecoveryData, buf);
+    }
+    connection.close();
+  }
+
+  /**
+   * The blocks this old source changed after the restart point: those of delta sets
+   * n-x+1 … n still in its save volume, and everything its change tracking holds dirty
+   * (persisted bitmap plus hot activity-log extents, the same superset recovery uses).
+   */
+  private async listUndo(pair: PairRecord, restartGeneration: number, restartPoint: number): Promise<{ bits: PagedBitmap; fullCopy: boolean; reason?: string }> {
+    const volume = this.m.deps.volumes.get(pair.volume);
+    const bits = new PagedBitmap(volume.blockCount);
+    const full = (reason: string): { bits: PagedBitmap; fullCopy: boolean; reason: string } => {
+      this.log.warn({ volume: pair.volume, reason }, 'the writes after the restart point cannot be listed: a full copy is needed');
+      return { bits: new PagedBitmap(volume.blockCount), fullCopy: true, reason };
+    };
+    const plan = planUndo(pair, restartGeneration, restartPoint, this.m.catalog.listDeltaSets(pair.volume));
+    if (plan.kind === 'full-copy') return full(plan.reason);
+    const dir = await this.pairDir(pair.volume);
+    try {
+      const { file } = await BitmapFile.open(join(dir, 'dirty.bitmap'), 'fill');
+      bits.or(file.bitmap);
+      await file.close();
+      const store = await FileActivityLogStore.open(join(dir, 'activity.log'), activityExtentsMaxDefault);
+      const { recovered } = await ActivityLog.open(store);
+      await store.close();
+      const extentBlocks = Math.max(1, Math.floor(extentBytesDefault / volume.blockBytes));
+      for (const e of recovered) {
+        const first = e * extentBlocks;
+        if (first < volume.blockCount) bits.setRange(first, Math.min(extentBlocks, volume.blockCount - first));
+      }
+    } catch (err) {
+      return full(`the change tracking could not be read: ${(err as Error).message}`);
+    }
+    if (plan.deltaSets.length > 0) {
+      const journalPath = join(dir, 'save.journal');
+      if (!(await exists(journalPath))) return full('the save volume is gone');
+      const journal = await JournalFile.open(journalPath, pair.saveVolumeBytes);
+      try {
+        const rows = this.m.catalog.listDeltaSets(pair.volume).filter((d) => d.generation === restartGeneration);
+        for (const n of plan.deltaSets) {
+          const ds = rows.find((d) => d.n === n);
+          if (!ds) return full(`delta set ${n} is missing`);
+          let lsn = ds.startLsn;
+          for (let index = 0; index < ds.chunks; index++) {
+            const record = await journal.readNext(lsn, ds.endLsn).catch(() => undefined);
+            if (!record || record.deltaSet !== n || record.index !== index || record.generation !== ds.generation) {
+              return full(`delta set ${n} is damaged in the save volume (chunk ${index})`);
+            }
+            for (const e of decodeChunk(record.payload, volume.blockBytes, volume.blockCount).extents) bits.setRange(e.block, e.count);
+            lsn = record.nextLsn;
+          }
+        }
+      } finally {
+        await journal.close();
+      }
+    }
+    return { bits, fullCopy: false };
+  }
+
+  /** E FIG. 30 at the old source: play back everything, then become the source again. */
+  private async onTakeover(connection: RcpConnection, peer: PeerIdentity, pair: PairRecord, body: Extract<RecoveryRequest, { op: 'takeover' }>): Promise<void> {
+    const { volumes, setAccess } = this.m.deps;
+    if (!(pair.role === 'source' && pair.generation === body.generation)) {
+      if (pair.role !== 'target' || pair.generation !== body.fromGeneration) {
+        throw new FerryError('STALE_GENERATION', `volume ${pair.volume} here is the ${pair.role} at generation ${pair.generation}; a takeover from generation ${body.fromGeneration} is refused`);
+      }
+      if (this.busy.has(pair.volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${pair.volume} is already in progress`);
+      this.busy.add(pair.volume);
+      try {
+        const target = this.m.targets.get(pair.volume);
+        if (!target) throw new FerryError('UNAVAILABLE', `the target of ${pair.volume} is not open`);
+        if (!target.copyDone) throw new FerryError('BAD_REQUEST', `volume ${pair.volume} here is still being rebuilt`);
+        await target.finishPlayback(playbackTimeoutMs);
+        if (target.pair.deltaSetPlayedBack < body.lastDeltaSet) {
+          throw new FerryError('UNAVAILABLE', `volume ${pair.volume} here has played back delta set ${target.pair.deltaSetPlayedBack}, not ${body.lastDeltaSet}; try again`);
+        }
+        await target.close();
+        this.m.targets.delete(pair.volume);
+        const blockCount = volumes.get(pair.volume).blockCount;
+        const now = this.now();
+        const { recovery: _previous, ...rest } = target.pair;
+        const sourcePair: PairRecord = {
+          ...rest,
+          role: 'source',
+          generation: body.generation,
+          peerUrl: body.targetUrl,
+          peerSiteId: peer.siteId,
+          peerSiteName: peer.siteName,
+          peerVolume: body.targetVolume,
+          state: 'duplex',
+          stateReason: '',
+          intervalMs: body.intervalMs || this.m.defaults.intervalMs,
+          highWaterBytes: body.highWaterBytes || this.m.defaults.highWaterBytes,
+          saveVolumeBytes: Math.max(body.saveVolumeBytes || 0, pair.saveVolumeBytes),
+          initialCopy: { cursorBlock: blockCount, totalBlocks: blockCount, stampedDeltaSet: 0, startedAt: now, doneAt: now, bytes: 0, copyId: 1 },
+          ...this.m.freshCounters(),
+        };
+        await this.m.removeFiles(volumes.record(pair.volume).id);
+        this.m.catalog.transaction(() => {
+          this.m.catalog.deleteDeltaSets(pair.volume);
+          this.m.catalog.putPair(sourcePair);
+        });
+        // Tracking is installed before hosts may write again.
+        const source = await this.m.openSource(sourcePair);
+        this.m.sources.set(pair.volume, source);
+        source.start();
+        await setAccess(pair.volume, 'read-write');
+        this.log.warn({ volume: pair.volume, generation: body.generation, target: peer.siteName }, 'failback: this site is the source again');
+      } finally {
+        this.busy.delete(pair.volume);
+      }
+    }
+    connection.sendJson(ReplFrame.RecoveryReply as number, {});
+    connection.close();
+  }
+
+  // ---- plumbing ---------------------------------------------------------------------
+
+  private async pairDir(volume: string): Promise<string> {
+    const dir = this.m.pairDir(this.m.deps.volumes.record(volume).id);
+    await mkdir(dir, { recursive: true });
+    return dir;
+  }
+
+  private async request<T>(url: string, body: RecoveryRequest, timeoutMs: number): Promise<T> {
+    const { connection } = await this.m.connect(url);
+    try {
+      const inbox = new Inbox(connection);
+      connection.sendJson(ReplFrame.RecoveryRequest as number, body);
+      return await expectReply<T>(inbox, timeoutMs);
+    } finally {
+      connection.destroy();
+    }
+  }
+
+  private async resyncRequest(url: string, body: RecoveryRequest): Promise<{ reply: ResyncReply; runs: [number, number][] }> {
+    const { connection } = await this.m.connect(url);
+    try {
+      // Frames are queued as they arrive: the reply and its data may come in one read.
+      const inbox = new Inbox(connection);
+      connection.sendJson(ReplFrame.RecoveryRequest as number, body);
+      const reply = await expectReply<ResyncReply>(inbox, requestTimeoutMs);
+      const runs: [number, number][] = [];
+      for (let f = 0; f < reply.frames; f++) {
+        const frame = await inbox.next(requestTimeoutMs);
+        if (frame.type !== ReplFrame.RecoveryData || frame.payload.length % 16 !== 0) throw new FerryError('PROTOCOL_ERROR', 'malformed undo list from the old source');
+        for (let at = 0; at < frame.payload.length; at += 16) runs.push([Number(frame.payload.readBigUInt64LE(at)), frame.payload.readUInt32LE(at + 8)]);
+      }
+      const blocks = runs.reduce((s, [, n]) => s + n, 0);
+      if (blocks !== reply.undoBlocks) throw new FerryError('CHECKSUM_MISMATCH', `undo list has ${blocks} blocks, the old source said ${reply.undoBlocks}`);
+      return { reply, runs };
+    } finally {
+      connection.destroy();
+    }
+  }
+}
+
+async function expectReply<T>(inbox: Inbox, timeoutMs: number): Promise<T> {
+  const reply = await inbox.next(timeoutMs);
+  if (reply.type === FrameType.Error) {
+    const body = json<{ code: string; message: string }>(reply);
+    const code = body.code === 'STALE_GENERATION' || body.code === 'BAD_REQUEST' || body.code === 'NOT_FOUND' || body.code === 'VOLUME_IN_USE' ? body.code : 'UNAVAILABLE';
+    throw new FerryError(code, `other site: ${body.message}`);
+  }
+  if (reply.type !== ReplFrame.RecoveryReply) throw new FerryError('PROTOCOL_ERROR', `other site answered with frame type ${reply.type}`);
+  return json<T>(reply);
+}
+
+async function exists(path: string): Promise<boolean> {
+  return stat(path).then(
+    () => true,
+    () => false,
+  );
+}
+
+async function writeBitmap(path: string, bits: PagedBitmap): Promise<void> {
+  await rm(path, { force: true });
+  const file = await BitmapFile.create(path, bits.bitCount);
+  file.bitmap.or(bits);
+  await file.sync();
+  await file.close();
+}
+
+async function readBitmap(path: string): Promise<PagedBitmap> {
+  const { file } = await BitmapFile.open(path, 'throw');
+  const bits = file.bitmap.clone();
+  await file.close();
+  return bits;
+}
+

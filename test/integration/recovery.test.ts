@@ -1,0 +1,330 @@
+import { test } from 'node:test';
+import { execFile } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import assert from 'node:assert/strict';
+import { TestSite } from '../helpers/site.js';
+import { pairStatus, waitFor, waitInSync, type PairStatus } from '../helpers/replication.js';
+
+const MiB = 1024 * 1024;
+const bs = 8192;
+const execFileP = promisify(execFile);
+
+async function sites(name: string): Promise<[TestSite, TestSite]> {
+  return Promise.all([TestSite.create(`${name}-a`), TestSite.create(`${name}-b`)]);
+}
+
+function sha(buf: Buffer): string {
+  return createHash('sha256').update(buf).digest('hex');
+}
+
+/** A write of whole blocks with random data; `touched` collects its blocks. */
+function blockWrite(size: number, touched?: Set<number>, maxBlocks = 4): { offset: number; data: Buffer } {
+  const blocks = 1 + Math.floor(Math.random() * maxBlocks);
+  const first = Math.floor(Math.random() * (size / bs - blocks));
+  for (let b = first; b < first + blocks; b++) touched?.add(b);
+  return { offset: first * bs, data: randomBytes(blocks * bs) };
+}
+
+async function writeApi(site: TestSite, image: Buffer, n: number, touched?: Set<number>): Promise<void> {
+  for (let i = 0; i < n; i++) {
+    const w = blockWrite(image.length, touched);
+    await site.writeData('db', w.offset, w.data);
+    w.data.copy(image, w.offset);
+  }
+}
+
+/** Writes through NBD with qemu-io (patterned blocks), applied to `image` too. */
+async function writeNbd(site: TestSite, image: Buffer, n: number, touched?: Set<number>): Promise<void> {
+  const cmds: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const blocks = 1 + Math.floor(Math.random() * 4);
+    const first = Math.floor(Math.random() * (image.length / bs - blocks));
+    const pattern = 1 + Math.floor(Math.random() * 254);
+    for (let b = first; b < first + blocks; b++) touched?.add(b);
+    image.fill(pattern, first * bs, (first + blocks) * bs);
+    cmds.push('-c', `write -P ${pattern} ${first * bs} ${blocks * bs}`);
+  }
+  await execFileP('qemu-io', ['-f', 'raw', ...cmds, `nbd://127.0.0.1:${site.nbdPort}/db`]);
+}
+
+async function recoveryPhase(site: TestSite): Promise<string | undefined> {
+  return (await pairStatus(site, 'db')).recovery?.phase;
+}
+
+async function startPair(a: TestSite, b: TestSite, size: number, image: Buffer): Promise<void> {
+  assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
+  await writeApi(a, image, 30);
+  const start = await a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '500ms', '--wait', '--json']);
+  assert.equal(start.code, 0, start.stderr);
+  await waitInSync(a, b, 'db');
+  assert.equal(await b.digest('db'), sha(image));
+}
+
+/** Pauses sending at the source, then makes `deltaSets` delta sets there that the target never gets. */
+async function unshippedDeltaSets(a: TestSite, image: Buffer, deltaSets: number, touched: Set<number>): Promise<void> {
+  assert.equal((await a.cli(['replicate', 'pause', 'db'])).code, 0);
+  for (let k = 0; k < deltaSets; k++) {
+    const before = (await pairStatus(a, 'db')).deltaSetCreated;
+    await writeApi(a, image, 5, touched);
+    await a.api('POST', '/api/v1/replication/db/delta');
+    await waitFor('delta set cut', async () => (await pairStatus(a, 'db')).deltaSetCreated > before);
+  }
+}
+
+async function waitResynced(b: TestSite, a: TestSite): Promise<PairStatus> {
+  let last: PairStatus | undefined;
+  await waitFor(() => `resync done (last: ${JSON.stringify(last)})`, async () => {
+    last = await pairStatus(b, 'db');
+    return last.recovery?.phase === 'resynced';
+  }, 120_000, 200);
+  await waitInSync(b, a, 'db', 'db', 120_000);
+  return pairStatus(b, 'db');
+}
+
+test('failover, resync and failback: the whole cycle through NBD, digests at every stable point, no full copy', async () => {
+  const [a, b] = await sites('cycle');
+  try {
+    const size = 64 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    await writeNbd(a, image, 20);
+    await waitInSync(a, b, 'db');
+    const restart = Buffer.from(image);
+    const restartPlayed = (await pairStatus(b, 'db')).deltaSetPlayedBack;
+
+    // x = 3 delta sets the target never plays back, plus writes not yet in any delta set.
+    const aTouched = new Set<number>();
+    await unshippedDeltaSets(a, image, 3, aTouched);
+    await writeApi(a, image, 5, aTouched);
+    const aImage = Buffer.from(image);
+    await a.kill('SIGKILL');
+
+    // Failover at B with A down: B holds the restart point and becomes read/write.
+    const fo = await b.cli(['failover', 'db', '--json']);
+    assert.equal(fo.code, 0, fo.stderr);
+    const result = JSON.parse(fo.stdout) as { generation: number; restartPoint: number; restartSnapshot: string; sourceFenced: boolean };
+    assert.equal(result.restartPoint, restartPlayed);
+    assert.equal(result.generation, 2);
+    assert.equal(result.sourceFenced, false);
+    assert.equal(await b.digest('db'), sha(restart));
+    const snaps = await b.api<{ name: string; attrs: Record<string, string> }[]>('GET', '/api/v1/volumes/db/snapshots');
+    const rp = snaps.body.find((s) => s.name === result.restartSnapshot);
+    assert.equal(rp?.attrs.deltaSet, String(restartPlayed));
+    let sb = await pairStatus(b, 'db');
+    assert.equal(sb.role, 'source');
+    assert.equal(sb.recovery?.phase, 'failed-over');
+
+    // The new source takes writes through NBD.
+    const bImage = Buffer.from(restart);
+    const bTouched = new Set<number>();
+    await writeNbd(b, bImage, 25, bTouched);
+    assert.equal(await b.digest('db'), sha(bImage));
+
+    // The old source returns: it learns of the failover and refuses read/write.
+    await a.start();
+    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+    const sa = await pairStatus(a, 'db');
+    assert.match(sa.reason, /failed over/);
+    const denied = await fetch(`${a.url}/api/v1/volumes/db/data?offset=0`, { method: 'PUT', body: Buffer.alloc(bs), headers: { 'content-type': 'application/octet-stream' } });
+    assert.equal(denied.status, 409);
+    await assert.rejects(execFileP('qemu-io', ['-f', 'raw', '-c', 'write 0 4096', `nbd://127.0.0.1:${a.nbdPort}/db`]), /read-only|Operation not permitted|EPERM|Permission/i);
+    assert.equal(await a.digest('db'), sha(aImage), 'the old source keeps its writes until the resync');
+
+    // Resync while the new source keeps being written.
+    const rs = await b.cli(['resync', 'db', '--json']);
+    assert.equal(rs.code, 0, rs.stderr);
+    await writeApi(b, bImage, 30, bTouched);
+    sb = await waitResynced(b, a);
+    assert.equal(await b.digest('db'), sha(bImage));
+    assert.equal(await a.digest('db'), sha(bImage));
+    // The old source had no host access ("raw") while it was rebuilt, then became a read-only replica.
+    const access = a.logs.filter((l) => l.msg === 'volume access changed' && l.volume === 'db').map((l) => l.access);
+    assert.deepEqual(access.slice(-2), ['raw', 'read-only']);
+    const r = sb.recovery;
+    assert.ok(r);
+    assert.equal(r.fullCopy, false, `no full copy: ${JSON.stringify(r)}`);
+    assert.ok((r.discardedBlocks ?? 0) >= aTouched.size, `discarded ${r.discardedBlocks} blocks, the old source wrote ${aTouched.size}`);
+    assert.ok(sb.initialCopy.bytes < size / 2, `resync copied ${sb.initialCopy.bytes} bytes of a ${size}-byte volume`);
+    // Rule 6: the discarded writes are kept in a snapshot at the old source.
+    assert.ok(r.discardSnapshot);
+    const kept = await a.cli(['snapshot', 'digest', 'db', r.discardSnapshot, '--json']);
+    assert.equal(kept.code, 0, kept.stderr);
+    assert.equal((JSON.parse(kept.stdout) as { sha256: string }).sha256, sha(aImage));
+    // The restart-point and intermediate snapshots are gone once the resync is done.
+    const after = await b.api<{ name: string }[]>('GET', '/api/v1/volumes/db/snapshots');
+    assert.deepEqual(after.body.map((s) => s.name), []);
+
+    // Failback: A is the source again, B its replica; no full copy.
+    await writeApi(b, bImage, 10);
+    const fb = await b.cli(['failback', 'db', '--json']);
+    assert.equal(fb.code, 0, fb.stderr);
+    const na = await pairStatus(a, 'db');
+    const nb = await pairStatus(b, 'db');
+    assert.equal(na.role, 'source');
+    assert.equal(nb.role, 'target');
+    assert.equal(na.generation, 3);
+    assert.equal(nb.generation, 3);
+    assert.equal(await a.digest('db'), sha(bImage));
+    await writeNbd(a, bImage, 15);
+    await writeApi(a, bImage, 10);
+    await waitInSync(a, b, 'db');
+    assert.equal(await a.digest('db'), sha(bImage));
+    assert.equal(await b.digest('db'), sha(bImage));
+    assert.equal(na.initialCopy.bytes, 0, 'failback copies nothing');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('failover --sync loses nothing; --now skips the received delta sets; failback with no failure', async () => {
+  const [a, b] = await sites('modes');
+  try {
+    const size = 32 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+
+    // Planned switchover: failback with no failure at all, then back again.
+    await writeApi(a, image, 10);
+    const fb = await a.cli(['failback', 'db', '--json']);
+    assert.equal(fb.code, 0, fb.stderr);
+    assert.equal((await pairStatus(b, 'db')).role, 'source');
+    assert.equal(await b.digest('db'), sha(image));
+    await writeApi(b, image, 10);
+    await waitInSync(b, a, 'db');
+    assert.equal(await a.digest('db'), sha(image));
+    assert.equal((await b.cli(['failback', 'db'])).code, 0);
+    assert.equal((await pairStatus(a, 'db')).role, 'source');
+    assert.equal((await pairStatus(a, 'db')).generation, 3);
+
+    // --sync with the source up: everything written at A is in B after the switch.
+    await writeApi(a, image, 20);
+    const fo = await b.cli(['failover', 'db', '--sync', '--json']);
+    assert.equal(fo.code, 0, fo.stderr);
+    assert.equal(await b.digest('db'), sha(image), 'failover --sync lost a write');
+    assert.equal(await recoveryPhase(a), 'fenced');
+    const denied = await fetch(`${a.url}/api/v1/volumes/db/data?offset=0`, { method: 'PUT', body: Buffer.alloc(bs), headers: { 'content-type': 'application/octet-stream' } });
+    assert.equal(denied.status, 409);
+    // Nothing differs, so the resync sends (almost) nothing and needs no full copy.
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    const sb = await waitResynced(b, a);
+    assert.equal(sb.recovery?.fullCopy, false);
+    assert.equal(sb.recovery?.discardedBlocks, 0);
+    assert.equal(await a.digest('db'), sha(image));
+    assert.equal((await b.cli(['failback', 'db'])).code, 0);
+    assert.equal((await pairStatus(a, 'db')).role, 'source');
+
+    // --sync with the source down fails cleanly and changes nothing.
+    await a.kill('SIGKILL');
+    const refused = await b.cli(['failover', 'db', '--sync']);
+    assert.notEqual(refused.code, 0);
+    assert.equal((await pairStatus(b, 'db')).role, 'target');
+    await a.start();
+    await writeApi(a, image, 5);
+    await waitInSync(a, b, 'db');
+
+    // --now: delta sets received but not played back are skipped (and counted).
+    const gen = (await pairStatus(b, 'db')).generation;
+    const played = (await pairStatus(b, 'db')).deltaSetPlayedBack;
+    const fn = await b.cli(['failover', 'db', '--now', '--json']);
+    assert.equal(fn.code, 0, fn.stderr);
+    const res = JSON.parse(fn.stdout) as { generation: number; restartPoint: number; skippedDeltaSets: number; sourceFenced: boolean };
+    assert.equal(res.generation, gen + 1);
+    assert.equal(res.restartPoint, played);
+    assert.equal(res.sourceFenced, true);
+    assert.equal(await b.digest('db'), sha(image));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('resync falls back to a full copy, with a warning and a status flag, when the old save volume is gone', async () => {
+  const [a, b] = await sites('fallback');
+  try {
+    const size = 32 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    const restart = Buffer.from(image);
+    await unshippedDeltaSets(a, image, 2, new Set());
+    const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/db')).body.id;
+    await a.kill('SIGKILL');
+    // The disaster took the old source's save volume with it.
+    await rm(join(a.dir, 'replication', volumeId, 'save.journal'), { force: true });
+    assert.equal((await b.cli(['failover', 'db'])).code, 0);
+    const bImage = Buffer.from(restart);
+    await writeApi(b, bImage, 10);
+    await a.start();
+    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    await writeApi(b, bImage, 10);
+    const sb = await waitResynced(b, a);
+    assert.equal(sb.recovery?.fullCopy, true);
+    assert.match(sb.recovery?.fullCopyReason ?? '', /save volume/);
+    assert.ok(b.logs.some((l) => /FULL COPY/.test(String(l.msg))), 'a full copy is announced in the log');
+    assert.equal(await a.digest('db'), sha(bImage));
+    assert.equal(await b.digest('db'), sha(bImage));
+    assert.ok(sb.recovery?.discardSnapshot, 'the old source was snapshotted before being overwritten');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('SIGKILL of either site during resync and during failback: it resumes, correct result, no full copy', async () => {
+  const [a, b] = await sites('crash');
+  try {
+    const size = 64 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    const restart = Buffer.from(image);
+    const aTouched = new Set<number>();
+    await unshippedDeltaSets(a, image, 2, aTouched);
+    await a.kill('SIGKILL');
+    assert.equal((await b.cli(['failover', 'db'])).code, 0);
+    // Many changes at B, so the resync copy takes a while.
+    const bImage = Buffer.from(restart);
+    assert.equal(await b.digest('db'), sha(bImage));
+    for (let i = 0; i < 40; i++) {
+      const w = { offset: i * MiB, data: randomBytes(512 * 1024) };
+      await b.writeData('db', w.offset, w.data);
+      w.data.copy(bImage, w.offset);
+    }
+    await a.start();
+    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    // Kill the old source mid-copy, then the new source, and let both come back.
+    await waitFor('copy under way', async () => (await pairStatus(b, 'db')).initialCopy.copiedBlocks > 0, 30_000, 20);
+    await a.kill('SIGKILL');
+    await writeApi(b, bImage, 5);
+    await a.start();
+    await b.kill('SIGKILL');
+    await b.start();
+    await writeApi(b, bImage, 5);
+    const sb = await waitResynced(b, a);
+    assert.equal(sb.recovery?.fullCopy, false);
+    assert.ok(sb.initialCopy.bytes <= 48 * MiB, `resync copied ${sb.initialCopy.bytes} bytes`);
+    assert.equal(await a.digest('db'), sha(bImage));
+
+    // Failback interrupted by a SIGKILL of the old source during the hand-over: re-issued, it completes.
+    await writeApi(b, bImage, 10);
+    const fb = b.cli(['failback', 'db']);
+    await new Promise((r) => setTimeout(r, 50 + Math.random() * 200));
+    await a.kill('SIGKILL');
+    await fb;
+    await a.start();
+    await waitFor('failback done', async () => {
+      const s = await pairStatus(a, 'db');
+      if (s.role === 'source') return true;
+      await b.cli(['failback', 'db']);
+      return false;
+    }, 60_000, 500);
+    assert.equal((await pairStatus(b, 'db')).role, 'target');
+    assert.equal(await a.digest('db'), sha(bImage));
+    await writeApi(a, bImage, 10);
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(bImage));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
