@@ -135,10 +135,16 @@ export class ChangeLog {
     return this.current.count + (this.old?.count ?? 0);
   }
 
-  /** Makes every dirty bit durable in the persisted bitmap (clean shutdown). */
+  /**
+   * Makes every dirty bit durable in the persisted bitmap (clean shutdown). No write can
+   * come after, so the bitmap alone is exact: the activity log is emptied and the next
+   * open (or a resync's undo list) sees exactly the blocks written, not whole extents.
+   */
   async close(): Promise<void> {
     if (this.old) this.current.or(this.old);
     await this.persistCurrent();
+    this.al.cool([...this.al.hotExtents]);
+    await this.al.flush();
   }
 
   private async persistCurrent(): Promise<void> {

@@ -311,8 +311,8 @@ test('SIGKILL of either site during resync and during failback: it resumes, corr
     const fb = b.cli(['failback', 'db']);
     await new Promise((r) => setTimeout(r, 50 + Math.random() * 200));
     await a.kill('SIGKILL');
-    await fb;
     await a.start();
+    await fb;
     await waitFor('failback done', async () => {
       const s = await pairStatus(a, 'db');
       if (s.role === 'source') return true;
@@ -324,6 +324,46 @@ test('SIGKILL of either site during resync and during failback: it resumes, corr
     await writeApi(a, bImage, 10);
     await waitInSync(a, b, 'db');
     assert.equal(await b.digest('db'), sha(bImage));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('resync sends only the blocks that differ: copy bytes within 1.1x of the differing blocks', async () => {
+  const [a, b] = await sites('bytes');
+  try {
+    const size = 64 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    // Every block holds data, so each differing block costs its bytes on the wire.
+    for (let off = 0; off < size; off += 4 * MiB) {
+      const data = randomBytes(4 * MiB);
+      await a.writeData('db', off, data);
+      data.copy(image, off);
+    }
+    await waitInSync(a, b, 'db');
+    const restart = Buffer.from(image);
+    // The old source writes after the restart point: delta sets never shipped, and unsent changes.
+    await unshippedDeltaSets(a, image, 2, new Set());
+    await writeApi(a, image, 20);
+    const aImage = Buffer.from(image);
+    // Failover with the old source up (a partition healed, say): it is fenced cleanly.
+    const fo = await b.cli(['failover', 'db', '--json']);
+    assert.equal(fo.code, 0, fo.stderr);
+    assert.equal((JSON.parse(fo.stdout) as { sourceFenced: boolean }).sourceFenced, true);
+    assert.equal(await recoveryPhase(a), 'fenced');
+    const bImage = Buffer.from(restart);
+    await writeApi(b, bImage, 40);
+    let differ = 0;
+    for (let blk = 0; blk < size / bs; blk++) if (!aImage.subarray(blk * bs, (blk + 1) * bs).equals(bImage.subarray(blk * bs, (blk + 1) * bs))) differ++;
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    const sb = await waitResynced(b, a);
+    assert.equal(await a.digest('db'), sha(bImage));
+    assert.equal(sb.recovery?.fullCopy, false);
+    const ratio = sb.initialCopy.bytes / (differ * bs);
+    assert.ok(ratio >= 1 && ratio <= 1.1, `resync copied ${sb.initialCopy.bytes} bytes for ${differ} differing blocks (ratio ${ratio.toFixed(3)})`);
+    const blocksRatio = (sb.recovery?.resyncBlocks ?? 0) / differ;
+    assert.ok(blocksRatio >= 1 && blocksRatio <= 1.1, `resync planned ${sb.recovery?.resyncBlocks} blocks for ${differ} differing`);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
