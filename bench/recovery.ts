@@ -1,0 +1,129 @@
+/**
+ * bench/recovery — run by hand: `npm run bench:recovery`.
+ *
+ * A volume (default 4 GiB) full of data is replicated from site A to site B; the
+ * initial copy is the full-copy reference of the same run. Then A writes 1% of its
+ * blocks into delta sets B never gets, B fails over (A up, fenced cleanly), B writes
+ * another 1%, and `ferry resync` rebuilds A. Reported:
+ *   - resync bytes on the wire / bytes of the blocks that differ (target <= 1.1);
+ *   - resync time / full-copy time (target <= 0.05);
+ *   - failover time from command to read/write with nothing left to play back (target < 1 s);
+ *   - failback time.
+ * Writes are fio random 8k writes through NBD (each block once: fio's random map).
+ *
+ * Environment: BENCH_VOLUME_GIB (default 4), BENCH_CHANGED_PERCENT (default 1).
+ */
+import { execFile } from 'node:child_process';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { randomBytes } from 'node:crypto';
+import { TestSite } from '../test/helpers/site.js';
+import { pairStatus, waitFor, waitInSync } from '../test/helpers/replication.js';
+
+const run = promisify(execFile);
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+const volumeBytes = Number(process.env.BENCH_VOLUME_GIB ?? 4) * GiB;
+const changedPercent = Number(process.env.BENCH_CHANGED_PERCENT ?? 1);
+const bs = 8192;
+
+function table(headers: string[], rows: string[][]): string {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  return [headers, ...rows].map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ')).join('\n');
+}
+
+async function timed<T>(fn: () => Promise<T>): Promise<[number, T]> {
+  const t0 = process.hrtime.bigint();
+  const v = await fn();
+  return [Number(process.hrtime.bigint() - t0) / 1e9, v];
+}
+
+/** fio random 8k writes of `percent`% of the volume's blocks, each block once. */
+async function randomBlockWrites(site: TestSite, percent: number, seed: number): Promise<void> {
+  const bytes = Math.floor((volumeBytes * percent) / 100 / bs) * bs;
+  await run('fio', ['--name=changes', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${site.nbdPort}/db`, '--rw=randwrite', `--bs=${bs}`, '--iodepth=16', `--size=${volumeBytes}`, `--io_size=${bytes}`, `--randseed=${seed}`, '--refill_buffers', '--output-format=terse'], { maxBuffer: 64 * MiB });
+}
+
+/** Blocks whose contents differ between the two sites' images (read through NBD). */
+async function differingBlocks(a: TestSite, b: TestSite, dir: string): Promise<number> {
+  const fa = join(dir, 'a.raw');
+  const fb = join(dir, 'b.raw');
+  await run('nbdcopy', [`nbd://127.0.0.1:${a.nbdPort}/db`, fa]);
+  await run('nbdcopy', [`nbd://127.0.0.1:${b.nbdPort}/db`, fb]);
+  const ha = await open(fa, 'r');
+  const hb = await open(fb, 'r');
+  const step = 64 * MiB;
+  const ba = Buffer.alloc(step);
+  const bb = Buffer.alloc(step);
+  let differ = 0;
+  try {
+    for (let at = 0; at < volumeBytes; at += step) {
+      await ha.read(ba, 0, step, at);
+      await hb.read(bb, 0, step, at);
+      for (let o = 0; o < step; o += bs) if (!ba.subarray(o, o + bs).equals(bb.subarray(o, o + bs))) differ++;
+    }
+  } finally {
+    await ha.close();
+    await hb.close();
+    await rm(fa, { force: true });
+    await rm(fb, { force: true });
+  }
+  return differ;
+}
+
+async function main(): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-bench-recovery-'));
+  const [a, b] = await Promise.all([TestSite.create('bench-ra'), TestSite.create('bench-rb')]);
+  try {
+    await a.api('POST', '/api/v1/volumes', { name: 'db', size: volumeBytes });
+    // Every block holds data, so the full copy moves the whole volume.
+    const fill = join(dir, 'fill.raw');
+    const fh = await open(fill, 'w');
+    for (let at = 0; at < volumeBytes; at += 16 * MiB) await fh.write(randomBytes(16 * MiB), 0, 16 * MiB, at);
+    await fh.close();
+    await run('nbdcopy', [fill, `nbd://127.0.0.1:${a.nbdPort}/db`]);
+    await rm(fill);
+    const [fullCopySeconds, started] = await timed(() => a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '2s', '--wait']));
+    if (started.code !== 0) throw new Error(started.stderr);
+    await waitInSync(a, b, 'db', 'db', 600_000);
+
+    // A: 1% in delta sets never shipped (paused), then B takes over with A up.
+    if ((await a.cli(['replicate', 'pause', 'db'])).code !== 0) throw new Error('pause failed');
+    await randomBlockWrites(a, changedPercent, 1);
+    await a.api('POST', '/api/v1/replication/db/delta');
+    const [failoverCliSeconds, fo] = await timed(() => b.cli(['failover', 'db', '--json']));
+    if (fo.code !== 0) throw new Error(fo.stderr);
+    const failover = JSON.parse(fo.stdout) as { tookMs: number; sourceFenced: boolean };
+    await randomBlockWrites(b, changedPercent, 2);
+    const differ = await differingBlocks(a, b, dir);
+
+    const [resyncSeconds, rs] = await timed(async () => {
+      const r = await b.cli(['resync', 'db']);
+      if (r.code !== 0) throw new Error(r.stderr);
+      await waitFor('resync done', async () => (await pairStatus(b, 'db')).recovery?.phase === 'resynced', 600_000, 100);
+      await waitInSync(b, a, 'db', 'db', 600_000);
+      return pairStatus(b, 'db');
+    });
+    const same = (await a.digest('db')) === (await b.digest('db'));
+    const [failbackSeconds, fb] = await timed(() => b.cli(['failback', 'db']));
+    if (fb.code !== 0) throw new Error(fb.stderr);
+    // Counted from the failover on: the copy's frames and any delta sets, framing included.
+    const wire = rs.bytesSent;
+    const changedBytes = differ * bs;
+    const rows = [
+      ['resync bytes on the wire / changed bytes', `${(wire / MiB).toFixed(1)} MiB`, `${(changedBytes / MiB).toFixed(1)} MiB (${differ} blocks differ)`, (wire / changedBytes).toFixed(3), `<= 1.1; full copy: ${rs.recovery?.fullCopy ? 'YES' : 'no'}; digests ${same ? 'equal' : 'DIFFER'}`],
+      ['resync time / full-copy time', `${resyncSeconds.toFixed(2)} s`, `${fullCopySeconds.toFixed(2)} s`, (resyncSeconds / fullCopySeconds).toFixed(3), '<= 0.05'],
+      ['failover: command to read/write', `${failover.tookMs} ms (daemon)`, `${(failoverCliSeconds * 1000).toFixed(0)} ms (CLI wall)`, '-', `< 1 s; source fenced: ${failover.sourceFenced}`],
+      ['failback (swap roles, no copy)', `${failbackSeconds.toFixed(2)} s`, '-', '-', ''],
+    ];
+    console.log(`\nferry recovery benchmark: ${(volumeBytes / GiB).toFixed(0)} GiB volume, ${changedPercent}% of blocks changed on each side\n`);
+    console.log(table(['measure', 'ferry', 'reference', 'ratio', 'target / notes'], rows));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
