@@ -187,35 +187,19 @@ export class TargetReplica {
     this.session?.destroy();
     this.session = connection;
     this.stats.connected = true;
-    const inbox = new Inbox(connection);
-    const generation = BigInt(this.deps.pair.generation);
-    connection.on('corrupt', () => {
-      // Rule 4: a damaged frame is refused, counted, and asked for again.
-      this.stats.corruptFramesRejected++;
-      this.nack(connection, this.receiving.chunks.length, 'frame failed its checksum');
-    });
-    connection.sendJson(ReplFrame.PairOpenOk as number, this.position(), { generation });
     try {
-      while (!this.closed && !connection.isClosed) {
-        const frame = await inbox.next(sessionIdleMs);
-        if (frame.generation < generation) {
-          // Rule 5: traffic of an older generation is fenced off.
-          this.stats.staleFramesRefused++;
-          connection.sendError('STALE_GENERATION', `frame of generation ${frame.generation} refused; the pair is at generation ${generation}`, { generation });
-          connection.close();
-          return;
-        }
-        await this.handle(connection, frame);
-      }
-    } catch (err) {
-      if (!connection.isClosed) this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message }, 'replication session ended');
+      await this.runSession(
+        connection,
+        'replication session',
+        // Rule 4: a damaged frame is refused, counted, and asked for again.
+        () => this.nack(connection, this.receiving.chunks.length, 'frame failed its checksum'),
+        (frame) => this.handle(connection, frame),
+      );
     } finally {
-      inbox.close();
       if (this.session === connection) {
         this.session = undefined;
         this.stats.connected = false;
       }
-      connection.destroy();
     }
   }
 
@@ -226,12 +210,26 @@ export class TargetReplica {
   async serveCopy(connection: RcpConnection): Promise<void> {
     this.copySession?.destroy();
     this.copySession = connection;
+    try {
+      await this.runSession(
+        connection,
+        'copy session',
+        // Rule 4: a damaged piece is refused, counted, and sent again from the cursor.
+        () => this.copyAck(connection, true),
+        (frame) => this.handleCopy(connection, frame),
+      );
+    } finally {
+      if (this.copySession === connection) this.copySession = undefined;
+    }
+  }
+
+  /** Answers the open, then hands each frame to `handle`; frames of an older generation end the session (rule 5). */
+  private async runSession(connection: RcpConnection, what: string, onCorrupt: () => void, handle: (frame: Frame) => Promise<void>): Promise<void> {
     const inbox = new Inbox(connection);
     const generation = BigInt(this.deps.pair.generation);
     connection.on('corrupt', () => {
-      // Rule 4: a damaged piece is refused, counted, and sent again from the cursor.
       this.stats.corruptFramesRejected++;
-      this.copyAck(connection, true);
+      onCorrupt();
     });
     connection.sendJson(ReplFrame.PairOpenOk as number, this.position(), { generation });
     try {
@@ -243,34 +241,35 @@ export class TargetReplica {
           connection.close();
           return;
         }
-        switch (frame.type) {
-          case ReplFrame.CopyData:
-            await this.applyCopy(connection, frame.payload);
-            break;
-          case ReplFrame.CopyDone: {
-            const body = json<CopyDoneBody>(frame);
-            if (!Number.isSafeInteger(body.stampedDeltaSet) || body.stampedDeltaSet < 0 || !Number.isSafeInteger(body.copyId)) {
-              throw new FerryError('PROTOCOL_ERROR', 'CopyDone without a copy id or stamped delta set');
-            }
-            await this.finishCopy(connection, body);
-            break;
-          }
-          case ReplFrame.Heartbeat:
-            this.copyAck(connection, true);
-            break;
-          case FrameType.Ping:
-            connection.sendJson(FrameType.Pong, {}, { sequence: frame.sequence });
-            break;
-          default:
-            throw new FerryError('PROTOCOL_ERROR', `unexpected frame type ${frame.type} on a copy session`);
-        }
+        await handle(frame);
       }
     } catch (err) {
-      if (!connection.isClosed) this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message }, 'copy session ended');
+      if (!connection.isClosed) this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message }, `${what} ended`);
     } finally {
       inbox.close();
-      if (this.copySession === connection) this.copySession = undefined;
       connection.destroy();
+    }
+  }
+
+  private async handleCopy(connection: RcpConnection, frame: Frame): Promise<void> {
+    switch (frame.type) {
+      case ReplFrame.CopyData:
+        return this.applyCopy(connection, frame.payload);
+      case ReplFrame.CopyDone: {
+        const body = json<CopyDoneBody>(frame);
+        if (!Number.isSafeInteger(body.stampedDeltaSet) || body.stampedDeltaSet < 0 || !Number.isSafeInteger(body.copyId)) {
+          throw new FerryError('PROTOCOL_ERROR', 'CopyDone without a copy id or stamped delta set');
+        }
+        return this.finishCopy(connection, body);
+      }
+      case ReplFrame.Heartbeat:
+        this.copyAck(connection, true);
+        return;
+      case FrameType.Ping:
+        connection.sendJson(FrameType.Pong, {}, { sequence: frame.sequence });
+        return;
+      default:
+        throw new FerryError('PROTOCOL_ERROR', `unexpected frame type ${frame.type} on a copy session`);
     }
   }
 
