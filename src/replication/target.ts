@@ -551,19 +551,42 @@ export class TargetReplica {
   private async applyChunk(chunk: Chunk): Promise<void> {
     const { volume } = this.deps;
     const bs = volume.blockBytes;
+    // The extents of a chunk are disjoint, so their writes may run together (bounded);
+    // the caller flushes after the last chunk, as before.
+    const writesInFlightMax = 16;
+    const zeroBlocksMax = Math.floor((32 * 1024 * 1024) / bs);
+    const writes: (() => Promise<void>)[] = [];
     let dataAt = 0;
     for (const e of chunk.extents) {
       if (e.zero) {
-        for (let done = 0; done < e.count; ) {
-          const n = Math.min(e.count - done, Math.floor((32 * 1024 * 1024) / bs));
-          await volume.writeZeroes((e.block + done) * bs, n * bs);
-          done += n;
+        for (let done = 0; done < e.count; done += zeroBlocksMax) {
+          const first = e.block + done;
+          const n = Math.min(e.count - done, zeroBlocksMax);
+          writes.push(() => volume.writeZeroes(first * bs, n * bs));
         }
       } else {
-        await volume.write(e.block * bs, chunk.data.subarray(dataAt, dataAt + e.count * bs));
+        const data = chunk.data.subarray(dataAt, dataAt + e.count * bs);
+        const offset = e.block * bs;
+        writes.push(() => volume.write(offset, data));
         dataAt += e.count * bs;
       }
     }
+    let next = 0;
+    let failed = false;
+    const writer = async (): Promise<void> => {
+      while (next < writes.length && !failed) {
+        const write = writes[next++] as () => Promise<void>;
+        try {
+          await write();
+        } catch (err) {
+          failed = true;
+          throw err;
+        }
+      }
+    };
+    // Every write has finished (or was never started) before an error is raised.
+    const settled = await Promise.allSettled(Array.from({ length: Math.min(writesInFlightMax, writes.length) }, writer));
+    for (const r of settled) if (r.status === 'rejected') throw r.reason;
   }
 
   private async recoverReceiving(): Promise<void> {
