@@ -20,6 +20,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
 import { TestSite } from '../test/helpers/site.js';
+import { table, timed } from './report.js';
 import { pairStatus, waitFor, waitInSync } from '../test/helpers/replication.js';
 
 const run = promisify(execFile);
@@ -29,16 +30,7 @@ const volumeBytes = Number(process.env.BENCH_VOLUME_GIB ?? 4) * GiB;
 const changedPercent = Number(process.env.BENCH_CHANGED_PERCENT ?? 1);
 const bs = 8192;
 
-function table(headers: string[], rows: string[][]): string {
-  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  return [headers, ...rows].map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ')).join('\n');
-}
 
-async function timed<T>(fn: () => Promise<T>): Promise<[number, T]> {
-  const t0 = process.hrtime.bigint();
-  const v = await fn();
-  return [Number(process.hrtime.bigint() - t0) / 1e9, v];
-}
 
 /** fio random 8k writes of `percent`% of the volume's blocks, each block once. */
 async function randomBlockWrites(site: TestSite, percent: number, seed: number): Promise<void> {

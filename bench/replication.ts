@@ -19,6 +19,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
 import { TestSite } from '../test/helpers/site.js';
+import { table, timed } from './report.js';
 import { pairStatus, waitInSync } from '../test/helpers/replication.js';
 
 const run = promisify(execFile);
@@ -30,16 +31,7 @@ const fioSeconds = Number(process.env.BENCH_FIO_SECONDS ?? 20);
 const saveVolume = process.env.BENCH_SAVE_VOLUME ?? '4G';
 const syncWaitMs = Number(process.env.BENCH_SYNC_WAIT_S ?? 120) * 1000;
 
-function table(headers: string[], rows: string[][]): string {
-  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  return [headers, ...rows].map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ')).join('\n');
-}
 
-async function timed<T>(fn: () => Promise<T>): Promise<[number, T]> {
-  const t0 = process.hrtime.bigint();
-  const v = await fn();
-  return [Number(process.hrtime.bigint() - t0) / 1e9, v];
-}
 
 async function writeDataFile(path: string, bytes: number): Promise<void> {
   const fh = await open(path, 'w');
