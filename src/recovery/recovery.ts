@@ -294,18 +294,29 @@ export class Recovery {
   }
 
   private runResync(volume: string): void {
+    this.retryInBackground(volume, () => this.continueResync(volume), (err) => {
+      const pair = this.m.catalog.getPair(volume);
+      if (!pair?.recovery) return false;
+      this.log.error({ volume, err: err.message }, 'resync step failed; retrying');
+      pair.stateReason = `${describeRecovery(pair)}: ${err.message}`;
+      this.m.catalog.putPair(pair);
+      return true;
+    });
+  }
+
+  /**
+   * Runs `step` for a volume in the background until it succeeds or the site closes,
+   * backing off between attempts; `retry` reports a failure and says whether to go on.
+   */
+  private retryInBackground(volume: string, step: () => Promise<void>, retry: (err: Error) => boolean): void {
     if (this.background.has(volume)) return;
     const work = (async () => {
       for (let attempt = 0; !this.closed; attempt++) {
         try {
-          await this.continueResync(volume);
+          await step();
           return;
         } catch (err) {
-          const pair = this.m.catalog.getPair(volume);
-          if (!pair?.recovery || this.closed) return;
-          this.log.error({ volume, err: (err as Error).message }, 'resync step failed; retrying');
-          pair.stateReason = `${describeRecovery(pair)}: ${(err as Error).message}`;
-          this.m.catalog.putPair(pair);
+          if (this.closed || !retry(err as Error)) return;
           await this.m.deps.clock.sleep(Math.min(5000, 200 * 2 ** Math.min(attempt, 5)));
         }
       }
@@ -464,26 +475,20 @@ export class Recovery {
   }
 
   private retryFailback(volume: string): void {
-    if (this.background.has(volume)) return;
-    const work = (async () => {
-      for (let attempt = 0; !this.closed; attempt++) {
-        try {
-          if (this.busy.has(volume)) return;
-          this.busy.add(volume);
-          try {
-            await this.handOver(volume);
-          } finally {
-            this.busy.delete(volume);
-          }
-          return;
-        } catch (err) {
-          if (this.m.catalog.getPair(volume)?.recovery?.phase !== 'failing-back') return;
-          this.log.warn({ volume, err: (err as Error).message }, 'failback: the other site did not take over yet; retrying');
-          await this.m.deps.clock.sleep(Math.min(5000, 200 * 2 ** Math.min(attempt, 5)));
-        }
+    const step = async (): Promise<void> => {
+      if (this.busy.has(volume)) return;
+      this.busy.add(volume);
+      try {
+        await this.handOver(volume);
+      } finally {
+        this.busy.delete(volume);
       }
-    })().finally(() => this.background.delete(volume));
-    this.background.set(volume, work);
+    };
+    this.retryInBackground(volume, step, (err) => {
+      if (this.m.catalog.getPair(volume)?.recovery?.phase !== 'failing-back') return false;
+      this.log.warn({ volume, err: err.message }, 'failback: the other site did not take over yet; retrying');
+      return true;
+    });
   }
 
   /** The swap itself, once this side is read-only and the other has everything (idempotent). */
