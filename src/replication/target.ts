@@ -1,11 +1,12 @@
 import type { Logger } from 'pino';
 import { type Clock, Waker } from '../lib/clock.js';
 import { crc32c } from '../lib/checksum.js';
+import { runLimited } from '../lib/concurrency.js';
 import { FerryError, assert } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
 import type { VolumeAccess } from '../storage/catalog.js';
 import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/replication-catalog.js';
-import type { Extent, Volume } from '../storage/volume.js';
+import type { BatchWrite, Extent, Volume } from '../storage/volume.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { decodeChunk, type Chunk } from './chunk.js';
@@ -34,6 +35,54 @@ const fullNoticeMs = 500;
 const playedHistoryMax = 16;
 /** Copy progress is made durable (volume flushed, cursor persisted) at least this often. */
 const copyPersistBytes = 64 * 1024 * 1024;
+/**
+ * Copy pieces written to the volume at once. Pieces cover disjoint block ranges, so
+ * one can read its before-images (a snapshot's copy-on-write) while another commits
+ * them or writes its data; the cursor still advances in order.
+ */
+const copyPiecesApplyingMax = 4;
+
+/**
+ * The pieces of one copy session being written, oldest first. The cursor (and its
+ * acknowledgement) moves past a piece only when it and every piece before it are on
+ * the volume; a failed piece stops the chain there.
+ */
+class CopyPipeline {
+  /** Completions of the pieces in flight, oldest first. */
+  private readonly pending: Promise<void>[] = [];
+  private chain: Promise<void> = Promise.resolve();
+  /** Where the next piece must start: past the pieces in flight. */
+  nextBlock: number | undefined;
+
+  get size(): number {
+    return this.pending.length;
+  }
+
+  /** Queues a piece being applied; `complete` runs after it and all earlier ones succeeded. */
+  add(applied: Promise<void>, toBlock: number, complete: () => Promise<void>): void {
+    applied.catch(() => undefined);
+    this.nextBlock = toBlock;
+    const done = this.chain.then(() => applied).then(complete);
+    this.chain = done;
+    done.catch(() => undefined);
+    this.pending.push(done);
+    void done.finally(() => this.pending.shift()).catch(() => undefined);
+  }
+
+  /** Waits for the oldest piece; throws if it (or one before it) failed. */
+  async oldest(): Promise<void> {
+    await this.pending[0];
+  }
+
+  /** Waits until nothing is in flight; throws if a piece failed. */
+  async settle(): Promise<void> {
+    try {
+      await this.chain;
+    } finally {
+      this.nextBlock = undefined;
+    }
+  }
+}
 
 interface OverlayEntry {
   lsn: number;
@@ -99,6 +148,7 @@ export class TargetReplica {
   private closed = false;
   private playbackLoopDone: Promise<void> | undefined;
   private copyUnflushedBytes = 0;
+  private copySessionDone: Promise<void> = Promise.resolve();
   private hostsAllowed = false;
 
   private constructor(private readonly deps: TargetDeps) {
@@ -210,17 +260,26 @@ export class TargetReplica {
   async serveCopy(connection: RcpConnection): Promise<void> {
     this.copySession?.destroy();
     this.copySession = connection;
-    try {
-      await this.runSession(
-        connection,
-        'copy session',
-        // Rule 4: a damaged piece is refused, counted, and sent again from the cursor.
-        () => this.copyAck(connection, true),
-        (frame) => this.handleCopy(connection, frame),
-      );
-    } finally {
-      if (this.copySession === connection) this.copySession = undefined;
-    }
+    // The previous session's pieces are on the volume (or failed) before this one starts.
+    const previous = this.copySessionDone;
+    const pipeline = new CopyPipeline();
+    const done = (async () => {
+      await previous;
+      try {
+        await this.runSession(
+          connection,
+          'copy session',
+          // Rule 4: a damaged piece is refused, counted, and sent again from the cursor.
+          () => this.copyAck(connection, true),
+          (frame) => this.handleCopy(connection, pipeline, frame),
+        );
+      } finally {
+        await pipeline.settle().catch(() => undefined);
+        if (this.copySession === connection) this.copySession = undefined;
+      }
+    })();
+    this.copySessionDone = done;
+    await done;
   }
 
   /** Answers the open, then hands each frame to `handle`; frames of an older generation end the session (rule 5). */
@@ -251,18 +310,21 @@ export class TargetReplica {
     }
   }
 
-  private async handleCopy(connection: RcpConnection, frame: Frame): Promise<void> {
+  private async handleCopy(connection: RcpConnection, pipeline: CopyPipeline, frame: Frame): Promise<void> {
     switch (frame.type) {
       case ReplFrame.CopyData:
-        return this.applyCopy(connection, frame.payload);
+        return this.applyCopy(connection, pipeline, frame.payload);
       case ReplFrame.CopyDone: {
         const body = json<CopyDoneBody>(frame);
         if (!Number.isSafeInteger(body.stampedDeltaSet) || body.stampedDeltaSet < 0 || !Number.isSafeInteger(body.copyId)) {
           throw new FerryError('PROTOCOL_ERROR', 'CopyDone without a copy id or stamped delta set');
         }
+        await pipeline.settle();
         return this.finishCopy(connection, body);
       }
       case ReplFrame.Heartbeat:
+        // The source heard nothing for a while: say where the applied cursor is.
+        await pipeline.settle();
         this.copyAck(connection, true);
         return;
       case FrameType.Ping:
@@ -303,29 +365,36 @@ export class TargetReplica {
 
   // ---- initial copy -----------------------------------------------------------------
 
-  private async applyCopy(connection: RcpConnection, payload: Buffer): Promise<void> {
+  private async applyCopy(connection: RcpConnection, pipeline: CopyPipeline, payload: Buffer): Promise<void> {
     const { volume, pair } = this.deps;
     const { copyId, fromBlock, toBlock, chunkBytes } = decodeCopyFrame(payload);
     const chunk = decodeChunk(chunkBytes, volume.blockBytes, volume.blockCount);
     const copy = pair.initialCopy;
     if (copyId > (copy.copyId ?? 1) && fromBlock === 0) {
       // A new copy (a resync's second step): playback waits until it is done.
+      await pipeline.settle();
       pair.initialCopy = { cursorBlock: 0, totalBlocks: volume.blockCount, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0, copyId };
       this.deps.catalog.putPair(pair);
     }
+    const expected = pipeline.nextBlock ?? pair.initialCopy.cursorBlock;
     const outside = chunk.extents.some((e) => e.block < fromBlock || e.block + e.count > toBlock);
-    if (copyId !== pair.initialCopy.copyId || (this.copyDone && copyId === pair.initialCopy.copyId) || fromBlock !== pair.initialCopy.cursorBlock || toBlock <= fromBlock || toBlock > volume.blockCount || outside) {
-      // Out of order after a lost piece (or a duplicate, or a piece of an older copy): say where we stand.
+    if (copyId !== pair.initialCopy.copyId || (this.copyDone && copyId === pair.initialCopy.copyId) || fromBlock !== expected || toBlock <= fromBlock || toBlock > volume.blockCount || outside) {
+      // Out of order after a lost piece (or a duplicate, or a piece of an older copy):
+      // once the pieces in flight are written, say where we stand.
+      await pipeline.settle();
       this.copyAck(connection, true);
       return;
     }
-    await this.applyChunk(chunk);
-    pair.initialCopy.cursorBlock = toBlock;
-    pair.initialCopy.totalBlocks = volume.blockCount;
-    pair.initialCopy.bytes += chunk.data.length;
-    this.copyUnflushedBytes += chunk.data.length + 1;
-    if (this.copyUnflushedBytes >= copyPersistBytes) await this.persistCopy();
-    this.copyAck(connection, false);
+    pipeline.add(this.applyChunk(chunk), toBlock, async () => {
+      pair.initialCopy.cursorBlock = toBlock;
+      pair.initialCopy.totalBlocks = volume.blockCount;
+      pair.initialCopy.bytes += chunk.data.length;
+      this.copyUnflushedBytes += chunk.data.length + 1;
+      if (this.copyUnflushedBytes >= copyPersistBytes) await this.persistCopy();
+      if (!connection.isClosed) this.copyAck(connection, false);
+    });
+    // A failed piece ends the session here (the source resumes from the cursor).
+    if (pipeline.size >= copyPiecesApplyingMax) await pipeline.oldest();
   }
 
   private async persistCopy(): Promise<void> {
@@ -551,41 +620,23 @@ export class TargetReplica {
   private async applyChunk(chunk: Chunk): Promise<void> {
     const { volume } = this.deps;
     const bs = volume.blockBytes;
-    // The extents of a chunk are disjoint, so their writes may run together (bounded);
-    // the caller flushes after the last chunk, as before.
-    const writesInFlightMax = 16;
+    // The extents of a chunk are disjoint: the data goes in as one batch (one group
+    // commit of before-images if the volume has snapshots), zero runs beside it. The
+    // caller flushes after the last chunk, as before.
     const zeroBlocksMax = Math.floor((32 * 1024 * 1024) / bs);
-    const writes: (() => Promise<void>)[] = [];
+    const writes: BatchWrite[] = [];
+    const zeroes: [number, number][] = [];
     let dataAt = 0;
     for (const e of chunk.extents) {
       if (e.zero) {
-        for (let done = 0; done < e.count; done += zeroBlocksMax) {
-          const first = e.block + done;
-          const n = Math.min(e.count - done, zeroBlocksMax);
-          writes.push(() => volume.writeZeroes(first * bs, n * bs));
-        }
+        for (let done = 0; done < e.count; done += zeroBlocksMax) zeroes.push([(e.block + done) * bs, Math.min(e.count - done, zeroBlocksMax) * bs]);
       } else {
-        const data = chunk.data.subarray(dataAt, dataAt + e.count * bs);
-        const offset = e.block * bs;
-        writes.push(() => volume.write(offset, data));
+        writes.push({ offset: e.block * bs, data: chunk.data.subarray(dataAt, dataAt + e.count * bs) });
         dataAt += e.count * bs;
       }
     }
-    let next = 0;
-    let failed = false;
-    const writer = async (): Promise<void> => {
-      while (next < writes.length && !failed) {
-        const write = writes[next++] as () => Promise<void>;
-        try {
-          await write();
-        } catch (err) {
-          failed = true;
-          throw err;
-        }
-      }
-    };
-    // Every write has finished (or was never started) before an error is raised.
-    const settled = await Promise.allSettled(Array.from({ length: Math.min(writesInFlightMax, writes.length) }, writer));
+    // Every write has finished before an error is raised.
+    const settled = await Promise.allSettled([volume.writeMany(writes), runLimited(zeroes, 16, ([offset, length]) => volume.writeZeroes(offset, length))]);
     for (const r of settled) if (r.status === 'rejected') throw r.reason;
   }
 

@@ -658,11 +658,17 @@ export class SnapshotManager {
 
   private hook(vs: VolumeSnapshots, volume: Volume): void {
     if (vs.unhook) return;
-    vs.unhook = volume.addHook({ beforeChange: (v, change) => this.beforeChange(vs, v, change) });
+    vs.unhook = volume.addHook({
+      beforeChange: (v, change) => this.beforeChange(vs, v, [change]),
+      beforeChanges: (v, changes) => this.beforeChange(vs, v, changes),
+    });
   }
 
-  /** E FIG. 26 / 41: save the before-images of the newest snapshot, durably, before the change. */
-  private async beforeChange(vs: VolumeSnapshots, volume: Volume, change: Change): Promise<void> {
+  /**
+   * E FIG. 26 / 41: save the before-images of the newest snapshot, durably, before the
+   * change; a batch of changes shares one group commit.
+   */
+  private async beforeChange(vs: VolumeSnapshots, volume: Volume, changes: readonly Change[]): Promise<void> {
     const newest = vs.newest();
     if (!newest) return;
     if (newest.failure) {
@@ -672,14 +678,17 @@ export class SnapshotManager {
       );
     }
     const maps = newest.loaded;
-    const runs = blocksNeedingBeforeImage(maps.valid, maps.saved, change.firstBlock, change.blockCount);
+    const runs = changes.flatMap((c) => blocksNeedingBeforeImage(maps.valid, maps.saved, c.firstBlock, c.blockCount));
     if (runs.length === 0) return;
     const bb = volume.blockBytes;
+    const pieces = [...chunkRuns(runs, extentBytesMax / bb)];
+    // The reads of a batch run together; their order in the save volume does not matter.
+    const datas = await Promise.all(pieces.map(([start, length]) => volume.read(start * bb, length * bb)));
     const entries: SaveEntry[] = [];
-    for (const [start, length] of chunkRuns(runs, extentBytesMax / bb)) {
-      const data = await volume.read(start * bb, length * bb);
+    pieces.forEach(([start, length], i) => {
+      const data = datas[i] as Buffer;
       for (let k = 0; k < length; k++) entries.push({ block: start + k, data: data.subarray(k * bb, (k + 1) * bb) });
-    }
+    });
     await newest.addBeforeImages(entries);
   }
 

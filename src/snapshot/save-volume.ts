@@ -218,7 +218,8 @@ export class SaveVolume {
           if (this.failure) throw this.failure;
           const start = this.recordCountValue;
           if (start + records > saveRecordsMax) throw new FerryError('SNAPSHOT_LIMIT', `save volume ${this.path} is full (${saveRecordsMax} records)`);
-          const buf = Buffer.alloc(records * this.recordBytes);
+          // Every byte of every record is written by encodeRecord.
+          const buf = Buffer.allocUnsafe(records * this.recordBytes);
           const blocks: number[] = [];
           let i = 0;
           for (const w of group) {
@@ -278,6 +279,7 @@ function encodeRecord(rec: Buffer, index: number, groupStart: number, block: num
   rec.writeUInt32LE(index, 8);
   rec.writeUInt32LE(groupStart, 12);
   rec.writeUIntLE(block, 16, 6);
+  rec.writeUInt16LE(0, 22);
   rec.writeUInt32LE(crc32c(data), 24);
   rec.writeUInt32LE(tag, 28);
   rec.writeUInt32LE(crc32c(rec.subarray(8, recordHeaderBytes)), 4);

@@ -10,6 +10,7 @@ import { Volume } from '../../src/storage/volume.js';
 import { Catalog } from '../../src/storage/catalog.js';
 import { VolumeStore } from '../../src/storage/volume-store.js';
 import { isFerryError } from '../../src/lib/errors.js';
+import { runLimited } from '../../src/lib/concurrency.js';
 import { bitsPerPage } from '../../src/lib/paged-bitmap.js';
 
 const log = pino({ level: 'silent' });
@@ -152,6 +153,87 @@ test('write hooks run before the data reaches the file, in order', async () => {
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+});
+
+test('a batch write locks its span, gives batch hooks every change at once and the rest one by one', async () => {
+  const dir = await tempDir();
+  try {
+    const bs = 8192;
+    const v = await Volume.create('b', join(dir, 'b.img'), join(dir, 'b.alloc'), 64 * bs, bs);
+    const batches: string[][] = [];
+    const singles: string[] = [];
+    const after: number[] = [];
+    v.addHook({
+      beforeChanges: async (vol, changes) => {
+        // The old data is still there when the hook runs.
+        const old = await Promise.all(changes.map((c) => vol.read(c.offset, 1)));
+        batches.push(changes.map((c, i) => `${c.firstBlock}+${c.blockCount} old=${(old[i] as Buffer)[0]}`));
+      },
+      afterChange: (_vol, change) => void after.push(change.firstBlock),
+    });
+    v.addHook({ beforeChange: (_vol, change) => void singles.push(`${change.firstBlock}+${change.blockCount}`) });
+    await v.write(40 * bs, Buffer.alloc(bs, 5));
+    await v.writeMany([
+      { offset: 40 * bs, data: Buffer.alloc(2 * bs, 8) },
+      { offset: 3 * bs, data: Buffer.alloc(bs, 7) },
+      { offset: 20 * bs, data: Buffer.alloc(3 * bs, 6) },
+    ]);
+    assert.deepEqual(batches.at(-1), ['40+2 old=5', '3+1 old=0', '20+3 old=0']);
+    assert.deepEqual(singles, ['40+1', '40+2', '3+1', '20+3'], 'a hook without beforeChanges sees each change');
+    assert.deepEqual(after.slice(-3), [40, 3, 20]);
+    assert.ok((await v.read(3 * bs, bs)).every((x) => x === 7));
+    assert.ok((await v.read(20 * bs, 3 * bs)).every((x) => x === 6));
+    assert.ok((await v.read(40 * bs, 2 * bs)).every((x) => x === 8));
+    assert.deepEqual([...v.allocation.runs()], [[3, 1], [20, 3], [40, 2]]);
+
+    // A single write inside the span waits for the batch; one outside does not.
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const order: string[] = [];
+    const holdHook = v.addHook({ beforeChanges: () => gate });
+    const batch = v.writeMany([{ offset: 10 * bs, data: Buffer.alloc(bs, 1) }, { offset: 12 * bs, data: Buffer.alloc(bs, 1) }]).then(() => order.push('batch'));
+    await new Promise((r) => setTimeout(r, 10));
+    const inside = v.write(11 * bs, Buffer.alloc(bs, 2)).then(() => order.push('inside'));
+    const outside = v.write(30 * bs, Buffer.alloc(bs, 3)).then(() => order.push('outside'));
+    await outside;
+    assert.deepEqual(order, ['outside']);
+    release();
+    await Promise.all([batch, inside]);
+    assert.deepEqual(order, ['outside', 'batch', 'inside']);
+    holdHook();
+
+    // Bad batches change nothing.
+    const before = await v.read(0, 64 * bs);
+    await assert.rejects(v.writeMany([{ offset: 5 * bs, data: Buffer.alloc(2 * bs) }, { offset: 6 * bs, data: Buffer.alloc(bs) }]), /overlap/);
+    await assert.rejects(v.writeMany([{ offset: 100, data: Buffer.alloc(bs) }]), /whole blocks/);
+    await assert.rejects(v.writeMany([{ offset: 63 * bs, data: Buffer.alloc(2 * bs) }]), (err) => isFerryError(err, 'OUT_OF_RANGE'));
+    assert.ok((await v.read(0, 64 * bs)).equals(before));
+    await v.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('runLimited keeps at most the limit in flight and settles every started call before failing', async () => {
+  let inFlight = 0;
+  let most = 0;
+  const started: number[] = [];
+  const finished: number[] = [];
+  const work = async (n: number): Promise<void> => {
+    started.push(n);
+    inFlight++;
+    most = Math.max(most, inFlight);
+    await new Promise((r) => setTimeout(r, n === 2 ? 5 : 20));
+    inFlight--;
+    finished.push(n);
+    if (n === 2) throw new Error('two failed');
+  };
+  await assert.rejects(runLimited([0, 1, 2, 3, 4, 5, 6, 7], 3, work), /two failed/);
+  assert.equal(most, 3);
+  assert.equal(inFlight, 0, 'nothing still running when the error is raised');
+  assert.deepEqual(started.sort(), finished.sort());
+  assert.ok(started.length < 8, 'no new call starts after a failure');
+  await runLimited([], 4, work);
 });
 
 test('catalog rows are checksummed: a tampered row is refused', async () => {
