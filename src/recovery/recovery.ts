@@ -100,6 +100,8 @@ export interface FailoverResult {
 export class Recovery {
   /** Volumes whose pair is changing role: replication sessions for them are refused meanwhile. */
   readonly busy = new Set<string>();
+  /** Volumes whose role change waits for the source's last delta set (failover --sync). */
+  private readonly awaitingLastDeltaSet = new Set<string>();
   private readonly background = new Map<string, Promise<void>>();
   private readonly copiers = new Map<string, CopyRunner>();
   private closed = false;
@@ -117,6 +119,14 @@ export class Recovery {
   }
 
   /** After load: carries on with resyncs and failbacks a restart interrupted. */
+  /**
+   * Sessions from the other site are refused while a role change is under way, except
+   * while a synchronous failover waits for the last delta set they bring.
+   */
+  refusesSessions(volume: string): boolean {
+    return this.busy.has(volume) && !this.awaitingLastDeltaSet.has(volume);
+  }
+
   resumeAll(): void {
     for (const pair of this.m.catalog.listPairs()) {
       const phase = pair.recovery?.phase;
@@ -148,12 +158,17 @@ export class Recovery {
       let notice: Promise<boolean> | undefined;
       if (mode === 'sync') {
         // E FIG. 33: the source must be up; it turns read-only and ships a last delta set.
-        const reply = await this.request<FenceReply>(pair.peerUrl, { op: 'fence', pairId: pair.pairId, volume: pair.peerVolume, generation: next, sync: true }, syncTimeoutMs + 10_000);
-        sourceFenced = true;
-        const deadline = this.m.deps.clock.now() + syncTimeoutMs;
-        while (pair.deltaSetReceived < reply.lastDeltaSet) {
-          if (this.m.deps.clock.now() > deadline) throw new FerryError('UNAVAILABLE', `the last delta set ${reply.lastDeltaSet} did not arrive`);
-          await this.m.deps.clock.sleep(20);
+        this.awaitingLastDeltaSet.add(volume);
+        try {
+          const reply = await this.request<FenceReply>(pair.peerUrl, { op: 'fence', pairId: pair.pairId, volume: pair.peerVolume, generation: next, sync: true }, syncTimeoutMs + 10_000);
+          sourceFenced = true;
+          const deadline = this.m.deps.clock.now() + syncTimeoutMs;
+          while (pair.deltaSetReceived < reply.lastDeltaSet) {
+            if (this.m.deps.clock.now() > deadline) throw new FerryError('UNAVAILABLE', `the last delta set ${reply.lastDeltaSet} did not arrive`);
+            await this.m.deps.clock.sleep(20);
+          }
+        } finally {
+          this.awaitingLastDeltaSet.delete(volume);
         }
       } else {
         // E FIG. 32 step 561: if possible, the source is made read-only (told, not waited for long).
@@ -548,7 +563,7 @@ export class Recovery {
       if (!pair || pair.pairId !== body.pairId) throw new FerryError('NOT_FOUND', `no replication pair ${body.pairId} for volume ${body.volume} at ${this.m.deps.self.siteName}`);
       switch (body.op) {
         case 'fence':
-          return this.onFence(connection, peer, pair, body);
+          return await this.onFence(connection, peer, pair, body);
         case 'resync':
           return await this.onResync(connection, peer, pair, body);
         case 'takeover':

@@ -406,7 +406,7 @@ export class ReplicationManager {
   private async onOpen(connection: RcpConnection, _peer: PeerIdentity, frame: Frame): Promise<void> {
     try {
       const body = json<PairOpenBody & { stop?: boolean }>(frame);
-      if (this.recovery.busy.has(body.targetVolume)) throw new FerryError('UNAVAILABLE', `volume ${body.targetVolume} at ${this.deps.self.siteName} is changing roles; try again shortly`);
+      if (this.recovery.refusesSessions(body.targetVolume)) throw new FerryError('UNAVAILABLE', `volume ${body.targetVolume} at ${this.deps.self.siteName} is changing roles; try again shortly`);
       const target = this.targets.get(body.targetVolume);
       const here = this.catalog.getPair(body.targetVolume);
       if (!target && here && here.pairId === body.pairId && here.role === 'source' && here.generation > body.generation) {
