@@ -7,11 +7,9 @@ import { Command, Option } from 'commander';
 import { FerryError } from '../lib/errors.js';
 import { formatDuration, formatSize, parseDuration, parseSize, parseHostPort } from '../lib/units.js';
 import type { InfoView, PairStatusView } from '../replication/status.js';
-import { initSiteDir } from '../storage/site-dir.js';
 import type { VolumeInfo } from '../storage/volume-store.js';
 import type { SnapshotInfo } from '../snapshot/manager.js';
 import { ApiClient, defaultSiteUrl, volumePath } from './client.js';
-import { runDaemon } from './daemon.js';
 import { keyValues, table } from './format.js';
 
 interface GlobalOptions {
@@ -70,6 +68,7 @@ site
   .action(async (opts: { dir: string; name: string; listen: string; nbd: string; blockSize: string }, cmd: Command) => {
     parseHostPort(opts.listen);
     parseHostPort(opts.nbd);
+    const { initSiteDir } = await import('../storage/site-dir.js');
     const config = await initSiteDir({
       dir: resolve(opts.dir),
       name: opts.name,
@@ -89,6 +88,9 @@ site
   .action(async (opts: { dir: string; listen?: string; nbd?: string }) => {
     if (opts.listen !== undefined) parseHostPort(opts.listen);
     if (opts.nbd !== undefined) parseHostPort(opts.nbd);
+    // Loaded here: the daemon's modules (catalog, HTTP server, metrics) would slow every
+    // other command, which only talks to a daemon over HTTP.
+    const { runDaemon } = await import('./daemon.js');
     await runDaemon(resolve(opts.dir), opts.listen, opts.nbd);
   });
 

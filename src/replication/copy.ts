@@ -203,6 +203,9 @@ export class CopyRunner {
       let acked = from;
       const inFlight: { end: number; blocks: number }[] = [];
       let progressAtMs = this.deps.clock.now();
+      // The first persist comes a period into the session: a short copy (a resync's
+      // scattered blocks) does not pay a catalog commit for its first acknowledgement.
+      this.lastPersistMs = progressAtMs;
       while (acked < plan.blockCount) {
         while (cursor < plan.blockCount && inFlight.length < copyWindowPieces) {
           const piece = await copyPiece(plan, cursor);
