@@ -211,6 +211,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
             interval: durationSchema,
             highWater: sizeSchema,
             saveVolume: sizeSchema,
+            targetSaveVolume: sizeSchema,
           },
           required: ['volume', 'to'],
           additionalProperties: false,
@@ -218,7 +219,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
       },
     },
     async (req, reply) => {
-      const b = req.body as { volume: string; to: string; targetVolume?: string; mode?: 'async' | 'sync'; interval?: string | number; highWater?: string | number; saveVolume?: string | number };
+      const b = req.body as { volume: string; to: string; targetVolume?: string; mode?: 'async' | 'sync'; interval?: string | number; highWater?: string | number; saveVolume?: string | number; targetSaveVolume?: string | number };
       if (b.targetVolume !== undefined) checkVolumeName(b.targetVolume);
       const pair = await site.replication.start({
         volume: b.volume,
@@ -228,6 +229,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
         intervalMs: b.interval !== undefined ? parseDuration(b.interval) : intervalMsDefault,
         highWaterBytes: b.highWater !== undefined ? parseSize(b.highWater) : highWaterBytesDefault,
         saveVolumeBytes: b.saveVolume !== undefined ? parseSize(b.saveVolume) : saveVolumeBytesDefault,
+        ...(b.targetSaveVolume !== undefined ? { targetSaveVolumeBytes: parseSize(b.targetSaveVolume) } : {}),
       });
       return reply.status(201).send(site.replication.status(pair.volume)[0]);
     },

@@ -186,8 +186,9 @@ replicate
   .option('--interval <duration>', 'cut a delta set at least this often', '10s')
   .option('--high-water <size>', 'cut a delta set once this much is modified', '64M')
   .option('--save-volume <size>', 'size of the save volume buffering delta sets at the source', '1G')
+  .option('--target-save-volume <size>', "size of the target's save volume (default: the larger of the source's and 1G)")
   .option('--wait', 'show the initial copy with a progress bar and return when it is complete')
-  .action(async (volume: string, opts: { to: string; targetVolume?: string; mode: string; interval: string; highWater: string; saveVolume: string; wait?: boolean }, cmd: Command) => {
+  .action(async (volume: string, opts: { to: string; targetVolume?: string; mode: string; interval: string; highWater: string; saveVolume: string; targetSaveVolume?: string; wait?: boolean }, cmd: Command) => {
     const api = client(cmd);
     const status = await api.post<PairStatusView>('/api/v1/replication', {
       volume,
@@ -197,6 +198,7 @@ replicate
       interval: String(parseDuration(opts.interval)) + 'ms',
       highWater: parseSize(opts.highWater),
       saveVolume: parseSize(opts.saveVolume),
+      ...(opts.targetSaveVolume !== undefined ? { targetSaveVolume: parseSize(opts.targetSaveVolume) } : {}),
     });
     if (opts.wait) {
       const final = await waitForCopy(api, volume, !globals(cmd).json);
@@ -295,7 +297,13 @@ program
               p.volume,
               p.role,
               `${p.peerSite}:${p.peerVolume}`,
-              p.state === 'initial-copying' ? `initial-copying ${p.initialCopy.percent}%` : p.reason ? `${p.state} (${p.reason})` : p.state,
+              p.state === 'initial-copying'
+                ? `initial-copying ${p.initialCopy.percent}%`
+                : p.initialCopy.catchUp && !p.initialCopy.done
+                  ? `${p.state} (catch-up copy ${p.initialCopy.percent}%)`
+                  : p.reason
+                    ? `${p.state} (${p.reason})`
+                    : p.state,
               String(p.generation),
               String(p.deltaSetCreated),
               String(p.deltaSetAcked),
@@ -325,7 +333,7 @@ program
         ['delta sets', `created ${info.deltaSetCreated}, sent ${info.deltaSetSent}, acked ${info.deltaSetAcked}, played back ${info.deltaSetPlayedBack}`],
         ['transfer rate', `${formatSize(info.transferRate)}/s current, ${formatSize(info.averageTransferRate)}/s average`],
         ['lag', `${info.lagSeconds}s, ${info.blocksDifferent} blocks different`],
-        ['initial copy', info.initialCopy.done ? 'complete' : `${info.initialCopy.percent}% (${formatSize(info.initialCopy.bytes)})`],
+        [info.initialCopy.catchUp ? 'catch-up copy' : 'initial copy', info.initialCopy.done ? 'complete' : `${info.initialCopy.percent}% (${formatSize(info.initialCopy.bytes)})`],
         ['save volume', `${formatSize(info.saveVolume.usedBytes)} of ${formatSize(info.saveVolume.capacityBytes)} used${info.saveVolume.full ? ' (FULL: tracking in the bitmap)' : ''}`],
         ['policy', info.role === 'source' ? `interval ${formatDuration(info.intervalMs)}, high water ${formatSize(info.highWaterBytes)}` : '-'],
         ['errors', `${info.retries} retries, ${info.corruptFrames} damaged frames${info.lastError ? `, last: ${info.lastError}` : ''}`],

@@ -35,7 +35,9 @@ export function checkFailover(pair: PairRecord, mode: FailoverMode): void {
   if (pair.role !== 'target') {
     throw new FerryError('BAD_REQUEST', `volume ${pair.volume} is the source of its pair; failover is run at the target's site`);
   }
-  if (pair.initialCopy.doneAt === undefined || pair.deltaSetPlayedBack < pair.initialCopy.stampedDeltaSet) {
+  // A catch-up being applied leaves the replica's consistent image in its protective snapshot.
+  const protectedImage = pair.initialCopy.protectiveSnapshot !== undefined;
+  if (!protectedImage && (pair.initialCopy.doneAt === undefined || pair.deltaSetPlayedBack < pair.initialCopy.stampedDeltaSet)) {
     throw new FerryError('BAD_REQUEST', `volume ${pair.volume} holds no consistent image yet (its ${pair.recovery?.phase === 'resync-target' ? 'resync' : 'initial copy'} is not complete); it cannot take over`);
   }
   if (mode !== 'default' && mode !== 'now' && mode !== 'sync') throw new FerryError('BAD_REQUEST', `unknown failover mode ${String(mode)}`);

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { FerryError } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
-import { BitmapFile } from '../storage/bitmap-file.js';
+import { BitmapFile, readBitmapFile, writeBitmapFile } from '../storage/bitmap-file.js';
 import { JournalFile } from '../storage/journal.js';
 import type { PairRecord, RecoveryRecord, FailoverMode } from '../storage/replication-catalog.js';
 import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '../tracking/activity-log.js';
@@ -188,6 +188,18 @@ export class Recovery {
         await target.finishPlayback(playbackTimeoutMs);
         await target.close();
       }
+      const protectiveSnapshot = pair.initialCopy.doneAt === undefined ? pair.initialCopy.protectiveSnapshot : undefined;
+      if (protectiveSnapshot) {
+        // Rule 8: a catch-up was half applied; the volume goes back to the consistent
+        // image kept for it. The delta sets after the catch-up cannot be used without it.
+        const restored = await snapshots.restore(volume, protectiveSnapshot);
+        skipped = target.unplayedDeltaSets();
+        await snapshots.delete(volume, protectiveSnapshot);
+        const now = this.now();
+        pair.initialCopy = { ...pair.initialCopy, doneAt: now };
+        delete pair.initialCopy.protectiveSnapshot;
+        this.log.warn({ volume, snapshot: protectiveSnapshot, restored, skipped, restartPoint: pair.deltaSetPlayedBack }, 'failover during a catch-up: the volume is back at the consistent image kept before it');
+      }
       const restartPoint = pair.deltaSetPlayedBack;
       const restartSnapshot = restartSnapshotName(next);
       if (!snapshots.list(volume).some((s) => s.name === restartSnapshot)) {
@@ -285,7 +297,7 @@ export class Recovery {
       const dir = await this.pairDir(volume);
       const undo = new PagedBitmap(this.m.deps.volumes.get(volume).blockCount);
       for (const [s, n] of runs) undo.setRange(s, n);
-      await writeBitmap(join(dir, 'undo.bitmap'), undo);
+      await writeBitmapFile(join(dir, 'undo.bitmap'), undo);
       r.fullCopy = reply.fullCopy;
       if (reply.fullCopyReason !== undefined) r.fullCopyReason = reply.fullCopyReason;
       r.discardedBlocks = reply.discardedBlocks;
@@ -397,8 +409,8 @@ export class Recovery {
         }
         const base = rr.fullCopy ? i1 : (rr.restartSnapshot as string);
         const differ = await snapshots.changedBlocks(volume, base, i2);
-        if (!rr.fullCopy) differ.or(await readBitmap(join(dir, 'undo.bitmap')));
-        await writeBitmap(copyBitmapPath, differ);
+        if (!rr.fullCopy) differ.or(await readBitmapFile(join(dir, 'undo.bitmap')));
+        await writeBitmapFile(copyBitmapPath, differ);
         rr.resyncBlocks = differ.count;
         rr.intermediateSnapshots = [...new Set([...(rr.intermediateSnapshots ?? []), i2])];
         pair.initialCopy = {
@@ -632,12 +644,17 @@ export class Recovery {
           }
           record.discardSnapshot = name;
         }
-        await writeBitmap(undoPath, undo.bits);
+        await writeBitmapFile(undoPath, undo.bits);
         await writeFileAtomic(recordPath, encodeChecksummedJson(undoMagic, 1, record));
       }
       await setAccess(pair.volume, 'raw');
       // The old source's own replication files go; the undo list stays.
-      for (const f of ['dirty.bitmap', 'activity.log', 'save.journal']) await rm(join(dir, f), { force: true });
+      for (const f of ['dirty.bitmap', 'activity.log', 'save.journal', 'copy.bitmap']) await rm(join(dir, f), { force: true });
+      const catchUpSnapshot = pair.initialCopy.catchUp ? pair.initialCopy.snapshot : undefined;
+      if (catchUpSnapshot && snapshots.list(pair.volume).some((s) => s.name === catchUpSnapshot)) {
+        // The unfinished catch-up's image is of no use once its blocks are on the undo list.
+        await snapshots.delete(pair.volume, catchUpSnapshot).catch((err: Error) => this.log.warn({ volume: pair.volume, snapshot: catchUpSnapshot, err: err.message }, 'snapshot could not be deleted'));
+      }
       const blockCount = volumes.get(pair.volume).blockCount;
       const targetPair: PairRecord = {
         ...pair,
@@ -673,7 +690,7 @@ export class Recovery {
       this.log.warn({ volume: pair.volume, from: peer.siteName, fullCopy: record.fullCopy, discarded: record.discardedBlocks, snapshot: record.discardSnapshot }, 'resync: this volume is being rebuilt from the other site (raw until done)');
     }
     const { body: record } = await readChecksummedJson<UndoRecord>(recordPath, undoMagic, 1);
-    const undo = await readBitmap(undoPath);
+    const undo = await readBitmapFile(undoPath);
     const runs = [...undo.runs()];
     const frames = Math.ceil(runs.length / runsPerFrame);
     const reply: ResyncReply = { ...record, undoBlocks: undo.count, frames };
@@ -717,6 +734,9 @@ export class Recovery {
         const first = e * extentBlocks;
         if (first < volume.blockCount) bits.setRange(first, Math.min(extentBlocks, volume.blockCount - first));
       }
+      // A catch-up copy not known to be complete: its blocks left the change log for it.
+      const catchUpPath = join(dir, 'copy.bitmap');
+      if (pair.initialCopy.catchUp && (await exists(catchUpPath))) bits.or(await readBitmapFile(catchUpPath));
     } catch (err) {
       return full(`the change tracking could not be read: ${(err as Error).message}`);
     }
@@ -862,18 +882,4 @@ async function exists(path: string): Promise<boolean> {
   );
 }
 
-async function writeBitmap(path: string, bits: PagedBitmap): Promise<void> {
-  await rm(path, { force: true });
-  const file = await BitmapFile.create(path, bits.bitCount);
-  file.bitmap.or(bits);
-  await file.sync();
-  await file.close();
-}
-
-async function readBitmap(path: string): Promise<PagedBitmap> {
-  const { file } = await BitmapFile.open(path, 'throw');
-  const bits = file.bitmap.clone();
-  await file.close();
-  return bits;
-}
 

@@ -272,7 +272,8 @@ export class CopyRunner {
       if (frame.type === ReplFrame.CopyAck) {
         const ack = json<CopyAckBody>(frame);
         if (ack.done) return;
-        if (ack.rewind) throw new FerryError('UNAVAILABLE', `target is at block ${ack.cursorBlock} of the copy, not at its end`);
+        // A rewind to the end answers a heartbeat sent before CopyDone: nothing is missing.
+        if (ack.rewind && ack.cursorBlock < plan.blockCount) throw new FerryError('UNAVAILABLE', `target is at block ${ack.cursorBlock} of the copy, not at its end`);
         continue;
       }
       unexpected(frame);

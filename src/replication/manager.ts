@@ -4,7 +4,8 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { Clock } from '../lib/clock.js';
 import { FerryError } from '../lib/errors.js';
-import { BitmapFile } from '../storage/bitmap-file.js';
+import { BitmapFile, readBitmapFile, writeBitmapFile } from '../storage/bitmap-file.js';
+import type { PagedBitmap } from '../lib/paged-bitmap.js';
 import type { Catalog, VolumeAccess } from '../storage/catalog.js';
 import { JournalFile } from '../storage/journal.js';
 import { ReplicationCatalog, type FailoverMode, type PairMode, type PairRecord } from '../storage/replication-catalog.js';
@@ -36,6 +37,8 @@ export interface StartOptions {
   intervalMs: number;
   highWaterBytes: number;
   saveVolumeBytes: number;
+  /** The target's save volume; default: the larger of the source's and 1 GiB. */
+  targetSaveVolumeBytes?: number;
 }
 
 export interface ManagerDeps {
@@ -136,6 +139,10 @@ export class ReplicationManager {
     if (options.saveVolumeBytes < 16 * 1024 * 1024 || options.saveVolumeBytes % 4096 !== 0) {
       throw new FerryError('INVALID_SIZE', 'the save volume must be at least 16M and a multiple of 4K');
     }
+    const targetSave = options.targetSaveVolumeBytes;
+    if (targetSave !== undefined && (targetSave < options.saveVolumeBytes || targetSave % 4096 !== 0)) {
+      throw new FerryError('INVALID_SIZE', `the target's save volume must be a multiple of 4K and at least the source's (${options.saveVolumeBytes} bytes): it must hold any delta set the source can cut`);
+    }
     if (options.intervalMs < 100) throw new FerryError('INVALID_DURATION', 'the interval must be at least 100ms');
     this.starting.add(options.volume);
     try {
@@ -153,6 +160,7 @@ export class ReplicationManager {
         generation: 1,
         mode: options.mode,
         saveVolumeBytes: options.saveVolumeBytes,
+        ...(targetSave !== undefined ? { targetSaveVolumeBytes: targetSave } : {}),
       };
       const { connection, peer } = await this.connect(options.to);
       try {
@@ -385,7 +393,7 @@ export class ReplicationManager {
         generation: body.generation,
         intervalMs: 0,
         highWaterBytes: 0,
-        saveVolumeBytes: Number.isSafeInteger(body.saveVolumeBytes) && body.saveVolumeBytes >= saveVolumeBytesDefault ? body.saveVolumeBytes : saveVolumeBytesDefault,
+        saveVolumeBytes: targetSaveVolumeBytes(body),
         createdAt: new Date(this.deps.clock.now()).toISOString(),
         initialCopy: { cursorBlock: 0, totalBlocks: body.sizeBytes / blockBytes, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },
         ...freshCounters(),
@@ -466,11 +474,10 @@ export class ReplicationManager {
   /** The copy of a pair: every block of its stamped snapshot (a new remote copy). */
   private async copyPlan(pair: PairRecord): Promise<CopyPlan> {
     const volume = this.deps.volumes.get(pair.volume);
-    if (pair.recovery?.phase === 'resync' && pair.initialCopy.snapshot) {
-      // A resync copies only the blocks that differ, from its intermediate snapshot.
-      const { file } = await BitmapFile.open(join(this.pairDir(this.deps.volumes.record(pair.volume).id), 'copy.bitmap'), 'throw');
-      const blocks = file.bitmap.clone();
-      await file.close();
+    if ((pair.recovery?.phase === 'resync' || pair.initialCopy.catchUp) && pair.initialCopy.snapshot) {
+      // A resync copies only the blocks that differ, a catch-up only its backlog, from
+      // the snapshot taken when they were listed.
+      const blocks = await readBitmapFile(this.copyBitmapPath(pair));
       return {
         copyId: pair.initialCopy.copyId ?? 1,
         image: this.deps.snapshots.exportView(pair.volume, pair.initialCopy.snapshot),
@@ -494,8 +501,43 @@ export class ReplicationManager {
   }
 
   private async dropCopyImage(pair: PairRecord): Promise<void> {
-    const name = this.copySnapshotName(pair);
+    const name = pair.initialCopy.catchUp && pair.initialCopy.snapshot ? pair.initialCopy.snapshot : this.copySnapshotName(pair);
     if (this.deps.snapshots.list(pair.volume).some((s) => s.name === name)) await this.deps.snapshots.delete(pair.volume, name);
+    if (pair.initialCopy.catchUp) await rm(this.copyBitmapPath(pair), { force: true });
+  }
+
+  /** The blocks of a pair's partial copy (a resync's or a catch-up's). */
+  copyBitmapPath(pair: PairRecord): string {
+    return join(this.pairDir(this.deps.volumes.record(pair.volume).id), 'copy.bitmap');
+  }
+
+  /**
+   * Rule 8 at the source: the backlog, too large for the save volume, becomes a copy.
+   * Its blocks are made durable first, then the snapshot they are read from is taken
+   * (after the switch, so no write falls between the two), then the pair's copy record.
+   */
+  private async catchUp(pair: PairRecord, backlog: PagedBitmap): Promise<void> {
+    const { snapshots, clock, log } = this.deps;
+    const copyId = (pair.initialCopy.copyId ?? 1) + 1;
+    const name = `ferry-catch-up-${pair.pairId.slice(0, 8)}-${copyId}`;
+    await writeBitmapFile(this.copyBitmapPath(pair), backlog);
+    // A snapshot of this name left by a crash is older than the switch: never reuse it.
+    if (snapshots.list(pair.volume).some((s) => s.name === name)) await snapshots.delete(pair.volume, name);
+    await snapshots.create(pair.volume, name, { purpose: 'catch-up copy', pairId: pair.pairId, deltaSet: String(pair.deltaSetCreated) });
+    pair.initialCopy = {
+      cursorBlock: 0,
+      totalBlocks: this.deps.volumes.get(pair.volume).blockCount,
+      stampedDeltaSet: pair.deltaSetCreated,
+      startedAt: new Date(clock.now()).toISOString(),
+      bytes: 0,
+      copyId,
+      snapshot: name,
+      plannedBlocks: backlog.count,
+      copiedBlocks: 0,
+      catchUp: true,
+    };
+    this.catalog.putPair(pair);
+    log.warn({ volume: pair.volume, blocks: backlog.count, snapshot: name, stampedDeltaSet: pair.deltaSetCreated }, 'catch-up copy recorded');
   }
 
   // ---- files -----------------------------------------------------------------------
@@ -534,6 +576,7 @@ export class ReplicationManager {
       openSession: (p, channel) => this.openSession(p, channel),
       copyPlan: (p) => this.copyPlan(p),
       copied: (p) => (p.recovery?.phase === 'resync' ? this.recovery.resyncDone(p) : this.dropCopyImage(p)),
+      catchUp: (p, backlog) => this.catchUp(p, backlog),
       fenced: (reason) => void this.recovery.fenceSelf(pair.volume, pair.peerSiteName, reason).catch((err: Error) => log.error({ volume: pair.volume, err: err.message }, 'the volume could not be fenced')),
     });
     source.track();
@@ -554,8 +597,25 @@ export class ReplicationManager {
       clock,
       log,
       setAccess: (access) => this.deps.setAccess(pair.volume, access),
+      protect: async (name) => {
+        if (!this.deps.snapshots.list(pair.volume).some((s) => s.name === name)) {
+          await this.deps.snapshots.create(pair.volume, name, { purpose: 'consistent image kept during a catch-up', pairId: pair.pairId, deltaSet: String(pair.deltaSetPlayedBack) });
+        }
+        return this.deps.snapshots.exportView(pair.volume, name);
+      },
+      unprotect: async (name) => {
+        if (this.deps.snapshots.list(pair.volume).some((s) => s.name === name)) await this.deps.snapshots.delete(pair.volume, name);
+      },
     });
   }
+}
+
+/** The target's save volume: as chosen, else the larger of the source's and the default. */
+function targetSaveVolumeBytes(body: PairCreateBody): number {
+  const source = Number.isSafeInteger(body.saveVolumeBytes) && body.saveVolumeBytes > 0 ? body.saveVolumeBytes : 0;
+  const chosen = body.targetSaveVolumeBytes;
+  if (chosen !== undefined && Number.isSafeInteger(chosen) && chosen >= Math.max(source, 16 * 1024 * 1024) && chosen % 4096 === 0) return chosen;
+  return Math.max(source, saveVolumeBytesDefault);
 }
 
 async function expectOpenOk(connection: RcpConnection): Promise<TargetPosition> {

@@ -8,6 +8,7 @@ import { FerryError } from '../lib/errors.js';
  *   duplex ──suspend──▶ suspending ──drained──▶ suspended(command)
  *   duplex / initial-copying / duplex-pending ──failure──▶ suspended(failure)
  *   suspended ──resume──▶ duplex-pending ──caught-up──▶ duplex
+ *   duplex ──catch-up──▶ duplex-pending ──copied──▶ duplex   (backlog larger than the save volume)
  *   suspended(failure, initial copy unfinished) ──resume──▶ initial-copying
  *   any ──stop──▶ simplex
  */
@@ -31,6 +32,8 @@ export type PairEvent =
   | { type: 'failure'; reason: string }
   | { type: 'resume' }
   | { type: 'caught-up' }
+  /** The backlog outgrew the save volume: a copy of its blocks catches the target up (rule 8). */
+  | { type: 'catch-up' }
   | { type: 'stop' };
 
 export const initialPairStatus: PairStatus = { state: 'simplex', reason: '', initialCopyDone: false };
@@ -43,7 +46,9 @@ export function nextPairStatus(s: PairStatus, e: PairEvent): PairStatus {
     case 'start':
       return s.state === 'simplex' ? { state: 'initial-copying', reason: '', initialCopyDone: false } : refuse();
     case 'copied':
-      return s.state === 'initial-copying' ? { state: 'duplex', reason: '', initialCopyDone: true } : refuse();
+      if (s.state === 'initial-copying' || s.state === 'duplex-pending') return { state: 'duplex', reason: '', initialCopyDone: true };
+      // A copy can finish on its own connection while the pair is suspended: it stays so.
+      return s.state === 'simplex' ? refuse() : { ...s, initialCopyDone: true };
     case 'suspend':
       if (s.state === 'suspended' || s.state === 'suspending') return s;
       return s.state === 'simplex' ? refuse() : { ...s, state: 'suspending', reason: 'suspended by command', cause: 'command' };
@@ -56,6 +61,9 @@ export function nextPairStatus(s: PairStatus, e: PairEvent): PairStatus {
     case 'resume':
       if (s.state !== 'suspended') return s.state === 'simplex' ? refuse() : s;
       return { state: s.initialCopyDone ? 'duplex-pending' : 'initial-copying', reason: '', initialCopyDone: s.initialCopyDone };
+    case 'catch-up':
+      if (s.state === 'duplex' || s.state === 'duplex-pending') return { ...s, state: 'duplex-pending', reason: 'catching up by copy: the backlog outgrew the save volume' };
+      return s.state === 'simplex' ? refuse() : s;
     case 'caught-up':
       return s.state === 'duplex-pending' ? { ...s, state: 'duplex', reason: '' } : s;
     case 'stop':

@@ -41,6 +41,8 @@ export interface PairCreateBody {
   mode: 'async' | 'sync';
   /** The source's save volume: the target's must hold any delta set the source can cut. */
   saveVolumeBytes: number;
+  /** The target's save volume, if the operator chose it (at least `saveVolumeBytes`). */
+  targetSaveVolumeBytes?: number;
 }
 
 export interface PairOpenBody {
@@ -77,6 +79,8 @@ export interface DeltaSetHeaderBody {
   dataCrc: number;
   createdAtMs: number;
   previousCutMs: number;
+  /** Cut while this copy ran: played back only once the target has the whole copy. */
+  afterCopy?: number;
   /** CRC32C over the fields above, in this order, as JSON. */
   headerCrc: number;
 }
@@ -122,7 +126,7 @@ export interface HeartbeatBody {
 }
 
 export function headerCrcFields(h: Omit<DeltaSetHeaderBody, 'headerCrc'>): string {
-  return JSON.stringify([h.deltaSet, h.chunkCount, h.blockCount, h.dataBytes, h.dataCrc, h.createdAtMs, h.previousCutMs]);
+  return JSON.stringify([h.deltaSet, h.chunkCount, h.blockCount, h.dataBytes, h.dataCrc, h.createdAtMs, h.previousCutMs, h.afterCopy ?? 0]);
 }
 
 /** Chunk frame payload: u64 delta set, u32 chunk index, u32 0, then the chunk encoding. */

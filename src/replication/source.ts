@@ -5,6 +5,7 @@ import { FerryError, assert, isFerryError } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
 import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/replication-catalog.js';
 import type { Volume, WriteHook } from '../storage/volume.js';
+import type { PagedBitmap } from '../lib/paged-bitmap.js';
 import type { ChangeLog } from '../tracking/change-log.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
@@ -56,6 +57,12 @@ export interface SourceDeps {
   copyPlan(pair: PairRecord): Promise<CopyPlan>;
   /** The copy is complete: its image can go. */
   copied(pair: PairRecord): Promise<void>;
+  /**
+   * Rule 8: the backlog (the old table, just switched out) is larger than the whole
+   * save volume. Records it durably as the blocks of a new copy from a snapshot taken
+   * now, stamped with the last delta set cut, and makes that copy the pair's.
+   */
+  catchUp(pair: PairRecord, backlog: PagedBitmap): Promise<void>;
   /** The target refused this pair's generation: the volume failed over (the manager fences it). */
   fenced(reason: string): void;
   /** Opens an RCP connection of the pair (handshake done) and returns the target's position. */
@@ -177,17 +184,30 @@ export class SourceReplicator {
     this.cutWaker.signal();
     const before = this.pair.deltaSetCreated;
     while (!this.closed && this.pair.deltaSetCreated === before) {
-      if (this.stats.saveVolumeFull) throw new FerryError('UNAVAILABLE', 'the save volume is full; the delta set will be cut once the target has acknowledged older ones');
+      if (this.stats.saveVolumeFull) {
+        throw new FerryError(
+          'UNAVAILABLE',
+          this.pair.initialCopy.doneAt === undefined && this.pair.initialCopy.catchUp
+            ? 'the save volume is full and a catch-up copy is running; the changes wait in the bitmap until it is done'
+            : 'the save volume is full; the delta set will be cut once the target has acknowledged older ones',
+        );
+      }
       if (this.dirtyBlocks === 0 && !this.building) return before;
       await this.deps.clock.sleep(20);
     }
     return this.pair.deltaSetCreated;
   }
 
-  /** Blocks the target does not have yet: dirty ones and those of unacknowledged delta sets. */
+  /** Blocks the target does not have yet: dirty ones, those of unacknowledged delta sets and of a catch-up copy. */
   outstandingBlocks(): number {
     const unacked = this.deps.catalog.listDeltaSets(this.pair.volume).filter((d) => d.generation === this.pair.generation && d.n > this.pair.deltaSetAcked);
-    return this.dirtyBlocks + unacked.reduce((s, d) => s + d.blocks, 0);
+    return this.dirtyBlocks + unacked.reduce((s, d) => s + d.blocks, 0) + this.catchUpBlocks;
+  }
+
+  /** Blocks of a catch-up copy not yet acknowledged by the target. */
+  get catchUpBlocks(): number {
+    const c = this.pair.initialCopy;
+    return this.catchingUp ? Math.max(0, (c.plannedBlocks ?? 0) - (c.copiedBlocks ?? 0)) : 0;
   }
 
   /**
@@ -235,7 +255,17 @@ export class SourceReplicator {
   }
 
   resume(): PairStatus {
-    return this.apply({ type: 'resume' });
+    return this.resumeState();
+  }
+
+  /** Resumes; a catch-up still running keeps the pair Duplex-Pending and says so. */
+  private resumeState(): PairStatus {
+    const s = this.apply({ type: 'resume' });
+    return this.catchingUp ? this.apply({ type: 'catch-up' }) : s;
+  }
+
+  private get catchingUp(): boolean {
+    return this.pair.initialCopy.catchUp === true && this.pair.initialCopy.doneAt === undefined;
   }
 
   /** Stops the loops; persists the change log so no dirty block is forgotten. Idempotent. */
@@ -279,11 +309,14 @@ export class SourceReplicator {
     const blocks = changeLog.current.count;
     const needBytes = deltaSetSpanBytesMax(blocks, volume.blockBytes);
     if (needBytes > this.ring.capacityBytes) {
-      // Even an empty save volume cannot hold this backlog as one delta set.
-      const message = `the backlog of ${blocks} blocks needs up to ${needBytes} bytes, more than the whole save volume (${this.ring.capacityBytes} bytes); enlarge it (--save-volume) or stop and restart the pair`;
-      if (this.stats.lastError !== message) this.deps.log.error({ volume: this.pair.volume, needBytes }, message);
-      this.stats.lastError = message;
-      this.stats.saveVolumeFull = true;
+      // Even an empty save volume cannot hold this backlog as one delta set: it goes
+      // as a copy of its blocks instead (rule 8), once no other copy is running.
+      if (this.pair.initialCopy.doneAt === undefined) {
+        this.stats.saveVolumeFull = true;
+        return;
+      }
+      this.deps.log.warn({ volume: this.pair.volume, blocks, needBytes, saveVolumeBytes: this.ring.capacityBytes }, 'the backlog outgrew the save volume: catching up by a copy of its blocks');
+      await this.startCatchUp();
       return;
     }
     if (!this.makeRoom(needBytes)) {
@@ -300,6 +333,8 @@ export class SourceReplicator {
     let old;
     const n = this.pair.deltaSetCreated + 1;
     const createdAtMs = clock.now();
+    // Written while a copy runs: the target must not play it back before the copy is whole.
+    const afterCopy = this.pair.initialCopy.doneAt === undefined ? (this.pair.initialCopy.copyId ?? 1) : undefined;
     try {
       old = changeLog.switchTables();
       this.buildingBlocks = old.count;
@@ -320,6 +355,7 @@ export class SourceReplicator {
           generation: this.pair.generation,
           n,
           state: 'ready',
+          ...(afterCopy !== undefined ? { afterCopy } : {}),
           ...built,
           createdAtMs,
           previousCutMs: this.previousCutMs,
@@ -348,6 +384,33 @@ export class SourceReplicator {
       }
     })();
     await this.building;
+  }
+
+  /**
+   * Rule 8 catch-up: the backlog becomes the block list of a copy from a snapshot taken
+   * at the switch; writes from now on go into delta sets the target holds until that
+   * copy is complete. Host writes are paused only for the switch.
+   */
+  private async startCatchUp(): Promise<void> {
+    const { volume, changeLog } = this.deps;
+    const resume = await volume.quiesce();
+    let backlog: PagedBitmap;
+    try {
+      backlog = changeLog.switchTables();
+    } finally {
+      resume();
+    }
+    try {
+      await this.deps.catchUp(this.pair, backlog);
+    } catch (err) {
+      await changeLog.mergeOldBack();
+      throw err;
+    }
+    // The copy's bitmap is durable: the change log may forget these blocks.
+    await changeLog.handOff();
+    this.stats.saveVolumeFull = false;
+    this.apply({ type: 'catch-up' });
+    this.loops.push(this.copyLoop());
   }
 
   /** Frees acknowledged delta sets, oldest first, until `bytes` fit. */
@@ -389,7 +452,7 @@ export class SourceReplicator {
           connection.destroy();
           continue;
         }
-        if (this.status.state === 'suspended') this.apply({ type: 'resume' });
+        if (this.status.state === 'suspended') this.resumeState();
         const progressBefore = this.progress;
         try {
           await this.session(connection, position);
@@ -450,7 +513,7 @@ export class SourceReplicator {
           if (next <= this.pair.deltaSetCreated) {
             throw new FerryError('CORRUPT_RECORD', `delta set ${next} is needed by the target but no longer in the save volume`);
           }
-          if (this.status.state === 'duplex-pending' && this.dirtyBlocks === 0) this.apply({ type: 'caught-up' });
+          if (this.status.state === 'duplex-pending' && this.dirtyBlocks === 0 && !this.catchingUp) this.apply({ type: 'caught-up' });
           if (this.deps.clock.now() - lastHeartbeat >= heartbeatMs) {
             this.sendHeartbeat(connection);
             lastHeartbeat = this.deps.clock.now();
@@ -535,7 +598,16 @@ export class SourceReplicator {
         this.unexpected(frame);
       }
     }
-    const fields = { deltaSet: ds.n, chunkCount: ds.chunks, blockCount: ds.blocks, dataBytes: ds.dataBytes, dataCrc: ds.dataCrc, createdAtMs: ds.createdAtMs, previousCutMs: ds.previousCutMs };
+    const fields = {
+      deltaSet: ds.n,
+      chunkCount: ds.chunks,
+      blockCount: ds.blocks,
+      dataBytes: ds.dataBytes,
+      dataCrc: ds.dataCrc,
+      createdAtMs: ds.createdAtMs,
+      previousCutMs: ds.previousCutMs,
+      ...(ds.afterCopy !== undefined ? { afterCopy: ds.afterCopy } : {}),
+    };
     const header: DeltaSetHeaderBody = { ...fields, headerCrc: crc32c(headerCrcFields(fields)) };
     // E: the header goes last, so the receiver can check that everything it names arrived.
     connection.sendJson(ReplFrame.DeltaSetHeader as number, header, { generation });
@@ -601,6 +673,13 @@ export class SourceReplicator {
     while (!this.closed && this.pair.initialCopy.doneAt === undefined) {
       if (!isActive(this.status) && !(this.status.state === 'suspended' && this.status.cause === 'failure')) {
         await this.sendWaker.wait(this.deps.clock, 1000);
+        continue;
+      }
+      const copy = this.pair.initialCopy;
+      if (copy.catchUp && this.pair.deltaSetPlayedBack < copy.stampedDeltaSet) {
+        // The catch-up's blocks are newer than every delta set up to the stamp: those
+        // are played back at the target first.
+        await this.sendWaker.wait(this.deps.clock, 200);
         continue;
       }
       this.copier = new CopyRunner({

@@ -24,7 +24,8 @@ export interface PairStatusView {
   /** Bytes per second over the last few seconds. */
   transferRate: number;
   averageTransferRate: number;
-  initialCopy: { done: boolean; percent: number; copiedBlocks: number; totalBlocks: number; bytes: number; etaSeconds: number | null };
+  /** The pair's current copy: the new remote copy, a resync's blocks, or a catch-up (`catchUp`, rule 8). */
+  initialCopy: { done: boolean; percent: number; copiedBlocks: number; totalBlocks: number; bytes: number; etaSeconds: number | null; catchUp: boolean };
   saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
   connected: boolean;
   retries: number;
@@ -77,11 +78,13 @@ export interface LiveFigures {
  */
 export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: LiveFigures): PairStatusView {
   const unplayed = rows.filter((d) => d.generation === pair.generation && d.n > pair.deltaSetPlayedBack);
-  const lagBlocks = live.dirtyBlocks + unplayed.reduce((s, d) => s + d.blocks, 0);
   const copyDone = pair.initialCopy.doneAt !== undefined;
-  // A resync copies only the blocks that differ: progress counts those.
+  // A resync or a catch-up copies only some blocks: progress counts those.
   const total = pair.initialCopy.plannedBlocks ?? pair.initialCopy.totalBlocks;
   const copied = copyDone ? total : Math.min(total, pair.initialCopy.copiedBlocks ?? pair.initialCopy.cursorBlock);
+  const catchUp = pair.initialCopy.catchUp === true || pair.initialCopy.protectiveSnapshot !== undefined;
+  // A catch-up's blocks not yet copied are writes the target does not have.
+  const lagBlocks = live.dirtyBlocks + unplayed.reduce((s, d) => s + d.blocks, 0) + (catchUp && !copyDone && pair.role === 'source' ? total - copied : 0);
   const reference = pair.playedBackCutMs > 0 ? pair.playedBackCutMs : Date.parse(pair.initialCopy.startedAt);
   const lagSeconds = lagBlocks === 0 && copyDone && (pair.role === 'target' || pair.deltaSetPlayedBack >= pair.deltaSetCreated) ? 0 : Math.max(0, (live.sourceNowMs - reference) / 1000);
   const remainingBytes = (total - copied) * (total > 0 ? pair.initialCopy.bytes / Math.max(1, copied) : 0);
@@ -114,6 +117,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
       totalBlocks: total,
       bytes: pair.initialCopy.bytes,
       etaSeconds: copyDone ? 0 : live.rates.current > 0 ? Math.round(remainingBytes / live.rates.current) : null,
+      catchUp,
     },
     saveVolume: live.saveVolume,
     connected: live.connected,

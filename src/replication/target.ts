@@ -11,6 +11,7 @@ import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { decodeChunk, type Chunk } from './chunk.js';
 import { Inbox } from './inbox.js';
+import type { PointInTimeImage } from './copy.js';
 import {
   ReplFrame,
   decodeChunkFrame,
@@ -105,6 +106,13 @@ export interface TargetDeps {
   clock: Clock;
   log: Logger;
   setAccess(access: VolumeAccess): Promise<unknown>;
+  /**
+   * Rule 8: keeps the replica's consistent image in snapshot `name` (taken now unless
+   * it exists) and returns a view of it for readers while a catch-up is applied.
+   */
+  protect(name: string): Promise<PointInTimeImage>;
+  /** Drops the protective snapshot once the catch-up is whole (nothing if it is gone). */
+  unprotect(name: string): Promise<void>;
 }
 
 export interface TargetStats {
@@ -149,6 +157,8 @@ export class TargetReplica {
   private playbackLoopDone: Promise<void> | undefined;
   private copyUnflushedBytes = 0;
   private copySessionDone: Promise<void> = Promise.resolve();
+  /** While a catch-up is applied, hosts read the protected image instead of the volume. */
+  private protective: PointInTimeImage | undefined;
   private hostsAllowed = false;
 
   private constructor(private readonly deps: TargetDeps) {
@@ -169,6 +179,13 @@ export class TargetReplica {
       await t.playOne(interrupted);
     }
     await t.recoverReceiving();
+    const name = deps.pair.initialCopy.protectiveSnapshot;
+    if (name && !t.copyDone) {
+      // A catch-up was being applied: readers get the protected image until it is whole.
+      t.protective = await deps.protect(name);
+    } else if (name) {
+      await t.dropProtection();
+    }
     return t;
   }
 
@@ -205,6 +222,7 @@ export class TargetReplica {
 
   /** Reads the consistent image: the volume, with the delta set under integration laid over it. */
   async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.protective) return this.protective.readInto(buf, offset);
     await this.deps.volume.readInto(buf, offset);
     const overlay = this.overlay;
     if (!overlay) return;
@@ -229,6 +247,7 @@ export class TargetReplica {
    * sparse-aware reader then reads it).
    */
   blockStatus(offset: number, length: number): Extent[] {
+    if (this.protective) return this.protective.blockStatus(offset, length);
     return this.overlay ? [{ offset, length, allocated: true }] : this.deps.volume.blockStatus(offset, length);
   }
 
@@ -371,9 +390,28 @@ export class TargetReplica {
     const chunk = decodeChunk(chunkBytes, volume.blockBytes, volume.blockCount);
     const copy = pair.initialCopy;
     if (copyId > (copy.copyId ?? 1) && fromBlock === 0) {
-      // A new copy (a resync's second step): playback waits until it is done.
+      // A new copy (a resync's second step, or a catch-up): playback waits until it is done.
       await pipeline.settle();
-      pair.initialCopy = { cursorBlock: 0, totalBlocks: volume.blockCount, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0, copyId };
+      let protectiveSnapshot: string | undefined;
+      if (this.copyDone) {
+        // Rule 8: the replica held a consistent image; a catch-up is not atomic, so that
+        // image is kept in a snapshot and served to readers until the copy is whole.
+        protectiveSnapshot = `ferry-catch-up-g${pair.generation}-${copyId}`;
+        // The source starts a catch-up only after the delta sets before it are played
+        // back; a playback still finishing is let finish, so the image is whole.
+        while (this.overlay && !this.closed) await this.deps.clock.sleep(10);
+        this.protective = await this.deps.protect(protectiveSnapshot);
+        this.deps.log.warn({ volume: pair.volume, copyId, snapshot: protectiveSnapshot, deltaSetPlayedBack: pair.deltaSetPlayedBack }, 'catch-up copy arriving: the consistent image is kept in a snapshot and served to readers until it is complete');
+      }
+      pair.initialCopy = {
+        cursorBlock: 0,
+        totalBlocks: volume.blockCount,
+        stampedDeltaSet: 0,
+        startedAt: new Date(this.deps.clock.now()).toISOString(),
+        bytes: 0,
+        copyId,
+        ...(protectiveSnapshot ? { protectiveSnapshot } : {}),
+      };
       this.deps.catalog.putPair(pair);
     }
     const expected = pipeline.nextBlock ?? pair.initialCopy.cursorBlock;
@@ -427,6 +465,8 @@ export class TargetReplica {
       pair.initialCopy.stampedDeltaSet = done.stampedDeltaSet;
       pair.state = 'duplex';
       this.deps.catalog.putPair(pair);
+      // The volume now holds the source's image at the copy's snapshot: consistent.
+      await this.dropProtection();
       await this.openToHostsIfConsistent();
       this.playbackWaker.signal();
     } else if (!done.final) {
@@ -434,6 +474,18 @@ export class TargetReplica {
     }
     const body: CopyAckBody = { cursorBlock: volume.blockCount, done: true };
     connection.sendJson(ReplFrame.CopyAck as number, body, { generation: BigInt(pair.generation) });
+  }
+
+  /** Readers go back to the volume and the protective snapshot goes. */
+  private async dropProtection(): Promise<void> {
+    const { pair } = this.deps;
+    const name = pair.initialCopy.protectiveSnapshot;
+    this.protective = undefined;
+    if (!name) return;
+    await this.deps.unprotect(name);
+    delete pair.initialCopy.protectiveSnapshot;
+    this.deps.catalog.putPair(pair);
+    this.deps.log.info({ volume: pair.volume, snapshot: name }, 'catch-up complete: the protective snapshot is dropped');
   }
 
   private copyAck(connection: RcpConnection, rewind: boolean): void {
@@ -525,6 +577,7 @@ export class TargetReplica {
       previousCutMs: header.previousCutMs,
       sealedAtMs: now,
       receivedAtMs: now,
+      ...(header.afterCopy !== undefined ? { afterCopy: header.afterCopy } : {}),
     };
     this.deps.catalog.transaction(() => {
       this.deps.catalog.putDeltaSet(record);
@@ -550,7 +603,9 @@ export class TargetReplica {
 
   private async playbackLoop(): Promise<void> {
     while (!this.closed) {
-      const next = this.copyDone ? this.rows().find((d) => d.n === this.deps.pair.deltaSetPlayedBack + 1 && d.state === 'received') : undefined;
+      const candidate = this.copyDone ? this.rows().find((d) => d.n === this.deps.pair.deltaSetPlayedBack + 1 && d.state === 'received') : undefined;
+      // A delta set cut while a copy ran waits until this side has that whole copy.
+      const next = candidate && (candidate.afterCopy === undefined || (this.deps.pair.initialCopy.copyId ?? 1) >= candidate.afterCopy) ? candidate : undefined;
       if (next) {
         try {
           await this.playOne(next);

@@ -108,10 +108,11 @@ export class Site {
       catalog = new Catalog(layout.catalogPath);
       const site = new Site(config, layout, catalog, lock, log.child({ site: config.name }));
       await site.volumes.load();
-      await site.replication.load();
-      // Snapshots load after volumes and before anything listens: every volume with
-      // snapshots has its copy-on-first-write hook before the first write can arrive.
+      // Snapshots load after volumes and before anything writes: every volume with
+      // snapshots has its copy-on-first-write hook before the first write, including
+      // a replica's redo of an interrupted playback when replication loads.
       await site.snapshots.load();
+      await site.replication.load();
       return site;
     } catch (err) {
       catalog?.close();

@@ -1,4 +1,6 @@
-import { open, type FileHandle } from 'node:fs/promises';
+import { open, rm, type FileHandle } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { fsyncDir } from '../lib/durable.js';
 import { crc32c } from '../lib/checksum.js';
 import { FerryError, assert } from '../lib/errors.js';
 import { PagedBitmap, bitmapPageBytes } from '../lib/paged-bitmap.js';
@@ -178,4 +180,27 @@ function decodeHeader(header: Buffer, path: string): number {
     throw new FerryError('UNSUPPORTED_FORMAT', `${path}: bitmap format version ${version} is not supported`);
   }
   return Number(header.readBigUInt64LE(16));
+}
+
+/** Writes `bits` as a new bitmap file at `path` (replacing any), durably, name included. */
+export async function writeBitmapFile(path: string, bits: PagedBitmap): Promise<void> {
+  await rm(path, { force: true });
+  const file = await BitmapFile.create(path, bits.bitCount);
+  try {
+    file.bitmap.or(bits);
+    await file.sync();
+  } finally {
+    await file.close();
+  }
+  await fsyncDir(dirname(path));
+}
+
+/** Reads a whole bitmap file; a damaged page is refused (CORRUPT_FILE). */
+export async function readBitmapFile(path: string): Promise<PagedBitmap> {
+  const { file } = await BitmapFile.open(path, 'throw');
+  try {
+    return file.bitmap.clone();
+  } finally {
+    await file.close();
+  }
 }

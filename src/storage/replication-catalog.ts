@@ -44,6 +44,13 @@ export interface PairRecord {
     plannedBlocks?: number;
     copiedBlocks?: number;
     snapshot?: string;
+    /**
+     * Source: this copy catches up a backlog larger than the save volume (rule 8); it
+     * starts once the target has played back the stamped delta set.
+     */
+    catchUp?: boolean;
+    /** Target: the snapshot that keeps the consistent image readable while a catch-up is applied. */
+    protectiveSnapshot?: string;
   };
   deltaSetCreated: number;
   deltaSetSent: number;
@@ -126,6 +133,8 @@ export interface DeltaSetRecord {
   /** Source clock, ms: the cut of the previous delta set (start of the interval this one covers). */
   previousCutMs: number;
   sealedAtMs: number;
+  /** Cut while copy `afterCopy` was running: the target plays it back only after that copy. */
+  afterCopy?: number;
   ackedAtMs?: number;
   receivedAtMs?: number;
   playbackStartedAtMs?: number;

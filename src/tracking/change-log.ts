@@ -122,6 +122,16 @@ export class ChangeLog {
     this.current.or(bitmap);
   }
 
+  /**
+   * The old table's blocks are recorded durably elsewhere (a catch-up copy's bitmap):
+   * they no longer need tracking here.
+   */
+  async handOff(): Promise<void> {
+    assert(this.old !== undefined, 'hand-off without an old table');
+    this.old = undefined;
+    await this.persistCurrent();
+  }
+
   /** Abandons the old table by merging it back (flow control: the save volume is full). */
   async mergeOldBack(): Promise<void> {
     if (!this.old) return;

@@ -75,6 +75,15 @@ test('pair states follow the documented machine and refuse the rest', () => {
   }
   assert.throws(() => run([{ type: 'start' }, { type: 'start' }]), (err) => isFerryError(err, 'BAD_REQUEST'));
   assert.equal(run([{ type: 'start' }, { type: 'copied' }, { type: 'stop' }]).state, 'simplex');
+  // Rule 8: a backlog larger than the save volume is caught up by a copy.
+  const catching = run([{ type: 'start' }, { type: 'copied' }, { type: 'catch-up' }]);
+  assert.deepEqual([catching.state, catching.initialCopyDone], ['duplex-pending', true]);
+  assert.match(catching.reason, /catching up/);
+  assert.deepEqual(nextPairStatus(catching, { type: 'copied' }), { state: 'duplex', reason: '', initialCopyDone: true });
+  const suspendedCatching = nextPairStatus(catching, { type: 'failure', reason: 'link down' });
+  assert.equal(nextPairStatus(suspendedCatching, { type: 'copied' }).state, 'suspended', 'a copy finishing while suspended leaves it suspended');
+  assert.equal(nextPairStatus(cmd, { type: 'catch-up' }).state, 'suspended');
+  assert.throws(() => nextPairStatus(initialPairStatus, { type: 'catch-up' }), (err) => isFerryError(err, 'BAD_REQUEST'));
 });
 
 test('chunks round-trip, and malformed chunks are refused with a typed error', () => {

@@ -1,0 +1,153 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { TestSite } from '../helpers/site.js';
+import { FaultProxy, noFaults } from '../helpers/fault-proxy.js';
+import { VolumeModel, pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
+
+const MiB = 1024 * 1024;
+/** Slows both connections of the pair to a few MiB/s, so a catch-up can be watched. */
+const slowLink = { ...noFaults, stallProbability: 1, stallMs: 10 };
+
+async function sites(name: string): Promise<[TestSite, TestSite]> {
+  return Promise.all([TestSite.create(`${name}-a`), TestSite.create(`${name}-b`)]);
+}
+
+async function write(site: TestSite, model: VolumeModel, offset: number, bytes: number): Promise<void> {
+  const step = 256 * 1024;
+  for (let at = offset; at < offset + bytes; at += step) {
+    const data = randomBytes(Math.min(step, offset + bytes - at));
+    model.apply(at, data);
+    await site.writeData('v', at, data);
+  }
+}
+
+async function snapshotNames(site: TestSite): Promise<string[]> {
+  const { body } = await site.api<{ name: string }[]>('GET', '/api/v1/volumes/v/snapshots');
+  return body.map((s) => s.name);
+}
+
+/**
+ * A paused pair whose backlog has outgrown the 16 MiB save volume: phase 1 (4 MiB) is a
+ * delta set, phase 2 (`backlogMiB`) only a bitmap. Returns the image at the end of phase 1.
+ */
+async function backlogPastSaveVolume(a: TestSite, b: TestSite, proxy: FaultProxy, model: VolumeModel, backlogMiB: number): Promise<string> {
+  await a.api('POST', '/api/v1/volumes', { name: 'v', size: model.bytes.length });
+  const start = await a.cli(['replicate', 'start', 'v', '--to', proxy.url, '--interval', '60s', '--high-water', '1G', '--save-volume', '16M', '--target-save-volume', '16M', '--wait']);
+  assert.equal(start.code, 0, start.stderr);
+  await write(a, model, 0, 2 * MiB);
+  await waitInSync(a, b, 'v');
+  assert.equal((await a.cli(['replicate', 'pause', 'v'])).code, 0);
+  await write(a, model, 0, 4 * MiB);
+  assert.equal((await a.cli(['replicate', 'delta', 'v'])).code, 0);
+  const boundary = model.digest();
+  await write(a, model, 8 * MiB, backlogMiB * MiB);
+  const cut = await a.cli(['replicate', 'delta', 'v']);
+  assert.equal(cut.code, 0, cut.stderr);
+  const s = await pairStatus(a, 'v');
+  assert.equal(s.initialCopy.catchUp, true, 'the backlog goes as a copy');
+  assert.equal(s.initialCopy.done, false);
+  assert.equal(s.initialCopy.totalBlocks, (backlogMiB * MiB) / 8192, 'the copy holds exactly the backlog');
+  assert.ok(s.lagBlocks >= s.initialCopy.totalBlocks, 'lag counts the blocks still to copy');
+  assert.ok(a.logs.some((l) => l.msg === 'the backlog outgrew the save volume: catching up by a copy of its blocks'));
+  return boundary;
+}
+
+/** Resumes over a slow link and waits until the target applies the catch-up under its protective snapshot. */
+async function catchUpUnderway(a: TestSite, b: TestSite, proxy: FaultProxy): Promise<void> {
+  proxy.plan = slowLink;
+  assert.equal((await a.cli(['replicate', 'resume', 'v'])).code, 0);
+  await waitFor('the catch-up to reach the target', async () => {
+    const t = await pairStatus(b, 'v');
+    return t.initialCopy.catchUp && !t.initialCopy.done && t.initialCopy.copiedBlocks > 0;
+  }, 60_000, 50);
+  assert.equal((await pairStatus(a, 'v')).state, 'duplex-pending');
+}
+
+test('a backlog larger than the save volume catches up by copy: the target serves its protected image, both save volumes fill, a target crash resumes', async () => {
+  const [a, b] = await sites('catchup');
+  const proxy = new FaultProxy(b.host, b.port, 3);
+  await proxy.start();
+  try {
+    const model = new VolumeModel(160 * MiB);
+    const boundary = await backlogPastSaveVolume(a, b, proxy, model, 48);
+    await catchUpUnderway(a, b, proxy);
+    assert.equal(await b.digest('v'), boundary, 'readers see the consistent image kept before the catch-up');
+    assert.ok((await snapshotNames(b)).some((n) => n.startsWith('ferry-catch-up-')));
+
+    // Writes during the catch-up go into delta sets the target holds until the copy is
+    // whole: its save volume fills, then the source's, then the bitmap takes the rest.
+    let seen = '';
+    let at = 64 * MiB;
+    await waitFor(() => `both save volumes to fill (last: ${seen})`, async () => {
+      await write(a, model, at, 2 * MiB);
+      at = at + 2 * MiB < 112 * MiB ? at + 2 * MiB : 64 * MiB;
+      await a.cli(['replicate', 'delta', 'v']); // refused once the source's save volume is full
+      const [s, t] = await Promise.all([pairStatus(a, 'v'), pairStatus(b, 'v')]);
+      seen = JSON.stringify({ source: s.saveVolume, target: t.saveVolume, copy: t.initialCopy });
+      return s.saveVolume.full && t.saveVolume.full;
+    }, 60_000, 10);
+    const t = await pairStatus(b, 'v');
+    assert.equal(t.initialCopy.done, false, 'the catch-up is still under way');
+    assert.ok(t.deltaSetReceived > t.deltaSetPlayedBack, 'delta sets after the catch-up wait for it');
+    assert.equal(await b.digest('v'), boundary);
+    // Host writes are never refused meanwhile.
+    await write(a, model, 120 * MiB, MiB);
+
+    // A crash of the target mid catch-up: after the restart readers still get the kept image.
+    await b.restart();
+    assert.equal(await b.digest('v'), boundary, 'the protection survives a restart');
+
+    proxy.plan = noFaults;
+    await waitInSync(a, b, 'v', 'v', 180_000);
+    assert.equal(await b.digest('v'), model.digest(), 'no write lost');
+    assert.equal(await a.digest('v'), model.digest());
+    const s = await pairStatus(a, 'v');
+    assert.equal(s.state, 'duplex');
+    assert.equal(s.initialCopy.done, true);
+    assert.equal(s.saveVolume.full, false);
+    assert.equal(s.lagBlocks, 0);
+    assert.deepEqual((await snapshotNames(a)).filter((n) => n.startsWith('ferry-')), [], 'the catch-up snapshot is gone at the source');
+    assert.deepEqual((await snapshotNames(b)).filter((n) => n.startsWith('ferry-')), [], 'and the protective one at the target');
+  } finally {
+    await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('failover during a catch-up restores the protected image; resync then undoes the backlog at the old source', async () => {
+  const [a, b] = await sites('catchfo');
+  const proxy = new FaultProxy(b.host, b.port, 5);
+  await proxy.start();
+  try {
+    const model = new VolumeModel(96 * MiB);
+    const boundary = await backlogPastSaveVolume(a, b, proxy, model, 40);
+    await catchUpUnderway(a, b, proxy);
+    await a.kill('SIGKILL');
+    proxy.plan = noFaults;
+    const fo = await b.cli(['failover', 'v', '--json']);
+    assert.equal(fo.code, 0, fo.stderr);
+    assert.equal(await b.digest('v'), boundary, 'the half-applied catch-up is rolled back to the kept image');
+    assert.deepEqual((await snapshotNames(b)).filter((n) => n.startsWith('ferry-catch-up-')), []);
+    assert.ok(b.logs.some((l) => l.msg === 'failover during a catch-up: the volume is back at the consistent image kept before it'));
+
+    // The new source writes; the old one returns and is rebuilt without a full copy.
+    const image = new VolumeModel(96 * MiB);
+    for (let at = 0; at < 96 * MiB; at += 4 * MiB) image.apply(at, await b.readData('v', at, 4 * MiB));
+    await write(b, image, 60 * MiB, 2 * MiB);
+    await a.start();
+    await waitFor('the old source to learn of the failover', async () => (await pairStatus(a, 'v')).recovery?.phase === 'fenced', 30_000);
+    const rs = await b.cli(['resync', 'v']);
+    assert.equal(rs.code, 0, rs.stderr);
+    await waitFor('resync done', async () => (await pairStatus(b, 'v')).recovery?.phase === 'resynced', 120_000);
+    await waitInSync(b, a, 'v', 'v', 60_000);
+    const done = await pairStatus(b, 'v');
+    assert.equal(done.recovery?.fullCopy ?? false, false, 'no full copy');
+    assert.ok((done.recovery?.discardedBlocks ?? 0) >= (40 * MiB) / 8192, 'the backlog the target never had is on the undo list');
+    assert.equal(await a.digest('v'), image.digest());
+    assert.equal(await b.digest('v'), image.digest());
+  } finally {
+    await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
