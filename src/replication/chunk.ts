@@ -26,17 +26,21 @@ export const chunkDataBytesMax = 1024 * 1024;
 export const chunkExtentsMax = 4096;
 
 export function encodeChunk(chunk: Chunk): Buffer {
-  const out = Buffer.allocUnsafe(4 + chunk.extents.length * extentBytes + chunk.data.length);
-  out.writeUInt32LE(chunk.extents.length, 0);
+  return Buffer.concat(encodeChunkParts(chunk));
+}
+
+/** The encoding as two parts, the extent list and the data (not copied): for sending. */
+export function encodeChunkParts(chunk: Chunk): [Buffer, Buffer] {
+  const head = Buffer.allocUnsafe(4 + chunk.extents.length * extentBytes);
+  head.writeUInt32LE(chunk.extents.length, 0);
   let at = 4;
   for (const e of chunk.extents) {
-    out.writeBigUInt64LE(BigInt(e.block), at);
-    out.writeUInt32LE(e.count, at + 8);
-    out.writeUInt32LE(e.zero ? 1 : 0, at + 12);
+    head.writeBigUInt64LE(BigInt(e.block), at);
+    head.writeUInt32LE(e.count, at + 8);
+    head.writeUInt32LE(e.zero ? 1 : 0, at + 12);
     at += extentBytes;
   }
-  chunk.data.copy(out, at);
-  return out;
+  return [head, chunk.data];
 }
 
 /** Decodes and checks a chunk against the volume geometry; throws PROTOCOL_ERROR on anything off. */

@@ -6,9 +6,9 @@ import type { PairRecord } from '../storage/replication-catalog.js';
 import { ioBytesMax, type Extent } from '../storage/volume.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
-import { chunkExtentsMax, encodeChunk, type ChunkExtent } from './chunk.js';
+import { chunkExtentsMax, encodeChunkParts, type ChunkExtent } from './chunk.js';
 import { Inbox } from './inbox.js';
-import { ReplFrame, encodeCopyFrame, json, type CopyAckBody, type CopyDoneBody, type TargetPosition } from './protocol.js';
+import { ReplFrame, copyFramePrefix, json, type CopyAckBody, type CopyDoneBody, type TargetPosition } from './protocol.js';
 
 /** Data carried by one piece of a copy: larger than a delta-set chunk, it goes straight to the volume. */
 export const copyPieceBytesMax = 4 * 1024 * 1024;
@@ -71,7 +71,8 @@ export async function copyPiece(plan: CopyPlan, cursor: number): Promise<CopyPie
   const windowBlocksMax = Math.floor(copyScanBytesMax / bs);
   const extents: ChunkExtent[] = [];
   const reads: Promise<void>[] = [];
-  const parts: Buffer[] = [];
+  // One buffer for the piece's data: each extent is read straight into its place.
+  const buffer = Buffer.allocUnsafe(dataBlocksMax * bs);
   let dataBlocks = 0;
   let blocks = 0;
   let at = cursor;
@@ -100,18 +101,16 @@ export async function copyPiece(plan: CopyPlan, cursor: number): Promise<CopyPie
       blocks += s - at;
     }
     const take = Math.min(n, dataBlocksMax - dataBlocks);
-    const data = Buffer.allocUnsafe(take * bs);
     // The extents of a piece are read concurrently: scattered blocks cost one round trip.
-    reads.push(plan.image.readInto(data, s * bs));
+    reads.push(plan.image.readInto(buffer.subarray(dataBlocks * bs, (dataBlocks + take) * bs), s * bs));
     extents.push({ block: s, count: take, zero: false });
-    parts.push(data);
     dataBlocks += take;
     blocks += take;
     at = s + take;
   }
   await Promise.all(reads);
   const end = run.done ? total : at;
-  return { from: cursor, end, extents, data: Buffer.concat(parts), blocks };
+  return { from: cursor, end, extents, data: buffer.subarray(0, dataBlocks * bs), blocks };
 }
 
 export interface CopyRunnerDeps {
@@ -209,9 +208,9 @@ export class CopyRunner {
       while (acked < plan.blockCount) {
         while (cursor < plan.blockCount && inFlight.length < copyWindowPieces) {
           const piece = await copyPiece(plan, cursor);
-          const payload = encodeCopyFrame(plan.copyId, piece.from, piece.end, encodeChunk({ extents: piece.extents, data: piece.data }));
+          const payload = [copyFramePrefix(plan.copyId, piece.from, piece.end), ...encodeChunkParts({ extents: piece.extents, data: piece.data })];
           connection.send(ReplFrame.CopyData, payload, { generation });
-          this.deps.countSent(payload.length);
+          this.deps.countSent(payload.reduce((n, p) => n + p.length, 0));
           copy.bytes += piece.data.length;
           inFlight.push({ end: piece.end, blocks: piece.blocks });
           cursor = piece.end;
@@ -235,6 +234,11 @@ export class CopyRunner {
           while (inFlight.length > 0 && (inFlight[0] as { end: number }).end <= ack.cursorBlock) copy.copiedBlocks = (copy.copiedBlocks ?? 0) + (inFlight.shift() as { blocks: number }).blocks;
           acked = ack.cursorBlock;
           copy.cursorBlock = acked;
+        }
+        if (acked > cursor) {
+          // The target is further than this session sent (it applied more before a reconnect).
+          cursor = acked;
+          inFlight.length = 0;
         }
         if (ack.rewind && ack.cursorBlock < cursor) {
           // A piece was lost or damaged on the way: send again from where the target is.

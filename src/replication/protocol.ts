@@ -148,12 +148,13 @@ export function decodeChunkFrame(payload: Buffer): { deltaSet: number; index: nu
  * Copy frame payload: u32 copy id, u32 0, u64 first block of the piece, u64 first block
  * after it, then the chunk encoding (the piece's planned blocks in [from, to)).
  */
-export function encodeCopyFrame(copyId: number, fromBlock: number, toBlock: number, chunkBytes: Buffer): Buffer {
+/** The first part of a copy frame's payload; the chunk's parts follow it. */
+export function copyFramePrefix(copyId: number, fromBlock: number, toBlock: number): Buffer {
   const prefix = Buffer.alloc(24);
   prefix.writeUInt32LE(copyId, 0);
   prefix.writeBigUInt64LE(BigInt(fromBlock), 8);
   prefix.writeBigUInt64LE(BigInt(toBlock), 16);
-  return Buffer.concat([prefix, chunkBytes]);
+  return prefix;
 }
 
 export function decodeCopyFrame(payload: Buffer): { copyId: number; fromBlock: number; toBlock: number; chunkBytes: Buffer } {

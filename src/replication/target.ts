@@ -156,6 +156,13 @@ export class TargetReplica {
   private closed = false;
   private playbackLoopDone: Promise<void> | undefined;
   private copyUnflushedBytes = 0;
+  /**
+   * Where the copy is applied to (in memory). The record's `cursorBlock` is the durable
+   * cursor: it only moves past data the volume has flushed, so a crash of this machine
+   * never leaves it claiming blocks that were lost with the page cache.
+   */
+  private copyApplied: number;
+  private copyFlushing: Promise<void> | undefined;
   private copySessionDone: Promise<void> = Promise.resolve();
   /** While a catch-up is applied, hosts read the protected image instead of the volume. */
   private protective: PointInTimeImage | undefined;
@@ -163,6 +170,7 @@ export class TargetReplica {
 
   private constructor(private readonly deps: TargetDeps) {
     deps.pair.initialCopy.copyId ??= 1;
+    this.copyApplied = deps.pair.initialCopy.cursorBlock;
     const rows = this.rows();
     const head = rows.reduce((h, d) => Math.max(h, d.endLsn), 0);
     const live = rows.filter((d) => d.state !== 'played');
@@ -207,7 +215,7 @@ export class TargetReplica {
       pairId: p.pairId,
       generation: p.generation,
       copyId: p.initialCopy.copyId ?? 1,
-      copyCursorBlock: p.initialCopy.cursorBlock,
+      copyCursorBlock: this.copyApplied,
       copyDone: this.copyDone,
       deltaSetReceived: p.deltaSetReceived,
       chunksStored: this.receiving.chunks.length,
@@ -412,9 +420,11 @@ export class TargetReplica {
         copyId,
         ...(protectiveSnapshot ? { protectiveSnapshot } : {}),
       };
+      this.copyApplied = 0;
+      this.copyUnflushedBytes = 0;
       this.deps.catalog.putPair(pair);
     }
-    const expected = pipeline.nextBlock ?? pair.initialCopy.cursorBlock;
+    const expected = pipeline.nextBlock ?? this.copyApplied;
     const outside = chunk.extents.some((e) => e.block < fromBlock || e.block + e.count > toBlock);
     if (copyId !== pair.initialCopy.copyId || (this.copyDone && copyId === pair.initialCopy.copyId) || fromBlock !== expected || toBlock <= fromBlock || toBlock > volume.blockCount || outside) {
       // Out of order after a lost piece (or a duplicate, or a piece of an older copy):
@@ -424,21 +434,33 @@ export class TargetReplica {
       return;
     }
     pipeline.add(this.applyChunk(chunk), toBlock, async () => {
-      pair.initialCopy.cursorBlock = toBlock;
+      this.copyApplied = toBlock;
+      pair.initialCopy.copiedBlocks = toBlock; // progress for status; the cursor is made durable below
       pair.initialCopy.totalBlocks = volume.blockCount;
       pair.initialCopy.bytes += chunk.data.length;
       this.copyUnflushedBytes += chunk.data.length + 1;
-      if (this.copyUnflushedBytes >= copyPersistBytes) await this.persistCopy();
+      if (this.copyUnflushedBytes >= copyPersistBytes && !this.copyFlushing) {
+        // Made durable in the background: the pieces behind keep flowing meanwhile.
+        this.copyFlushing = this.persistCopy()
+          .catch((err: Error) => this.deps.log.warn({ volume: pair.volume, err: err.message }, 'copy progress could not be made durable; retrying at the next piece'))
+          .finally(() => (this.copyFlushing = undefined));
+      }
       if (!connection.isClosed) this.copyAck(connection, false);
     });
     // A failed piece ends the session here (the source resumes from the cursor).
     if (pipeline.size >= copyPiecesApplyingMax) await pipeline.oldest();
   }
 
+  /** Flushes the volume, then records the cursor as it was before the flush. */
   private async persistCopy(): Promise<void> {
-    await this.deps.volume.flush();
-    this.deps.catalog.putPair(this.deps.pair);
+    const { pair } = this.deps;
+    const copyId = pair.initialCopy.copyId;
+    const upTo = this.copyApplied;
     this.copyUnflushedBytes = 0;
+    await this.deps.volume.flush();
+    if (pair.initialCopy.copyId !== copyId || upTo <= pair.initialCopy.cursorBlock) return;
+    pair.initialCopy.cursorBlock = upTo;
+    this.deps.catalog.putPair(pair);
   }
 
   /**
@@ -455,12 +477,14 @@ export class TargetReplica {
 
   private async finishCopy(connection: RcpConnection, done: CopyDoneBody): Promise<void> {
     const { pair, volume } = this.deps;
-    if (done.copyId !== pair.initialCopy.copyId || pair.initialCopy.cursorBlock < volume.blockCount) {
+    if (done.copyId !== pair.initialCopy.copyId || this.copyApplied < volume.blockCount) {
       this.copyAck(connection, true);
       return;
     }
+    await this.copyFlushing;
     if (!this.copyDone && done.final) {
       await volume.flush();
+      pair.initialCopy.cursorBlock = volume.blockCount;
       pair.initialCopy.doneAt = new Date(this.deps.clock.now()).toISOString();
       pair.initialCopy.stampedDeltaSet = done.stampedDeltaSet;
       pair.state = 'duplex';
@@ -489,7 +513,7 @@ export class TargetReplica {
   }
 
   private copyAck(connection: RcpConnection, rewind: boolean): void {
-    const body: CopyAckBody = { cursorBlock: this.deps.pair.initialCopy.cursorBlock, ...(rewind ? { rewind } : {}) };
+    const body: CopyAckBody = { cursorBlock: this.copyApplied, ...(rewind ? { rewind } : {}) };
     connection.sendJson(ReplFrame.CopyAck as number, body, { generation: BigInt(this.deps.pair.generation) });
   }
 

@@ -6,6 +6,7 @@ import {
   FrameType,
   decodeJsonPayload,
   encodeFrame,
+  encodeFrameHeader,
   encodeJsonFrame,
   rcpPreamble,
   type Frame,
@@ -59,11 +60,28 @@ export class RcpConnection extends EventEmitter {
     return this.closed;
   }
 
-  send(type: number, payload?: Uint8Array, header: Partial<FrameHeader> = {}): bigint {
+  /**
+   * Sends one frame. A payload given as parts (e.g. a piece's extent list and its data)
+   * is written as it is, corked into one writev, never joined into one buffer.
+   */
+  send(type: number, payload?: Uint8Array | readonly Uint8Array[], header: Partial<FrameHeader> = {}): bigint {
     const sequence = header.sequence ?? ++this.sequence;
-    const bytes = encodeFrame({ ...header, type, sequence, ...(payload ? { payload } : {}) });
-    this.bytesOut += bytes.length;
-    this.socket.write(bytes);
+    if (payload === undefined || payload instanceof Uint8Array) {
+      const bytes = encodeFrame({ ...header, type, sequence, ...(payload ? { payload } : {}) });
+      this.bytesOut += bytes.length;
+      this.socket.write(bytes);
+      return sequence;
+    }
+    const head = encodeFrameHeader({ ...header, type, sequence }, payload);
+    this.socket.cork();
+    this.socket.write(head);
+    this.bytesOut += head.length;
+    for (const part of payload) {
+      if (part.length === 0) continue;
+      this.socket.write(part);
+      this.bytesOut += part.length;
+    }
+    this.socket.uncork();
     return sequence;
   }
 

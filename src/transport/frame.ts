@@ -48,21 +48,41 @@ export interface Frame extends FrameHeader {
 
 export function encodeFrame(frame: { type: number; flags?: number; generation?: bigint; sequence?: bigint; payload?: Uint8Array }): Buffer {
   const payload = frame.payload ?? Buffer.alloc(0);
-  if (payload.length > framePayloadBytesMax) {
-    throw new FerryError('PAYLOAD_TOO_LARGE', `frame payload of ${payload.length} bytes exceeds ${framePayloadBytesMax}`);
-  }
   const out = Buffer.allocUnsafe(frameHeaderBytes + payload.length);
+  writeFrameHeader(out, frame, [payload]);
+  out.set(payload, frameHeaderBytes);
+  return out;
+}
+
+/**
+ * The 40-byte header of a frame whose payload is `parts` in order, so that large
+ * payloads (copy pieces, chunks) go to the socket as they are, without being joined.
+ */
+export function encodeFrameHeader(frame: { type: number; flags?: number; generation?: bigint; sequence?: bigint }, parts: readonly Uint8Array[]): Buffer {
+  const out = Buffer.allocUnsafe(frameHeaderBytes);
+  writeFrameHeader(out, frame, parts);
+  return out;
+}
+
+function writeFrameHeader(out: Buffer, frame: { type: number; flags?: number; generation?: bigint; sequence?: bigint }, parts: readonly Uint8Array[]): void {
+  let length = 0;
+  let crc = 0;
+  for (const p of parts) {
+    length += p.length;
+    crc = crc32c(p, crc);
+  }
+  if (length > framePayloadBytesMax) {
+    throw new FerryError('PAYLOAD_TOO_LARGE', `frame payload of ${length} bytes exceeds ${framePayloadBytesMax}`);
+  }
   out.writeUInt32BE(frameMagic, 0);
   out.writeUInt16BE(frame.type, 4);
   out.writeUInt16BE(frame.flags ?? 0, 6);
-  out.writeUInt32BE(payload.length, 8);
+  out.writeUInt32BE(length, 8);
   out.writeUInt32BE(0, 12);
   out.writeBigUInt64BE(frame.generation ?? 0n, 16);
   out.writeBigUInt64BE(frame.sequence ?? 0n, 24);
-  out.writeUInt32BE(crc32c(payload), 32);
+  out.writeUInt32BE(crc, 32);
   out.writeUInt32BE(crc32c(out.subarray(0, 36)), 36);
-  out.set(payload, frameHeaderBytes);
-  return out;
 }
 
 export function encodeJsonFrame(type: FrameType, body: unknown, header: Partial<FrameHeader> = {}): Buffer {

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { FrameDecoder, encodeFrame, frameHeaderBytes, FrameType } from '../../src/transport/frame.js';
+import { FrameDecoder, encodeFrame, encodeFrameHeader, frameHeaderBytes, FrameType, framePayloadBytesMax } from '../../src/transport/frame.js';
 import { FerryError } from '../../src/lib/errors.js';
 
 test('frames round-trip through the decoder split at every byte boundary', () => {
@@ -21,6 +21,20 @@ test('frames round-trip through the decoder split at every byte boundary', () =>
     assert.equal(y.frame.generation, 2n ** 63n);
     assert.deepEqual(y.frame.payload, Buffer.alloc(1000, 5));
   }
+});
+
+test('a frame sent as parts is the same bytes as one sent whole', () => {
+  fc.assert(
+    fc.property(fc.array(fc.uint8Array({ maxLength: 200 }), { maxLength: 6 }), fc.bigInt({ min: 0n, max: 2n ** 63n - 1n }), (parts, generation) => {
+      const whole = encodeFrame({ type: 7, generation, sequence: 3n, payload: Buffer.concat(parts) });
+      const head = encodeFrameHeader({ type: 7, generation, sequence: 3n }, parts);
+      assert.equal(head.length, frameHeaderBytes);
+      assert.deepEqual(Buffer.concat([head, ...parts]), whole);
+    }),
+    { numRuns: 300 },
+  );
+  const big = [Buffer.alloc(framePayloadBytesMax), Buffer.alloc(1)];
+  assert.throws(() => encodeFrameHeader({ type: 7 }, big), (err) => err instanceof FerryError && err.code === 'PAYLOAD_TOO_LARGE');
 });
 
 test('a flipped payload bit is reported as corrupt with the header intact; a flipped header bit stops the stream', () => {
