@@ -62,6 +62,10 @@ async function catchUpUnderway(a: TestSite, b: TestSite, proxy: FaultProxy): Pro
     return t.initialCopy.catchUp && !t.initialCopy.done && t.initialCopy.copiedBlocks > 0;
   }, 60_000, 50);
   assert.equal((await pairStatus(a, 'v')).state, 'duplex-pending');
+  for (const site of [a, b]) {
+    const metrics = await (await fetch(`${site.url}/metrics`)).text();
+    assert.match(metrics, /^ferry_replication_catch_up\{[^}]*volume="v"[^}]*\} 1$/m, `${site.name} exports the catch-up in its metrics`);
+  }
 }
 
 test('a backlog larger than the save volume catches up by copy: the target serves its protected image, both save volumes fill, a target crash resumes', async () => {
