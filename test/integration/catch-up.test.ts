@@ -68,7 +68,7 @@ async function catchUpUnderway(a: TestSite, b: TestSite, proxy: FaultProxy): Pro
   }
 }
 
-test('a backlog larger than the save volume catches up by copy: the target serves its protected image, both save volumes fill, a target crash resumes', async () => {
+test('a backlog larger than the save volume catches up by copy: the target serves its protected image, both save volumes fill, crashes of either site resume', async () => {
   const [a, b] = await sites('catchup');
   const proxy = new FaultProxy(b.host, b.port, 3);
   await proxy.start();
@@ -101,6 +101,12 @@ test('a backlog larger than the save volume catches up by copy: the target serve
     // A crash of the target mid catch-up: after the restart readers still get the kept image.
     await b.restart();
     assert.equal(await b.digest('v'), boundary, 'the protection survives a restart');
+    // And of the source: the catch-up carries on from its snapshot and bitmap, no new copy.
+    await a.restart();
+    const resumed = await pairStatus(a, 'v');
+    assert.equal(resumed.initialCopy.catchUp, true);
+    assert.equal(resumed.initialCopy.done, false);
+    assert.equal(await b.digest('v'), boundary);
 
     proxy.plan = noFaults;
     await waitInSync(a, b, 'v', 'v', 180_000);
