@@ -443,12 +443,7 @@ export class Recovery {
   async resyncDone(pair: PairRecord): Promise<void> {
     const r = pair.recovery;
     if (!r || r.phase !== 'resync') return;
-    const { snapshots } = this.m.deps;
-    for (const name of [...(r.intermediateSnapshots ?? []), r.restartSnapshot]) {
-      if (name && snapshots.list(pair.volume).some((s) => s.name === name)) {
-        await snapshots.delete(pair.volume, name).catch((err: Error) => this.log.warn({ volume: pair.volume, snapshot: name, err: err.message }, 'snapshot could not be deleted'));
-      }
-    }
+    for (const name of [...(r.intermediateSnapshots ?? []), r.restartSnapshot]) await this.dropSnapshot(pair.volume, name);
     const dir = await this.pairDir(pair.volume);
     await rm(join(dir, 'undo.bitmap'), { force: true });
     await rm(join(dir, 'copy.bitmap'), { force: true });
@@ -457,6 +452,13 @@ export class Recovery {
     pair.stateReason = '';
     this.m.catalog.putPair(pair);
     this.log.info({ volume: pair.volume, blocks: r.resyncBlocks, fullCopy: r.fullCopy ?? false, bytes: pair.initialCopy.bytes }, 'resync complete');
+  }
+
+  /** Deletes a snapshot the recovery made if it is still there; a failure is logged, not raised. */
+  private async dropSnapshot(volume: string, name: string | undefined): Promise<void> {
+    const { snapshots } = this.m.deps;
+    if (!name || !snapshots.list(volume).some((s) => s.name === name)) return;
+    await snapshots.delete(volume, name).catch((err: Error) => this.log.warn({ volume, snapshot: name, err: err.message }, 'snapshot could not be deleted'));
   }
 
   // ---- failback (at the current source) -----------------------------------------------
@@ -650,11 +652,8 @@ export class Recovery {
       await setAccess(pair.volume, 'raw');
       // The old source's own replication files go; the undo list stays.
       for (const f of ['dirty.bitmap', 'activity.log', 'save.journal', 'copy.bitmap']) await rm(join(dir, f), { force: true });
-      const catchUpSnapshot = pair.initialCopy.catchUp ? pair.initialCopy.snapshot : undefined;
-      if (catchUpSnapshot && snapshots.list(pair.volume).some((s) => s.name === catchUpSnapshot)) {
-        // The unfinished catch-up's image is of no use once its blocks are on the undo list.
-        await snapshots.delete(pair.volume, catchUpSnapshot).catch((err: Error) => this.log.warn({ volume: pair.volume, snapshot: catchUpSnapshot, err: err.message }, 'snapshot could not be deleted'));
-      }
+      // An unfinished catch-up's image is of no use once its blocks are on the undo list.
+      if (pair.initialCopy.catchUp) await this.dropSnapshot(pair.volume, pair.initialCopy.snapshot);
       const blockCount = volumes.get(pair.volume).blockCount;
       const targetPair: PairRecord = {
         ...pair,
