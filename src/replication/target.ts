@@ -34,8 +34,10 @@ export const sessionIdleMs = 60_000;
 const fullNoticeMs = 500;
 /** Played delta sets kept in the mailbox for `ferry info` history. */
 const playedHistoryMax = 16;
-/** Copy progress is made durable (volume flushed, cursor persisted) at least this often. */
+/** Copy progress is made durable (volume flushed, cursor persisted) at least this often... */
 const copyPersistBytes = 64 * 1024 * 1024;
+/** ...and at least this often in time, so a restart resends little of a slow copy. */
+const copyPersistMs = 1_000;
 /**
  * Copy pieces written to the volume at once. Pieces cover disjoint block ranges, so
  * one can read its before-images (a snapshot's copy-on-write) while another commits
@@ -163,6 +165,7 @@ export class TargetReplica {
    */
   private copyApplied: number;
   private copyFlushing: Promise<void> | undefined;
+  private copyPersistedAtMs = 0;
   private copySessionDone: Promise<void> = Promise.resolve();
   /** While a catch-up is applied, hosts read the protected image instead of the volume. */
   private protective: PointInTimeImage | undefined;
@@ -171,6 +174,7 @@ export class TargetReplica {
   private constructor(private readonly deps: TargetDeps) {
     deps.pair.initialCopy.copyId ??= 1;
     this.copyApplied = deps.pair.initialCopy.cursorBlock;
+    this.copyPersistedAtMs = deps.clock.now();
     const rows = this.rows();
     const head = rows.reduce((h, d) => Math.max(h, d.endLsn), 0);
     const live = rows.filter((d) => d.state !== 'played');
@@ -439,7 +443,8 @@ export class TargetReplica {
       pair.initialCopy.totalBlocks = volume.blockCount;
       pair.initialCopy.bytes += chunk.data.length;
       this.copyUnflushedBytes += chunk.data.length + 1;
-      if (this.copyUnflushedBytes >= copyPersistBytes && !this.copyFlushing) {
+      const due = this.copyUnflushedBytes >= copyPersistBytes || this.deps.clock.now() - this.copyPersistedAtMs >= copyPersistMs;
+      if (due && !this.copyFlushing) {
         // Made durable in the background: the pieces behind keep flowing meanwhile.
         this.copyFlushing = this.persistCopy()
           .catch((err: Error) => this.deps.log.warn({ volume: pair.volume, err: err.message }, 'copy progress could not be made durable; retrying at the next piece'))
@@ -457,6 +462,7 @@ export class TargetReplica {
     const copyId = pair.initialCopy.copyId;
     const upTo = this.copyApplied;
     this.copyUnflushedBytes = 0;
+    this.copyPersistedAtMs = this.deps.clock.now();
     await this.deps.volume.flush();
     if (pair.initialCopy.copyId !== copyId || upTo <= pair.initialCopy.cursorBlock) return;
     pair.initialCopy.cursorBlock = upTo;
