@@ -228,10 +228,7 @@ export class Recovery {
       };
       sourcePair.stateReason = describeRecovery(sourcePair);
       this.m.targets.delete(volume);
-      this.m.catalog.transaction(() => {
-        this.m.catalog.deleteDeltaSets(volume);
-        this.m.catalog.putPair(sourcePair);
-      });
+      this.replacePair(sourcePair);
       await this.m.removeFiles(volumes.record(volume).id);
       await setAccess(volume, 'read-write');
       const tookMs = this.m.deps.clock.now() - started;
@@ -398,7 +395,7 @@ export class Recovery {
     if (pair.recovery?.phase !== 'resync' || this.m.sources.has(volume)) return;
     const rr = pair.recovery;
     const dir = await this.pairDir(volume);
-    const copyBitmapPath = join(dir, 'copy.bitmap');
+    const copyBitmapPath = this.m.copyBitmapPath(pair);
     if (!(await exists(copyBitmapPath))) {
       // E FIG. 28 step 533: tracking starts, then the intermediate point is taken; the
       // writes after it replicate as delta sets, the blocks that differ before it are copied.
@@ -446,7 +443,7 @@ export class Recovery {
     for (const name of [...(r.intermediateSnapshots ?? []), r.restartSnapshot]) await this.dropSnapshot(pair.volume, name);
     const dir = await this.pairDir(pair.volume);
     await rm(join(dir, 'undo.bitmap'), { force: true });
-    await rm(join(dir, 'copy.bitmap'), { force: true });
+    await rm(this.m.copyBitmapPath(pair), { force: true });
     r.phase = 'resynced';
     r.resyncDoneAt = this.now();
     pair.stateReason = '';
@@ -554,10 +551,7 @@ export class Recovery {
       ...this.m.freshCounters(),
     };
     await this.m.removeFiles(volumes.record(volume).id);
-    this.m.catalog.transaction(() => {
-      this.m.catalog.deleteDeltaSets(volume);
-      this.m.catalog.putPair(targetPair);
-    });
+    this.replacePair(targetPair);
     const target = await this.m.openTarget(targetPair);
     this.m.targets.set(volume, target);
     target.start();
@@ -679,10 +673,7 @@ export class Recovery {
         },
       };
       targetPair.stateReason = describeRecovery(targetPair);
-      this.m.catalog.transaction(() => {
-        this.m.catalog.deleteDeltaSets(pair.volume);
-        this.m.catalog.putPair(targetPair);
-      });
+      this.replacePair(targetPair);
       const target = await this.m.openTarget(targetPair);
       this.m.targets.set(pair.volume, target);
       target.start();
@@ -734,7 +725,7 @@ export class Recovery {
         if (first < volume.blockCount) bits.setRange(first, Math.min(extentBlocks, volume.blockCount - first));
       }
       // A catch-up copy not known to be complete: its blocks left the change log for it.
-      const catchUpPath = join(dir, 'copy.bitmap');
+      const catchUpPath = this.m.copyBitmapPath(pair);
       if (pair.initialCopy.catchUp && (await exists(catchUpPath))) bits.or(await readBitmapFile(catchUpPath));
     } catch (err) {
       return full(`the change tracking could not be read: ${(err as Error).message}`);
@@ -804,10 +795,7 @@ export class Recovery {
           ...this.m.freshCounters(),
         };
         await this.m.removeFiles(volumes.record(pair.volume).id);
-        this.m.catalog.transaction(() => {
-          this.m.catalog.deleteDeltaSets(pair.volume);
-          this.m.catalog.putPair(sourcePair);
-        });
+        this.replacePair(sourcePair);
         // Tracking is installed before hosts may write again.
         const source = await this.m.openSource(sourcePair);
         this.m.sources.set(pair.volume, source);
@@ -823,6 +811,14 @@ export class Recovery {
   }
 
   // ---- plumbing ---------------------------------------------------------------------
+
+  /** A role change's new record; the delta sets of the old role go with it, in one transaction. */
+  private replacePair(pair: PairRecord): void {
+    this.m.catalog.transaction(() => {
+      this.m.catalog.deleteDeltaSets(pair.volume);
+      this.m.catalog.putPair(pair);
+    });
+  }
 
   private async pairDir(volume: string): Promise<string> {
     const dir = this.m.pairDir(this.m.deps.volumes.record(volume).id);
