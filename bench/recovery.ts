@@ -6,7 +6,8 @@
  * blocks into delta sets B never gets, B fails over (A up, fenced cleanly), B writes
  * another 1%, and `ferry resync` rebuilds A. Reported:
  *   - resync bytes on the wire / bytes of the blocks that differ (target <= 1.1);
- *   - resync time / full-copy time (target <= 0.05);
+ *   - resync time / full-copy time (target <= 0.05), as the daemons record them (command
+ *     accepted to copy complete) and as the CLI sees them (process start and polling included);
  *   - failover time from command to read/write with nothing left to play back (target < 1 s);
  *   - failback time.
  * Writes are fio random 8k writes through NBD (each block once: fio's random map).
@@ -80,6 +81,8 @@ async function main(): Promise<void> {
     const [fullCopySeconds, started] = await timed(() => a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '2s', '--wait']));
     if (started.code !== 0) throw new Error(started.stderr);
     await waitInSync(a, b, 'db', 'db', 600_000);
+    const first = (await pairStatus(a, 'db')).initialCopy;
+    const fullCopyDaemonSeconds = (Date.parse(first.doneAt ?? '') - Date.parse(first.startedAt)) / 1000;
 
     // A: 1% in delta sets never shipped (paused), then B takes over with A up.
     if ((await a.cli(['replicate', 'pause', 'db'])).code !== 0) throw new Error('pause failed');
@@ -100,6 +103,7 @@ async function main(): Promise<void> {
       await waitInSync(b, a, 'db', 'db', 600_000);
       return pairStatus(b, 'db');
     });
+    const resyncDaemonSeconds = (Date.parse(rs.recovery?.resyncDoneAt ?? '') - Date.parse(rs.recovery?.resyncStartedAt ?? '')) / 1000;
     const same = (await a.digest('db')) === (await b.digest('db'));
     const [failbackSeconds, fb] = await timed(() => b.cli(['failback', 'db']));
     if (fb.code !== 0) throw new Error(fb.stderr);
@@ -108,7 +112,8 @@ async function main(): Promise<void> {
     const changedBytes = differ * bs;
     const rows = [
       ['resync bytes on the wire / changed bytes', `${(wire / MiB).toFixed(1)} MiB`, `${(changedBytes / MiB).toFixed(1)} MiB (${differ} blocks differ)`, (wire / changedBytes).toFixed(3), `<= 1.1; full copy: ${rs.recovery?.fullCopy ? 'YES' : 'no'}; digests ${same ? 'equal' : 'DIFFER'}`],
-      ['resync time / full-copy time', `${resyncSeconds.toFixed(2)} s`, `${fullCopySeconds.toFixed(2)} s`, (resyncSeconds / fullCopySeconds).toFixed(3), '<= 0.05'],
+      ['resync time / full-copy time (daemon)', `${resyncDaemonSeconds.toFixed(2)} s`, `${fullCopyDaemonSeconds.toFixed(2)} s`, (resyncDaemonSeconds / fullCopyDaemonSeconds).toFixed(3), '<= 0.05; command accepted to copy complete, both'],
+      ['resync time / full-copy time (CLI wall)', `${resyncSeconds.toFixed(2)} s`, `${fullCopySeconds.toFixed(2)} s`, (resyncSeconds / fullCopySeconds).toFixed(3), 'CLI start and status polling included'],
       ['failover: command to read/write', `${failover.tookMs} ms (daemon)`, `${(failoverCliSeconds * 1000).toFixed(0)} ms (CLI wall)`, '-', `< 1 s; source fenced: ${failover.sourceFenced}`],
       ['failback (swap roles, no copy)', `${failbackSeconds.toFixed(2)} s`, '-', '-', ''],
     ];

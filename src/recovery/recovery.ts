@@ -277,6 +277,7 @@ export class Recovery {
     }
     if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is already in progress`);
     this.busy.add(volume);
+    const startedAt = this.now();
     try {
       const r = pair.recovery;
       const request: RecoveryRequest = {
@@ -299,7 +300,7 @@ export class Recovery {
       if (reply.fullCopyReason !== undefined) r.fullCopyReason = reply.fullCopyReason;
       r.discardedBlocks = reply.discardedBlocks;
       if (reply.discardSnapshot !== undefined) r.discardSnapshot = reply.discardSnapshot;
-      r.resyncStartedAt = this.now();
+      r.resyncStartedAt = startedAt;
       r.phase = reply.fullCopy ? 'resync-full' : 'resync';
       if (reply.fullCopy) {
         // Rule 6: never a full copy without saying so.

@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { BufferPool } from '../lib/buffer-pool.js';
 import { type Clock, Waker } from '../lib/clock.js';
 import { FerryError, isFerryError } from '../lib/errors.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
@@ -14,6 +15,8 @@ import { ReplFrame, copyFramePrefix, json, type CopyAckBody, type CopyDoneBody, 
 export const copyPieceBytesMax = 4 * 1024 * 1024;
 /** Copy pieces sent and not yet acknowledged. */
 export const copyWindowPieces = 8;
+/** Piece buffers: those of the window being sent, and the next being read. */
+const pieceBuffers = new BufferPool(copyPieceBytesMax, copyWindowPieces + 2);
 /** Silence after which the copy asks the target where it stands. */
 const copyRetransmitMs = 1_000;
 /** No progress for this long: the connection counts as failed. */
@@ -58,6 +61,8 @@ export interface CopyPiece {
   data: Buffer;
   /** Blocks of the plan in this piece. */
   blocks: number;
+  /** Gives the piece's buffer back for reuse; `data` must not be touched after. */
+  release(): void;
 }
 
 /**
@@ -72,7 +77,7 @@ export async function copyPiece(plan: CopyPlan, cursor: number): Promise<CopyPie
   const extents: ChunkExtent[] = [];
   const reads: Promise<void>[] = [];
   // One buffer for the piece's data: each extent is read straight into its place.
-  const buffer = Buffer.allocUnsafe(dataBlocksMax * bs);
+  const buffer = dataBlocksMax * bs === pieceBuffers.bufferBytes ? pieceBuffers.take() : Buffer.allocUnsafe(dataBlocksMax * bs);
   let dataBlocks = 0;
   let blocks = 0;
   let at = cursor;
@@ -108,9 +113,10 @@ export async function copyPiece(plan: CopyPlan, cursor: number): Promise<CopyPie
     blocks += take;
     at = s + take;
   }
+  // A failed read leaves its buffer to the collector: another read may still be filling it.
   await Promise.all(reads);
   const end = run.done ? total : at;
-  return { from: cursor, end, extents, data: buffer.subarray(0, dataBlocks * bs), blocks };
+  return { from: cursor, end, extents, data: buffer.subarray(0, dataBlocks * bs), blocks, release: () => pieceBuffers.give(buffer) };
 }
 
 export interface CopyRunnerDeps {
@@ -151,11 +157,13 @@ export class CopyRunner {
     const plan = await this.deps.plan();
     const copy = this.deps.pair.initialCopy;
     copy.plannedBlocks = plan.blocks ? plan.blocks.count : plan.blockCount;
+    this.deps.log.debug({ volume: this.deps.pair.volume, copyId: plan.copyId, blocks: copy.plannedBlocks }, 'copy planned');
     while (!this.closed) {
       try {
         const { connection, position } = await this.deps.openSession(this.deps.pair);
         this.connection = connection;
         this.stats.connected = true;
+        this.deps.log.debug({ volume: this.deps.pair.volume, copyId: plan.copyId, targetCursor: position.copyCursorBlock }, 'copy session open');
         if (this.closed) break;
         const before = copy.cursorBlock;
         try {
@@ -209,7 +217,7 @@ export class CopyRunner {
         while (cursor < plan.blockCount && inFlight.length < copyWindowPieces) {
           const piece = await copyPiece(plan, cursor);
           const payload = [copyFramePrefix(plan.copyId, piece.from, piece.end), ...encodeChunkParts({ extents: piece.extents, data: piece.data })];
-          connection.send(ReplFrame.CopyData, payload, { generation });
+          connection.send(ReplFrame.CopyData, payload, { generation }, piece.release);
           this.deps.countSent(payload.reduce((n, p) => n + p.length, 0));
           copy.bytes += piece.data.length;
           inFlight.push({ end: piece.end, blocks: piece.blocks });
@@ -251,6 +259,7 @@ export class CopyRunner {
           this.deps.persist();
         }
       }
+      this.deps.log.debug({ volume: this.deps.pair.volume, copyId: plan.copyId }, 'copy: every piece acknowledged');
       await this.finish(connection, inbox, plan);
     } finally {
       inbox.close();

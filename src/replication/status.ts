@@ -25,7 +25,8 @@ export interface PairStatusView {
   transferRate: number;
   averageTransferRate: number;
   /** The pair's current copy: the new remote copy, a resync's blocks, or a catch-up (`catchUp`, rule 8). */
-  initialCopy: { done: boolean; percent: number; copiedBlocks: number; totalBlocks: number; bytes: number; etaSeconds: number | null; catchUp: boolean };
+  /** The last copy (initial, resync or catch-up): progress, and when it started and ended (ISO 8601). */
+  initialCopy: { done: boolean; percent: number; copiedBlocks: number; totalBlocks: number; bytes: number; etaSeconds: number | null; catchUp: boolean; startedAt: string; doneAt: string | null };
   saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
   connected: boolean;
   retries: number;
@@ -118,6 +119,8 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
       bytes: pair.initialCopy.bytes,
       etaSeconds: copyDone ? 0 : live.rates.current > 0 ? Math.round(remainingBytes / live.rates.current) : null,
       catchUp,
+      startedAt: pair.initialCopy.startedAt,
+      doneAt: pair.initialCopy.doneAt ?? null,
     },
     saveVolume: live.saveVolume,
     connected: live.connected,

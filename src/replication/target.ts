@@ -331,7 +331,11 @@ export class TargetReplica {
           connection.close();
           return;
         }
-        await handle(frame);
+        try {
+          await handle(frame);
+        } finally {
+          frame.release?.();
+        }
       }
     } catch (err) {
       if (!connection.isClosed) this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message }, `${what} ended`);
@@ -343,8 +347,12 @@ export class TargetReplica {
 
   private async handleCopy(connection: RcpConnection, pipeline: CopyPipeline, frame: Frame): Promise<void> {
     switch (frame.type) {
-      case ReplFrame.CopyData:
-        return this.applyCopy(connection, pipeline, frame.payload);
+      case ReplFrame.CopyData: {
+        // The piece gives its payload's buffer back itself, once written.
+        const release = frame.release;
+        frame.release = undefined;
+        return this.applyCopy(connection, pipeline, frame.payload, release ?? noop);
+      }
       case ReplFrame.CopyDone: {
         const body = json<CopyDoneBody>(frame);
         if (!Number.isSafeInteger(body.stampedDeltaSet) || body.stampedDeltaSet < 0 || !Number.isSafeInteger(body.copyId)) {
@@ -396,7 +404,19 @@ export class TargetReplica {
 
   // ---- initial copy -----------------------------------------------------------------
 
-  private async applyCopy(connection: RcpConnection, pipeline: CopyPipeline, payload: Buffer): Promise<void> {
+  private async applyCopy(connection: RcpConnection, pipeline: CopyPipeline, payload: Buffer, release: () => void): Promise<void> {
+    let queued = false;
+    try {
+      queued = await this.queueCopyPiece(connection, pipeline, payload, release);
+    } finally {
+      if (!queued) release();
+    }
+    // A failed piece ends the session here (the source resumes from the cursor).
+    if (pipeline.size >= copyPiecesApplyingMax) await pipeline.oldest();
+  }
+
+  /** Queues a piece to be written, or answers where the copy stands; true if queued (the piece then releases its payload). */
+  private async queueCopyPiece(connection: RcpConnection, pipeline: CopyPipeline, payload: Buffer, release: () => void): Promise<boolean> {
     const { volume, pair } = this.deps;
     const { copyId, fromBlock, toBlock, chunkBytes } = decodeCopyFrame(payload);
     const chunk = decodeChunk(chunkBytes, volume.blockBytes, volume.blockCount);
@@ -435,9 +455,10 @@ export class TargetReplica {
       // once the pieces in flight are written, say where we stand.
       await pipeline.settle();
       this.copyAck(connection, true);
-      return;
+      return false;
     }
-    pipeline.add(this.applyChunk(chunk), toBlock, async () => {
+    // Every write of the piece has settled before it gives its buffer back.
+    pipeline.add(this.applyChunk(chunk).finally(release), toBlock, async () => {
       this.copyApplied = toBlock;
       pair.initialCopy.copiedBlocks = toBlock; // progress for status; the cursor is made durable below
       pair.initialCopy.totalBlocks = volume.blockCount;
@@ -452,8 +473,7 @@ export class TargetReplica {
       }
       if (!connection.isClosed) this.copyAck(connection, false);
     });
-    // A failed piece ends the session here (the source resumes from the cursor).
-    if (pipeline.size >= copyPiecesApplyingMax) await pipeline.oldest();
+    return true;
   }
 
   /** Flushes the volume, then records the cursor as it was before the flush. */
@@ -784,3 +804,5 @@ export class TargetReplica {
     this.session?.destroy();
   }
 }
+
+function noop(): void {}

@@ -63,24 +63,25 @@ export class RcpConnection extends EventEmitter {
   /**
    * Sends one frame. A payload given as parts (e.g. a piece's extent list and its data)
    * is written as it is, corked into one writev, never joined into one buffer.
+   * `written` runs once the socket no longer needs the payload (it was handed to the
+   * kernel, or the connection failed), so its buffers can be reused.
    */
-  send(type: number, payload?: Uint8Array | readonly Uint8Array[], header: Partial<FrameHeader> = {}): bigint {
+  send(type: number, payload?: Uint8Array | readonly Uint8Array[], header: Partial<FrameHeader> = {}, written?: () => void): bigint {
     const sequence = header.sequence ?? ++this.sequence;
     if (payload === undefined || payload instanceof Uint8Array) {
       const bytes = encodeFrame({ ...header, type, sequence, ...(payload ? { payload } : {}) });
       this.bytesOut += bytes.length;
-      this.socket.write(bytes);
+      this.socket.write(bytes, written && (() => written()));
       return sequence;
     }
     const head = encodeFrameHeader({ ...header, type, sequence }, payload);
+    const parts = [head, ...payload.filter((p) => p.length > 0)];
     this.socket.cork();
-    this.socket.write(head);
-    this.bytesOut += head.length;
-    for (const part of payload) {
-      if (part.length === 0) continue;
-      this.socket.write(part);
+    parts.forEach((part, i) => {
+      // Writes complete in order: when the last has, so have the parts before it.
+      this.socket.write(part, i === parts.length - 1 && written ? () => written() : undefined);
       this.bytesOut += part.length;
-    }
+    });
     this.socket.uncork();
     return sequence;
   }

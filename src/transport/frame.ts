@@ -1,3 +1,4 @@
+import { BufferPool } from '../lib/buffer-pool.js';
 import { crc32c } from '../lib/checksum.js';
 import { FerryError } from '../lib/errors.js';
 
@@ -44,7 +45,21 @@ export interface FrameHeader {
 
 export interface Frame extends FrameHeader {
   payload: Buffer;
+  /**
+   * Present when the payload lives in a pooled buffer: whoever is last to use the
+   * payload may call it once, after which the payload must not be touched. Not
+   * calling it is always safe.
+   */
+  release?: () => void;
 }
+
+/** Payloads at least this large are gathered straight into a buffer of their own. */
+const directPayloadBytesMin = 256 * 1024;
+/**
+ * Buffers for large payloads (a copy piece of 4 MiB with its extent list, a chunk of
+ * 1 MiB), shared by the connections of the process.
+ */
+const payloadPool = new BufferPool(4 * 1024 * 1024 + 128 * 1024, 16);
 
 export function encodeFrame(frame: { type: number; flags?: number; generation?: bigint; sequence?: bigint; payload?: Uint8Array }): Buffer {
   const payload = frame.payload ?? Buffer.alloc(0);
@@ -109,26 +124,45 @@ export type DecodedItem =
 export class FrameDecoder {
   private buffered: Buffer[] = [];
   private bufferedBytes = 0;
+  /** A large payload being gathered: the bytes go straight into its buffer as they arrive. */
+  private gathering: { header: FrameHeader; crc: number; length: number; buffer: Buffer; filled: number; pooled: boolean } | undefined;
 
   push(chunk: Buffer): DecodedItem[] {
-    this.buffered.push(chunk);
-    this.bufferedBytes += chunk.length;
     const out: DecodedItem[] = [];
     for (;;) {
+      if (this.gathering) {
+        const g = this.gathering;
+        const n = Math.min(chunk.length, g.length - g.filled);
+        chunk.copy(g.buffer, g.filled, 0, n);
+        g.filled += n;
+        chunk = chunk.subarray(n);
+        if (g.filled < g.length) break;
+        this.gathering = undefined;
+        out.push(this.gathered(g.header, g.crc, g.buffer, g.length, g.pooled));
+        continue;
+      }
+      if (chunk.length > 0) {
+        this.buffered.push(chunk);
+        this.bufferedBytes += chunk.length;
+        chunk = chunk.subarray(chunk.length);
+      }
       if (this.bufferedBytes < frameHeaderBytes) break;
       const head = this.peek(frameHeaderBytes);
       if (head.readUInt32BE(0) !== frameMagic) throw new FerryError('PROTOCOL_ERROR', 'frame does not start with the RCP frame magic');
       if (head.readUInt32BE(36) !== crc32c(head.subarray(0, 36))) throw new FerryError('CHECKSUM_MISMATCH', 'frame header failed its checksum');
       const length = head.readUInt32BE(8);
       if (length > framePayloadBytesMax) throw new FerryError('PROTOCOL_ERROR', `frame payload of ${length} bytes exceeds ${framePayloadBytesMax}`);
+      const header = readHeader(head);
+      if (length >= directPayloadBytesMin && this.bufferedBytes < frameHeaderBytes + length) {
+        // Not all here yet: the rest is copied once, into the payload's own buffer.
+        const pooled = length <= payloadPool.bufferBytes;
+        const buffer = pooled ? payloadPool.take() : Buffer.allocUnsafe(length);
+        this.gathering = { header, crc: head.readUInt32BE(32), length, buffer, filled: 0, pooled };
+        chunk = this.take(this.bufferedBytes).subarray(frameHeaderBytes);
+        continue;
+      }
       if (this.bufferedBytes < frameHeaderBytes + length) break;
       const whole = this.take(frameHeaderBytes + length);
-      const header: FrameHeader = {
-        type: whole.readUInt16BE(4),
-        flags: whole.readUInt16BE(6),
-        generation: whole.readBigUInt64BE(16),
-        sequence: whole.readBigUInt64BE(24),
-      };
       const payload = whole.subarray(frameHeaderBytes);
       if (crc32c(payload) !== whole.readUInt32BE(32)) {
         out.push({ kind: 'corrupt-payload', header, payloadBytes: length });
@@ -140,7 +174,23 @@ export class FrameDecoder {
   }
 
   get pendingBytes(): number {
-    return this.bufferedBytes;
+    return this.bufferedBytes + (this.gathering?.filled ?? 0);
+  }
+
+  private gathered(header: FrameHeader, crc: number, buffer: Buffer, length: number, pooled: boolean): DecodedItem {
+    const payload = buffer.subarray(0, length);
+    if (crc32c(payload) !== crc) {
+      if (pooled) payloadPool.give(buffer);
+      return { kind: 'corrupt-payload', header, payloadBytes: length };
+    }
+    if (!pooled) return { kind: 'frame', frame: { ...header, payload } };
+    let released = false;
+    const release = (): void => {
+      if (released) return;
+      released = true;
+      payloadPool.give(buffer);
+    };
+    return { kind: 'frame', frame: { ...header, payload, release } };
   }
 
   private peek(n: number): Buffer {
@@ -156,4 +206,13 @@ export class FrameDecoder {
     this.bufferedBytes = rest.length;
     return taken;
   }
+}
+
+function readHeader(head: Buffer): FrameHeader {
+  return {
+    type: head.readUInt16BE(4),
+    flags: head.readUInt16BE(6),
+    generation: head.readBigUInt64BE(16),
+    sequence: head.readBigUInt64BE(24),
+  };
 }

@@ -72,7 +72,9 @@ export class TestSite {
     // A restarted site keeps its address, as a real one would, so peers find it again.
     const listen = this.port > 0 ? ['--listen', `${this.host}:${this.port}`] : [];
     if (this.nbdPort > 0) listen.push('--nbd', `${this.host}:${this.nbdPort}`);
-    const proc = spawn(process.execPath, [ferryBin, 'site', 'start', '--dir', this.dir, ...listen], {
+    // FERRY_CPU_PROF_DIR (benchmarks): each daemon writes a V8 CPU profile there when stopped by destroy().
+    const profile = process.env.FERRY_CPU_PROF_DIR ? ['--cpu-prof', `--cpu-prof-dir=${process.env.FERRY_CPU_PROF_DIR}`] : [];
+    const proc = spawn(process.execPath, [...profile, ferryBin, 'site', 'start', '--dir', this.dir, ...listen], {
       env: { ...process.env, FERRY_LOG_LEVEL: 'debug', ...this.env },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -160,7 +162,8 @@ export class TestSite {
   }
 
   async destroy(): Promise<void> {
-    await this.kill('SIGKILL');
+    // A profiled daemon writes its profile only on an orderly exit.
+    await this.kill(process.env.FERRY_CPU_PROF_DIR ? 'SIGTERM' : 'SIGKILL');
     await rm(this.root, { recursive: true, force: true });
   }
 }

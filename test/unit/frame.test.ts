@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { FrameDecoder, encodeFrame, encodeFrameHeader, frameHeaderBytes, FrameType, framePayloadBytesMax } from '../../src/transport/frame.js';
+import { FrameDecoder, type DecodedItem, encodeFrame, encodeFrameHeader, frameHeaderBytes, FrameType, framePayloadBytesMax } from '../../src/transport/frame.js';
 import { FerryError } from '../../src/lib/errors.js';
 
 test('frames round-trip through the decoder split at every byte boundary', () => {
@@ -61,6 +61,44 @@ test('a flipped payload bit is reported as corrupt with the header intact; a fli
       assert.equal(items[0]?.kind, 'corrupt-payload', `payload bit ${bit}`);
     }
   }
+});
+
+test('large payloads arriving in socket-sized pieces are gathered whole, checked, and their buffers reused once released', () => {
+  const payloads = [3, 4 * 1024 * 1024 + 65_564, 300_000, 5 * 1024 * 1024].map((n, i) => Buffer.alloc(n, i + 1));
+  for (const [i, p] of payloads.entries()) if (p.length >= 4) p.writeUInt32LE(i * 7919, p.length - 4);
+  const frames = payloads.map((payload, i) => encodeFrame({ type: 50 + i, sequence: BigInt(i), payload }));
+  const corrupt = Buffer.from(frames[1] as Buffer);
+  corrupt.writeUInt8(corrupt.readUInt8(frameHeaderBytes + 1_000_000) ^ 0x10, frameHeaderBytes + 1_000_000);
+  const stream = Buffer.concat([...frames, corrupt, frames[1] as Buffer]);
+  const d = new FrameDecoder();
+  const items: DecodedItem[] = [];
+  // Odd-sized pieces, as a socket hands them over: headers and payloads split anywhere.
+  for (let at = 0; at < stream.length; at += 65_519) items.push(...d.push(stream.subarray(at, at + 65_519)));
+  assert.equal(d.pendingBytes, 0);
+  assert.deepEqual(items.map((i) => i.kind), ['frame', 'frame', 'frame', 'frame', 'corrupt-payload', 'frame']);
+  for (let i = 0; i < payloads.length; i++) {
+    const item = items[i];
+    assert.ok(item?.kind === 'frame');
+    assert.equal(item.frame.type, 50 + i);
+    assert.ok(item.frame.payload.equals(payloads[i] as Buffer), `payload ${i}`);
+  }
+  const first = items[1];
+  const again = items[5];
+  assert.ok(first?.kind === 'frame' && again?.kind === 'frame');
+  // Gathered into a pooled buffer (4 MiB piece), so it can be given back; a payload
+  // larger than the pool's buffers is not.
+  assert.equal(typeof first.frame.release, 'function');
+  assert.equal((items[3] as { frame: { release?: unknown } }).frame.release, undefined);
+  assert.ok(again.frame.payload.equals(payloads[1] as Buffer));
+  assert.notEqual(again.frame.payload.buffer, first.frame.payload.buffer, 'a buffer not released is not reused');
+  first.frame.release?.();
+  first.frame.release?.();
+  const d2 = new FrameDecoder();
+  const whole = frames[1] as Buffer;
+  const [reused] = [...d2.push(whole.subarray(0, 100_000)), ...d2.push(whole.subarray(100_000))];
+  assert.ok(reused?.kind === 'frame');
+  assert.equal(reused.frame.payload.buffer, first.frame.payload.buffer, 'a released buffer is reused');
+  assert.ok(reused.frame.payload.equals(payloads[1] as Buffer));
 });
 
 test('random byte streams never crash the decoder: frames, typed errors or waiting', () => {
