@@ -34,9 +34,15 @@ export const sessionIdleMs = 60_000;
 const fullNoticeMs = 500;
 /** Played delta sets kept in the mailbox for `ferry info` history. */
 const playedHistoryMax = 16;
-/** Copy progress is made durable (volume flushed, cursor persisted) at least this often... */
-const copyPersistBytes = 64 * 1024 * 1024;
-/** ...and at least this often in time, so a restart resends little of a slow copy. */
+/**
+ * A copy's data is flushed in the background every this many bytes, so the disk writes
+ * it back while the copy goes on and the flush that ends the copy finds little left.
+ */
+const copyFlushBytes = 8 * 1024 * 1024;
+/**
+ * The durable cursor (recorded after a flush) moves at most this often, and a slow
+ * copy is flushed at least this often, so a restart resends little.
+ */
 const copyPersistMs = 1_000;
 /**
  * Copy pieces written to the volume at once. Pieces cover disjoint block ranges, so
@@ -165,7 +171,8 @@ export class TargetReplica {
    */
   private copyApplied: number;
   private copyFlushing: Promise<void> | undefined;
-  private copyPersistedAtMs = 0;
+  private copyFlushedAtMs = 0;
+  private copyRecordedAtMs = 0;
   private copySessionDone: Promise<void> = Promise.resolve();
   /** While a catch-up is applied, hosts read the protected image instead of the volume. */
   private protective: PointInTimeImage | undefined;
@@ -174,7 +181,7 @@ export class TargetReplica {
   private constructor(private readonly deps: TargetDeps) {
     deps.pair.initialCopy.copyId ??= 1;
     this.copyApplied = deps.pair.initialCopy.cursorBlock;
-    this.copyPersistedAtMs = deps.clock.now();
+    this.copyFlushedAtMs = this.copyRecordedAtMs = deps.clock.now();
     const rows = this.rows();
     const head = rows.reduce((h, d) => Math.max(h, d.endLsn), 0);
     const live = rows.filter((d) => d.state !== 'played');
@@ -464,7 +471,7 @@ export class TargetReplica {
       pair.initialCopy.totalBlocks = volume.blockCount;
       pair.initialCopy.bytes += chunk.data.length;
       this.copyUnflushedBytes += chunk.data.length + 1;
-      const due = this.copyUnflushedBytes >= copyPersistBytes || this.deps.clock.now() - this.copyPersistedAtMs >= copyPersistMs;
+      const due = this.copyUnflushedBytes >= copyFlushBytes || this.deps.clock.now() - this.copyFlushedAtMs >= copyPersistMs;
       if (due && !this.copyFlushing) {
         // Made durable in the background: the pieces behind keep flowing meanwhile.
         this.copyFlushing = this.persistCopy()
@@ -476,15 +483,20 @@ export class TargetReplica {
     return true;
   }
 
-  /** Flushes the volume, then records the cursor as it was before the flush. */
-  private async persistCopy(): Promise<void> {
+  /**
+   * Flushes the volume, then records the cursor as it was before the flush (once a
+   * period, or always when `record`: a catalog commit per flush would stall the loop).
+   */
+  private async persistCopy(record = false): Promise<void> {
     const { pair } = this.deps;
     const copyId = pair.initialCopy.copyId;
     const upTo = this.copyApplied;
     this.copyUnflushedBytes = 0;
-    this.copyPersistedAtMs = this.deps.clock.now();
+    this.copyFlushedAtMs = this.deps.clock.now();
     await this.deps.volume.flush();
     if (pair.initialCopy.copyId !== copyId || upTo <= pair.initialCopy.cursorBlock) return;
+    if (!record && this.deps.clock.now() - this.copyRecordedAtMs < copyPersistMs) return;
+    this.copyRecordedAtMs = this.deps.clock.now();
     pair.initialCopy.cursorBlock = upTo;
     this.deps.catalog.putPair(pair);
   }
@@ -520,7 +532,7 @@ export class TargetReplica {
       await this.openToHostsIfConsistent();
       this.playbackWaker.signal();
     } else if (!done.final) {
-      await this.persistCopy();
+      await this.persistCopy(true);
     }
     const body: CopyAckBody = { cursorBlock: volume.blockCount, done: true };
     connection.sendJson(ReplFrame.CopyAck as number, body, { generation: BigInt(pair.generation) });
