@@ -2,7 +2,9 @@
  * bench/replication — run by hand: `npm run bench:replication` (after `npm run build`).
  *
  * (a) new remote copy of a 4 GiB volume holding 2 GiB of data, ferry vs nbdcopy between
- *     two qemu-nbd exports of raw files on the same disk (time ratio, target <= 1.0);
+ *     two qemu-nbd exports of raw files on the same disk (time ratio, target <= 1.0), in
+ *     rounds, medians reported; also against `nbdcopy --flush`, which like ferry ends
+ *     with the copy on disk;
  * (b) fio 4k random write QD32 and 1M sequential write QD8 through NBD on a replicated
  *     source vs an unreplicated volume of the same site (ratio, target >= 0.9), with the
  *     largest lag seen during the run;
@@ -10,7 +12,7 @@
  *     within one delta set (target 1.0 plus framing).
  *
  * Environment: BENCH_VOLUME_GIB (default 4), BENCH_DATA_GIB (default 2), BENCH_FIO_SECONDS (default 20),
- * BENCH_SAVE_VOLUME (default 4G).
+ * BENCH_SAVE_VOLUME (default 4G), BENCH_COPY_ROUNDS (default 3).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm, open } from 'node:fs/promises';
@@ -30,6 +32,7 @@ const fioSeconds = Number(process.env.BENCH_FIO_SECONDS ?? 20);
 /** Save volume for (b): a burst of random writes can dirty the whole 1 GiB range fio uses. */
 const saveVolume = process.env.BENCH_SAVE_VOLUME ?? '4G';
 const syncWaitMs = Number(process.env.BENCH_SYNC_WAIT_S ?? 120) * 1000;
+const copyRounds = Number(process.env.BENCH_COPY_ROUNDS ?? 3);
 
 
 
@@ -57,40 +60,80 @@ async function waitPort(port: number): Promise<void> {
   throw new Error(`qemu-nbd on ${port} did not come up`);
 }
 
-async function benchCopy(dir: string): Promise<string[][]> {
-  const src = join(dir, 'src.raw');
-  const dst = join(dir, 'dst.raw');
-  await writeDataFile(src, dataBytes);
+/** nbdcopy between two qemu-nbd exports of raw files on the same disk; `flush`: the copy ends with the data on disk. */
+async function nbdcopyReference(src: string, dst: string, flush: boolean): Promise<number> {
+  await rm(dst, { force: true });
   const dstFh = await open(dst, 'w');
   await dstFh.truncate(volumeBytes);
   await dstFh.close();
   await run('sync');
   const q1 = qemuNbd(src, 10901);
   const q2 = qemuNbd(dst, 10902);
-  let nbdcopySeconds: number;
   try {
     await waitPort(10901);
     await waitPort(10902);
-    [nbdcopySeconds] = await timed(() => run('nbdcopy', ['nbd://127.0.0.1:10901/disk', 'nbd://127.0.0.1:10902/disk']));
+    const [seconds] = await timed(() => run('nbdcopy', [...(flush ? ['--flush'] : []), 'nbd://127.0.0.1:10901/disk', 'nbd://127.0.0.1:10902/disk']));
+    return seconds;
   } finally {
     q1.kill();
     q2.kill();
   }
+}
+
+/** One new remote copy by ferry between two fresh sites; the target's digest is checked. */
+async function ferryCopy(src: string): Promise<{ seconds: number; wireBytes: number; same: boolean }> {
   const [a, b] = await Promise.all([TestSite.create('bench-a'), TestSite.create('bench-b')]);
   try {
     await a.api('POST', '/api/v1/volumes', { name: 'big', size: volumeBytes });
     await run('nbdcopy', [src, `nbd://127.0.0.1:${a.nbdPort}/big`]);
     await run('sync');
-    const [ferrySeconds, r] = await timed(() => a.cli(['replicate', 'start', 'big', '--to', b.url, '--wait']));
+    const [seconds, r] = await timed(() => a.cli(['replicate', 'start', 'big', '--to', b.url, '--wait']));
     if (r.code !== 0) throw new Error(r.stderr);
     const s = await pairStatus(a, 'big');
     const same = (await a.digest('big')) === (await b.digest('big'));
-    return [
-      ['(a) new remote copy', `${(dataBytes / GiB).toFixed(1)} GiB of ${(volumeBytes / GiB).toFixed(0)} GiB`, `${ferrySeconds.toFixed(2)} s`, `${nbdcopySeconds.toFixed(2)} s`, (ferrySeconds / nbdcopySeconds).toFixed(2), `<= 1.0; ${(s.bytesSent / GiB).toFixed(2)} GiB on the wire; digests ${same ? 'equal' : 'DIFFER'}`],
-    ];
+    return { seconds, wireBytes: s.bytesSent, same };
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
+}
+
+function median(xs: number[]): number {
+  const v = [...xs].sort((x, y) => x - y);
+  const mid = Math.floor(v.length / 2);
+  return v.length % 2 ? (v[mid] as number) : ((v[mid - 1] as number) + (v[mid] as number)) / 2;
+}
+
+/**
+ * (a) Rounds of reference and ferry copies in turn: this machine's page cache and
+ * disk make single runs vary by 2x or more, so each side is reported as its median
+ * with the range beside it.
+ */
+async function benchCopy(dir: string): Promise<string[][]> {
+  const src = join(dir, 'src.raw');
+  const dst = join(dir, 'dst.raw');
+  await writeDataFile(src, dataBytes);
+  const plain: number[] = [];
+  const flushed: number[] = [];
+  const ferry: number[] = [];
+  let wire = 0;
+  let allSame = true;
+  for (let round = 0; round < copyRounds; round++) {
+    plain.push(await nbdcopyReference(src, dst, false));
+    flushed.push(await nbdcopyReference(src, dst, true));
+    await rm(dst, { force: true });
+    const f = await ferryCopy(src);
+    ferry.push(f.seconds);
+    wire = f.wireBytes;
+    allSame &&= f.same;
+    process.stdout.write(`(a) round ${round + 1}: nbdcopy ${plain[round]?.toFixed(2)} s, nbdcopy --flush ${flushed[round]?.toFixed(2)} s, ferry ${f.seconds.toFixed(2)} s\n`);
+  }
+  const range = (xs: number[]): string => `${Math.min(...xs).toFixed(2)}-${Math.max(...xs).toFixed(2)} s`;
+  const workload = `${(dataBytes / GiB).toFixed(1)} GiB of ${(volumeBytes / GiB).toFixed(0)} GiB, median of ${copyRounds}`;
+  const ferryCell = `${median(ferry).toFixed(2)} s (${range(ferry)})`;
+  return [
+    ['(a) new remote copy vs nbdcopy', workload, ferryCell, `${median(plain).toFixed(2)} s (${range(plain)})`, (median(ferry) / median(plain)).toFixed(2), `<= 1.0; ${(wire / GiB).toFixed(2)} GiB on the wire; digests ${allSame ? 'equal' : 'DIFFER'}`],
+    ['(a) new remote copy vs nbdcopy --flush', workload, ferryCell, `${median(flushed).toFixed(2)} s (${range(flushed)})`, (median(ferry) / median(flushed)).toFixed(2), 'both end with the copy on disk (ferry flushes before it reports the copy done)'],
+  ];
 }
 
 interface FioResult {

@@ -446,6 +446,27 @@ export class ReplicationManager {
 
   // ---- initial-copy snapshots ---------------------------------------------------------
 
+  /**
+   * Why a snapshot of `volume` must not be deleted by hand now, or undefined: a copy
+   * reads it, it holds the replica's consistent image, or a resync needs it. ferry
+   * deletes these itself when they are no longer needed.
+   */
+  snapshotInUse(volume: string, snapshot: string): string | undefined {
+    const pair = this.catalog.getPair(volume);
+    if (!pair) return undefined;
+    const copy = pair.initialCopy;
+    if (copy.doneAt === undefined && (snapshot === copy.snapshot || (pair.role === 'source' && snapshot === this.copySnapshotName(pair)))) {
+      return `the ${copy.catchUp ? 'catch-up' : pair.recovery ? 'resync' : 'initial'} copy to ${pair.peerSiteName} reads it`;
+    }
+    if (snapshot === copy.protectiveSnapshot) return 'it holds the replica\'s consistent image until the catch-up copy is complete';
+    const r = pair.recovery;
+    if (r && (r.phase === 'failed-over' || r.phase === 'resync' || r.phase === 'resync-full')) {
+      if (snapshot === r.restartSnapshot) return 'it is the restart point `ferry resync` rebuilds the old source from';
+      if (r.intermediateSnapshots?.includes(snapshot)) return 'it is an intermediate point of the resync under way';
+    }
+    return undefined;
+  }
+
   private copySnapshotName(pair: PairRecord): string {
     return `ferry-initial-copy-${pair.pairId.slice(0, 8)}`;
   }

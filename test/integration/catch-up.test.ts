@@ -78,6 +78,15 @@ test('a backlog larger than the save volume catches up by copy: the target serve
     await catchUpUnderway(a, b, proxy);
     assert.equal(await b.digest('v'), boundary, 'readers see the consistent image kept before the catch-up');
     assert.ok((await snapshotNames(b)).some((n) => n.startsWith('ferry-catch-up-')));
+    // Neither the image being copied nor the one readers are served may be deleted by hand.
+    for (const site of [a, b]) {
+      for (const name of (await snapshotNames(site)).filter((n) => n.startsWith('ferry-catch-up-'))) {
+        const del = await site.api<{ error: { code: string; message: string } }>('DELETE', `/api/v1/volumes/v/snapshots/${name}`);
+        assert.equal(del.status, 409, `${site.name}: ${name}`);
+        assert.equal(del.body.error.code, 'SNAPSHOT_IN_USE');
+      }
+    }
+    assert.equal((await snapshotNames(a)).filter((n) => n.startsWith('ferry-catch-up-')).length, 1, 'the source keeps its catch-up snapshot');
 
     // Writes during the catch-up go into delta sets the target holds until the copy is
     // whole: its save volume fills, then the source's, then the bitmap takes the rest.

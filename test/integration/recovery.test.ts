@@ -113,6 +113,14 @@ test('failover, resync and failback: the whole cycle through NBD, digests at eve
     const snaps = await b.api<{ name: string; attrs: Record<string, string> }[]>('GET', '/api/v1/volumes/db/snapshots');
     const rp = snaps.body.find((s) => s.name === result.restartSnapshot);
     assert.equal(rp?.attrs.deltaSet, String(restartPlayed));
+    // The resync needs the restart point: deleting it by hand is refused and changes nothing.
+    const del = await b.cli(['snapshot', 'delete', 'db', result.restartSnapshot]);
+    assert.notEqual(del.code, 0);
+    assert.match(del.stderr, /SNAPSHOT_IN_USE|in use/);
+    const delApi = await b.api<{ error: { code: string } }>('DELETE', `/api/v1/volumes/db/snapshots/${result.restartSnapshot}`);
+    assert.equal(delApi.status, 409);
+    assert.equal(delApi.body.error.code, 'SNAPSHOT_IN_USE');
+    assert.ok((await b.api<{ name: string }[]>('GET', '/api/v1/volumes/db/snapshots')).body.some((s) => s.name === result.restartSnapshot));
     let sb = await pairStatus(b, 'db');
     assert.equal(sb.role, 'source');
     assert.equal(sb.recovery?.phase, 'failed-over');
