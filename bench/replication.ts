@@ -75,9 +75,16 @@ async function nbdcopyReference(src: string, dst: string, flush: boolean): Promi
     const [seconds] = await timed(() => run('nbdcopy', [...(flush ? ['--flush'] : []), 'nbd://127.0.0.1:10901/disk', 'nbd://127.0.0.1:10902/disk']));
     return seconds;
   } finally {
-    q1.kill();
-    q2.kill();
+    // The next round binds the same ports.
+    await Promise.all([stop(q1), stop(q2)]);
   }
+}
+
+async function stop(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill();
+  await exited;
 }
 
 /** One new remote copy by ferry between two fresh sites; the target's digest is checked. */

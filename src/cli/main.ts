@@ -344,13 +344,23 @@ program
     });
   });
 
+/** How often `--wait` asks for the copy's progress: often at first (a short copy ends soon), then calmly. */
+function waitPollMs(elapsedMs: number): number {
+  return elapsedMs < 10_000 ? 100 : 500;
+}
+
 /** Polls status until the initial copy is done, drawing a progress bar on a terminal. */
 async function waitForCopy(api: ApiClient, volume: string, draw: boolean): Promise<PairStatusView> {
   const tty = draw && process.stderr.isTTY;
+  // The end is noticed within a poll; a log (not a terminal) gets a line every 2 s.
+  let drawnAtMs = 0;
+  const startedAtMs = Date.now();
   for (;;) {
     const [s] = await api.get<PairStatusView[]>(`/api/v1/status/${encodeURIComponent(volume)}`);
     if (!s) throw new FerryError('NOT_FOUND', `volume ${volume} is not replicated`);
-    if (draw) {
+    const drawNow = draw && (tty ? Date.now() - drawnAtMs >= 500 : Date.now() - drawnAtMs >= 2000 || s.initialCopy.done);
+    if (drawNow) {
+      drawnAtMs = Date.now();
       const width = 30;
       const filled = Math.round((s.initialCopy.percent / 100) * width);
       const eta = s.initialCopy.etaSeconds === null ? '--' : formatDuration(s.initialCopy.etaSeconds * 1000);
@@ -362,7 +372,7 @@ async function waitForCopy(api: ApiClient, volume: string, draw: boolean): Promi
       return s;
     }
     if (s.state === 'suspended' && s.reason && s.recovery?.phase !== 'failed-over') throw new FerryError('UNAVAILABLE', `replication of ${volume} is suspended: ${s.reason}`);
-    await new Promise((r) => setTimeout(r, tty ? 500 : 2000));
+    await new Promise((r) => setTimeout(r, waitPollMs(Date.now() - startedAtMs)));
   }
 }
 

@@ -135,6 +135,8 @@ test('a volume larger than one I/O request (256 MiB, data past 64 MiB) is copied
     for (const offset of [0, 70 * MiB + 4321, 200 * MiB, size - 100_000]) await a.writeData('big', offset, randomBytes(100_000));
     const start = await a.cli(['replicate', 'start', 'big', '--to', b.url, '--wait']);
     assert.equal(start.code, 0, start.stderr);
+    // Not a terminal: progress comes as lines, the last one the finished copy.
+    assert.match(start.stderr.trim().split('\n').pop() ?? '', /^\[#{30}\] 100\.0% /);
     await waitInSync(a, b, 'big');
     assert.equal(await b.digest('big'), await a.digest('big'));
     const s = await pairStatus(a, 'big');
