@@ -333,7 +333,7 @@ program
         ['delta sets', `created ${info.deltaSetCreated}, sent ${info.deltaSetSent}, acked ${info.deltaSetAcked}, played back ${info.deltaSetPlayedBack}`],
         ['transfer rate', `${formatSize(info.transferRate)}/s current, ${formatSize(info.averageTransferRate)}/s average`],
         ['lag', `${info.lagSeconds}s, ${info.blocksDifferent} blocks different`],
-        [info.initialCopy.catchUp ? 'catch-up copy' : 'initial copy', info.initialCopy.done ? 'complete' : `${info.initialCopy.percent}% (${formatSize(info.initialCopy.bytes)})`],
+        [info.initialCopy.catchUp ? 'catch-up copy' : info.recovery ? 'last copy' : 'initial copy', describeCopy(info.initialCopy)],
         ['save volume', `${formatSize(info.saveVolume.usedBytes)} of ${formatSize(info.saveVolume.capacityBytes)} used${info.saveVolume.full ? ' (FULL: tracking in the bitmap)' : ''}`],
         ['policy', info.role === 'source' ? `interval ${formatDuration(info.intervalMs)}, high water ${formatSize(info.highWaterBytes)}` : '-'],
         ['errors', `${info.retries} retries, ${info.corruptFrames} damaged frames${info.lastError ? `, last: ${info.lastError}` : ''}`],
@@ -343,6 +343,13 @@ program
       return `${lines}\n\n${rows.length === 0 ? 'no outstanding delta sets' : table(['DELTA SET', 'STATE', 'CREATED', 'DURATION', 'BLOCKS', 'PLAYBACK'], rows)}`;
     });
   });
+
+function describeCopy(c: PairStatusView['initialCopy']): string {
+  const started = `started ${c.startedAt}`;
+  if (c.done) return `complete, ${formatSize(c.bytes)} in ${c.doneAt ? formatDuration(Date.parse(c.doneAt) - Date.parse(c.startedAt)) : '?'} (${started})`;
+  const eta = c.etaSeconds === null ? '' : `, ETA ${formatDuration(c.etaSeconds * 1000)}`;
+  return `${c.percent}% (${formatSize(c.bytes)}, ${c.copiedBlocks} of ${c.totalBlocks} blocks${eta}; ${started})`;
+}
 
 /** How often `--wait` asks for the copy's progress: often at first (a short copy ends soon), then calmly. */
 function waitPollMs(elapsedMs: number): number {

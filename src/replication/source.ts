@@ -504,6 +504,7 @@ export class SourceReplicator {
     const inbox = new Inbox(connection);
     try {
       this.notePlayedBack(position.deltaSetPlayedBack);
+      if (position.generation === this.pair.generation) this.noteReceived(position.deltaSetReceived);
       let next = position.deltaSetReceived + 1;
       let fromChunk = position.chunksStored;
       let lastHeartbeat = 0;
@@ -539,6 +540,27 @@ export class SourceReplicator {
 
   private noteAck(ack: AckBody): void {
     this.notePlayedBack(ack.deltaSetPlayedBack);
+  }
+
+  /**
+   * The target holds every delta set up to `n` durably (its position when a session
+   * opens). The acknowledgement of the last one may have been lost with the previous
+   * connection; it is not sent again, so it counts as acknowledged now, else it would
+   * never be and its save-volume space never reclaimed.
+   */
+  private noteReceived(n: number): void {
+    if (n <= this.pair.deltaSetAcked) return;
+    if (n > this.pair.deltaSetCreated) throw new FerryError('PROTOCOL_ERROR', `target claims delta set ${n}, but only ${this.pair.deltaSetCreated} were cut`);
+    const now = this.deps.clock.now();
+    const rows = this.deps.catalog.listDeltaSets(this.pair.volume).filter((d) => d.generation === this.pair.generation && d.n > this.pair.deltaSetAcked && d.n <= n);
+    this.deps.catalog.transaction(() => {
+      for (const d of rows) if (d.state !== 'acked') this.deps.catalog.putDeltaSet({ ...d, state: 'acked', ackedAtMs: now });
+      this.pair.deltaSetAcked = n;
+      this.pair.deltaSetSent = Math.max(this.pair.deltaSetSent, n);
+      this.deps.catalog.putPair(this.pair);
+    });
+    this.deps.log.info({ volume: this.pair.volume, deltaSet: n }, 'the target already holds delta sets whose acknowledgement was lost: counted as acknowledged');
+    this.cutWaker.signal();
   }
 
   private notePlayedBack(n: number): void {

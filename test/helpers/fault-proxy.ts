@@ -1,4 +1,5 @@
 import { createServer, connect, type Server, type Socket } from 'node:net';
+import { FrameDecoder, encodeFrame, rcpPreamble, type Frame } from '../../src/transport/frame.js';
 
 export interface FaultPlan {
   /** Probability that a chunk of bytes from source to target gets one bit flipped (beyond the first `cleanBytes`). */
@@ -27,6 +28,12 @@ export class FaultProxy {
   drops = 0;
   stalls = 0;
   plan: FaultPlan = noFaults;
+  /**
+   * Frames from the target for which it answers true are taken out of the stream (lost
+   * acknowledgements); the rest pass unchanged. Applies to connections made while set.
+   */
+  dropReply: ((frame: Frame) => boolean) | undefined;
+  droppedReplies = 0;
   private seed: number;
 
   constructor(
@@ -58,6 +65,23 @@ export class FaultProxy {
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
   }
 
+  /** Passes the target's bytes through, less the frames `dropReply` picks (frames re-encode to the same bytes). */
+  private filterReplies(state: { preamble: number; decoder: FrameDecoder }, data: Buffer): Buffer {
+    const drop = this.dropReply ?? ((): boolean => false);
+    const head = data.subarray(0, state.preamble);
+    state.preamble -= head.length;
+    const out: Buffer[] = [head];
+    for (const item of state.decoder.push(data.subarray(head.length))) {
+      if (item.kind !== 'frame') continue;
+      if (drop(item.frame)) {
+        this.droppedReplies++;
+        continue;
+      }
+      out.push(encodeFrame(item.frame));
+    }
+    return Buffer.concat(out);
+  }
+
   private random(): number {
     // mulberry32: small, seeded, good enough for fault schedules.
     this.seed = (this.seed + 0x6d2b79f5) | 0;
@@ -81,12 +105,13 @@ export class FaultProxy {
     upstream.on('error', end);
     client.on('close', end);
     upstream.on('close', end);
-    this.pipe(client, upstream, end);
-    this.pipe(upstream, client, end);
+    this.pipe(client, upstream, end, false);
+    this.pipe(upstream, client, end, true);
   }
 
-  private pipe(from: Socket, to: Socket, end: () => void): void {
+  private pipe(from: Socket, to: Socket, end: () => void, replies: boolean): void {
     let seen = 0;
+    const replyFilter = replies && this.dropReply ? { preamble: rcpPreamble.length, decoder: new FrameDecoder() } : undefined;
     let queue = Promise.resolve();
     from.on('data', (chunk: Buffer) => {
       from.pause();
@@ -109,6 +134,14 @@ export class FaultProxy {
             const at = start + Math.floor(this.random() * (data.length - start));
             data[at] = (data[at] as number) ^ (1 << Math.floor(this.random() * 8));
             this.flips++;
+          }
+        }
+        if (replyFilter) {
+          try {
+            data = this.filterReplies(replyFilter, data);
+          } catch {
+            end();
+            return;
           }
         }
         seen += chunk.length;

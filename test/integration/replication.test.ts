@@ -78,6 +78,8 @@ test('new remote copy while the source is written, then delta sets: digests equa
     assert.equal(info.code, 0, info.stderr);
     assert.match(info.stdout, /current delta set:/);
     assert.match(info.stdout, /lag:\s+0s, 0 blocks different/);
+    assert.match(info.stdout, new RegExp(`initial copy:\\s+complete, .* in [0-9.]+m?s \\(started ${s.initialCopy.startedAt.replace(/[.]/g, '\\.')}\\)`));
+    assert.ok(s.initialCopy.doneAt !== null && Date.parse(s.initialCopy.doneAt) >= Date.parse(s.initialCopy.startedAt));
 
     // Stop at the source: both sides end the relationship; the target becomes writable.
     const stop = await a.cli(['replicate', 'stop', 'db']);
@@ -290,6 +292,46 @@ test('fault-injecting proxy: flipped bits are refused and resent, drops and stal
     const t = await pairStatus(b, 'v');
     assert.ok(s.corruptFrames + t.corruptFrames + s.retries > 0, 'damage was seen and counted');
     assert.ok(proxy.flips > 0 && proxy.drops > 0, `flips ${proxy.flips} drops ${proxy.drops} stalls ${proxy.stalls}`);
+  } finally {
+    await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a lost acknowledgement of a sealed delta set is made good at the next session, without sending it again', async () => {
+  const [a, b] = await pair('lost-ack');
+  const proxy = new FaultProxy(b.host, b.port, 11);
+  await proxy.start();
+  try {
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
+    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', proxy.url, '--interval', '1h', '--wait'])).code, 0);
+    await waitInSync(a, b, 'v');
+    // The target stores, seals and plays back the next delta set; its sealing
+    // acknowledgement is lost (every time the source asks again).
+    proxy.dropReply = (frame) => frame.type === ReplFrame.Ack && (JSON.parse(frame.payload.toString()) as { sealed?: boolean }).sealed === true;
+    proxy.dropAll();
+    await waitFor('the source to reconnect', async () => (await pairStatus(a, 'v')).connected);
+    await a.writeData('v', 3 * MiB, randomBytes(256 * 1024));
+    await a.api('POST', '/api/v1/replication/v/delta');
+    const created = (await pairStatus(a, 'v')).deltaSetCreated;
+    await waitFor('the target to play the delta set back', async () => (await pairStatus(b, 'v')).deltaSetPlayedBack === created);
+    const before = await pairStatus(a, 'v');
+    assert.equal(before.deltaSetAcked, created - 1, 'the source has not heard the acknowledgement');
+    assert.ok(proxy.droppedReplies > 0);
+    // A new connection: the target's position says it holds the delta set.
+    proxy.dropReply = undefined;
+    proxy.dropAll();
+    const after = await waitFor('the source to count the delta set acknowledged', async () => {
+      const s = await pairStatus(a, 'v');
+      return s.deltaSetAcked === created ? s : undefined;
+    }, 30_000);
+    assert.equal(after.deltaSetSent, created);
+    assert.ok(a.logs.some((l) => /acknowledgement was lost/.test(String(l.msg))));
+    // Its save-volume space can be reclaimed like any acknowledged delta set's.
+    const info = (await a.api<{ outstanding: { n: number; state: string }[] }>('GET', '/api/v1/replication/v/info')).body;
+    assert.equal(info.outstanding.find((d) => d.n === created)?.state ?? 'acked', 'acked');
+    await waitInSync(a, b, 'v');
+    assert.equal(await b.digest('v'), await a.digest('v'));
   } finally {
     await proxy.close();
     await Promise.all([a.destroy(), b.destroy()]);
