@@ -3,7 +3,7 @@ import { assert } from '../lib/errors.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
 import { JournalRecordType, recordSpanBytes, type JournalFile, type RingSpace } from '../storage/journal.js';
 import type { Volume } from '../storage/volume.js';
-import { chunkDataBytesMax, chunkExtentsMax, encodeChunk, type ChunkExtent } from './chunk.js';
+import { chunkDataBytesMax, chunkExtentsMax, encodeChunkParts, type ChunkExtent } from './chunk.js';
 
 /** Longest run of zero blocks one extent describes (it carries no data). */
 const zeroExtentBlocksMax = 1 << 24;
@@ -125,12 +125,12 @@ export class DeltaSetBuilder {
 
   /** Seals the chunk being filled into a journal record; synchronous up to the write. */
   private flushChunk(): void {
-    const data = Buffer.concat(this.parts);
-    const payload = encodeChunk({ extents: this.extents, data });
-    this.dataCrc = crc32c(data, this.dataCrc);
-    this.dataBytes += data.length;
-    const encoded = this.journal.encode({ type: JournalRecordType.Chunk, flags: 0, generation: this.generation, deltaSet: this.deltaSet, index: this.chunkIndex }, payload);
-    const lsn = this.ring.allocate(encoded.length);
+    // The record is written from its parts: the blocks read are not copied again.
+    const [extentList] = encodeChunkParts({ extents: this.extents, data: Buffer.alloc(0) });
+    for (const p of this.parts) this.dataCrc = crc32c(p, this.dataCrc);
+    this.dataBytes += this.partBytes;
+    const encoded = this.journal.encodeParts({ type: JournalRecordType.Chunk, flags: 0, generation: this.generation, deltaSet: this.deltaSet, index: this.chunkIndex }, [extentList, ...this.parts]);
+    const lsn = this.ring.allocate(encoded.reduce((n, b) => n + b.length, 0));
     // The cutter reserved the worst case before switching tables, so this cannot fail.
     assert(lsn !== undefined, `save volume out of space inside delta set ${this.deltaSet}`);
     this.startLsn ??= lsn;

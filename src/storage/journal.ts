@@ -109,29 +109,44 @@ export class JournalFile {
   }
 
   encode(header: JournalRecordHeader, payload: Uint8Array): Buffer {
-    const span = recordSpanBytes(payload.length);
-    const buf = Buffer.alloc(span);
-    buf.writeUInt32LE(journalRecordMagic, 0);
-    buf.writeUInt16LE(header.type, 4);
-    buf.writeUInt16LE(header.flags, 6);
-    buf.writeBigUInt64LE(BigInt(header.generation), 8);
-    buf.writeBigUInt64LE(BigInt(header.deltaSet), 16);
-    buf.writeUInt32LE(header.index, 24);
-    buf.writeUInt32LE(payload.length, 28);
-    buf.writeUInt32LE(crc32c(payload), 32);
-    buf.writeUInt32LE(crc32c(buf.subarray(0, 36)), 36);
-    buf.set(payload, journalRecordHeaderBytes);
-    return buf;
+    return Buffer.concat(this.encodeParts(header, [payload]));
   }
 
-  /** Writes an encoded record at a position the ring allocated. Not durable until `sync`. */
-  async write(lsn: number, encoded: Buffer): Promise<void> {
+  /**
+   * A record whose payload is `parts` in order, as the parts to write: the record
+   * header, the parts themselves (not copied) and the padding to the record's span.
+   */
+  encodeParts(header: JournalRecordHeader, parts: readonly Uint8Array[]): Buffer[] {
+    let length = 0;
+    let crc = 0;
+    for (const p of parts) {
+      length += p.length;
+      crc = crc32c(p, crc);
+    }
+    const head = Buffer.alloc(journalRecordHeaderBytes);
+    head.writeUInt32LE(journalRecordMagic, 0);
+    head.writeUInt16LE(header.type, 4);
+    head.writeUInt16LE(header.flags, 6);
+    head.writeBigUInt64LE(BigInt(header.generation), 8);
+    head.writeBigUInt64LE(BigInt(header.deltaSet), 16);
+    head.writeUInt32LE(header.index, 24);
+    head.writeUInt32LE(length, 28);
+    head.writeUInt32LE(crc, 32);
+    head.writeUInt32LE(crc32c(head.subarray(0, 36)), 36);
+    const padding = recordSpanBytes(length) - journalRecordHeaderBytes - length;
+    return [head, ...parts.map((p) => (Buffer.isBuffer(p) ? p : Buffer.from(p.buffer, p.byteOffset, p.length))), ...(padding > 0 ? [Buffer.alloc(padding)] : [])];
+  }
+
+  /** Writes an encoded record (whole, or as its parts) at a position the ring allocated. Not durable until `sync`. */
+  async write(lsn: number, encoded: Buffer | readonly Buffer[]): Promise<void> {
     const offset = lsn % this.capacityBytes;
-    assert(offset + encoded.length <= this.capacityBytes, `journal record at ${lsn} straddles the end`);
-    let done = 0;
-    while (done < encoded.length) {
-      const { bytesWritten } = await this.fh.write(encoded, done, encoded.length - done, offset + done);
+    let rest = (Buffer.isBuffer(encoded) ? [encoded] : encoded).filter((b) => b.length > 0);
+    const length = rest.reduce((n, b) => n + b.length, 0);
+    assert(offset + length <= this.capacityBytes, `journal record at ${lsn} straddles the end`);
+    for (let done = 0; done < length; ) {
+      const { bytesWritten } = await this.fh.writev(rest, offset + done);
       done += bytesWritten;
+      if (done < length) rest = dropLeading(rest, bytesWritten);
     }
   }
 
@@ -199,4 +214,18 @@ export class JournalFile {
   async close(): Promise<void> {
     await this.fh.close().catch(() => undefined);
   }
+}
+
+/** `parts` without their first `n` bytes (after a short write). */
+function dropLeading(parts: readonly Buffer[], n: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (const p of parts) {
+    if (n >= p.length) {
+      n -= p.length;
+      continue;
+    }
+    out.push(n > 0 ? p.subarray(n) : p);
+    n = 0;
+  }
+  return out;
 }

@@ -12,6 +12,8 @@ import { VolumeStore } from '../../src/storage/volume-store.js';
 import { isFerryError } from '../../src/lib/errors.js';
 import { runLimited } from '../../src/lib/concurrency.js';
 import { bitsPerPage } from '../../src/lib/paged-bitmap.js';
+import { JournalFile, JournalRecordType, journalRecordHeaderBytes, recordSpanBytes } from '../../src/storage/journal.js';
+import { randomBytes } from 'node:crypto';
 
 const log = pino({ level: 'silent' });
 
@@ -294,6 +296,44 @@ test('volume store validates names and sizes and cleans orphan files', async () 
     assert.equal(store2.list().length, 1);
     await store2.close();
     catalog.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('save-volume records written whole or from their parts read back the same; damage is refused', async () => {
+  const dir = await tempDir();
+  try {
+    const journal = await JournalFile.open(join(dir, 'save.journal'), 64 * 1024 * 1024);
+    try {
+      const header = { type: JournalRecordType.Chunk, flags: 0, generation: 3, deltaSet: 7, index: 0 };
+      // More parts than one writev takes (IOV_MAX 1024), of odd sizes.
+      const parts = Array.from({ length: 1500 }, (_, i) => randomBytes(1 + ((i * 7919) % 5000)));
+      const payload = Buffer.concat(parts);
+      const whole = journal.encode(header, payload);
+      const fromParts = journal.encodeParts(header, parts);
+      assert.deepEqual(Buffer.concat(fromParts), whole, 'the same bytes either way');
+      assert.equal(whole.length, recordSpanBytes(payload.length));
+      await journal.write(0, fromParts);
+      await journal.write(whole.length, journal.encode({ ...header, index: 1 }, payload));
+      await journal.sync();
+      for (const [lsn, index] of [[0, 0], [whole.length, 1]] as const) {
+        const record = await journal.read(lsn, { ...header, index });
+        assert.ok(record.payload.equals(payload), `record ${index}`);
+        assert.equal(record.nextLsn, lsn + whole.length);
+      }
+      // One flipped payload byte on disk: the record is refused, not read wrong.
+      const fh = await open(journal.path, 'r+');
+      const at = journalRecordHeaderBytes + 123_456;
+      const byte = Buffer.alloc(1);
+      await fh.read(byte, 0, 1, at);
+      byte[0] = (byte[0] as number) ^ 0x20;
+      await fh.write(byte, 0, 1, at);
+      await fh.close();
+      await assert.rejects(journal.read(0), (err) => isFerryError(err, 'CORRUPT_RECORD'));
+    } finally {
+      await journal.close();
+    }
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
