@@ -133,10 +133,15 @@ export function headerCrcFields(h: Omit<DeltaSetHeaderBody, 'headerCrc'>): strin
 export const chunkFramePrefixBytes = 16;
 
 export function encodeChunkFrame(deltaSet: number, index: number, chunkBytes: Buffer): Buffer {
+  return Buffer.concat(encodeChunkFrameParts(deltaSet, index, chunkBytes));
+}
+
+/** The chunk frame's payload as its prefix and the chunk (not copied): for sending. */
+export function encodeChunkFrameParts(deltaSet: number, index: number, chunkBytes: Buffer): [Buffer, Buffer] {
   const prefix = Buffer.alloc(chunkFramePrefixBytes);
   prefix.writeBigUInt64LE(BigInt(deltaSet), 0);
   prefix.writeUInt32LE(index, 8);
-  return Buffer.concat([prefix, chunkBytes]);
+  return [prefix, chunkBytes];
 }
 
 export function decodeChunkFrame(payload: Buffer): { deltaSet: number; index: number; chunkBytes: Buffer } {

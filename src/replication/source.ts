@@ -14,7 +14,7 @@ import { Inbox } from './inbox.js';
 import { isActive, nextPairStatus, type PairEvent, type PairStatus } from './pair-state.js';
 import {
   ReplFrame,
-  encodeChunkFrame,
+  encodeChunkFrameParts,
   headerCrcFields,
   json,
   type AckBody,
@@ -578,9 +578,9 @@ export class SourceReplicator {
     let nextToSend = fromChunk;
     const sendChunk = async (index: number): Promise<void> => {
       const record = await this.deps.journal.read(lsns[index] as number, { deltaSet: ds.n, index, generation: ds.generation, type: JournalRecordType.Chunk });
-      const payload = encodeChunkFrame(ds.n, index, record.payload);
-      connection.send(ReplFrame.Chunk, payload, { generation });
-      this.countSent(payload.length);
+      const parts = encodeChunkFrameParts(ds.n, index, record.payload);
+      connection.send(ReplFrame.Chunk, parts, { generation });
+      this.countSent(parts[0].length + parts[1].length);
       this.stats.currentChunk = index;
     };
     let progressAtMs = this.deps.clock.now();

@@ -3,7 +3,7 @@ import { type Clock, Waker } from '../lib/clock.js';
 import { crc32c } from '../lib/checksum.js';
 import { runLimited } from '../lib/concurrency.js';
 import { FerryError, assert } from '../lib/errors.js';
-import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
+import { JournalRecordType, RingSpace, recordSpanBytes, type JournalFile } from '../storage/journal.js';
 import type { VolumeAccess } from '../storage/catalog.js';
 import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/replication-catalog.js';
 import type { BatchWrite, Extent, Volume } from '../storage/volume.js';
@@ -577,17 +577,19 @@ export class TargetReplica {
       return;
     }
     const chunk = decodeChunk(chunkBytes, volume.blockBytes, volume.blockCount);
-    const encoded = journal.encode({ type: JournalRecordType.Chunk, flags: 0, generation: pair.generation, deltaSet, index }, chunkBytes);
-    let lsn = this.ring.allocate(encoded.length);
+    // Written from the frame's payload as it is (no copy): it is not released before this returns.
+    const encoded = journal.encodeParts({ type: JournalRecordType.Chunk, flags: 0, generation: pair.generation, deltaSet, index }, [chunkBytes]);
+    const span = recordSpanBytes(chunkBytes.length);
+    let lsn = this.ring.allocate(span);
     while (lsn === undefined) {
       // Rule 8 at the target: a full save volume stops acknowledging (back-pressure)
       // until playback frees space; the source is told it is alive but full.
-      if (encoded.length > this.ring.capacityBytes) throw new FerryError('UNAVAILABLE', 'a chunk is larger than the whole save volume');
+      if (span > this.ring.capacityBytes) throw new FerryError('UNAVAILABLE', 'a chunk is larger than the whole save volume');
       this.stats.saveVolumeFull = true;
       this.ack(connection, deltaSet, this.receiving.chunks.length, false);
       await this.spaceWaker.wait(this.deps.clock, fullNoticeMs);
       if (this.closed || connection.isClosed) return;
-      lsn = this.ring.allocate(encoded.length);
+      lsn = this.ring.allocate(span);
     }
     this.stats.saveVolumeFull = false;
     await journal.write(lsn, encoded);
