@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { BufferPool } from '../lib/buffer-pool.js';
 import { type Clock, Waker } from '../lib/clock.js';
 import { crc32c } from '../lib/checksum.js';
 import { FerryError, assert, isFerryError } from '../lib/errors.js';
@@ -10,6 +11,7 @@ import type { ChangeLog } from '../tracking/change-log.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { DeltaSetBuilder, deltaSetSpanBytesMax } from './builder.js';
+import { chunkDataBytesMax, chunkExtentsMax } from './chunk.js';
 import { Inbox } from './inbox.js';
 import { isActive, nextPairStatus, type PairEvent, type PairStatus } from './pair-state.js';
 import {
@@ -28,6 +30,11 @@ import { CopyRunner, type CopyPlan, type CopyStats } from './copy.js';
 
 /** Chunks (or copy pieces) sent and not yet acknowledged. */
 export const sendWindowChunks = 8;
+/**
+ * Buffers the sender reads chunk records into (a chunk's data, its extent list), shared
+ * by the pairs of the process: the window's and a few more.
+ */
+const chunkBuffers = new BufferPool(chunkDataBytesMax + chunkExtentsMax * 16 + 64 * 1024, sendWindowChunks * 2);
 /** How long to wait for an acknowledgement before the connection counts as failed. */
 export const ackTimeoutMs = 30_000;
 /** Silence after which the oldest unacknowledged frame is sent again. */
@@ -577,9 +584,10 @@ export class SourceReplicator {
     let acked = fromChunk;
     let nextToSend = fromChunk;
     const sendChunk = async (index: number): Promise<void> => {
-      const record = await this.deps.journal.read(lsns[index] as number, { deltaSet: ds.n, index, generation: ds.generation, type: JournalRecordType.Chunk });
+      const record = await this.deps.journal.read(lsns[index] as number, { deltaSet: ds.n, index, generation: ds.generation, type: JournalRecordType.Chunk }, chunkBuffers);
       const parts = encodeChunkFrameParts(ds.n, index, record.payload);
-      connection.send(ReplFrame.Chunk, parts, { generation });
+      // The buffer is reused once the socket has taken the chunk.
+      connection.send(ReplFrame.Chunk, parts, { generation }, record.release);
       this.countSent(parts[0].length + parts[1].length);
       this.stats.currentChunk = index;
     };

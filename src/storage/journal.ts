@@ -1,4 +1,5 @@
 import { open, type FileHandle } from 'node:fs/promises';
+import type { BufferPool } from '../lib/buffer-pool.js';
 import { crc32c } from '../lib/checksum.js';
 import { FerryError, assert } from '../lib/errors.js';
 
@@ -32,6 +33,8 @@ export interface JournalRecordHeader {
 
 export interface JournalRecord extends JournalRecordHeader {
   payload: Buffer;
+  /** Present when the payload was read into a pooled buffer: gives it back (once; the payload must not be used after). */
+  release?: () => void;
   lsn: number;
   /** Logical position just past this record (its padding included). */
   nextLsn: number;
@@ -158,7 +161,7 @@ export class JournalFile {
    * Reads the record at `lsn`; throws CORRUPT_RECORD if it is not an intact record
    * (what a torn or overwritten record looks like). `expect` checks its identity.
    */
-  async read(lsn: number, expect?: Partial<JournalRecordHeader>): Promise<JournalRecord> {
+  async read(lsn: number, expect?: Partial<JournalRecordHeader>, pool?: BufferPool): Promise<JournalRecord> {
     const offset = lsn % this.capacityBytes;
     const head = Buffer.alloc(journalRecordHeaderBytes);
     const { bytesRead } = await this.fh.read(head, 0, head.length, offset);
@@ -167,9 +170,14 @@ export class JournalFile {
     if (head.readUInt32LE(36) !== crc32c(head.subarray(0, 36))) throw bad('has a damaged header');
     const payloadBytes = head.readUInt32LE(28);
     if (offset + journalRecordHeaderBytes + payloadBytes > this.capacityBytes) throw bad('claims a length past the end');
-    const payload = Buffer.allocUnsafe(payloadBytes);
+    const pooled = pool !== undefined && payloadBytes <= pool.bufferBytes ? pool.take() : undefined;
+    const payload = pooled ? pooled.subarray(0, payloadBytes) : Buffer.allocUnsafe(payloadBytes);
+    const release = pooled ? once(() => pool?.give(pooled)) : undefined;
     const got = (await this.fh.read(payload, 0, payloadBytes, offset + journalRecordHeaderBytes)).bytesRead;
-    if (got < payloadBytes || crc32c(payload) !== head.readUInt32LE(32)) throw bad('failed its data checksum');
+    if (got < payloadBytes || crc32c(payload) !== head.readUInt32LE(32)) {
+      release?.();
+      throw bad('failed its data checksum');
+    }
     const record: JournalRecord = {
       type: head.readUInt16LE(4),
       flags: head.readUInt16LE(6),
@@ -179,10 +187,13 @@ export class JournalFile {
       payload,
       lsn,
       nextLsn: lsn + recordSpanBytes(payloadBytes),
+      ...(release ? { release } : {}),
     };
     if (expect) {
       for (const [key, value] of Object.entries(expect)) {
-        if (record[key as keyof JournalRecordHeader] !== value) throw bad(`is not the expected record (${key} ${String(record[key as keyof JournalRecordHeader])} != ${String(value)})`);
+        if (record[key as keyof JournalRecordHeader] === value) continue;
+        release?.();
+        throw bad(`is not the expected record (${key} ${String(record[key as keyof JournalRecordHeader])} != ${String(value)})`);
       }
     }
     return record;
@@ -228,4 +239,13 @@ function dropLeading(parts: readonly Buffer[], n: number): Buffer[] {
     n = 0;
   }
   return out;
+}
+
+function once(fn: () => void): () => void {
+  let done = false;
+  return () => {
+    if (done) return;
+    done = true;
+    fn();
+  };
 }

@@ -14,6 +14,7 @@ import { runLimited } from '../../src/lib/concurrency.js';
 import { bitsPerPage } from '../../src/lib/paged-bitmap.js';
 import { JournalFile, JournalRecordType, journalRecordHeaderBytes, recordSpanBytes } from '../../src/storage/journal.js';
 import { randomBytes } from 'node:crypto';
+import { BufferPool } from '../../src/lib/buffer-pool.js';
 
 const log = pino({ level: 'silent' });
 
@@ -317,11 +318,22 @@ test('save-volume records written whole or from their parts read back the same; 
       await journal.write(0, fromParts);
       await journal.write(whole.length, journal.encode({ ...header, index: 1 }, payload));
       await journal.sync();
+      const pool = new BufferPool(8 * 1024 * 1024, 2);
       for (const [lsn, index] of [[0, 0], [whole.length, 1]] as const) {
         const record = await journal.read(lsn, { ...header, index });
         assert.ok(record.payload.equals(payload), `record ${index}`);
         assert.equal(record.nextLsn, lsn + whole.length);
+        // Read into a pooled buffer: the same payload, and the buffer comes back once released.
+        const pooled = await journal.read(lsn, { ...header, index }, pool);
+        assert.ok(pooled.payload.equals(payload));
+        assert.equal(pool.kept, 0);
+        pooled.release?.();
+        pooled.release?.();
+        assert.equal(pool.kept, 1);
       }
+      // A record that is not the one expected gives its pooled buffer back as it is refused.
+      await assert.rejects(journal.read(0, { ...header, index: 5 }, pool), (err) => isFerryError(err, 'CORRUPT_RECORD'));
+      assert.equal(pool.kept, 1);
       // One flipped payload byte on disk: the record is refused, not read wrong.
       const fh = await open(journal.path, 'r+');
       const at = journalRecordHeaderBytes + 123_456;
