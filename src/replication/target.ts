@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { BufferPool } from '../lib/buffer-pool.js';
 import { type Clock, Waker } from '../lib/clock.js';
 import { crc32c } from '../lib/checksum.js';
 import { runLimited } from '../lib/concurrency.js';
@@ -9,7 +10,7 @@ import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/
 import type { BatchWrite, Extent, Volume } from '../storage/volume.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
-import { decodeChunk, type Chunk } from './chunk.js';
+import { chunkDataBytesMax, chunkExtentsMax, decodeChunk, type Chunk } from './chunk.js';
 import { Inbox } from './inbox.js';
 import type { PointInTimeImage } from './copy.js';
 import {
@@ -50,6 +51,8 @@ const copyPersistMs = 1_000;
  * them or writes its data; the cursor still advances in order.
  */
 const copyPiecesApplyingMax = 4;
+/** Buffers playback reads chunk records into, one at a time per replica. */
+const playbackBuffers = new BufferPool(chunkDataBytesMax + chunkExtentsMax * 16 + 64 * 1024, 4);
 
 /**
  * The pieces of one copy session being written, oldest first. The cursor (and its
@@ -688,26 +691,30 @@ export class TargetReplica {
     const { volume, journal, catalog, pair } = this.deps;
     assert(ds.n === pair.deltaSetPlayedBack + 1, `playback of delta set ${ds.n} out of order (played ${pair.deltaSetPlayedBack})`);
     const startedAt = this.deps.clock.now();
-    // 1. Index the delta set: from this moment readers see the image after it.
-    const records: { lsn: number; chunk: Chunk; payloadDataOffset: number }[] = [];
+    // 1. Index the delta set: from this moment readers see the image after it. Only
+    // the positions are kept: a delta set may be far larger than memory.
+    const records: number[] = [];
     const overlay = new Map<number, OverlayEntry>();
     let lsn = ds.startLsn;
     for (let index = 0; index < ds.chunks; index++) {
-      const record = await journal.readNext(lsn, ds.endLsn);
-      if (!record || record.deltaSet !== ds.n || record.index !== index || record.generation !== ds.generation) {
-        throw new FerryError('CORRUPT_RECORD', `save volume: chunk ${index} of delta set ${ds.n} is missing or damaged`);
-      }
-      const chunk = decodeChunk(record.payload, volume.blockBytes, volume.blockCount);
-      const payloadDataOffset = record.payload.length - chunk.data.length;
-      let dataAt = payloadDataOffset;
-      for (const e of chunk.extents) {
-        for (let b = 0; b < e.count; b++) {
-          overlay.set(e.block + b, { lsn: record.lsn, payloadOffset: e.zero ? -1 : dataAt + b * volume.blockBytes });
+      const record = await journal.readNext(lsn, ds.endLsn, playbackBuffers);
+      try {
+        if (!record || record.deltaSet !== ds.n || record.index !== index || record.generation !== ds.generation) {
+          throw new FerryError('CORRUPT_RECORD', `save volume: chunk ${index} of delta set ${ds.n} is missing or damaged`);
         }
-        if (!e.zero) dataAt += e.count * volume.blockBytes;
+        const chunk = decodeChunk(record.payload, volume.blockBytes, volume.blockCount);
+        let dataAt = record.payload.length - chunk.data.length;
+        for (const e of chunk.extents) {
+          for (let b = 0; b < e.count; b++) {
+            overlay.set(e.block + b, { lsn: record.lsn, payloadOffset: e.zero ? -1 : dataAt + b * volume.blockBytes });
+          }
+          if (!e.zero) dataAt += e.count * volume.blockBytes;
+        }
+        records.push(record.lsn);
+        lsn = record.nextLsn;
+      } finally {
+        record?.release?.();
       }
-      records.push({ lsn: record.lsn, chunk, payloadDataOffset });
-      lsn = record.nextLsn;
     }
     this.overlay = overlay;
     this.stats.playing = ds.n;
@@ -715,7 +722,15 @@ export class TargetReplica {
       // 2. Durable intent: a crash from here on redoes this delta set before anyone reads.
       catalog.putDeltaSet({ ...ds, state: 'playing', playbackStartedAtMs: startedAt });
       // 3. Write the after-images into the volume, then make them durable.
-      for (const r of records) await this.applyChunk(r.chunk);
+      for (const [index, at] of records.entries()) {
+        const record = await journal.read(at, { type: JournalRecordType.Chunk, generation: ds.generation, deltaSet: ds.n, index }, playbackBuffers);
+        try {
+          await this.applyChunk(decodeChunk(record.payload, volume.blockBytes, volume.blockCount));
+        } finally {
+          // Every write of the chunk has settled (applyChunk waits for all before failing).
+          record.release?.();
+        }
+      }
       await volume.flush();
       // 4. Done: the mailbox says so, the save-volume space is free, the overlay goes.
       const playbackMs = this.deps.clock.now() - startedAt;

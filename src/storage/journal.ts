@@ -203,11 +203,11 @@ export class JournalFile {
    * Reads the record at `lsn` or, when the writer skipped to the next lap there, at the
    * start of the next lap. Returns undefined at the end of what was written.
    */
-  async readNext(lsn: number, limitLsn: number): Promise<JournalRecord | undefined> {
+  async readNext(lsn: number, limitLsn: number, pool?: BufferPool): Promise<JournalRecord | undefined> {
     for (const at of [lsn, lsn + (this.capacityBytes - (lsn % this.capacityBytes))]) {
       if (at >= limitLsn) return undefined;
       try {
-        return await this.read(at);
+        return await this.read(at, undefined, pool);
       } catch {
         if (at !== lsn || lsn % this.capacityBytes === 0) return undefined;
       }
