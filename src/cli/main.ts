@@ -346,7 +346,7 @@ program
 
 function describeCopy(c: PairStatusView['initialCopy']): string {
   const started = `started ${c.startedAt}`;
-  if (c.done) return `complete, ${formatSize(c.bytes)} in ${c.doneAt ? formatDuration(Date.parse(c.doneAt) - Date.parse(c.startedAt)) : '?'} (${started})`;
+  if (c.done) return `complete: ${formatSize(c.bytes)} bytes of data sent in ${c.doneAt ? formatDuration(Date.parse(c.doneAt) - Date.parse(c.startedAt)) : '?'} (${started})`;
   const eta = c.etaSeconds === null ? '' : `, ETA ${formatDuration(c.etaSeconds * 1000)}`;
   return `${c.percent}% (${formatSize(c.bytes)}, ${c.copiedBlocks} of ${c.totalBlocks} blocks${eta}; ${started})`;
 }

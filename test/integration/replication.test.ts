@@ -78,7 +78,7 @@ test('new remote copy while the source is written, then delta sets: digests equa
     assert.equal(info.code, 0, info.stderr);
     assert.match(info.stdout, /current delta set:/);
     assert.match(info.stdout, /lag:\s+0s, 0 blocks different/);
-    assert.match(info.stdout, new RegExp(`initial copy:\\s+complete, .* in [0-9.]+m?s \\(started ${s.initialCopy.startedAt.replace(/[.]/g, '\\.')}\\)`));
+    assert.match(info.stdout, new RegExp(`initial copy:\\s+complete: \\S+ bytes of data sent in [0-9.]+m?s \\(started ${s.initialCopy.startedAt.replace(/[.]/g, '\\.')}\\)`));
     assert.ok(s.initialCopy.doneAt !== null && Date.parse(s.initialCopy.doneAt) >= Date.parse(s.initialCopy.startedAt));
 
     // Stop at the source: both sides end the relationship; the target becomes writable.
