@@ -247,9 +247,19 @@ export class Recovery {
    * tracking and save volume stay as they are: the resync reads them.
    */
   async fenceSelf(volume: string, by: string, reason: string): Promise<void> {
+    // Hosts are stopped first and the writes in flight finish under tracking: a write
+    // made after the other site took over must be on the resync's undo list.
+    if (this.m.catalog.getPair(volume)?.role === 'source') await this.m.deps.setAccess(volume, 'read-only');
     const source = this.m.sources.get(volume);
     this.m.sources.delete(volume);
-    await source?.close();
+    if (source) {
+      const resume = await this.m.deps.volumes.get(volume).quiesce();
+      try {
+        await source.close();
+      } finally {
+        resume();
+      }
+    }
     const pair = this.m.catalog.getPair(volume);
     if (!pair || pair.role !== 'source') return;
     if (pair.recovery?.phase !== 'fenced') {
@@ -401,10 +411,12 @@ export class Recovery {
       // E FIG. 28 step 533: tracking starts, then the intermediate point is taken; the
       // writes after it replicate as delta sets, the blocks that differ before it are copied.
       const source = await this.m.openSource(pair);
+      let resume: () => void;
       try {
-        if (!snapshots.list(volume).some((s) => s.name === i2)) {
-          await snapshots.create(volume, i2, { purpose: 'resync intermediate point', pairId: pair.pairId, deltaSet: String(pair.deltaSetCreated) });
-        }
+        // An intermediate point left by an attempt that did not get this far may
+        // predate this attempt's tracking: it is taken again, after tracking started.
+        if (snapshots.list(volume).some((s) => s.name === i2)) await snapshots.delete(volume, i2);
+        await snapshots.create(volume, i2, { purpose: 'resync intermediate point', pairId: pair.pairId, deltaSet: String(pair.deltaSetCreated) });
         const base = rr.fullCopy ? i1 : (rr.restartSnapshot as string);
         const differ = await snapshots.changedBlocks(volume, base, i2);
         if (!rr.fullCopy) differ.or(await readBitmapFile(join(dir, 'undo.bitmap')));
@@ -425,16 +437,29 @@ export class Recovery {
         pair.state = 'initial-copying';
         pair.stateReason = describeRecovery(pair);
         this.m.catalog.putPair(pair);
+        // Host writes wait while tracking passes to the source that runs the copy: none
+        // may fall between the two and go untracked.
+        resume = await volumes.get(volume).quiesce();
       } catch (err) {
         await source.close();
         throw err;
       }
-      await source.close();
+      try {
+        await source.close();
+        await this.startSource(pair);
+      } finally {
+        resume();
+      }
       this.log.info({ volume, blocks: rr.resyncBlocks, fullCopy: rr.fullCopy ?? false }, 'resync: copying the blocks that differ while newer writes replicate');
+      return;
     }
-    const reopened = await this.m.openSource(pair);
-    this.m.sources.set(volume, reopened);
-    reopened.start();
+    await this.startSource(pair);
+  }
+
+  private async startSource(pair: PairRecord): Promise<void> {
+    const source = await this.m.openSource(pair);
+    this.m.sources.set(pair.volume, source);
+    source.start();
   }
 
   /** The resync's copy is complete: the old source is a replica again (E FIG. 28 step 535). */

@@ -326,7 +326,8 @@ test('a lost acknowledgement of a sealed delta set is made good at the next sess
       return s.deltaSetAcked === created ? s : undefined;
     }, 30_000);
     assert.equal(after.deltaSetSent, created);
-    assert.ok(a.logs.some((l) => /acknowledgement was lost/.test(String(l.msg))));
+    // The daemon's log line may arrive a moment after the status that shows its effect.
+    await waitFor('the lost acknowledgement to be logged', async () => a.logs.some((l) => /acknowledgement was lost/.test(String(l.msg))), 5_000);
     // Its save-volume space can be reclaimed like any acknowledged delta set's.
     const info = (await a.api<{ outstanding: { n: number; state: string }[] }>('GET', '/api/v1/replication/v/info')).body;
     assert.equal(info.outstanding.find((d) => d.n === created)?.state ?? 'acked', 'acked');
