@@ -1,5 +1,6 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import type { BufferPool } from '../lib/buffer-pool.js';
+import { dropBytes } from '../lib/byte-parts.js';
 import { crc32c } from '../lib/checksum.js';
 import { FerryError, assert } from '../lib/errors.js';
 
@@ -149,7 +150,7 @@ export class JournalFile {
     for (let done = 0; done < length; ) {
       const { bytesWritten } = await this.fh.writev(rest, offset + done);
       done += bytesWritten;
-      if (done < length) rest = dropLeading(rest, bytesWritten);
+      if (done < length) rest = dropBytes(rest, bytesWritten);
     }
   }
 
@@ -225,20 +226,6 @@ export class JournalFile {
   async close(): Promise<void> {
     await this.fh.close().catch(() => undefined);
   }
-}
-
-/** `parts` without their first `n` bytes (after a short write). */
-function dropLeading(parts: readonly Buffer[], n: number): Buffer[] {
-  const out: Buffer[] = [];
-  for (const p of parts) {
-    if (n >= p.length) {
-      n -= p.length;
-      continue;
-    }
-    out.push(n > 0 ? p.subarray(n) : p);
-    n = 0;
-  }
-  return out;
 }
 
 function once(fn: () => void): () => void {

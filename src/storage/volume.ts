@@ -1,6 +1,7 @@
 import { read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { trim as punchHole } from 'fs-native-extensions';
+import { dropBytes } from '../lib/byte-parts.js';
 import { runLimited } from '../lib/concurrency.js';
 import { FerryError, assert } from '../lib/errors.js';
 import { RangeLock } from '../lib/range-lock.js';
@@ -484,21 +485,6 @@ export class Volume {
       done += bytesWritten;
     }
   }
-}
-
-/** The pieces left after the first `n` bytes (a short pwritev). */
-function dropBytes(pieces: readonly Uint8Array[], n: number): Uint8Array[] {
-  const out: Uint8Array[] = [];
-  let skip = n;
-  for (const p of pieces) {
-    if (skip >= p.length) {
-      skip -= p.length;
-      continue;
-    }
-    out.push(skip > 0 ? p.subarray(skip) : p);
-    skip = 0;
-  }
-  return out;
 }
 
 function checkGeometry(sizeBytes: number, blockBytes: number): void {
