@@ -26,6 +26,16 @@ export class BufferPool {
     if (this.free.length < this.keepMax && !this.free.includes(buffer)) this.free.push(buffer);
   }
 
+  /** A function that gives `buffer` back the first time it is called and does nothing after. */
+  releaser(buffer: Buffer): () => void {
+    let given = false;
+    return () => {
+      if (given) return;
+      given = true;
+      this.give(buffer);
+    };
+  }
+
   get kept(): number {
     return this.free.length;
   }

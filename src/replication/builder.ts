@@ -3,7 +3,7 @@ import { assert } from '../lib/errors.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
 import { JournalRecordType, recordSpanBytes, type JournalFile, type RingSpace } from '../storage/journal.js';
 import type { Volume } from '../storage/volume.js';
-import { chunkDataBytesMax, chunkExtentsMax, encodeChunkParts, type ChunkExtent } from './chunk.js';
+import { chunkDataBytesMax, chunkExtentsMax, encodeExtentList, type ChunkExtent } from './chunk.js';
 
 /** Longest run of zero blocks one extent describes (it carries no data). */
 const zeroExtentBlocksMax = 1 << 24;
@@ -126,7 +126,7 @@ export class DeltaSetBuilder {
   /** Seals the chunk being filled into a journal record; synchronous up to the write. */
   private flushChunk(): void {
     // The record is written from its parts: the blocks read are not copied again.
-    const [extentList] = encodeChunkParts({ extents: this.extents, data: Buffer.alloc(0) });
+    const extentList = encodeExtentList(this.extents);
     for (const p of this.parts) this.dataCrc = crc32c(p, this.dataCrc);
     this.dataBytes += this.partBytes;
     const encoded = this.journal.encodeParts({ type: JournalRecordType.Chunk, flags: 0, generation: this.generation, deltaSet: this.deltaSet, index: this.chunkIndex }, [extentList, ...this.parts]);

@@ -24,6 +24,8 @@ const extentBytes = 16;
 /** Data carried by one chunk: big enough to stream well, small enough to retry cheaply. */
 export const chunkDataBytesMax = 1024 * 1024;
 export const chunkExtentsMax = 4096;
+/** Room for the largest chunk's encoding (extent count and list, then its data). */
+export const chunkBytesMax = 4 + chunkExtentsMax * extentBytes + chunkDataBytesMax;
 
 export function encodeChunk(chunk: Chunk): Buffer {
   return Buffer.concat(encodeChunkParts(chunk));
@@ -31,16 +33,21 @@ export function encodeChunk(chunk: Chunk): Buffer {
 
 /** The encoding as two parts, the extent list and the data (not copied): for sending. */
 export function encodeChunkParts(chunk: Chunk): [Buffer, Buffer] {
-  const head = Buffer.allocUnsafe(4 + chunk.extents.length * extentBytes);
-  head.writeUInt32LE(chunk.extents.length, 0);
+  return [encodeExtentList(chunk.extents), chunk.data];
+}
+
+/** The first part of a chunk's encoding: the extent count and list. */
+export function encodeExtentList(extents: readonly ChunkExtent[]): Buffer {
+  const head = Buffer.allocUnsafe(4 + extents.length * extentBytes);
+  head.writeUInt32LE(extents.length, 0);
   let at = 4;
-  for (const e of chunk.extents) {
+  for (const e of extents) {
     head.writeBigUInt64LE(BigInt(e.block), at);
     head.writeUInt32LE(e.count, at + 8);
     head.writeUInt32LE(e.zero ? 1 : 0, at + 12);
     at += extentBytes;
   }
-  return [head, chunk.data];
+  return head;
 }
 
 /** Decodes and checks a chunk against the volume geometry; throws PROTOCOL_ERROR on anything off. */

@@ -116,7 +116,7 @@ export async function copyPiece(plan: CopyPlan, cursor: number): Promise<CopyPie
   // A failed read leaves its buffer to the collector: another read may still be filling it.
   await Promise.all(reads);
   const end = run.done ? total : at;
-  return { from: cursor, end, extents, data: buffer.subarray(0, dataBlocks * bs), blocks, release: () => pieceBuffers.give(buffer) };
+  return { from: cursor, end, extents, data: buffer.subarray(0, dataBlocks * bs), blocks, release: pieceBuffers.releaser(buffer) };
 }
 
 export interface CopyRunnerDeps {

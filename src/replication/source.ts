@@ -11,7 +11,7 @@ import type { ChangeLog } from '../tracking/change-log.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { DeltaSetBuilder, deltaSetSpanBytesMax } from './builder.js';
-import { chunkDataBytesMax, chunkExtentsMax } from './chunk.js';
+import { chunkBytesMax } from './chunk.js';
 import { Inbox } from './inbox.js';
 import { isActive, nextPairStatus, type PairEvent, type PairStatus } from './pair-state.js';
 import {
@@ -34,7 +34,7 @@ export const sendWindowChunks = 8;
  * Buffers the sender reads chunk records into (a chunk's data, its extent list), shared
  * by the pairs of the process: the window's and a few more.
  */
-const chunkBuffers = new BufferPool(chunkDataBytesMax + chunkExtentsMax * 16 + 64 * 1024, sendWindowChunks * 2);
+const chunkBuffers = new BufferPool(chunkBytesMax, sendWindowChunks * 2);
 /** How long to wait for an acknowledgement before the connection counts as failed. */
 export const ackTimeoutMs = 30_000;
 /** Silence after which the oldest unacknowledged frame is sent again. */

@@ -10,7 +10,7 @@ import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/
 import type { BatchWrite, Extent, Volume } from '../storage/volume.js';
 import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
-import { chunkDataBytesMax, chunkExtentsMax, decodeChunk, type Chunk } from './chunk.js';
+import { chunkBytesMax, decodeChunk, type Chunk } from './chunk.js';
 import { Inbox } from './inbox.js';
 import type { PointInTimeImage } from './copy.js';
 import {
@@ -52,7 +52,7 @@ const copyPersistMs = 1_000;
  */
 const copyPiecesApplyingMax = 4;
 /** Buffers playback reads chunk records into, one at a time per replica. */
-const playbackBuffers = new BufferPool(chunkDataBytesMax + chunkExtentsMax * 16 + 64 * 1024, 4);
+const playbackBuffers = new BufferPool(chunkBytesMax, 4);
 
 /**
  * The pieces of one copy session being written, oldest first. The cursor (and its

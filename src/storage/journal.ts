@@ -173,7 +173,7 @@ export class JournalFile {
     if (offset + journalRecordHeaderBytes + payloadBytes > this.capacityBytes) throw bad('claims a length past the end');
     const pooled = pool !== undefined && payloadBytes <= pool.bufferBytes ? pool.take() : undefined;
     const payload = pooled ? pooled.subarray(0, payloadBytes) : Buffer.allocUnsafe(payloadBytes);
-    const release = pooled ? once(() => pool?.give(pooled)) : undefined;
+    const release = pool && pooled ? pool.releaser(pooled) : undefined;
     const got = (await this.fh.read(payload, 0, payloadBytes, offset + journalRecordHeaderBytes)).bytesRead;
     if (got < payloadBytes || crc32c(payload) !== head.readUInt32LE(32)) {
       release?.();
@@ -226,13 +226,4 @@ export class JournalFile {
   async close(): Promise<void> {
     await this.fh.close().catch(() => undefined);
   }
-}
-
-function once(fn: () => void): () => void {
-  let done = false;
-  return () => {
-    if (done) return;
-    done = true;
-    fn();
-  };
 }

@@ -184,13 +184,7 @@ export class FrameDecoder {
       return { kind: 'corrupt-payload', header, payloadBytes: length };
     }
     if (!pooled) return { kind: 'frame', frame: { ...header, payload } };
-    let released = false;
-    const release = (): void => {
-      if (released) return;
-      released = true;
-      payloadPool.give(buffer);
-    };
-    return { kind: 'frame', frame: { ...header, payload, release } };
+    return { kind: 'frame', frame: { ...header, payload, release: payloadPool.releaser(buffer) } };
   }
 
   private peek(n: number): Buffer {
