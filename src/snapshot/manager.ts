@@ -4,6 +4,7 @@ import { statSync } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
+import { BufferPool } from '../lib/buffer-pool.js';
 import { fsyncDir } from '../lib/durable.js';
 import { FerryError, assert } from '../lib/errors.js';
 import type { Catalog, SnapshotRecord } from '../storage/catalog.js';
@@ -18,6 +19,10 @@ import { SnapshotState, snapshotFiles } from './snapshot.js';
 export const snapshotsPerVolumeMax = 1024;
 /** Largest piece of an image read, compared or written at once by delta and restore. */
 export const extentBytesMax = 1024 * 1024;
+/** Before-image batches from this size up are read into reused buffers. */
+const beforeImagePooledBytesMin = 256 * 1024;
+/** Reused before-image buffers: as large as a copy's piece, a few batches at once. */
+const beforeImageBuffers = new BufferPool(4 * 1024 * 1024, 8);
 /** Before-images moved per group commit when a snapshot is deleted. */
 const moveBatchBlocksMax = 256;
 /** Free attributes per snapshot, and their sizes. */
@@ -682,14 +687,30 @@ export class SnapshotManager {
     if (runs.length === 0) return;
     const bb = volume.blockBytes;
     const pieces = [...chunkRuns(runs, extentBytesMax / bb)];
-    // The reads of a batch run together; their order in the save volume does not matter.
-    const datas = await Promise.all(pieces.map(([start, length]) => volume.read(start * bb, length * bb)));
+    let bytes = 0;
+    for (const [, length] of pieces) bytes += length * bb;
+    // A bulk batch (a copy's piece, a delta set's chunk) reads its before-images into
+    // one reused buffer: a buffer per run would be hundreds per batch for V8 to collect.
+    const pooled = bytes >= beforeImagePooledBytesMin && bytes <= beforeImageBuffers.bufferBytes;
+    const buffer = pooled ? beforeImageBuffers.take() : Buffer.allocUnsafe(bytes);
     const entries: SaveEntry[] = [];
-    pieces.forEach(([start, length], i) => {
-      const data = datas[i] as Buffer;
-      for (let k = 0; k < length; k++) entries.push({ block: start + k, data: data.subarray(k * bb, (k + 1) * bb) });
-    });
-    await newest.addBeforeImages(entries);
+    const reads: Promise<void>[] = [];
+    let at = 0;
+    for (const [start, length] of pieces) {
+      // The reads of a batch run together; their order in the save volume does not matter.
+      reads.push(volume.readInto(buffer.subarray(at, at + length * bb), start * bb));
+      for (let k = 0; k < length; k++) entries.push({ block: start + k, data: buffer.subarray(at + k * bb, at + (k + 1) * bb) });
+      at += length * bb;
+    }
+    // Every read has settled before the buffer can go back, whatever failed.
+    const settled = await Promise.allSettled(reads);
+    try {
+      for (const r of settled) if (r.status === 'rejected') throw r.reason;
+      await newest.addBeforeImages(entries);
+    } finally {
+      // The save volume is done with the data once the append settled.
+      if (pooled) beforeImageBuffers.give(buffer);
+    }
   }
 
   /** Loads the snapshot and every later one (a read may resolve to any of them). */

@@ -1,5 +1,6 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { crc32c } from '../lib/checksum.js';
+import { dropBytes } from '../lib/byte-parts.js';
 import { FerryError, assert } from '../lib/errors.js';
 
 /**
@@ -13,7 +14,7 @@ import { FerryError, assert } from '../lib/errors.js';
  *     u48 block + u16 0, u32 crc32c(data), u32 tag, then the block's bytes
  *
  * `tag` is the CRC32C of the snapshot id: a record copied from another file is refused.
- * Records are written in groups (group commit): one pwrite and one fdatasync for every
+ * Records are written in groups (group commit): one pwritev and one fdatasync for every
  * request waiting, then the group's records are handed to `onCommit` — the caller
  * updates its maps only then, so a map never names a record that is not durable.
  * A group is written only after the previous one is durable, which is what lets
@@ -25,7 +26,7 @@ export const saveVolumeFormatVersion = 1;
 const fileHeaderBytes = 4096;
 const recordHeaderBytes = 32;
 const recordMagic = 0x43525653; // "SVRC"
-/** Records written with one pwrite + fdatasync at most (8 MiB of 8 KiB blocks). */
+/** Records written with one pwritev + fdatasync at most (8 MiB of 8 KiB blocks). */
 export const saveGroupRecordsMax = 1024;
 /** Records read at once while scanning a tail after a restart. */
 const scanRecordsPerRead = 64;
@@ -218,21 +219,27 @@ export class SaveVolume {
           if (this.failure) throw this.failure;
           const start = this.recordCountValue;
           if (start + records > saveRecordsMax) throw new FerryError('SNAPSHOT_LIMIT', `save volume ${this.path} is full (${saveRecordsMax} records)`);
-          // Every byte of every record is written by encodeRecord.
-          const buf = Buffer.allocUnsafe(records * this.recordBytes);
+          // Each record goes out as its header and the caller's data, without first being
+          // copied into one buffer; the file gets the same bytes as from one write.
+          const headers = Buffer.allocUnsafe(records * recordHeaderBytes);
+          const parts: Buffer[] = [];
           const blocks: number[] = [];
           let i = 0;
           for (const w of group) {
             for (const e of w.entries) {
-              encodeRecord(buf.subarray(i * this.recordBytes, (i + 1) * this.recordBytes), start + i, start, e.block, e.data, this.tag);
+              const header = headers.subarray(i * recordHeaderBytes, (i + 1) * recordHeaderBytes);
+              encodeRecordHeader(header, start + i, start, e.block, e.data, this.tag);
+              parts.push(header, Buffer.from(e.data.buffer, e.data.byteOffset, e.data.length));
               blocks.push(e.block);
               i++;
             }
           }
-          let done = 0;
-          while (done < buf.length) {
-            const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, fileHeaderBytes + start * this.recordBytes + done);
+          let rest = parts;
+          const length = records * this.recordBytes;
+          for (let done = 0; done < length; ) {
+            const { bytesWritten } = await this.fh.writev(rest, fileHeaderBytes + start * this.recordBytes + done);
             done += bytesWritten;
+            if (done < length) rest = dropBytes(rest, bytesWritten);
           }
           // SPEC §4 rule 3: the before-images are durable before any caller lets the
           // new data reach the volume file.
@@ -274,16 +281,16 @@ function decodeFileHeader(h: Buffer, path: string, snapshotId: string, blockByte
   }
 }
 
-function encodeRecord(rec: Buffer, index: number, groupStart: number, block: number, data: Uint8Array, tag: number): void {
-  rec.writeUInt32LE(recordMagic, 0);
-  rec.writeUInt32LE(index, 8);
-  rec.writeUInt32LE(groupStart, 12);
-  rec.writeUIntLE(block, 16, 6);
-  rec.writeUInt16LE(0, 22);
-  rec.writeUInt32LE(crc32c(data), 24);
-  rec.writeUInt32LE(tag, 28);
-  rec.writeUInt32LE(crc32c(rec.subarray(8, recordHeaderBytes)), 4);
-  rec.set(data, recordHeaderBytes);
+/** The record header of a before-image; the block's bytes follow it in the file. */
+function encodeRecordHeader(header: Buffer, index: number, groupStart: number, block: number, data: Uint8Array, tag: number): void {
+  header.writeUInt32LE(recordMagic, 0);
+  header.writeUInt32LE(index, 8);
+  header.writeUInt32LE(groupStart, 12);
+  header.writeUIntLE(block, 16, 6);
+  header.writeUInt16LE(0, 22);
+  header.writeUInt32LE(crc32c(data), 24);
+  header.writeUInt32LE(tag, 28);
+  header.writeUInt32LE(crc32c(header.subarray(8, recordHeaderBytes)), 4);
 }
 
 function checkRecord(rec: Buffer, index: number, tag: number, blockBytes: number): { block: number; groupStart: number } | undefined {
