@@ -1,5 +1,6 @@
 import { rm, stat, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
+import { BufferPool } from '../lib/buffer-pool.js';
 import { FerryError } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
@@ -10,11 +11,12 @@ import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '..
 import { extentBytesDefault } from '../tracking/change-log.js';
 import type { PeerIdentity, RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
-import { decodeChunk } from '../replication/chunk.js';
+import { chunkBytesMax, decodeChunk } from '../replication/chunk.js';
 import { CopyRunner } from '../replication/copy.js';
 import { Inbox } from '../replication/inbox.js';
 import { ReplFrame, json } from '../replication/protocol.js';
 import type { ReplicationManager } from '../replication/manager.js';
+import type { SourceReplicator } from '../replication/source.js';
 import { checkFailover, describeRecovery, discardSnapshotName, intermediateSnapshotName, planUndo, restartSnapshotName } from './plan.js';
 
 /** How long a failover waits for the other site's answer when it is only told (not --sync). */
@@ -24,6 +26,8 @@ const playbackTimeoutMs = 600_000;
 const requestTimeoutMs = 60_000;
 /** Runs of blocks per RecoveryData frame (12 bytes each). */
 const runsPerFrame = 1 << 20;
+/** The chunk being read while the undo list is gathered from the save volume. */
+const undoReadBuffers = new BufferPool(chunkBytesMax, 1);
 /** Failback brings the other side within this many blocks before hosts are held (E FIG. 30: one chunk). */
 const failbackWithinBytes = 1024 * 1024;
 
@@ -301,28 +305,66 @@ export class Recovery {
         sourceVolume: volume,
         saveVolumeBytes: pair.saveVolumeBytes,
       };
-      const { reply, runs } = await this.resyncRequest(pair.peerUrl, request);
+      // E FIG. 28 step 533 needs nothing from the old source: the intermediate point is
+      // taken here while the old source lists its undo blocks (steps 531-532).
+      const preparing = r.restartSnapshot ? this.takeIntermediatePoint(pair, r.restartSnapshot) : undefined;
+      // A failed preparation is dropped; the step is taken again in the background.
+      const prepared = preparing?.catch((err: Error) => {
+        this.log.warn({ volume, err: err.message }, 'resync: the intermediate point could not be taken yet; retrying');
+        return undefined;
+      });
+      let answer: { reply: ResyncReply; runs: [number, number][] };
+      try {
+        answer = await this.resyncRequest(pair.peerUrl, request);
+      } catch (err) {
+        await this.abandonIntermediatePoint(pair, await prepared);
+        throw err;
+      }
+      const { reply, runs } = answer;
       const dir = await this.pairDir(volume);
       const undo = new PagedBitmap(this.m.deps.volumes.get(volume).blockCount);
       for (const [s, n] of runs) undo.setRange(s, n);
-      await writeBitmapFile(join(dir, 'undo.bitmap'), undo);
-      r.fullCopy = reply.fullCopy;
-      if (reply.fullCopyReason !== undefined) r.fullCopyReason = reply.fullCopyReason;
-      r.discardedBlocks = reply.discardedBlocks;
-      if (reply.discardSnapshot !== undefined) r.discardSnapshot = reply.discardSnapshot;
-      r.resyncStartedAt = startedAt;
-      r.phase = reply.fullCopy ? 'resync-full' : 'resync';
-      if (reply.fullCopy) {
-        // Rule 6: never a full copy without saying so.
-        this.log.warn({ volume, reason: reply.fullCopyReason }, 'resync needs a FULL COPY: the old source cannot undo its changes from its own records');
+      let point = await prepared;
+      if (reply.fullCopy && point) {
+        // E FIG. 28 steps 536-537: the intermediate point comes after a first full copy.
+        await this.abandonIntermediatePoint(pair, point);
+        point = undefined;
       }
-      if (reply.discardedBlocks > 0 || reply.discardSnapshot) {
-        this.log.warn({ volume, blocks: reply.discardedBlocks, snapshot: reply.discardSnapshot, site: pair.peerSiteName }, 'writes made at the old source after the restart point are discarded; they are kept in a snapshot there');
+      try {
+        if (point) point.differ.or(undo);
+        await Promise.all([writeBitmapFile(join(dir, 'undo.bitmap'), undo), point ? this.planIntermediateCopy(pair, point.differ) : undefined]);
+        r.fullCopy = reply.fullCopy;
+        if (reply.fullCopyReason !== undefined) r.fullCopyReason = reply.fullCopyReason;
+        r.discardedBlocks = reply.discardedBlocks;
+        if (reply.discardSnapshot !== undefined) r.discardSnapshot = reply.discardSnapshot;
+        r.resyncStartedAt = startedAt;
+        r.phase = reply.fullCopy ? 'resync-full' : 'resync';
+        if (reply.fullCopy) {
+          // Rule 6: never a full copy without saying so.
+          this.log.warn({ volume, reason: reply.fullCopyReason }, 'resync needs a FULL COPY: the old source cannot undo its changes from its own records');
+        }
+        if (reply.discardedBlocks > 0 || reply.discardSnapshot) {
+          this.log.warn({ volume, blocks: reply.discardedBlocks, snapshot: reply.discardSnapshot, site: pair.peerSiteName }, 'writes made at the old source after the restart point are discarded; they are kept in a snapshot there');
+        }
+        pair.state = 'initial-copying';
+        pair.stateReason = describeRecovery(pair);
+        this.m.catalog.putPair(pair);
+      } catch (err) {
+        await point?.source.close();
+        throw err;
       }
-      pair.state = 'initial-copying';
-      pair.stateReason = describeRecovery(pair);
-      this.m.catalog.putPair(pair);
-      this.runResync(volume);
+      const started = point
+        ? await this.handOverTracking(pair, point.source).then(
+            () => true,
+            (err: Error) => {
+              this.log.error({ volume, err: err.message }, 'resync: the copy could not be started; retrying');
+              return false;
+            },
+          )
+        : false;
+      if (started) this.log.info({ volume, blocks: r.resyncBlocks, fullCopy: false }, 'resync: copying the blocks that differ while newer writes replicate');
+      // The rest (or a retry) runs in the background from what the record says.
+      else this.runResync(volume);
     } finally {
       this.busy.delete(volume);
     }
@@ -406,54 +448,91 @@ export class Recovery {
     if (pair.recovery?.phase !== 'resync' || this.m.sources.has(volume)) return;
     const rr = pair.recovery;
     const dir = await this.pairDir(volume);
-    const copyBitmapPath = this.m.copyBitmapPath(pair);
-    if (!(await exists(copyBitmapPath))) {
-      // E FIG. 28 step 533: tracking starts, then the intermediate point is taken; the
-      // writes after it replicate as delta sets, the blocks that differ before it are copied.
-      const source = await this.m.openSource(pair);
-      let resume: () => void;
+    // The copy's plan is fixed once its bitmap is written and the record names its image.
+    if (!(await exists(this.m.copyBitmapPath(pair))) || pair.initialCopy.snapshot !== i2) {
+      const point = await this.takeIntermediatePoint(pair, rr.fullCopy ? i1 : (rr.restartSnapshot as string));
       try {
-        // An intermediate point left by an attempt that did not get this far may
-        // predate this attempt's tracking: it is taken again, after tracking started.
-        if (snapshots.list(volume).some((s) => s.name === i2)) await snapshots.delete(volume, i2);
-        await snapshots.create(volume, i2, { purpose: 'resync intermediate point', pairId: pair.pairId, deltaSet: String(pair.deltaSetCreated) });
-        const base = rr.fullCopy ? i1 : (rr.restartSnapshot as string);
-        const differ = await snapshots.changedBlocks(volume, base, i2);
-        if (!rr.fullCopy) differ.or(await readBitmapFile(join(dir, 'undo.bitmap')));
-        await writeBitmapFile(copyBitmapPath, differ);
-        rr.resyncBlocks = differ.count;
-        rr.intermediateSnapshots = [...new Set([...(rr.intermediateSnapshots ?? []), i2])];
-        pair.initialCopy = {
-          cursorBlock: 0,
-          totalBlocks: volumes.get(volume).blockCount,
-          stampedDeltaSet: pair.deltaSetCreated,
-          startedAt: this.now(),
-          bytes: 0,
-          copyId: (pair.initialCopy.copyId ?? 0) + 1,
-          snapshot: i2,
-          plannedBlocks: differ.count,
-          copiedBlocks: 0,
-        };
+        if (!rr.fullCopy) point.differ.or(await readBitmapFile(join(dir, 'undo.bitmap')));
+        await this.planIntermediateCopy(pair, point.differ);
         pair.state = 'initial-copying';
         pair.stateReason = describeRecovery(pair);
         this.m.catalog.putPair(pair);
-        // Host writes wait while tracking passes to the source that runs the copy: none
-        // may fall between the two and go untracked.
-        resume = await volumes.get(volume).quiesce();
       } catch (err) {
-        await source.close();
+        await point.source.close();
         throw err;
       }
-      try {
-        await source.close();
-        await this.startSource(pair);
-      } finally {
-        resume();
-      }
+      await this.handOverTracking(pair, point.source);
       this.log.info({ volume, blocks: rr.resyncBlocks, fullCopy: rr.fullCopy ?? false }, 'resync: copying the blocks that differ while newer writes replicate');
       return;
     }
     await this.startSource(pair);
+  }
+
+  /**
+   * E FIG. 28 step 533: change tracking starts, then the intermediate point is taken;
+   * the writes after it replicate as delta sets, the blocks that differ from `base`
+   * before it are copied. An intermediate point left by an attempt that did not get
+   * this far may predate this attempt's tracking: it is taken again.
+   */
+  private async takeIntermediatePoint(pair: PairRecord, base: string): Promise<{ source: SourceReplicator; differ: PagedBitmap }> {
+    const { snapshots } = this.m.deps;
+    const i2 = intermediateSnapshotName(pair.generation, 2);
+    const source = await this.m.openSource(pair);
+    try {
+      if (snapshots.list(pair.volume).some((s) => s.name === i2)) await snapshots.delete(pair.volume, i2);
+      await snapshots.create(pair.volume, i2, { purpose: 'resync intermediate point', pairId: pair.pairId, deltaSet: String(pair.deltaSetCreated) });
+      return { source, differ: await snapshots.changedBlocks(pair.volume, base, i2) };
+    } catch (err) {
+      await source.close();
+      throw err;
+    }
+  }
+
+  /** An intermediate point taken for a resync that is not going ahead with it. */
+  private async abandonIntermediatePoint(pair: PairRecord, point: { source: SourceReplicator } | undefined): Promise<void> {
+    if (!point) return;
+    await point.source.close();
+    await this.dropSnapshot(pair.volume, intermediateSnapshotName(pair.generation, 2));
+  }
+
+  /** Writes the copy's bitmap and plans the copy from the intermediate point in the record (the caller commits it). */
+  private async planIntermediateCopy(pair: PairRecord, blocks: PagedBitmap): Promise<void> {
+    const r = pair.recovery as RecoveryRecord;
+    const i2 = intermediateSnapshotName(pair.generation, 2);
+    await writeBitmapFile(this.m.copyBitmapPath(pair), blocks);
+    r.resyncBlocks = blocks.count;
+    r.intermediateSnapshots = [...new Set([...(r.intermediateSnapshots ?? []), i2])];
+    pair.initialCopy = {
+      cursorBlock: 0,
+      totalBlocks: this.m.deps.volumes.get(pair.volume).blockCount,
+      stampedDeltaSet: pair.deltaSetCreated,
+      startedAt: this.now(),
+      bytes: 0,
+      copyId: (pair.initialCopy.copyId ?? 0) + 1,
+      snapshot: i2,
+      plannedBlocks: blocks.count,
+      copiedBlocks: 0,
+    };
+  }
+
+  /**
+   * Tracking passes from the source that took the intermediate point to the one that
+   * runs the copy; host writes wait meanwhile, so none falls between the two untracked.
+   */
+  private async handOverTracking(pair: PairRecord, tracking: SourceReplicator): Promise<void> {
+    let resume: () => void;
+    try {
+      resume = await this.m.deps.volumes.get(pair.volume).quiesce();
+    } catch (err) {
+      await tracking.close();
+      throw err;
+    }
+    try {
+      await tracking.close();
+      await this.startSource(pair);
+    } finally {
+      resume();
+    }
   }
 
   private async startSource(pair: PairRecord): Promise<void> {
@@ -767,12 +846,16 @@ export class Recovery {
           if (!ds) return full(`delta set ${n} is missing`);
           let lsn = ds.startLsn;
           for (let index = 0; index < ds.chunks; index++) {
-            const record = await journal.readNext(lsn, ds.endLsn).catch(() => undefined);
-            if (!record || record.deltaSet !== n || record.index !== index || record.generation !== ds.generation) {
-              return full(`delta set ${n} is damaged in the save volume (chunk ${index})`);
+            const record = await journal.readNext(lsn, ds.endLsn, undoReadBuffers).catch(() => undefined);
+            try {
+              if (!record || record.deltaSet !== n || record.index !== index || record.generation !== ds.generation) {
+                return full(`delta set ${n} is damaged in the save volume (chunk ${index})`);
+              }
+              for (const e of decodeChunk(record.payload, volume.blockBytes, volume.blockCount).extents) bits.setRange(e.block, e.count);
+              lsn = record.nextLsn;
+            } finally {
+              record?.release?.();
             }
-            for (const e of decodeChunk(record.payload, volume.blockBytes, volume.blockCount).extents) bits.setRange(e.block, e.count);
-            lsn = record.nextLsn;
           }
         }
       } finally {

@@ -298,6 +298,13 @@ test('SIGKILL of either site during resync and during failback: it resumes, corr
       await b.writeData('db', w.offset, w.data);
       w.data.copy(bImage, w.offset);
     }
+    // With the old source still down, a resync fails cleanly and leaves nothing behind
+    // (the intermediate point it took meanwhile is dropped).
+    const early = await b.cli(['resync', 'db']);
+    assert.notEqual(early.code, 0, 'resync with the old source down must fail');
+    assert.equal(await recoveryPhase(b), 'failed-over');
+    const snaps = (await b.api<{ name: string }[]>('GET', '/api/v1/volumes/db/snapshots')).body.map((s) => s.name);
+    assert.ok(!snaps.some((n) => n.startsWith('ferry-resync')), `snapshots left: ${snaps.join(', ')}`);
     await a.start();
     await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
     assert.equal((await b.cli(['resync', 'db'])).code, 0);
