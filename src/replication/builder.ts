@@ -1,3 +1,4 @@
+import { BufferPool } from '../lib/buffer-pool.js';
 import { crc32c } from '../lib/checksum.js';
 import { assert } from '../lib/errors.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
@@ -7,6 +8,28 @@ import { chunkDataBytesMax, chunkExtentsMax, encodeExtentList, type ChunkExtent 
 
 /** Longest run of zero blocks one extent describes (it carries no data). */
 const zeroExtentBlocksMax = 1 << 24;
+/** Runs from this size up are read into reused buffers (sequential writes: a chunk's worth at a time). */
+const pooledReadBytesMin = 256 * 1024;
+/** Reused read buffers: a chunk's data, for the chunks being written and the one being filled. */
+const readBuffers = new BufferPool(chunkDataBytesMax, 8);
+
+/**
+ * A buffer the builder read blocks into, shared by the chunks holding its parts: it
+ * goes back to the pool once the builder is done with it and every such chunk is written.
+ */
+class SharedRead {
+  private holders = 1;
+
+  constructor(private readonly release: () => void) {}
+
+  hold(): void {
+    this.holders++;
+  }
+
+  drop(): void {
+    if (--this.holders === 0) this.release();
+  }
+}
 
 export interface BuiltDeltaSet {
   startLsn: number;
@@ -38,6 +61,8 @@ export function deltaSetSpanBytesMax(blocks: number, blockBytes: number): number
 export class DeltaSetBuilder {
   private extents: ChunkExtent[] = [];
   private parts: Buffer[] = [];
+  /** Reused buffers the parts of the chunk being filled are views of. */
+  private shared = new Set<SharedRead>();
   private partBytes = 0;
   private chunkIndex = 0;
   private dataCrc = 0;
@@ -79,8 +104,20 @@ export class DeltaSetBuilder {
       const allocated = [...this.volume.allocation.runs(s, end)];
       for (const [as, an] of allocated) {
         if (as > cursor) this.addZero(cursor, as - cursor);
-        const data = await this.volume.read(as * bs, an * bs);
-        this.addData(as, an, data);
+        const bytes = an * bs;
+        if (bytes >= pooledReadBytesMin && bytes <= readBuffers.bufferBytes) {
+          const buffer = readBuffers.take();
+          const owner = new SharedRead(readBuffers.releaser(buffer));
+          try {
+            await this.volume.readInto(buffer.subarray(0, bytes), as * bs);
+            this.addData(as, an, buffer.subarray(0, bytes), owner);
+          } finally {
+            // The builder's own hold: the read has settled, the chunks hold theirs.
+            owner.drop();
+          }
+        } else {
+          this.addData(as, an, await this.volume.read(as * bs, bytes));
+        }
         cursor = as + an;
       }
       if (cursor < end) this.addZero(cursor, end - cursor);
@@ -108,7 +145,7 @@ export class DeltaSetBuilder {
     }
   }
 
-  private addData(block: number, count: number, data: Buffer): void {
+  private addData(block: number, count: number, data: Buffer, owner?: SharedRead): void {
     const bs = this.volume.blockBytes;
     const perChunk = Math.max(1, Math.floor(chunkDataBytesMax / bs));
     for (let done = 0; done < count; ) {
@@ -116,6 +153,10 @@ export class DeltaSetBuilder {
       const n = Math.min(room, count - done);
       this.extents.push({ block: block + done, count: n, zero: false });
       this.parts.push(data.subarray(done * bs, (done + n) * bs));
+      if (owner && !this.shared.has(owner)) {
+        owner.hold();
+        this.shared.add(owner);
+      }
       this.partBytes += n * bs;
       this.blocks += n;
       done += n;
@@ -134,10 +175,18 @@ export class DeltaSetBuilder {
     // The cutter reserved the worst case before switching tables, so this cannot fail.
     assert(lsn !== undefined, `save volume out of space inside delta set ${this.deltaSet}`);
     this.startLsn ??= lsn;
-    this.writes.push(this.journal.write(lsn, encoded));
+    const shared = [...this.shared];
+    const written = this.journal.write(lsn, encoded);
+    // The read buffers go back once the record is written (or its write failed).
+    void written.then(
+      () => shared.forEach((o) => o.drop()),
+      () => shared.forEach((o) => o.drop()),
+    );
+    this.writes.push(written);
     this.chunkIndex++;
     this.extents = [];
     this.parts = [];
+    this.shared = new Set();
     this.partBytes = 0;
   }
 }

@@ -49,10 +49,11 @@ test('new remote copy while the source is written, then delta sets: digests equa
     const denied = await fetch(`${b.url}/api/v1/volumes/db/data?offset=0`, { method: 'PUT', body: Buffer.alloc(1), headers: { 'content-type': 'application/octet-stream' } });
     assert.equal(denied.status, 409);
 
-    // After the copy: more writes, rewrites of the same blocks, then in sync again.
+    // After the copy: more writes, rewrites of the same blocks, then in sync again; some
+    // long enough that one run of blocks fills a chunk and spills into the next.
     for (let round = 0; round < 5; round++) {
       for (let i = 0; i < 10; i++) {
-        const w = model.randomWrite();
+        const w = model.randomWrite(i === 0 ? 3 * MiB : undefined);
         model.apply(w.offset, w.data);
         await a.writeData('db', w.offset, w.data);
       }
