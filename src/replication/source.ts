@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { type Clock, Waker } from '../lib/clock.js';
-import { crc32c } from '../lib/checksum.js';
+import { crc32c, crc32cCombine } from '../lib/checksum.js';
 import { FerryError, assert, isFerryError } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
 import type { DeltaSetRecord, PairRecord, ReplicationCatalog } from '../storage/replication-catalog.js';
@@ -586,8 +586,10 @@ export class SourceReplicator {
     const sendChunk = async (index: number): Promise<void> => {
       const record = await this.deps.journal.read(lsns[index] as number, { deltaSet: ds.n, index, generation: ds.generation, type: JournalRecordType.Chunk }, chunkBuffers);
       const parts = encodeChunkFrameParts(ds.n, index, record.payload);
-      // The buffer is reused once the socket has taken the chunk.
-      connection.send(ReplFrame.Chunk, parts, { generation }, record.release);
+      // The buffer is reused once the socket has taken the chunk. The frame's checksum
+      // comes from the record's, checked as it was read: the chunk is not read again.
+      const payloadCrc = crc32cCombine(crc32c(parts[0]), record.crc, parts[1].length);
+      connection.send(ReplFrame.Chunk, parts, { generation }, record.release, payloadCrc);
       this.countSent(parts[0].length + parts[1].length);
       this.stats.currentChunk = index;
     };

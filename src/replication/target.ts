@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { type Clock, Waker } from '../lib/clock.js';
-import { crc32c } from '../lib/checksum.js';
+import { crc32c, crc32cCombine, crc32cSuffix } from '../lib/checksum.js';
 import { runLimited } from '../lib/concurrency.js';
 import { FerryError, assert } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, recordSpanBytes, type JournalFile } from '../storage/journal.js';
@@ -387,7 +387,7 @@ export class TargetReplica {
   private async handle(connection: RcpConnection, frame: Frame): Promise<void> {
     switch (frame.type) {
       case ReplFrame.Chunk:
-        return this.storeChunk(connection, frame.payload);
+        return this.storeChunk(connection, frame);
       case ReplFrame.DeltaSetHeader:
         return this.seal(connection, json<DeltaSetHeaderBody>(frame));
       case ReplFrame.Heartbeat: {
@@ -560,8 +560,9 @@ export class TargetReplica {
 
   // ---- delta sets -------------------------------------------------------------------
 
-  private async storeChunk(connection: RcpConnection, payload: Buffer): Promise<void> {
+  private async storeChunk(connection: RcpConnection, frame: Frame): Promise<void> {
     const { volume, pair, journal } = this.deps;
+    const { payload } = frame;
     const { deltaSet, index, chunkBytes } = decodeChunkFrame(payload);
     if (deltaSet <= pair.deltaSetReceived) {
       this.ack(connection, deltaSet, Number.MAX_SAFE_INTEGER, true);
@@ -580,8 +581,13 @@ export class TargetReplica {
       return;
     }
     const chunk = decodeChunk(chunkBytes, volume.blockBytes, volume.blockCount);
+    // The record's and the delta set's checksums are taken out of the frame's, which
+    // was checked on arrival: the chunk is not read again for them.
+    const prefixBytes = payload.length - chunkBytes.length;
+    const chunkCrc = crc32cSuffix(frame.payloadCrc ?? crc32c(payload), crc32c(payload.subarray(0, prefixBytes)), chunkBytes.length);
+    const chunkDataCrc = crc32cSuffix(chunkCrc, crc32c(chunkBytes.subarray(0, chunkBytes.length - chunk.data.length)), chunk.data.length);
     // Written from the frame's payload as it is (no copy): it is not released before this returns.
-    const encoded = journal.encodeParts({ type: JournalRecordType.Chunk, flags: 0, generation: pair.generation, deltaSet, index }, [chunkBytes]);
+    const encoded = journal.encodeParts({ type: JournalRecordType.Chunk, flags: 0, generation: pair.generation, deltaSet, index }, [chunkBytes], chunkCrc);
     const span = recordSpanBytes(chunkBytes.length);
     let lsn = this.ring.allocate(span);
     while (lsn === undefined) {
@@ -599,7 +605,7 @@ export class TargetReplica {
     await journal.sync();
     this.receiving.startLsn ??= lsn;
     this.receiving.chunks.push({ lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length });
-    this.receiving.dataCrc = crc32c(chunk.data, this.receiving.dataCrc);
+    this.receiving.dataCrc = crc32cCombine(this.receiving.dataCrc, chunkDataCrc, chunk.data.length);
     pair.bytesReceived += payload.length;
     this.ack(connection, deltaSet, this.receiving.chunks.length, false);
   }

@@ -34,6 +34,8 @@ export interface JournalRecordHeader {
 
 export interface JournalRecord extends JournalRecordHeader {
   payload: Buffer;
+  /** The payload's CRC32C, checked when it was read. */
+  crc: number;
   /** Present when the payload was read into a pooled buffer: gives it back (once; the payload must not be used after). */
   release?: () => void;
   lsn: number;
@@ -120,13 +122,15 @@ export class JournalFile {
    * A record whose payload is `parts` in order, as the parts to write: the record
    * header, the parts themselves (not copied) and the padding to the record's span.
    */
-  encodeParts(header: JournalRecordHeader, parts: readonly Uint8Array[]): Buffer[] {
+  encodeParts(header: JournalRecordHeader, parts: readonly Uint8Array[], payloadCrc?: number): Buffer[] {
     let length = 0;
     let crc = 0;
     for (const p of parts) {
       length += p.length;
-      crc = crc32c(p, crc);
+      if (payloadCrc === undefined) crc = crc32c(p, crc);
     }
+    // Given when the caller already holds the parts' checksum (it is not computed again).
+    if (payloadCrc !== undefined) crc = payloadCrc;
     const head = Buffer.alloc(journalRecordHeaderBytes);
     head.writeUInt32LE(journalRecordMagic, 0);
     head.writeUInt16LE(header.type, 4);
@@ -186,6 +190,7 @@ export class JournalFile {
       deltaSet: Number(head.readBigUInt64LE(16)),
       index: head.readUInt32LE(24),
       payload,
+      crc: head.readUInt32LE(32),
       lsn,
       nextLsn: lsn + recordSpanBytes(payloadBytes),
       ...(release ? { release } : {}),

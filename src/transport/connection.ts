@@ -64,9 +64,10 @@ export class RcpConnection extends EventEmitter {
    * Sends one frame. A payload given as parts (e.g. a piece's extent list and its data)
    * is written as it is, corked into one writev, never joined into one buffer.
    * `written` runs once the socket no longer needs the payload (it was handed to the
-   * kernel, or the connection failed), so its buffers can be reused.
+   * kernel, or the connection failed), so its buffers can be reused. `payloadCrc` is the
+   * parts' CRC32C when the caller already knows it (the parts are then not read for it).
    */
-  send(type: number, payload?: Uint8Array | readonly Uint8Array[], header: Partial<FrameHeader> = {}, written?: () => void): bigint {
+  send(type: number, payload?: Uint8Array | readonly Uint8Array[], header: Partial<FrameHeader> = {}, written?: () => void, payloadCrc?: number): bigint {
     const sequence = header.sequence ?? ++this.sequence;
     if (payload === undefined || payload instanceof Uint8Array) {
       const bytes = encodeFrame({ ...header, type, sequence, ...(payload ? { payload } : {}) });
@@ -74,7 +75,7 @@ export class RcpConnection extends EventEmitter {
       this.socket.write(bytes, written && (() => written()));
       return sequence;
     }
-    const head = encodeFrameHeader({ ...header, type, sequence }, payload);
+    const head = encodeFrameHeader({ ...header, type, sequence }, payload, payloadCrc);
     const parts = [head, ...payload.filter((p) => p.length > 0)];
     this.socket.cork();
     parts.forEach((part, i) => {

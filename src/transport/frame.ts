@@ -45,6 +45,8 @@ export interface FrameHeader {
 
 export interface Frame extends FrameHeader {
   payload: Buffer;
+  /** The payload's CRC32C as checked on arrival (a receiver may derive the checksums of its parts from it). */
+  payloadCrc?: number;
   /**
    * Present when the payload lives in a pooled buffer: whoever is last to use the
    * payload may call it once, after which the payload must not be touched. Not
@@ -73,19 +75,21 @@ export function encodeFrame(frame: { type: number; flags?: number; generation?: 
  * The 40-byte header of a frame whose payload is `parts` in order, so that large
  * payloads (copy pieces, chunks) go to the socket as they are, without being joined.
  */
-export function encodeFrameHeader(frame: { type: number; flags?: number; generation?: bigint; sequence?: bigint }, parts: readonly Uint8Array[]): Buffer {
+export function encodeFrameHeader(frame: { type: number; flags?: number; generation?: bigint; sequence?: bigint }, parts: readonly Uint8Array[], payloadCrc?: number): Buffer {
   const out = Buffer.allocUnsafe(frameHeaderBytes);
-  writeFrameHeader(out, frame, parts);
+  writeFrameHeader(out, frame, parts, payloadCrc);
   return out;
 }
 
-function writeFrameHeader(out: Buffer, frame: { type: number; flags?: number; generation?: bigint; sequence?: bigint }, parts: readonly Uint8Array[]): void {
+/** `payloadCrc`, when given, is the parts' CRC32C as the caller knows it (from checksums it already holds). */
+function writeFrameHeader(out: Buffer, frame: { type: number; flags?: number; generation?: bigint; sequence?: bigint }, parts: readonly Uint8Array[], payloadCrc?: number): void {
   let length = 0;
   let crc = 0;
   for (const p of parts) {
     length += p.length;
-    crc = crc32c(p, crc);
+    if (payloadCrc === undefined) crc = crc32c(p, crc);
   }
+  if (payloadCrc !== undefined) crc = payloadCrc;
   if (length > framePayloadBytesMax) {
     throw new FerryError('PAYLOAD_TOO_LARGE', `frame payload of ${length} bytes exceeds ${framePayloadBytesMax}`);
   }
@@ -167,7 +171,7 @@ export class FrameDecoder {
       if (crc32c(payload) !== whole.readUInt32BE(32)) {
         out.push({ kind: 'corrupt-payload', header, payloadBytes: length });
       } else {
-        out.push({ kind: 'frame', frame: { ...header, payload } });
+        out.push({ kind: 'frame', frame: { ...header, payload, payloadCrc: whole.readUInt32BE(32) } });
       }
     }
     return out;
@@ -183,8 +187,8 @@ export class FrameDecoder {
       if (pooled) payloadPool.give(buffer);
       return { kind: 'corrupt-payload', header, payloadBytes: length };
     }
-    if (!pooled) return { kind: 'frame', frame: { ...header, payload } };
-    return { kind: 'frame', frame: { ...header, payload, release: payloadPool.releaser(buffer) } };
+    if (!pooled) return { kind: 'frame', frame: { ...header, payload, payloadCrc: crc } };
+    return { kind: 'frame', frame: { ...header, payload, payloadCrc: crc, release: payloadPool.releaser(buffer) } };
   }
 
   private peek(n: number): Buffer {

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { FrameDecoder, type DecodedItem, encodeFrame, encodeFrameHeader, frameHeaderBytes, FrameType, framePayloadBytesMax } from '../../src/transport/frame.js';
 import { FerryError } from '../../src/lib/errors.js';
+import { crc32c, crc32cCombine, crc32cSuffix } from '../../src/lib/checksum.js';
 
 test('frames round-trip through the decoder split at every byte boundary', () => {
   const a = encodeFrame({ type: FrameType.Hello, generation: 7n, sequence: 1n, payload: Buffer.from('hello') });
@@ -128,3 +129,20 @@ import * as checksum from '../../src/lib/checksum.js';
 function awaitImportCrc(): typeof checksum {
   return checksum;
 }
+
+test('CRC32C of a concatenation from its parts agrees with the checksum of the whole', () => {
+  fc.assert(
+    fc.property(fc.uint8Array({ maxLength: 300 }), fc.uint8Array({ maxLength: 5000 }), (a, b) => {
+      const whole = crc32c(Buffer.concat([a, b]));
+      assert.equal(crc32cCombine(crc32c(a), crc32c(b), b.length), whole);
+      assert.equal(crc32cSuffix(whole, crc32c(a), b.length), crc32c(b));
+    }),
+    { seed: 2026, numRuns: 300 },
+  );
+  // A chunk-sized suffix, and one past 2^32 bits.
+  const a = Buffer.from('prefix');
+  const b = Buffer.alloc(1024 * 1024 + 17, 7);
+  assert.equal(crc32cCombine(crc32c(a), crc32c(b), b.length), crc32c(Buffer.concat([a, b])));
+  const big = 600 * 1024 * 1024;
+  assert.equal(crc32cSuffix(crc32cCombine(crc32c(a), 0x1234, big), crc32c(a), big), 0x1234);
+});
