@@ -253,12 +253,15 @@ async function crashSoak(victim: 'source' | 'target', kills: number): Promise<vo
   }
 }
 
-test('SIGKILL of the source at 20 random moments: resumes without a full copy, target always at a boundary', async () => {
-  await crashSoak('source', Number(process.env.FERRY_SOAK_KILLS ?? 20));
+/** SIGKILLs per crash test: 20 in the suite, more from `npm run soak` (FERRY_SOAK_KILLS). */
+const soakKills = Number(process.env.FERRY_SOAK_KILLS ?? 20);
+
+test(`SIGKILL of the source at ${soakKills} random moments: resumes without a full copy, target always at a boundary`, async () => {
+  await crashSoak('source', soakKills);
 });
 
-test('SIGKILL of the target at 20 random moments: resumes without a full copy, target always at a boundary', async () => {
-  await crashSoak('target', Number(process.env.FERRY_SOAK_KILLS ?? 20));
+test(`SIGKILL of the target at ${soakKills} random moments: resumes without a full copy, target always at a boundary`, async () => {
+  await crashSoak('target', soakKills);
 });
 
 test('fault-injecting proxy: flipped bits are refused and resent, drops and stalls recovered, nothing wrong applied', async () => {
