@@ -21,7 +21,6 @@ import { Catalog } from '../src/storage/catalog.js';
 import { VolumeStore } from '../src/storage/volume-store.js';
 import { SnapshotManager } from '../src/snapshot/manager.js';
 
-process.env.UV_THREADPOOL_SIZE ??= '16';
 const log = pino({ level: 'silent' });
 const KiB = 1024;
 const MiB = 1024 * KiB;

@@ -1,6 +1,3 @@
-// Node's thread pool runs file I/O; the default of 4 threads starves concurrent volume requests.
-process.env.UV_THREADPOOL_SIZE ??= '16';
-
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { resolve, dirname, join } from 'node:path';

@@ -1,7 +1,4 @@
 #!/usr/bin/env node
-// Node's thread pool runs file I/O; the default of 4 threads starves concurrent volume requests.
-process.env.UV_THREADPOOL_SIZE ??= '16';
-
 import { resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { FerryError } from '../lib/errors.js';
