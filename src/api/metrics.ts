@@ -67,6 +67,7 @@ export function createMetrics(site: Site): Registry {
   pairGauge('ferry_replication_corrupt_frames_total', 'Damaged frames refused or resent', (p) => p.corruptFrames);
   pairGauge('ferry_replication_initial_copy_ratio', 'Progress of the copy that makes the target whole (initial copy, resync or catch-up), 0 to 1', (p) => p.initialCopy.percent / 100);
   pairGauge('ferry_replication_catch_up', '1 while a catch-up copy runs (the backlog outgrew the save volume; the target serves a protective snapshot)', (p) => (p.initialCopy.catchUp && !p.initialCopy.done ? 1 : 0));
+  pairGauge('ferry_replication_last_build_seconds', 'Time the newest delta set took to build at the source; above the interval, cuts come late and lag grows', (p) => (p.lastBuild ? p.lastBuild.buildMs / 1000 : 0));
   pairGauge('ferry_replication_generation', 'Generation of the pair (incremented by every failover and failback)', (p) => p.generation);
   pairGauge('ferry_recovery_full_copy', '1 if the last resync had to copy the whole volume', (p) => (p.recovery?.fullCopy ? 1 : 0));
   pairGauge('ferry_recovery_discarded_blocks', 'Blocks written at the old source after the restart point, overwritten by the resync (kept in a snapshot)', (p) => p.recovery?.discardedBlocks ?? 0);

@@ -3,7 +3,7 @@ import { resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { FerryError } from '../lib/errors.js';
 import { formatDuration, formatSize, parseDuration, parseSize, parseHostPort } from '../lib/units.js';
-import type { InfoView, PairStatusView } from '../replication/status.js';
+import type { InfoView, LastBuild, PairStatusView } from '../replication/status.js';
 import type { VolumeInfo } from '../storage/volume-store.js';
 import type { SnapshotInfo } from '../snapshot/manager.js';
 import { ApiClient, defaultSiteUrl, volumePath } from './client.js';
@@ -333,13 +333,19 @@ program
         [info.initialCopy.catchUp ? 'catch-up copy' : info.recovery ? 'last copy' : 'initial copy', describeCopy(info.initialCopy)],
         ['save volume', `${formatSize(info.saveVolume.usedBytes)} of ${formatSize(info.saveVolume.capacityBytes)} used${info.saveVolume.full ? ' (FULL: tracking in the bitmap)' : ''}`],
         ['policy', info.role === 'source' ? `interval ${formatDuration(info.intervalMs)}, high water ${formatSize(info.highWaterBytes)}` : '-'],
+        ...(info.lastBuild ? [['last build', describeBuild(info.lastBuild)] as [string, string]] : []),
         ['errors', `${info.retries} retries, ${info.corruptFrames} damaged frames${info.lastError ? `, last: ${info.lastError}` : ''}`],
       ]);
       if (!opts.verbose) return lines;
-      const rows = info.outstanding.map((d) => [String(d.n), d.state, d.createdAt, formatDuration(d.durationMs), String(d.blocks), d.playbackMs === null ? '-' : formatDuration(d.playbackMs)]);
-      return `${lines}\n\n${rows.length === 0 ? 'no outstanding delta sets' : table(['DELTA SET', 'STATE', 'CREATED', 'DURATION', 'BLOCKS', 'PLAYBACK'], rows)}`;
+      const rows = info.outstanding.map((d) => [String(d.n), d.state, d.createdAt, formatDuration(d.durationMs), String(d.blocks), d.buildMs === null ? '-' : formatDuration(d.buildMs), d.playbackMs === null ? '-' : formatDuration(d.playbackMs)]);
+      return `${lines}\n\n${rows.length === 0 ? 'no outstanding delta sets' : table(['DELTA SET', 'STATE', 'CREATED', 'DURATION', 'BLOCKS', 'BUILD', 'PLAYBACK'], rows)}`;
     });
   });
+
+function describeBuild(b: LastBuild): string {
+  const line = `delta set ${b.deltaSet}: ${b.blocks} blocks copied into the save volume in ${formatDuration(b.buildMs)}`;
+  return b.slowerThanInterval ? `${line} (LONGER than the interval: the next cut waits for it, so lag grows past the interval)` : line;
+}
 
 function describeCopy(c: PairStatusView['initialCopy']): string {
   const started = `started ${c.startedAt}`;

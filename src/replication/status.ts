@@ -34,6 +34,8 @@ export interface PairStatusView {
   lastError: string;
   /** Failover / resync / failback: phase, restart point, whether a full copy was needed, what was discarded. */
   recovery: RecoveryRecord | null;
+  /** Source: how long its newest delta set took to build. */
+  lastBuild: LastBuild | null;
 }
 
 export interface OutstandingDeltaSet {
@@ -44,7 +46,18 @@ export interface OutstandingDeltaSet {
   durationMs: number;
   blocks: number;
   dataBytes: number;
+  /** Source: from its cut until it was ready in the save volume (copying the old table's blocks). */
+  buildMs: number | null;
   playbackMs: number | null;
+}
+
+/** The source's most recent delta set as built: a build longer than the interval delays the next cut. */
+export interface LastBuild {
+  deltaSet: number;
+  blocks: number;
+  buildMs: number;
+  /** The build took longer than the interval: delta sets are cut late and lag grows past it. */
+  slowerThanInterval: boolean;
 }
 
 export interface InfoView extends PairStatusView {
@@ -89,6 +102,8 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
   const reference = pair.playedBackCutMs > 0 ? pair.playedBackCutMs : Date.parse(pair.initialCopy.startedAt);
   const lagSeconds = lagBlocks === 0 && copyDone && (pair.role === 'target' || pair.deltaSetPlayedBack >= pair.deltaSetCreated) ? 0 : Math.max(0, (live.sourceNowMs - reference) / 1000);
   const remainingBytes = (total - copied) * (total > 0 ? pair.initialCopy.bytes / Math.max(1, copied) : 0);
+  const newest = pair.role === 'source' ? rows.filter((d) => d.generation === pair.generation).reduce<DeltaSetRecord | undefined>((a, d) => (a && a.n > d.n ? a : d), undefined) : undefined;
+  const buildMs = newest ? newest.sealedAtMs - newest.createdAtMs : 0;
   return {
     volume: pair.volume,
     pairId: pair.pairId,
@@ -128,6 +143,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     corruptFrames: live.corruptFrames,
     lastError: live.lastError,
     recovery: pair.recovery ?? null,
+    lastBuild: newest ? { deltaSet: newest.n, blocks: newest.blocks, buildMs, slowerThanInterval: buildMs > pair.intervalMs } : null,
   };
 }
 
@@ -142,8 +158,10 @@ export function infoView(pair: PairRecord, rows: DeltaSetRecord[], live: LiveFig
       durationMs: d.createdAtMs - d.previousCutMs,
       blocks: d.blocks,
       dataBytes: d.dataBytes,
+      buildMs: pair.role === 'source' ? d.sealedAtMs - d.createdAtMs : null,
       playbackMs: d.playbackMs ?? null,
     }));
+
   return {
     ...view,
     currentDeltaSet: live.currentDeltaSet,

@@ -79,6 +79,12 @@ test('new remote copy while the source is written, then delta sets: digests equa
     assert.equal(info.code, 0, info.stderr);
     assert.match(info.stdout, /current delta set:/);
     assert.match(info.stdout, /lag:\s+0s, 0 blocks different/);
+    assert.equal(s.lastBuild?.deltaSet, s.deltaSetCreated);
+    assert.equal(t.lastBuild, null);
+    const metrics = await (await fetch(`${a.url}/metrics`)).text();
+    const buildSeconds = Number(/^ferry_replication_last_build_seconds\{[^}]*volume="db"[^}]*\} ([0-9.e-]+)$/m.exec(metrics)?.[1]);
+    assert.ok(buildSeconds >= 0 && Math.round(buildSeconds * 1000) === s.lastBuild?.buildMs, `last build metric ${buildSeconds}, status ${s.lastBuild?.buildMs} ms`);
+    assert.match(info.stdout, new RegExp(`last build:\\s+delta set ${s.deltaSetCreated}: \\d+ blocks copied into the save volume in [0-9.]+m?s`));
     assert.match(info.stdout, new RegExp(`initial copy:\\s+complete: \\S+ bytes of data sent in [0-9.]+m?s \\(started ${s.initialCopy.startedAt.replace(/[.]/g, '\\.')}\\)`));
     assert.ok(s.initialCopy.doneAt !== null && Date.parse(s.initialCopy.doneAt) >= Date.parse(s.initialCopy.startedAt));
 

@@ -6,6 +6,8 @@ import { DeltaSetTrigger } from '../../src/replication/triggers.js';
 import { initialPairStatus, nextPairStatus, type PairEvent, type PairStatus } from '../../src/replication/pair-state.js';
 import { decodeChunk, encodeChunk } from '../../src/replication/chunk.js';
 import { isFerryError, FerryError } from '../../src/lib/errors.js';
+import { infoView, type LiveFigures } from '../../src/replication/status.js';
+import type { DeltaSetRecord, PairRecord } from '../../src/storage/replication-catalog.js';
 
 test('ring space never hands out overlapping or straddling space, and refuses when full', () => {
   fc.assert(
@@ -105,4 +107,27 @@ test('chunks round-trip, and malformed chunks are refused with a typed error', (
     }),
     { numRuns: 2000 },
   );
+});
+
+test('ferry info tells when building a delta set takes longer than the interval (the next cut waits)', () => {
+  const pair: PairRecord = {
+    volume: 'v', pairId: 'p', role: 'source', mode: 'async', peerUrl: 'http://b', peerSiteId: 'b', peerSiteName: 'b', peerVolume: 'v',
+    state: 'duplex', stateReason: '', generation: 1, intervalMs: 5000, highWaterBytes: 64 << 20, saveVolumeBytes: 1 << 30, createdAt: '2026-01-01T00:00:00.000Z',
+    initialCopy: { cursorBlock: 10, totalBlocks: 10, stampedDeltaSet: 0, startedAt: '2026-01-01T00:00:00.000Z', doneAt: '2026-01-01T00:00:01.000Z', bytes: 0 },
+    deltaSetCreated: 2, deltaSetSent: 2, deltaSetAcked: 1, deltaSetReceived: 0, deltaSetPlayedBack: 1, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 10_000,
+  };
+  const row = (n: number, createdAtMs: number, sealedAtMs: number): DeltaSetRecord => ({
+    volume: 'v', generation: 1, n, state: 'acked', startLsn: 0, endLsn: 0, chunks: 1, blocks: 100 * n, dataBytes: 0, dataCrc: 0, createdAtMs, previousCutMs: createdAtMs - 5000, sealedAtMs,
+  });
+  const live: LiveFigures = {
+    nowMs: 30_000, dirtyBlocks: 0, sourceNowMs: 30_000, rates: { current: 0, average: 0 }, saveVolume: { usedBytes: 0, capacityBytes: 1, full: false },
+    connected: true, retries: 0, corruptFrames: 0, lastError: '', currentDeltaSet: 2, currentChunk: 0,
+  };
+  const quick = infoView(pair, [row(1, 10_000, 10_400), row(2, 15_000, 16_000)], live);
+  assert.deepEqual(quick.lastBuild, { deltaSet: 2, blocks: 200, buildMs: 1000, slowerThanInterval: false });
+  assert.deepEqual(quick.outstanding.map((d) => d.buildMs), [1000]);
+  const slow = infoView(pair, [row(1, 10_000, 10_400), row(2, 15_000, 22_500)], live);
+  assert.deepEqual(slow.lastBuild, { deltaSet: 2, blocks: 200, buildMs: 7500, slowerThanInterval: true });
+  // A target builds nothing: no build figures.
+  assert.equal(infoView({ ...pair, role: 'target' }, [row(1, 10_000, 10_400)], live).lastBuild, null);
 });
