@@ -333,19 +333,7 @@ export class Recovery {
       try {
         if (point) point.differ.or(undo);
         await Promise.all([writeBitmapFile(join(dir, 'undo.bitmap'), undo), point ? this.planIntermediateCopy(pair, point.differ) : undefined]);
-        r.fullCopy = reply.fullCopy;
-        if (reply.fullCopyReason !== undefined) r.fullCopyReason = reply.fullCopyReason;
-        r.discardedBlocks = reply.discardedBlocks;
-        if (reply.discardSnapshot !== undefined) r.discardSnapshot = reply.discardSnapshot;
-        r.resyncStartedAt = startedAt;
-        r.phase = reply.fullCopy ? 'resync-full' : 'resync';
-        if (reply.fullCopy) {
-          // Rule 6: never a full copy without saying so.
-          this.log.warn({ volume, reason: reply.fullCopyReason }, 'resync needs a FULL COPY: the old source cannot undo its changes from its own records');
-        }
-        if (reply.discardedBlocks > 0 || reply.discardSnapshot) {
-          this.log.warn({ volume, blocks: reply.discardedBlocks, snapshot: reply.discardSnapshot, site: pair.peerSiteName }, 'writes made at the old source after the restart point are discarded; they are kept in a snapshot there');
-        }
+        this.recordResyncReply(pair, reply, startedAt);
         pair.state = 'initial-copying';
         pair.stateReason = describeRecovery(pair);
         this.m.catalog.putPair(pair);
@@ -367,6 +355,24 @@ export class Recovery {
       else this.runResync(volume);
     } finally {
       this.busy.delete(volume);
+    }
+  }
+
+  /** What the old source answered, in the pair's record (the caller commits it); a full copy and discarded writes are logged loudly. */
+  private recordResyncReply(pair: PairRecord, reply: ResyncReply, startedAt: string): void {
+    const r = pair.recovery as RecoveryRecord;
+    r.fullCopy = reply.fullCopy;
+    if (reply.fullCopyReason !== undefined) r.fullCopyReason = reply.fullCopyReason;
+    r.discardedBlocks = reply.discardedBlocks;
+    if (reply.discardSnapshot !== undefined) r.discardSnapshot = reply.discardSnapshot;
+    r.resyncStartedAt = startedAt;
+    r.phase = reply.fullCopy ? 'resync-full' : 'resync';
+    if (reply.fullCopy) {
+      // Rule 6: never a full copy without saying so.
+      this.log.warn({ volume: pair.volume, reason: reply.fullCopyReason }, 'resync needs a FULL COPY: the old source cannot undo its changes from its own records');
+    }
+    if (reply.discardedBlocks > 0 || reply.discardSnapshot) {
+      this.log.warn({ volume: pair.volume, blocks: reply.discardedBlocks, snapshot: reply.discardSnapshot, site: pair.peerSiteName }, 'writes made at the old source after the restart point are discarded; they are kept in a snapshot there');
     }
   }
 
