@@ -26,6 +26,11 @@ export const dashboardHtml = `<!doctype html>
   <thead><tr><th>name</th><th>size</th><th>allocated</th><th>access</th><th>created</th></tr></thead>
   <tbody id="volumes"><tr><td colspan="5">loading…</td></tr></tbody>
 </table>
+<h2>Replication</h2>
+<table>
+  <thead><tr><th>volume</th><th>role</th><th>other site</th><th>state</th><th>generation</th><th>delta sets created / acked / played</th><th>lag</th><th>copy</th><th>rate</th><th>last build</th><th>recovery</th></tr></thead>
+  <tbody id="pairs"><tr><td colspan="11">loading…</td></tr></tbody>
+</table>
 <p class="err" id="error"></p>
 <script>
 function size(n) {
@@ -48,6 +53,22 @@ async function refresh() {
       body.append(tr);
     }
     if (volumes.length === 0) body.innerHTML = '<tr><td colspan="5">no volumes</td></tr>';
+    const pairs = await (await fetch('/api/v1/status')).json();
+    const rows = document.getElementById('pairs');
+    rows.replaceChildren();
+    for (const p of pairs) {
+      const tr = document.createElement('tr');
+      const copy = p.initialCopy.done ? 'done' : p.initialCopy.percent + '%' + (p.initialCopy.etaSeconds === null ? '' : ', ' + p.initialCopy.etaSeconds + ' s left') + (p.initialCopy.catchUp ? ' (catch-up)' : '');
+      const build = p.lastBuild ? (p.lastBuild.buildMs / 1000).toFixed(1) + ' s for ' + p.lastBuild.blocks + ' blocks' + (p.lastBuild.slowerThanInterval ? ' — LONGER than the interval' : '') : '-';
+      const recovery = p.recovery ? p.recovery.phase + (p.recovery.fullCopy ? ', full copy' : '') : '-';
+      tr.append(
+        cell(p.volume), cell(p.role), cell(p.peerSite + ' / ' + p.peerVolume), cell(p.reason ? p.state + ': ' + p.reason : p.state, p.state === 'suspended' ? 'err' : ''),
+        cell(String(p.generation), 'num'), cell(p.deltaSetCreated + ' / ' + p.deltaSetAcked + ' / ' + p.deltaSetPlayedBack, 'num'),
+        cell(p.lagSeconds + ' s, ' + p.lagBlocks + ' blocks', 'num'), cell(copy), cell(size(p.transferRate) + '/s', 'num'), cell(build, p.lastBuild && p.lastBuild.slowerThanInterval ? 'err' : ''), cell(recovery),
+      );
+      rows.append(tr);
+    }
+    if (pairs.length === 0) rows.innerHTML = '<tr><td colspan="11">no replicated volumes</td></tr>';
     document.getElementById('error').textContent = '';
   } catch (e) {
     document.getElementById('error').textContent = 'cannot reach the site: ' + e;

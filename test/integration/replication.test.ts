@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import assert from 'node:assert/strict';
 import { TestSite } from '../helpers/site.js';
+import { renderDashboard } from '../helpers/dashboard.js';
 import { FaultProxy } from '../helpers/fault-proxy.js';
 import { VolumeModel, pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
 import { connectRcp } from '../../src/transport/connection.js';
@@ -87,6 +88,16 @@ test('new remote copy while the source is written, then delta sets: digests equa
     assert.match(info.stdout, new RegExp(`last build:\\s+delta set ${s.deltaSetCreated}: \\d+ blocks copied into the save volume in [0-9.]+m?s`));
     assert.match(info.stdout, new RegExp(`initial copy:\\s+complete: \\S+ bytes of data sent in [0-9.]+m?s \\(started ${s.initialCopy.startedAt.replace(/[.]/g, '\\.')}\\)`));
     assert.ok(s.initialCopy.doneAt !== null && Date.parse(s.initialCopy.doneAt) >= Date.parse(s.initialCopy.startedAt));
+
+    // The dashboard shows the pair on both sides.
+    const dashboard = await renderDashboard(a.url);
+    assert.equal(dashboard.error, '');
+    const [row] = dashboard.tables.pairs ?? [];
+    assert.deepEqual([row?.[0], row?.[1], row?.[3], row?.[6], row?.[7]], ['db', 'source', 'duplex', '0 s, 0 blocks', 'done']);
+    assert.equal(row?.[5], `${s.deltaSetCreated} / ${s.deltaSetAcked} / ${s.deltaSetPlayedBack}`);
+    assert.match(row?.[9] ?? '', /^[0-9.]+ s for \d+ blocks$/);
+    const [targetRow] = (await renderDashboard(b.url)).tables.pairs ?? [];
+    assert.deepEqual([targetRow?.[0], targetRow?.[1], targetRow?.[9]], ['db', 'target', '-']);
 
     // Stop at the source: both sides end the relationship; the target becomes writable.
     const stop = await a.cli(['replicate', 'stop', 'db']);
