@@ -1,3 +1,12 @@
+import type { FileHandle } from 'node:fs/promises';
+
+/** The bytes in `parts` together. */
+export function byteLength(parts: readonly Uint8Array[]): number {
+  let n = 0;
+  for (const p of parts) n += p.length;
+  return n;
+}
+
 /** The parts left after the first `n` bytes of `parts` (what a short writev did not write). */
 export function dropBytes<T extends Uint8Array>(parts: readonly T[], n: number): T[] {
   const out: T[] = [];
@@ -11,4 +20,15 @@ export function dropBytes<T extends Uint8Array>(parts: readonly T[], n: number):
     skip = 0;
   }
   return out;
+}
+
+/** Writes `parts` one after the other at `position` with pwritev, again after a short write, until all are written. */
+export async function writeAllv(fh: FileHandle, parts: readonly Uint8Array[], position: number): Promise<void> {
+  const length = byteLength(parts);
+  let rest = parts;
+  for (let done = 0; done < length; ) {
+    const { bytesWritten } = await fh.writev(rest, position + done);
+    done += bytesWritten;
+    if (done < length) rest = dropBytes(rest, bytesWritten);
+  }
 }

@@ -6,6 +6,13 @@ export function crc32c(data: Uint8Array | string, initial = 0): number {
   return nativeCrc32c(buf, initial) >>> 0;
 }
 
+/** CRC32C of `parts` one after the other, as of the bytes joined. */
+export function crc32cParts(parts: readonly Uint8Array[], initial = 0): number {
+  let crc = initial;
+  for (const p of parts) crc = crc32c(p, crc);
+  return crc;
+}
+
 // CRC32C of a concatenation from the CRCs of its parts (zlib's crc32_combine, for the
 // Castagnoli polynomial): data that already has a checksum is not read again to
 // checksum a record or frame holding it. Polynomials are bit-reversed, x^0 at bit 31.

@@ -1,5 +1,6 @@
 import { BufferPool } from '../lib/buffer-pool.js';
-import { crc32c, crc32cCombine } from '../lib/checksum.js';
+import { byteLength } from '../lib/byte-parts.js';
+import { crc32c, crc32cCombine, crc32cParts } from '../lib/checksum.js';
 import { assert } from '../lib/errors.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
 import { JournalRecordType, recordSpanBytes, type JournalFile, type RingSpace } from '../storage/journal.js';
@@ -170,13 +171,12 @@ export class DeltaSetBuilder {
     const extentList = encodeExtentList(this.extents);
     // The data is checksummed once: the delta set's and the record's checksums are
     // combined from it.
-    let chunkDataCrc = 0;
-    for (const p of this.parts) chunkDataCrc = crc32c(p, chunkDataCrc);
+    const chunkDataCrc = crc32cParts(this.parts);
     this.dataCrc = crc32cCombine(this.dataCrc, chunkDataCrc, this.partBytes);
     const recordCrc = crc32cCombine(crc32c(extentList), chunkDataCrc, this.partBytes);
     this.dataBytes += this.partBytes;
     const encoded = this.journal.encodeParts({ type: JournalRecordType.Chunk, flags: 0, generation: this.generation, deltaSet: this.deltaSet, index: this.chunkIndex }, [extentList, ...this.parts], recordCrc);
-    const lsn = this.ring.allocate(encoded.reduce((n, b) => n + b.length, 0));
+    const lsn = this.ring.allocate(byteLength(encoded));
     // The cutter reserved the worst case before switching tables, so this cannot fail.
     assert(lsn !== undefined, `save volume out of space inside delta set ${this.deltaSet}`);
     this.startLsn ??= lsn;

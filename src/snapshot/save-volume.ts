@@ -1,6 +1,6 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { crc32c } from '../lib/checksum.js';
-import { dropBytes } from '../lib/byte-parts.js';
+import { writeAllv } from '../lib/byte-parts.js';
 import { FerryError, assert } from '../lib/errors.js';
 
 /**
@@ -234,13 +234,7 @@ export class SaveVolume {
               i++;
             }
           }
-          let rest = parts;
-          const length = records * this.recordBytes;
-          for (let done = 0; done < length; ) {
-            const { bytesWritten } = await this.fh.writev(rest, fileHeaderBytes + start * this.recordBytes + done);
-            done += bytesWritten;
-            if (done < length) rest = dropBytes(rest, bytesWritten);
-          }
+          await writeAllv(this.fh, parts, fileHeaderBytes + start * this.recordBytes);
           // SPEC §4 rule 3: the before-images are durable before any caller lets the
           // new data reach the volume file.
           await this.fh.datasync();

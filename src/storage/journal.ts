@@ -1,7 +1,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import type { BufferPool } from '../lib/buffer-pool.js';
-import { dropBytes } from '../lib/byte-parts.js';
-import { crc32c } from '../lib/checksum.js';
+import { byteLength, writeAllv } from '../lib/byte-parts.js';
+import { crc32c, crc32cParts } from '../lib/checksum.js';
 import { FerryError, assert } from '../lib/errors.js';
 
 /**
@@ -123,14 +123,9 @@ export class JournalFile {
    * header, the parts themselves (not copied) and the padding to the record's span.
    */
   encodeParts(header: JournalRecordHeader, parts: readonly Uint8Array[], payloadCrc?: number): Buffer[] {
-    let length = 0;
-    let crc = 0;
-    for (const p of parts) {
-      length += p.length;
-      if (payloadCrc === undefined) crc = crc32c(p, crc);
-    }
+    const length = byteLength(parts);
     // Given when the caller already holds the parts' checksum (it is not computed again).
-    if (payloadCrc !== undefined) crc = payloadCrc;
+    const crc = payloadCrc ?? crc32cParts(parts);
     const head = Buffer.alloc(journalRecordHeaderBytes);
     head.writeUInt32LE(journalRecordMagic, 0);
     head.writeUInt16LE(header.type, 4);
@@ -148,14 +143,9 @@ export class JournalFile {
   /** Writes an encoded record (whole, or as its parts) at a position the ring allocated. Not durable until `sync`. */
   async write(lsn: number, encoded: Buffer | readonly Buffer[]): Promise<void> {
     const offset = lsn % this.capacityBytes;
-    let rest = (Buffer.isBuffer(encoded) ? [encoded] : encoded).filter((b) => b.length > 0);
-    const length = rest.reduce((n, b) => n + b.length, 0);
-    assert(offset + length <= this.capacityBytes, `journal record at ${lsn} straddles the end`);
-    for (let done = 0; done < length; ) {
-      const { bytesWritten } = await this.fh.writev(rest, offset + done);
-      done += bytesWritten;
-      if (done < length) rest = dropBytes(rest, bytesWritten);
-    }
+    const parts = (Buffer.isBuffer(encoded) ? [encoded] : encoded).filter((b) => b.length > 0);
+    assert(offset + byteLength(parts) <= this.capacityBytes, `journal record at ${lsn} straddles the end`);
+    await writeAllv(this.fh, parts, offset);
   }
 
   async sync(): Promise<void> {

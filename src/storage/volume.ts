@@ -1,7 +1,7 @@
 import { read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { trim as punchHole } from 'fs-native-extensions';
-import { dropBytes } from '../lib/byte-parts.js';
+import { byteLength, dropBytes } from '../lib/byte-parts.js';
 import { runLimited } from '../lib/concurrency.js';
 import { FerryError, assert } from '../lib/errors.js';
 import { RangeLock } from '../lib/range-lock.js';
@@ -186,8 +186,7 @@ export class Volume {
    */
   async write(offset: number, data: Uint8Array | readonly Uint8Array[], options: WriteOptions = {}): Promise<void> {
     const pieces = data instanceof Uint8Array ? [data] : data;
-    let length = 0;
-    for (const p of pieces) length += p.length;
+    const length = byteLength(pieces);
     await this.change('write', offset, length, async (change) => {
       await this.markAllocated(change);
       if (pieces.length === 1) {

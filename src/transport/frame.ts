@@ -1,5 +1,6 @@
 import { BufferPool } from '../lib/buffer-pool.js';
-import { crc32c } from '../lib/checksum.js';
+import { byteLength } from '../lib/byte-parts.js';
+import { crc32c, crc32cParts } from '../lib/checksum.js';
 import { FerryError } from '../lib/errors.js';
 
 /**
@@ -83,13 +84,8 @@ export function encodeFrameHeader(frame: { type: number; flags?: number; generat
 
 /** `payloadCrc`, when given, is the parts' CRC32C as the caller knows it (from checksums it already holds). */
 function writeFrameHeader(out: Buffer, frame: { type: number; flags?: number; generation?: bigint; sequence?: bigint }, parts: readonly Uint8Array[], payloadCrc?: number): void {
-  let length = 0;
-  let crc = 0;
-  for (const p of parts) {
-    length += p.length;
-    if (payloadCrc === undefined) crc = crc32c(p, crc);
-  }
-  if (payloadCrc !== undefined) crc = payloadCrc;
+  const length = byteLength(parts);
+  const crc = payloadCrc ?? crc32cParts(parts);
   if (length > framePayloadBytesMax) {
     throw new FerryError('PAYLOAD_TOO_LARGE', `frame payload of ${length} bytes exceeds ${framePayloadBytesMax}`);
   }
