@@ -13,6 +13,7 @@ import { FrameType, type Frame } from '../transport/frame.js';
 import { DeltaSetBuilder, deltaSetSpanBytesMax } from './builder.js';
 import { chunkBytesMax } from './chunk.js';
 import { Inbox } from './inbox.js';
+import { DeltaSetWindow, makeRoom, resumePoint, retransmitMs, rowToSend, sendWindowChunks, type SendAction } from './ledger.js';
 import { isActive, nextPairStatus, type PairEvent, type PairStatus } from './pair-state.js';
 import {
   ReplFrame,
@@ -28,17 +29,11 @@ import {
 import { DeltaSetTrigger, type TriggerReason } from './triggers.js';
 import { CopyRunner, type CopyPlan, type CopyStats } from './copy.js';
 
-/** Chunks (or copy pieces) sent and not yet acknowledged. */
-export const sendWindowChunks = 8;
 /**
  * Buffers the sender reads chunk records into (a chunk's data, its extent list), shared
  * by the pairs of the process: the window's and a few more.
  */
 const chunkBuffers = new BufferPool(chunkBytesMax, sendWindowChunks * 2);
-/** How long to wait for an acknowledgement before the connection counts as failed. */
-export const ackTimeoutMs = 30_000;
-/** Silence after which the oldest unacknowledged frame is sent again. */
-export const retransmitMs = 1_000;
 /** Consecutive failures before the pair reports Suspend (failure); it keeps retrying after that. */
 export const sendRetriesMax = 3;
 export const retryDelayMsMax = 5_000;
@@ -422,17 +417,10 @@ export class SourceReplicator {
 
   /** Frees acknowledged delta sets, oldest first, until `bytes` fit. */
   private makeRoom(bytes: number): boolean {
-    if (bytes > this.ring.capacityBytes) return false;
-    if (this.ring.peek(bytes) !== undefined) return true;
     const retained = this.deps.catalog.listDeltaSets(this.pair.volume).filter((d) => d.generation === this.pair.generation);
-    for (let i = 0; i < retained.length; i++) {
-      const d = retained[i] as DeltaSetRecord;
-      if (d.state !== 'acked') break;
-      this.deps.catalog.deleteDeltaSet(d.volume, d.generation, d.n);
-      this.ring.release(retained[i + 1]?.startLsn ?? this.ring.head);
-      if (this.ring.peek(bytes) !== undefined) return true;
-    }
-    return false;
+    const { fits, freed } = makeRoom(this.ring, retained, bytes);
+    for (const d of freed) this.deps.catalog.deleteDeltaSet(d.volume, d.generation, d.n);
+    return fits;
   }
 
   // ---- send thread (E FIG. 12) ----------------------------------------------------
@@ -511,16 +499,13 @@ export class SourceReplicator {
     const inbox = new Inbox(connection);
     try {
       this.notePlayedBack(position.deltaSetPlayedBack);
-      if (position.generation === this.pair.generation) this.noteReceived(position.deltaSetReceived);
-      let next = position.deltaSetReceived + 1;
-      let fromChunk = position.chunksStored;
+      const resume = resumePoint(position, this.pair);
+      if (resume.received !== undefined) this.noteReceived(resume.received);
+      let { next, fromChunk } = resume;
       let lastHeartbeat = 0;
       while (!this.closed && isActive(this.status)) {
-        const ds = this.deps.catalog.listDeltaSets(this.pair.volume).find((d) => d.generation === this.pair.generation && d.n === next);
+        const ds = rowToSend(this.deps.catalog.listDeltaSets(this.pair.volume), this.pair, next);
         if (!ds) {
-          if (next <= this.pair.deltaSetCreated) {
-            throw new FerryError('CORRUPT_RECORD', `delta set ${next} is needed by the target but no longer in the save volume`);
-          }
           if (this.status.state === 'duplex-pending' && this.dirtyBlocks === 0 && !this.catchingUp) this.apply({ type: 'caught-up' });
           if (this.deps.clock.now() - lastHeartbeat >= heartbeatMs) {
             this.sendHeartbeat(connection);
@@ -557,7 +542,6 @@ export class SourceReplicator {
    */
   private noteReceived(n: number): void {
     if (n <= this.pair.deltaSetAcked) return;
-    if (n > this.pair.deltaSetCreated) throw new FerryError('PROTOCOL_ERROR', `target claims delta set ${n}, but only ${this.pair.deltaSetCreated} were cut`);
     const now = this.deps.clock.now();
     const rows = this.deps.catalog.listDeltaSets(this.pair.volume).filter((d) => d.generation === this.pair.generation && d.n > this.pair.deltaSetAcked && d.n <= n);
     this.deps.catalog.transaction(() => {
@@ -579,57 +563,9 @@ export class SourceReplicator {
 
   private async sendDeltaSet(connection: RcpConnection, inbox: Inbox, ds: DeltaSetRecord, fromChunk: number): Promise<void> {
     const generation = BigInt(this.pair.generation);
+    const { clock } = this.deps;
     this.stats.currentDeltaSet = ds.n;
     const lsns = await this.chunkPositions(ds);
-    let acked = fromChunk;
-    let nextToSend = fromChunk;
-    const sendChunk = async (index: number): Promise<void> => {
-      const record = await this.deps.journal.read(lsns[index] as number, { deltaSet: ds.n, index, generation: ds.generation, type: JournalRecordType.Chunk }, chunkBuffers);
-      const parts = encodeChunkFrameParts(ds.n, index, record.payload);
-      // The buffer is reused once the socket has taken the chunk. The frame's checksum
-      // comes from the record's, checked as it was read: the chunk is not read again.
-      const payloadCrc = crc32cCombine(crc32c(parts[0]), record.crc, parts[1].length);
-      connection.send(ReplFrame.Chunk, parts, { generation }, record.release, payloadCrc);
-      this.countSent(parts[0].length + parts[1].length);
-      this.stats.currentChunk = index;
-    };
-    let progressAtMs = this.deps.clock.now();
-    // A lost or damaged acknowledgement shows as silence: resend the oldest unacknowledged
-    // frame (the target answers duplicates with a fresh acknowledgement).
-    const await_ = async (resend: () => Promise<void>): Promise<Frame> => {
-      for (;;) {
-        try {
-          return await inbox.next(retransmitMs);
-        } catch (err) {
-          if (!isFerryError(err, 'UNAVAILABLE') || connection.isClosed) throw err;
-          if (this.deps.clock.now() - progressAtMs > ackTimeoutMs) throw err;
-          this.stats.corruptFramesResent++;
-          await resend();
-        }
-      }
-    };
-    while (acked < ds.chunks) {
-      while (nextToSend < ds.chunks && nextToSend - acked < sendWindowChunks) await sendChunk(nextToSend++);
-      const frame = await await_(() => sendChunk(acked));
-      if (frame.type === ReplFrame.Nack) {
-        const nack = json<NackBody>(frame);
-        if (nack.deltaSet === ds.n && nack.index >= acked && nack.index < ds.chunks) {
-          this.stats.corruptFramesResent++;
-          await sendChunk(nack.index);
-        }
-      } else if (frame.type === ReplFrame.Ack) {
-        const ack = json<AckBody>(frame);
-        this.noteAck(ack);
-        if (ack.full) progressAtMs = this.deps.clock.now();
-        if (ack.deltaSet === ds.n && ack.chunksStored > acked) {
-          this.progress++;
-          acked = ack.chunksStored;
-          progressAtMs = this.deps.clock.now();
-        }
-      } else {
-        this.unexpected(frame);
-      }
-    }
     const fields = {
       deltaSet: ds.n,
       chunkCount: ds.chunks,
@@ -641,37 +577,50 @@ export class SourceReplicator {
       ...(ds.afterCopy !== undefined ? { afterCopy: ds.afterCopy } : {}),
     };
     const header: DeltaSetHeaderBody = { ...fields, headerCrc: crc32c(headerCrcFields(fields)) };
-    // E: the header goes last, so the receiver can check that everything it names arrived.
-    connection.sendJson(ReplFrame.DeltaSetHeader as number, header, { generation });
-    this.pair.deltaSetSent = Math.max(this.pair.deltaSetSent, ds.n);
-    progressAtMs = this.deps.clock.now();
-    for (;;) {
-      const frame = await await_(async () => {
-        connection.sendJson(ReplFrame.DeltaSetHeader as number, header, { generation });
-      });
-      if (frame.type === ReplFrame.Nack) {
-        const nack = json<NackBody>(frame);
-        if (nack.index < ds.chunks) {
-          this.stats.corruptFramesResent++;
-          await sendChunk(nack.index);
+    const window = new DeltaSetWindow(ds.n, ds.chunks, fromChunk, clock.now());
+    const carryOut = async (actions: SendAction[]): Promise<void> => {
+      for (const action of actions) {
+        if (action.kind === 'header') {
           connection.sendJson(ReplFrame.DeltaSetHeader as number, header, { generation });
-        } else {
-          throw new FerryError('PROTOCOL_ERROR', `target refused delta set ${ds.n}: ${nack.reason}`);
+          this.pair.deltaSetSent = Math.max(this.pair.deltaSetSent, ds.n);
+          continue;
         }
+        const { index } = action;
+        const record = await this.deps.journal.read(lsns[index] as number, { deltaSet: ds.n, index, generation: ds.generation, type: JournalRecordType.Chunk }, chunkBuffers);
+        const parts = encodeChunkFrameParts(ds.n, index, record.payload);
+        // The buffer is reused once the socket has taken the chunk. The frame's checksum
+        // comes from the record's, checked as it was read: the chunk is not read again.
+        const payloadCrc = crc32cCombine(crc32c(parts[0]), record.crc, parts[1].length);
+        connection.send(ReplFrame.Chunk, parts, { generation }, record.release, payloadCrc);
+        this.countSent(parts[0].length + parts[1].length);
+        this.stats.currentChunk = index;
+      }
+    };
+    while (!window.sealed) {
+      await carryOut(window.fill(clock.now()));
+      let frame: Frame;
+      try {
+        frame = await inbox.next(retransmitMs);
+      } catch (err) {
+        const resend = isFerryError(err, 'UNAVAILABLE') && !connection.isClosed ? window.onSilence(clock.now()) : undefined;
+        if (!resend) throw err;
+        this.stats.corruptFramesResent++;
+        await carryOut(resend);
         continue;
       }
-      if (frame.type !== ReplFrame.Ack) {
+      if (frame.type === ReplFrame.Nack) {
+        const resend = window.onNack(json<NackBody>(frame));
+        if (resend.length > 0) this.stats.corruptFramesResent++;
+        await carryOut(resend);
+      } else if (frame.type === ReplFrame.Ack) {
+        const ack = json<AckBody>(frame);
+        this.noteAck(ack);
+        if (window.onAck(ack, clock.now())) this.progress++;
+      } else {
         this.unexpected(frame);
-        continue;
-      }
-      const ack = json<AckBody>(frame);
-      this.noteAck(ack);
-      if (ack.deltaSet === ds.n && ack.sealed) {
-        this.progress++;
-        break;
       }
     }
-    const now = this.deps.clock.now();
+    const now = clock.now();
     this.deps.catalog.transaction(() => {
       this.deps.catalog.putDeltaSet({ ...ds, state: 'acked', ackedAtMs: now });
       this.pair.deltaSetAcked = Math.max(this.pair.deltaSetAcked, ds.n);

@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { type Clock, Waker } from '../lib/clock.js';
-import { crc32c, crc32cCombine, crc32cSuffix } from '../lib/checksum.js';
+import { crc32c, crc32cSuffix } from '../lib/checksum.js';
 import { runLimited } from '../lib/concurrency.js';
 import { FerryError, assert } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, recordSpanBytes, type JournalFile } from '../storage/journal.js';
@@ -12,12 +12,12 @@ import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { chunkBytesMax, decodeChunk, type Chunk } from './chunk.js';
 import { Inbox } from './inbox.js';
+import { ReceiveLedger, nextToPlay, targetReleasePoint } from './ledger.js';
 import type { PointInTimeImage } from './copy.js';
 import {
   ReplFrame,
   decodeChunkFrame,
   decodeCopyFrame,
-  headerCrcFields,
   json,
   type AckBody,
   type ControlBody,
@@ -102,13 +102,6 @@ interface OverlayEntry {
   payloadOffset: number;
 }
 
-interface Receiving {
-  n: number;
-  chunks: { lsn: number; blocks: number; dataBytes: number }[];
-  dataCrc: number;
-  startLsn: number | undefined;
-}
-
 export interface TargetDeps {
   volume: Volume;
   pair: PairRecord;
@@ -158,7 +151,7 @@ export class TargetReplica {
     playing: 0,
   };
   private ring: RingSpace;
-  private receiving: Receiving;
+  private receiving: ReceiveLedger;
   private overlay: Map<number, OverlayEntry> | undefined;
   private readonly playbackWaker = new Waker();
   private readonly spaceWaker = new Waker();
@@ -189,7 +182,7 @@ export class TargetReplica {
     const head = rows.reduce((h, d) => Math.max(h, d.endLsn), 0);
     const live = rows.filter((d) => d.state !== 'played');
     this.ring = new RingSpace(deps.pair.saveVolumeBytes, head, live[0]?.startLsn ?? head);
-    this.receiving = { n: deps.pair.deltaSetReceived + 1, chunks: [], dataCrc: 0, startLsn: undefined };
+    this.receiving = new ReceiveLedger(deps.pair.deltaSetReceived);
   }
 
   /** Recovery: redo an interrupted playback, find chunks of a partly received delta set. */
@@ -232,7 +225,7 @@ export class TargetReplica {
       copyCursorBlock: this.copyApplied,
       copyDone: this.copyDone,
       deltaSetReceived: p.deltaSetReceived,
-      chunksStored: this.receiving.chunks.length,
+      chunksStored: this.receiving.chunksStored,
       deltaSetPlayedBack: p.deltaSetPlayedBack,
       full: this.stats.saveVolumeFull,
     };
@@ -283,7 +276,7 @@ export class TargetReplica {
         connection,
         'replication session',
         // Rule 4: a damaged frame is refused, counted, and asked for again.
-        () => this.nack(connection, this.receiving.chunks.length, 'frame failed its checksum'),
+        () => this.nack(connection, this.receiving.chunksStored, 'frame failed its checksum'),
         (frame) => this.handle(connection, frame),
       );
     } finally {
@@ -396,7 +389,7 @@ export class TargetReplica {
         this.stats.lastSourceHeardLocalMs = this.deps.clock.now();
         this.stats.sourceDirtyBlocks = hb.dirtyBlocks;
         this.stats.sourceDeltaSetCreated = hb.deltaSetCreated;
-        this.ack(connection, this.receiving.n, this.receiving.chunks.length, false);
+        this.ack(connection, this.receiving.n, this.receiving.chunksStored, false);
         return;
       }
       case ReplFrame.Control: {
@@ -564,21 +557,16 @@ export class TargetReplica {
     const { volume, pair, journal } = this.deps;
     const { payload } = frame;
     const { deltaSet, index, chunkBytes } = decodeChunkFrame(payload);
-    if (deltaSet <= pair.deltaSetReceived) {
-      this.ack(connection, deltaSet, Number.MAX_SAFE_INTEGER, true);
-      return;
-    }
-    if (deltaSet !== this.receiving.n) {
-      this.nack(connection, this.receiving.chunks.length, `expected delta set ${this.receiving.n}, got ${deltaSet}`);
-      return;
-    }
-    if (index < this.receiving.chunks.length) {
-      this.ack(connection, deltaSet, this.receiving.chunks.length, false);
-      return;
-    }
-    if (index > this.receiving.chunks.length) {
-      this.nack(connection, this.receiving.chunks.length, `chunk ${index} arrived before chunk ${this.receiving.chunks.length}`);
-      return;
+    const verdict = this.receiving.onChunk(deltaSet, index);
+    switch (verdict.kind) {
+      case 'already-sealed':
+        return this.ack(connection, deltaSet, Number.MAX_SAFE_INTEGER, true);
+      case 'out-of-order':
+        return this.nack(connection, this.receiving.chunksStored, verdict.reason);
+      case 'duplicate':
+        return this.ack(connection, deltaSet, this.receiving.chunksStored, false);
+      case 'store':
+        break;
     }
     const chunk = decodeChunk(chunkBytes, volume.blockBytes, volume.blockCount);
     // The record's and the delta set's checksums are taken out of the frame's, which
@@ -595,7 +583,7 @@ export class TargetReplica {
       // until playback frees space; the source is told it is alive but full.
       if (span > this.ring.capacityBytes) throw new FerryError('UNAVAILABLE', 'a chunk is larger than the whole save volume');
       this.stats.saveVolumeFull = true;
-      this.ack(connection, deltaSet, this.receiving.chunks.length, false);
+      this.ack(connection, deltaSet, this.receiving.chunksStored, false);
       await this.spaceWaker.wait(this.deps.clock, fullNoticeMs);
       if (this.closed || connection.isClosed) return;
       lsn = this.ring.allocate(span);
@@ -603,36 +591,27 @@ export class TargetReplica {
     this.stats.saveVolumeFull = false;
     await journal.write(lsn, encoded);
     await journal.sync();
-    this.receiving.startLsn ??= lsn;
-    this.receiving.chunks.push({ lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length });
-    this.receiving.dataCrc = crc32cCombine(this.receiving.dataCrc, chunkDataCrc, chunk.data.length);
+    this.receiving.stored({ lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length }, chunkDataCrc);
     pair.bytesReceived += payload.length;
-    this.ack(connection, deltaSet, this.receiving.chunks.length, false);
+    this.ack(connection, deltaSet, this.receiving.chunksStored, false);
   }
 
   private async seal(connection: RcpConnection, header: DeltaSetHeaderBody): Promise<void> {
     const { pair } = this.deps;
-    const { headerCrc, ...fields } = header;
-    if (crc32c(headerCrcFields(fields)) !== headerCrc) {
-      this.stats.corruptFramesRejected++;
-      this.nack(connection, this.receiving.chunks.length, 'delta-set header failed its checksum');
-      return;
-    }
-    if (header.deltaSet <= pair.deltaSetReceived) {
-      this.ack(connection, header.deltaSet, header.chunkCount, true);
-      return;
-    }
-    const r = this.receiving;
-    if (header.deltaSet !== r.n || r.chunks.length < header.chunkCount) {
-      // Completeness check (E FIG. 9): everything the header names must be here.
-      this.nack(connection, r.chunks.length, `delta set ${header.deltaSet} incomplete: ${r.chunks.length} of ${header.chunkCount} chunks`);
-      return;
-    }
-    const blocks = r.chunks.reduce((s, c) => s + c.blocks, 0);
-    const dataBytes = r.chunks.reduce((s, c) => s + c.dataBytes, 0);
-    if (r.chunks.length !== header.chunkCount || blocks !== header.blockCount || dataBytes !== header.dataBytes || r.dataCrc !== header.dataCrc) {
-      this.stats.corruptFramesRejected++;
-      throw new FerryError('CHECKSUM_MISMATCH', `delta set ${header.deltaSet} does not match its header (blocks ${blocks}/${header.blockCount}, data checksum); refusing it`);
+    const verdict = this.receiving.onHeader(header);
+    switch (verdict.kind) {
+      case 'corrupt':
+        this.stats.corruptFramesRejected++;
+        return this.nack(connection, this.receiving.chunksStored, verdict.reason);
+      case 'already-sealed':
+        return this.ack(connection, header.deltaSet, header.chunkCount, true);
+      case 'incomplete':
+        return this.nack(connection, this.receiving.chunksStored, verdict.reason);
+      case 'mismatch':
+        this.stats.corruptFramesRejected++;
+        throw new FerryError('CHECKSUM_MISMATCH', verdict.reason);
+      case 'seal':
+        break;
     }
     const now = this.deps.clock.now();
     const record: DeltaSetRecord = {
@@ -640,11 +619,11 @@ export class TargetReplica {
       generation: pair.generation,
       n: header.deltaSet,
       state: 'received',
-      startLsn: r.startLsn ?? this.ring.head,
+      startLsn: verdict.startLsn ?? this.ring.head,
       endLsn: this.ring.head,
       chunks: header.chunkCount,
-      blocks,
-      dataBytes,
+      blocks: verdict.blocks,
+      dataBytes: verdict.dataBytes,
       dataCrc: header.dataCrc,
       createdAtMs: header.createdAtMs,
       previousCutMs: header.previousCutMs,
@@ -657,7 +636,7 @@ export class TargetReplica {
       pair.deltaSetReceived = header.deltaSet;
       this.deps.catalog.putPair(pair);
     });
-    this.receiving = { n: header.deltaSet + 1, chunks: [], dataCrc: 0, startLsn: undefined };
+    this.receiving.sealed(header.deltaSet);
     this.ack(connection, header.deltaSet, header.chunkCount, true);
     this.playbackWaker.signal();
   }
@@ -676,9 +655,8 @@ export class TargetReplica {
 
   private async playbackLoop(): Promise<void> {
     while (!this.closed) {
-      const candidate = this.copyDone ? this.rows().find((d) => d.n === this.deps.pair.deltaSetPlayedBack + 1 && d.state === 'received') : undefined;
-      // A delta set cut while a copy ran waits until this side has that whole copy.
-      const next = candidate && (candidate.afterCopy === undefined || (this.deps.pair.initialCopy.copyId ?? 1) >= candidate.afterCopy) ? candidate : undefined;
+      const { pair } = this.deps;
+      const next = nextToPlay(this.rows(), { deltaSetPlayedBack: pair.deltaSetPlayedBack, copyDone: this.copyDone, copyId: pair.initialCopy.copyId ?? 1 });
       if (next) {
         try {
           await this.playOne(next);
@@ -747,8 +725,7 @@ export class TargetReplica {
         catalog.putPair(pair);
         for (const old of this.rows().filter((d) => d.state === 'played' && d.n <= ds.n - playedHistoryMax)) catalog.deleteDeltaSet(old.volume, old.generation, old.n);
       });
-      const nextLive = this.rows().find((d) => d.state !== 'played');
-      this.ring.release(Math.max(this.ring.tail, nextLive?.startLsn ?? this.receiving.startLsn ?? this.ring.head));
+      this.ring.release(targetReleasePoint(this.ring, this.rows(), this.receiving.startLsn));
       this.spaceWaker.signal();
       await this.openToHostsIfConsistent();
     } finally {
@@ -790,12 +767,10 @@ export class TargetReplica {
       if (!record || record.deltaSet !== n || record.index !== index || record.generation !== pair.generation) break;
       const chunk = decodeChunk(record.payload, this.deps.volume.blockBytes, this.deps.volume.blockCount);
       this.ring.head = record.nextLsn;
-      this.receiving.startLsn ??= record.lsn;
-      this.receiving.chunks.push({ lsn: record.lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length });
-      this.receiving.dataCrc = crc32c(chunk.data, this.receiving.dataCrc);
+      this.receiving.stored({ lsn: record.lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length }, crc32c(chunk.data));
       lsn = record.nextLsn;
     }
-    if (this.receiving.chunks.length > 0) this.deps.log.info({ volume: pair.volume, deltaSet: n, chunks: this.receiving.chunks.length }, 'resuming a partly received delta set');
+    if (this.receiving.chunksStored > 0) this.deps.log.info({ volume: pair.volume, deltaSet: n, chunks: this.receiving.chunksStored }, 'resuming a partly received delta set');
   }
 
   private rows(): DeltaSetRecord[] {

@@ -92,7 +92,6 @@ export class ActivityLog {
   private durableVersion = 0;
   private sequence = 0;
   private writing: Promise<void> | undefined;
-  private writeAgain = false;
   writes = 0;
 
   private constructor(
@@ -150,7 +149,6 @@ export class ActivityLog {
   /** Writes the current set if it changed since the last durable write. */
   async flush(): Promise<void> {
     if (this.writing) {
-      this.writeAgain = true;
       await this.writing;
       if (this.durableVersion < this.version) await this.flush();
       return;
@@ -167,7 +165,6 @@ export class ActivityLog {
       await this.writing;
     } finally {
       this.writing = undefined;
-      this.writeAgain = false;
     }
   }
 

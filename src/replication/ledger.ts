@@ -1,0 +1,273 @@
+import { crc32c, crc32cCombine } from '../lib/checksum.js';
+import { FerryError } from '../lib/errors.js';
+import type { RingSpace } from '../storage/journal.js';
+import { headerCrcFields, type AckBody, type DeltaSetHeaderBody, type NackBody, type TargetPosition } from './protocol.js';
+
+/**
+ * Delta-set bookkeeping of the RCP data path (E FIG. 9, 12-17), pure: what the sender
+ * sends next and what it makes of an answer, what the receiver makes of a chunk or a
+ * header, which delta set plays back next, what the source may free. The replicators
+ * carry out what these decide over files and sockets; the simulator
+ * (`test/sim/replication-sim.ts`) over an in-memory model with faults and crashes.
+ */
+
+/** Chunks sent and not yet acknowledged. */
+export const sendWindowChunks = 8;
+/** Silence after which the oldest unacknowledged frame is sent again. */
+export const retransmitMs = 1_000;
+/** How long without an acknowledgement before the connection counts as failed. */
+export const ackTimeoutMs = 30_000;
+
+/** Where a delta set the target did not acknowledge is, in the source's mailbox. */
+export interface MailboxRow {
+  generation: number;
+  n: number;
+  state: string;
+  startLsn: number;
+  endLsn: number;
+}
+
+// ---- source ------------------------------------------------------------------------
+
+export type SendAction = { kind: 'chunk'; index: number } | { kind: 'header' };
+
+/**
+ * Where a session starts: the delta set after the last one the target holds whole,
+ * from the first chunk it does not have (E FIG. 14: resume from the first
+ * unacknowledged chunk, also after either side restarted).
+ */
+export function resumePoint(position: Pick<TargetPosition, 'generation' | 'deltaSetReceived' | 'chunksStored'>, pair: { generation: number; deltaSetCreated: number }): { next: number; fromChunk: number; received: number | undefined } {
+  const sameGeneration = position.generation === pair.generation;
+  if (sameGeneration && position.deltaSetReceived > pair.deltaSetCreated) {
+    throw new FerryError('PROTOCOL_ERROR', `target claims delta set ${position.deltaSetReceived}, but only ${pair.deltaSetCreated} were cut`);
+  }
+  return { next: position.deltaSetReceived + 1, fromChunk: position.chunksStored, received: sameGeneration ? position.deltaSetReceived : undefined };
+}
+
+/**
+ * The sender's view of one delta set in flight (E FIG. 12): chunks go out up to a
+ * window, the header last once every chunk is stored; answers move the window, ask
+ * for a chunk again, or seal it.
+ */
+export class DeltaSetWindow {
+  /** Every chunk before this one is stored at the target. */
+  acked: number;
+  private nextToSend: number;
+  private phase: 'chunks' | 'header' | 'sealed' = 'chunks';
+  private progressAtMs: number;
+
+  constructor(
+    readonly n: number,
+    readonly chunks: number,
+    fromChunk: number,
+    nowMs: number,
+    private readonly windowChunks = sendWindowChunks,
+  ) {
+    this.acked = this.nextToSend = Math.max(0, fromChunk);
+    this.progressAtMs = nowMs;
+  }
+
+  get sealed(): boolean {
+    return this.phase === 'sealed';
+  }
+
+  /** What may go out now: chunks up to the window; the header once the target stores every chunk. */
+  fill(nowMs: number): SendAction[] {
+    if (this.phase !== 'chunks') return [];
+    const out: SendAction[] = [];
+    while (this.nextToSend < this.chunks && this.nextToSend - this.acked < this.windowChunks) out.push({ kind: 'chunk', index: this.nextToSend++ });
+    if (this.acked >= this.chunks) {
+      // E: the header goes last, so the receiver can check that everything it names arrived.
+      this.phase = 'header';
+      this.progressAtMs = nowMs;
+      out.push({ kind: 'header' });
+    }
+    return out;
+  }
+
+  /** An acknowledgement: true if it is progress (chunks stored, or the delta set sealed). */
+  onAck(ack: AckBody, nowMs: number): boolean {
+    if (this.phase === 'chunks') {
+      // A full target is alive: waiting for its playback is not a timeout.
+      if (ack.full) this.progressAtMs = nowMs;
+      if (ack.deltaSet !== this.n || ack.chunksStored <= this.acked) return false;
+      this.acked = Math.min(ack.chunksStored, this.chunks);
+      this.nextToSend = Math.max(this.nextToSend, this.acked);
+      this.progressAtMs = nowMs;
+      return true;
+    }
+    if (this.phase === 'header' && ack.deltaSet === this.n && ack.sealed) {
+      this.phase = 'sealed';
+      return true;
+    }
+    return false;
+  }
+
+  /** A refusal: what to send again. A header the target refuses with every chunk stored is an error. */
+  onNack(nack: NackBody): SendAction[] {
+    if (this.phase === 'chunks') {
+      return nack.deltaSet === this.n && nack.index >= this.acked && nack.index < this.chunks ? [{ kind: 'chunk', index: nack.index }] : [];
+    }
+    if (this.phase === 'header') {
+      if (nack.index < this.chunks) return [{ kind: 'chunk', index: nack.index }, { kind: 'header' }];
+      throw new FerryError('PROTOCOL_ERROR', `target refused delta set ${this.n}: ${nack.reason}`);
+    }
+    return [];
+  }
+
+  /**
+   * No answer for a while: a lost or damaged acknowledgement shows as silence, so the
+   * oldest unacknowledged frame goes again (the target answers a duplicate with a fresh
+   * acknowledgement). Undefined once nothing has moved for `ackTimeoutMs`: the session
+   * has failed.
+   */
+  onSilence(nowMs: number): SendAction[] | undefined {
+    if (nowMs - this.progressAtMs > ackTimeoutMs) return undefined;
+    if (this.phase === 'chunks') return this.acked < this.chunks ? [{ kind: 'chunk', index: this.acked }] : [];
+    return this.phase === 'header' ? [{ kind: 'header' }] : [];
+  }
+}
+
+/**
+ * The mailbox row of delta set `next`, if it is ready. One the target needs that is no
+ * longer there cannot be sent: the pair cannot go on without a copy.
+ */
+export function rowToSend<R extends Pick<MailboxRow, 'generation' | 'n'>>(rows: R[], pair: { generation: number; deltaSetCreated: number }, next: number): R | undefined {
+  const row = rows.find((d) => d.generation === pair.generation && d.n === next);
+  if (!row && next <= pair.deltaSetCreated) {
+    throw new FerryError('CORRUPT_RECORD', `delta set ${next} is needed by the target but no longer in the save volume`);
+  }
+  return row;
+}
+
+/**
+ * Frees acknowledged delta sets of the source's save volume, oldest first, until
+ * `bytes` fit (rule 8); never one the target has not acknowledged. Returns the rows
+ * to delete from the mailbox and whether the space is there now. `retained` is the
+ * generation's rows in order.
+ */
+export function makeRoom<R extends Pick<MailboxRow, 'state' | 'startLsn'>>(ring: RingSpace, retained: R[], bytes: number): { fits: boolean; freed: R[] } {
+  const freed: R[] = [];
+  if (bytes > ring.capacityBytes) return { fits: false, freed };
+  if (ring.peek(bytes) !== undefined) return { fits: true, freed };
+  for (let i = 0; i < retained.length; i++) {
+    const d = retained[i] as R;
+    if (d.state !== 'acked') break;
+    freed.push(d);
+    ring.release(retained[i + 1]?.startLsn ?? ring.head);
+    if (ring.peek(bytes) !== undefined) return { fits: true, freed };
+  }
+  return { fits: false, freed };
+}
+
+// ---- target ------------------------------------------------------------------------
+
+/** A chunk stored in the target's save volume. */
+export interface StoredChunk {
+  lsn: number;
+  blocks: number;
+  dataBytes: number;
+}
+
+export type ChunkVerdict =
+  /** Of a delta set already sealed here: acknowledge it as sealed again. */
+  | { kind: 'already-sealed' }
+  /** Not the chunk expected next: ask for that one. */
+  | { kind: 'out-of-order'; reason: string }
+  /** Stored already: acknowledge again (the acknowledgement was lost). */
+  | { kind: 'duplicate' }
+  /** The next chunk: store it durably, then `stored`. */
+  | { kind: 'store' };
+
+export type HeaderVerdict =
+  /** The header itself is damaged: ask for it again. */
+  | { kind: 'corrupt'; reason: string }
+  | { kind: 'already-sealed' }
+  /** Something it names has not arrived: ask for the first chunk missing. */
+  | { kind: 'incomplete'; reason: string }
+  /** Everything arrived and does not match the header: refuse the delta set. */
+  | { kind: 'mismatch'; reason: string }
+  /** Complete and matching: record it durably, then `sealed`, then acknowledge. */
+  | { kind: 'seal'; blocks: number; dataBytes: number; startLsn: number | undefined };
+
+/**
+ * What the target holds of the delta set being received (E FIG. 9): chunks are taken
+ * in order only, and a delta set is sealed only when everything its header names has
+ * arrived and matches.
+ */
+export class ReceiveLedger {
+  private chunks: StoredChunk[] = [];
+  private dataCrc = 0;
+
+  /** `received`: the last delta set completely received and durable. */
+  constructor(public received: number) {}
+
+  /** The delta set being received. */
+  get n(): number {
+    return this.received + 1;
+  }
+
+  get chunksStored(): number {
+    return this.chunks.length;
+  }
+
+  /** Where the first stored chunk of the delta set being received starts. */
+  get startLsn(): number | undefined {
+    return this.chunks[0]?.lsn;
+  }
+
+  onChunk(deltaSet: number, index: number): ChunkVerdict {
+    if (deltaSet <= this.received) return { kind: 'already-sealed' };
+    if (deltaSet !== this.n) return { kind: 'out-of-order', reason: `expected delta set ${this.n}, got ${deltaSet}` };
+    if (index < this.chunks.length) return { kind: 'duplicate' };
+    if (index > this.chunks.length) return { kind: 'out-of-order', reason: `chunk ${index} arrived before chunk ${this.chunks.length}` };
+    return { kind: 'store' };
+  }
+
+  /** The chunk the last `store` verdict was for is durable; `dataCrc` is over its block data. */
+  stored(chunk: StoredChunk, dataCrc: number): void {
+    this.chunks.push(chunk);
+    this.dataCrc = crc32cCombine(this.dataCrc, dataCrc, chunk.dataBytes);
+  }
+
+  onHeader(header: DeltaSetHeaderBody): HeaderVerdict {
+    const { headerCrc, ...fields } = header;
+    if (crc32c(headerCrcFields(fields)) !== headerCrc) return { kind: 'corrupt', reason: 'delta-set header failed its checksum' };
+    if (header.deltaSet <= this.received) return { kind: 'already-sealed' };
+    if (header.deltaSet !== this.n || this.chunks.length < header.chunkCount) {
+      return { kind: 'incomplete', reason: `delta set ${header.deltaSet} incomplete: ${this.chunks.length} of ${header.chunkCount} chunks` };
+    }
+    const blocks = this.chunks.reduce((s, c) => s + c.blocks, 0);
+    const dataBytes = this.chunks.reduce((s, c) => s + c.dataBytes, 0);
+    if (this.chunks.length !== header.chunkCount || blocks !== header.blockCount || dataBytes !== header.dataBytes || this.dataCrc !== header.dataCrc) {
+      return { kind: 'mismatch', reason: `delta set ${header.deltaSet} does not match its header (blocks ${blocks}/${header.blockCount}, data checksum); refusing it` };
+    }
+    return { kind: 'seal', blocks, dataBytes, startLsn: this.startLsn };
+  }
+
+  /** Delta set `n` is recorded as received: the next one starts empty. */
+  sealed(n: number): void {
+    this.received = n;
+    this.chunks = [];
+    this.dataCrc = 0;
+  }
+}
+
+/**
+ * The delta set to play back next: the one after the last played, once received, and
+ * not before the copy it was cut during is whole here (E FIG. 11).
+ */
+export function nextToPlay<R extends { n: number; state: string; afterCopy?: number }>(rows: R[], pair: { deltaSetPlayedBack: number; copyDone: boolean; copyId: number }): R | undefined {
+  if (!pair.copyDone) return undefined;
+  const candidate = rows.find((d) => d.n === pair.deltaSetPlayedBack + 1 && d.state === 'received');
+  return candidate && (candidate.afterCopy === undefined || pair.copyId >= candidate.afterCopy) ? candidate : undefined;
+}
+
+/**
+ * Where the target's save volume is free up to after a playback: the start of the
+ * oldest delta set not yet played, else of the one being received, else everything.
+ */
+export function targetReleasePoint(ring: RingSpace, rows: Pick<MailboxRow, 'state' | 'startLsn'>[], receivingStartLsn: number | undefined): number {
+  const nextLive = rows.find((d) => d.state !== 'played');
+  return Math.max(ring.tail, nextLive?.startLsn ?? receivingStartLsn ?? ring.head);
+}
