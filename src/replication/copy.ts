@@ -9,6 +9,7 @@ import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { chunkExtentsMax, encodeChunkParts, type ChunkExtent } from './chunk.js';
 import { Inbox } from './inbox.js';
+import { SessionRetries } from './ledger.js';
 import { ReplFrame, copyFramePrefix, json, type CopyAckBody, type CopyDoneBody, type TargetPosition } from './protocol.js';
 
 /** Data carried by one piece of a copy: larger than a delta-set chunk, it goes straight to the volume. */
@@ -22,8 +23,6 @@ const copyRetransmitMs = 1_000;
 /** No progress for this long: the connection counts as failed. */
 const copyAckTimeoutMs = 30_000;
 const copyPersistMs = 1_000;
-const retryDelayMsMin = 200;
-const retryDelayMsMax = 5_000;
 /** Bytes of allocation looked at per step when the copy searches for the next valid extent. */
 const copyScanBytesMax = ioBytesMax;
 
@@ -153,7 +152,7 @@ export class CopyRunner {
 
   /** Resolves true once the target has the whole copy, false if closed first. */
   async run(): Promise<boolean> {
-    let failures = 0;
+    const retries = new SessionRetries();
     const plan = await this.deps.plan();
     const copy = this.deps.pair.initialCopy;
     copy.plannedBlocks = plan.blocks ? plan.blocks.count : plan.blockCount;
@@ -170,15 +169,15 @@ export class CopyRunner {
           await this.session(connection, plan, position);
           return true;
         } finally {
-          if (copy.cursorBlock > before) failures = 0;
+          if (copy.cursorBlock > before) retries.progressed();
         }
       } catch (err) {
         if (this.closed) break;
-        failures++;
+        const { delayMs } = retries.failed();
         this.stats.retries++;
         this.stats.lastError = (err as Error).message;
-        this.deps.log.warn({ volume: this.deps.pair.volume, err: (err as Error).message, failures }, 'copy session failed; retrying');
-        await this.waker.wait(this.deps.clock, Math.min(retryDelayMsMax, retryDelayMsMin * 2 ** Math.min(failures, 6)));
+        this.deps.log.warn({ volume: this.deps.pair.volume, err: (err as Error).message, failures: retries.failures }, 'copy session failed; retrying');
+        await this.waker.wait(this.deps.clock, delayMs);
       } finally {
         this.stats.connected = false;
         this.connection?.destroy();

@@ -17,6 +17,10 @@ export const sendWindowChunks = 8;
 export const retransmitMs = 1_000;
 /** How long without an acknowledgement before the connection counts as failed. */
 export const ackTimeoutMs = 30_000;
+/** Consecutive failed sessions before the pair reports Suspend (failure); it keeps retrying after that. */
+export const sendRetriesMax = 3;
+export const retryDelayMsMin = 200;
+export const retryDelayMsMax = 5_000;
 
 /** Where a delta set the target did not acknowledge is, in the source's mailbox. */
 export interface MailboxRow {
@@ -129,6 +133,26 @@ export class DeltaSetWindow {
 }
 
 /**
+ * Retries of the send thread: exponential backoff between sessions, and Suspend
+ * (failure) after `sendRetriesMax` in a row. Only a session that made progress clears
+ * the count: one that connects and then fails the same way each time must still end
+ * in Suspend (failure) with its reason.
+ */
+export class SessionRetries {
+  failures = 0;
+
+  /** A session ended without progress (or could not open): how long to wait, and whether to report Suspend (failure). */
+  failed(): { delayMs: number; suspend: boolean } {
+    this.failures++;
+    return { delayMs: Math.min(retryDelayMsMax, retryDelayMsMin * 2 ** Math.min(this.failures, 6)), suspend: this.failures >= sendRetriesMax };
+  }
+
+  progressed(): void {
+    this.failures = 0;
+  }
+}
+
+/**
  * The mailbox row of delta set `next`, if it is ready. One the target needs that is no
  * longer there cannot be sent: the pair cannot go on without a copy.
  */
@@ -198,6 +222,8 @@ export type HeaderVerdict =
 export class ReceiveLedger {
   private chunks: StoredChunk[] = [];
   private dataCrc = 0;
+  /** Save-volume space taken for chunks being written, not yet stored. */
+  private readonly writing = new Set<number>();
 
   /** `received`: the last delta set completely received and durable. */
   constructor(public received: number) {}
@@ -216,6 +242,27 @@ export class ReceiveLedger {
     return this.chunks[0]?.lsn;
   }
 
+  /**
+   * The oldest save-volume position the delta set being received still needs: its
+   * first stored chunk, or space taken for a chunk still being written. A playback
+   * that ends meanwhile must not free it.
+   */
+  get heldFromLsn(): number | undefined {
+    let held = this.chunks[0]?.lsn;
+    for (const lsn of this.writing) held = held === undefined ? lsn : Math.min(held, lsn);
+    return held;
+  }
+
+  /** Space at `lsn` is taken for the chunk the last `store` verdict was for. */
+  writingAt(lsn: number): void {
+    this.writing.add(lsn);
+  }
+
+  /** The write at `lsn` failed: the chunk is not stored (it will be sent again). */
+  abandon(lsn: number): void {
+    this.writing.delete(lsn);
+  }
+
   onChunk(deltaSet: number, index: number): ChunkVerdict {
     if (deltaSet <= this.received) return { kind: 'already-sealed' };
     if (deltaSet !== this.n) return { kind: 'out-of-order', reason: `expected delta set ${this.n}, got ${deltaSet}` };
@@ -226,6 +273,7 @@ export class ReceiveLedger {
 
   /** The chunk the last `store` verdict was for is durable; `dataCrc` is over its block data. */
   stored(chunk: StoredChunk, dataCrc: number): void {
+    this.writing.delete(chunk.lsn);
     this.chunks.push(chunk);
     this.dataCrc = crc32cCombine(this.dataCrc, dataCrc, chunk.dataBytes);
   }
@@ -250,6 +298,7 @@ export class ReceiveLedger {
     this.received = n;
     this.chunks = [];
     this.dataCrc = 0;
+    this.writing.clear();
   }
 }
 
@@ -265,9 +314,10 @@ export function nextToPlay<R extends { n: number; state: string; afterCopy?: num
 
 /**
  * Where the target's save volume is free up to after a playback: the start of the
- * oldest delta set not yet played, else of the one being received, else everything.
+ * oldest delta set not yet played, else what the one being received holds
+ * (`ReceiveLedger.heldFromLsn`), else everything.
  */
-export function targetReleasePoint(ring: RingSpace, rows: Pick<MailboxRow, 'state' | 'startLsn'>[], receivingStartLsn: number | undefined): number {
+export function targetReleasePoint(ring: RingSpace, rows: Pick<MailboxRow, 'state' | 'startLsn'>[], receivingHeldFromLsn: number | undefined): number {
   const nextLive = rows.find((d) => d.state !== 'played');
-  return Math.max(ring.tail, nextLive?.startLsn ?? receivingStartLsn ?? ring.head);
+  return Math.max(ring.tail, nextLive?.startLsn ?? receivingHeldFromLsn ?? ring.head);
 }

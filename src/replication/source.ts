@@ -13,7 +13,7 @@ import { FrameType, type Frame } from '../transport/frame.js';
 import { DeltaSetBuilder, deltaSetSpanBytesMax } from './builder.js';
 import { chunkBytesMax } from './chunk.js';
 import { Inbox } from './inbox.js';
-import { DeltaSetWindow, makeRoom, resumePoint, retransmitMs, rowToSend, sendWindowChunks, type SendAction } from './ledger.js';
+import { DeltaSetWindow, SessionRetries, makeRoom, resumePoint, retransmitMs, retryDelayMsMax, rowToSend, sendWindowChunks, type SendAction } from './ledger.js';
 import { isActive, nextPairStatus, type PairEvent, type PairStatus } from './pair-state.js';
 import {
   ReplFrame,
@@ -34,10 +34,6 @@ import { CopyRunner, type CopyPlan, type CopyStats } from './copy.js';
  * by the pairs of the process: the window's and a few more.
  */
 const chunkBuffers = new BufferPool(chunkBytesMax, sendWindowChunks * 2);
-/** Consecutive failures before the pair reports Suspend (failure); it keeps retrying after that. */
-export const sendRetriesMax = 3;
-export const retryDelayMsMax = 5_000;
-export const retryDelayMsMin = 200;
 /** How often a paused pair checks in with the target. */
 const probeMs = 5_000;
 /** Longest sleep of the cutter between trigger checks. */
@@ -426,7 +422,7 @@ export class SourceReplicator {
   // ---- send thread (E FIG. 12) ----------------------------------------------------
 
   private async sendLoop(): Promise<void> {
-    let failures = 0;
+    const retries = new SessionRetries();
     let lastProbeMs = Number.NEGATIVE_INFINITY;
     while (!this.closed) {
       if (!isActive(this.status) && !(this.status.state === 'suspended' && this.status.cause === 'failure')) {
@@ -452,9 +448,7 @@ export class SourceReplicator {
         try {
           await this.session(connection, position);
         } finally {
-          // Only progress clears the failures: a session that connects and then fails the
-          // same way each time must still end in Suspend (failure) with its reason.
-          if (this.progress > progressBefore) failures = 0;
+          if (this.progress > progressBefore) retries.progressed();
         }
       } catch (err) {
         if (this.closed) break;
@@ -464,14 +458,14 @@ export class SourceReplicator {
           this.deps.fenced((err as Error).message);
           return;
         }
-        failures++;
+        const { delayMs, suspend } = retries.failed();
         this.stats.retries++;
         this.stats.lastError = (err as Error).message;
-        if (failures >= sendRetriesMax && this.status.state !== 'suspended' && isActive(this.status)) {
+        if (suspend && this.status.state !== 'suspended' && isActive(this.status)) {
           this.apply({ type: 'failure', reason: `target unreachable: ${(err as Error).message}` });
         }
-        this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message, failures }, 'replication session failed; retrying');
-        await this.sendWaker.wait(this.deps.clock, Math.min(retryDelayMsMax, retryDelayMsMin * 2 ** Math.min(failures, 6)));
+        this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message, failures: retries.failures }, 'replication session failed; retrying');
+        await this.sendWaker.wait(this.deps.clock, delayMs);
       } finally {
         this.stats.connected = false;
         this.connection?.destroy();

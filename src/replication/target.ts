@@ -170,6 +170,7 @@ export class TargetReplica {
   private copyFlushedAtMs = 0;
   private copyRecordedAtMs = 0;
   private copySessionDone: Promise<void> = Promise.resolve();
+  private sessionDone: Promise<void> = Promise.resolve();
   /** While a catch-up is applied, hosts read the protected image instead of the volume. */
   private protective: PointInTimeImage | undefined;
   private hostsAllowed = false;
@@ -266,12 +267,18 @@ export class TargetReplica {
     return this.overlay ? [{ offset, length, allocated: true }] : this.deps.volume.blockStatus(offset, length);
   }
 
-  /** Serves one session from the source; a newer session replaces an older one. */
+  /**
+   * Serves one session from the source; a newer session replaces an older one. The
+   * older one's frame in hand (a chunk being stored) is finished first: only then is
+   * the position the new session resumes from true, and a chunk never stored twice.
+   */
   async serve(connection: RcpConnection): Promise<void> {
     this.session?.destroy();
     this.session = connection;
     this.stats.connected = true;
-    try {
+    const previous = this.sessionDone;
+    const done = (async () => {
+      await previous;
       await this.runSession(
         connection,
         'replication session',
@@ -279,6 +286,10 @@ export class TargetReplica {
         () => this.nack(connection, this.receiving.chunksStored, 'frame failed its checksum'),
         (frame) => this.handle(connection, frame),
       );
+    })();
+    this.sessionDone = done.catch(() => undefined);
+    try {
+      await done;
     } finally {
       if (this.session === connection) {
         this.session = undefined;
@@ -589,8 +600,15 @@ export class TargetReplica {
       lsn = this.ring.allocate(span);
     }
     this.stats.saveVolumeFull = false;
-    await journal.write(lsn, encoded);
-    await journal.sync();
+    // Held until stored: a playback ending meanwhile must not free this space.
+    this.receiving.writingAt(lsn);
+    try {
+      await journal.write(lsn, encoded);
+      await journal.sync();
+    } catch (err) {
+      this.receiving.abandon(lsn);
+      throw err;
+    }
     this.receiving.stored({ lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length }, chunkDataCrc);
     pair.bytesReceived += payload.length;
     this.ack(connection, deltaSet, this.receiving.chunksStored, false);
@@ -725,7 +743,7 @@ export class TargetReplica {
         catalog.putPair(pair);
         for (const old of this.rows().filter((d) => d.state === 'played' && d.n <= ds.n - playedHistoryMax)) catalog.deleteDeltaSet(old.volume, old.generation, old.n);
       });
-      this.ring.release(targetReleasePoint(this.ring, this.rows(), this.receiving.startLsn));
+      this.ring.release(targetReleasePoint(this.ring, this.rows(), this.receiving.heldFromLsn));
       this.spaceWaker.signal();
       await this.openToHostsIfConsistent();
     } finally {

@@ -1,0 +1,239 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { mkdtemp, mkdir, rm } from 'node:fs/promises';
+import { createServer, connect, type AddressInfo, type Server } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pino } from 'pino';
+import { crc32c } from '../../src/lib/checksum.js';
+import { systemClock } from '../../src/lib/clock.js';
+import { Catalog } from '../../src/storage/catalog.js';
+import { JournalFile } from '../../src/storage/journal.js';
+import { ReplicationCatalog, type PairRecord } from '../../src/storage/replication-catalog.js';
+import { VolumeStore } from '../../src/storage/volume-store.js';
+import { RcpConnection } from '../../src/transport/connection.js';
+import { rcpPreamble, type Frame } from '../../src/transport/frame.js';
+import { encodeChunk } from '../../src/replication/chunk.js';
+import { freshCounters } from '../../src/replication/manager.js';
+import { ReplFrame, encodeChunkFrameParts, headerCrcFields, json, type AckBody, type DeltaSetHeaderBody, type TargetPosition } from '../../src/replication/protocol.js';
+import { TargetReplica } from '../../src/replication/target.js';
+
+/**
+ * The receiver against a stalled disk, found by the simulator (test/sim/): what the
+ * target does while a chunk's write and fsync have not returned.
+ */
+const log = pino({ level: 'silent' });
+const bb = 4096;
+const blocks = 256;
+
+interface Env {
+  target: TargetReplica;
+  pair: PairRecord;
+  /** Holds the next journal fsyncs until `release` is called; resolves `stalled` when one is held. */
+  stallSync(): { stalled: Promise<void>; release: () => void };
+  /** Opens a session as the source does and returns the target's position. */
+  session(): Promise<{ conn: RcpConnection; position: TargetPosition; frames: Frame[] }>;
+  digest(): Promise<string>;
+  close(): Promise<void>;
+}
+
+async function openEnv(): Promise<Env> {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-target-'));
+  await mkdir(join(dir, 'volumes'));
+  const catalog = new Catalog(join(dir, 'catalog.db'));
+  const store = new VolumeStore(catalog, join(dir, 'volumes'), bb, log);
+  await store.load();
+  await store.create('v', blocks * bb);
+  const volume = store.get('v');
+  const replication = new ReplicationCatalog(catalog);
+  const now = new Date().toISOString();
+  const pair: PairRecord = {
+    volume: 'v',
+    pairId: 'p1',
+    role: 'target',
+    mode: 'async',
+    peerUrl: 'http://127.0.0.1:1',
+    peerSiteId: 's',
+    peerSiteName: 'a',
+    peerVolume: 'v',
+    state: 'duplex',
+    stateReason: '',
+    generation: 1,
+    intervalMs: 10_000,
+    highWaterBytes: 64 << 20,
+    saveVolumeBytes: 1 << 20,
+    createdAt: now,
+    initialCopy: { cursorBlock: blocks, totalBlocks: blocks, stampedDeltaSet: 0, startedAt: now, doneAt: now, bytes: 0, copyId: 1 },
+    ...freshCounters(),
+  };
+  replication.putPair(pair);
+  const journal = await JournalFile.open(join(dir, 'save.journal'), pair.saveVolumeBytes);
+  let gate: { held: () => void; wait: Promise<void> } | undefined;
+  const sync = journal.sync.bind(journal);
+  journal.sync = async () => {
+    const g = gate;
+    if (g) {
+      g.held();
+      await g.wait;
+    }
+    return sync();
+  };
+  const target = await TargetReplica.open({
+    volume,
+    pair,
+    catalog: replication,
+    journal,
+    clock: systemClock,
+    log,
+    setAccess: async () => undefined,
+    protect: () => Promise.reject(new Error('no catch-up here')),
+    unprotect: async () => undefined,
+  });
+  target.start();
+  const server: Server = createServer((socket) => {
+    const conn = new RcpConnection(socket);
+    conn.on('error', () => undefined);
+    conn.on('socket-error', () => undefined);
+    socket.write(rcpPreamble);
+    void target.serve(conn);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as AddressInfo).port;
+  return {
+    target,
+    pair,
+    stallSync() {
+      let held!: () => void;
+      let release!: () => void;
+      const stalled = new Promise<void>((r) => (held = r));
+      const wait = new Promise<void>((r) => (release = r));
+      gate = { held, wait };
+      return {
+        stalled,
+        release: () => {
+          gate = undefined;
+          release();
+        },
+      };
+    },
+    async session() {
+      const socket = connect({ host: '127.0.0.1', port });
+      const conn = new RcpConnection(socket);
+      conn.on('error', () => undefined);
+      conn.on('socket-error', () => undefined);
+      const frames: Frame[] = [];
+      const opened = new Promise<TargetPosition>((resolve) => {
+        conn.on('frame', (f: Frame) => {
+          if (f.type === ReplFrame.PairOpenOk) resolve(json<TargetPosition>(f));
+          else frames.push(f);
+        });
+      });
+      socket.write(rcpPreamble);
+      return { conn, position: await opened, frames };
+    },
+    async digest() {
+      const buf = Buffer.alloc(blocks * bb);
+      await volume.readInto(buf, 0);
+      return createHash('sha256').update(buf).digest('hex');
+    },
+    async close() {
+      server.close();
+      await target.close();
+      await journal.close();
+      await store.close();
+      catalog.close();
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Delta set `n`: `chunks` chunks of one block each, block i holding byte (n * 16 + i). */
+function deltaSet(n: number, chunks: number): { frames: [Buffer, Buffer][]; header: DeltaSetHeaderBody; expect: Map<number, number> } {
+  const frames: [Buffer, Buffer][] = [];
+  let dataCrc = 0;
+  const expect = new Map<number, number>();
+  for (let i = 0; i < chunks; i++) {
+    const data = Buffer.alloc(bb, n * 16 + i);
+    dataCrc = crc32c(data, dataCrc);
+    expect.set(n * 16 + i, n * 16 + i);
+    frames.push(encodeChunkFrameParts(n, i, encodeChunk({ extents: [{ block: n * 16 + i, count: 1, zero: false }], data })));
+  }
+  const fields = { deltaSet: n, chunkCount: chunks, blockCount: chunks, dataBytes: chunks * bb, dataCrc, createdAtMs: Date.now(), previousCutMs: 0 };
+  return { frames, header: { ...fields, headerCrc: crc32c(headerCrcFields(fields)) }, expect };
+}
+
+async function until(what: string, fn: () => boolean, timeoutMs = 5_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!fn()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+function expectedDigest(sets: Map<number, number>[]): string {
+  const buf = Buffer.alloc(blocks * bb);
+  for (const set of sets) for (const [block, byte] of set) buf.fill(byte, block * bb, (block + 1) * bb);
+  return createHash('sha256').update(buf).digest('hex');
+}
+
+test('a new session waits for the chunk the old one is still storing: it resumes after it, the chunk is stored once, and the delta set seals and plays back', async () => {
+  const env = await openEnv();
+  try {
+    const ds = deltaSet(1, 3);
+    const first = await env.session();
+    assert.equal(first.position.chunksStored, 0);
+    first.conn.send(ReplFrame.Chunk, ds.frames[0] as [Buffer, Buffer], { generation: 1n });
+    await until('chunk 0 acknowledged', () => first.frames.some((f) => f.type === ReplFrame.Ack && json<AckBody>(f).chunksStored === 1));
+    // Chunk 1's fsync stalls, and the connection drops meanwhile.
+    const stall = env.stallSync();
+    first.conn.send(ReplFrame.Chunk, ds.frames[1] as [Buffer, Buffer], { generation: 1n });
+    await stall.stalled;
+    first.conn.destroy();
+    let answered = false;
+    const second = env.session().then((s) => {
+      answered = true;
+      return s;
+    });
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(answered, false, 'the new session was answered while a chunk of the old one was still being stored');
+    stall.release();
+    const { conn, position, frames } = await second;
+    assert.equal(position.chunksStored, 2, 'the new session resumes after the chunk the old one stored');
+    conn.send(ReplFrame.Chunk, ds.frames[2] as [Buffer, Buffer], { generation: 1n });
+    conn.sendJson(ReplFrame.DeltaSetHeader as number, ds.header, { generation: 1n });
+    await until('delta set 1 sealed', () => frames.some((f) => f.type === ReplFrame.Ack && json<AckBody>(f).sealed));
+    await until('delta set 1 played back', () => env.pair.deltaSetPlayedBack === 1);
+    assert.equal(await env.digest(), expectedDigest([ds.expect]));
+    conn.destroy();
+  } finally {
+    await env.close();
+  }
+});
+
+test('a playback that ends while a chunk of the next delta set is being written does not free that chunk\'s space', async () => {
+  const env = await openEnv();
+  try {
+    const one = deltaSet(1, 2);
+    const two = deltaSet(2, 2);
+    const { conn, frames } = await env.session();
+    // Delta set 1 is sealed; its playback is held back by a stalled fsync of delta set 2's first chunk.
+    for (const f of one.frames) conn.send(ReplFrame.Chunk, f, { generation: 1n });
+    await until('delta set 1 stored', () => frames.filter((f) => f.type === ReplFrame.Ack && json<AckBody>(f).chunksStored === 2).length > 0);
+    const stall = env.stallSync();
+    conn.sendJson(ReplFrame.DeltaSetHeader as number, one.header, { generation: 1n });
+    conn.send(ReplFrame.Chunk, two.frames[0] as [Buffer, Buffer], { generation: 1n });
+    await stall.stalled;
+    await until('delta set 1 played back', () => env.pair.deltaSetPlayedBack === 1);
+    // Nothing else is live: what is still in use is the chunk being written.
+    assert.ok(env.target.saveVolume.usedBytes > 0, 'the space of the chunk being written was freed by the playback');
+    stall.release();
+    conn.send(ReplFrame.Chunk, two.frames[1] as [Buffer, Buffer], { generation: 1n });
+    conn.sendJson(ReplFrame.DeltaSetHeader as number, two.header, { generation: 1n });
+    await until('delta set 2 played back', () => env.pair.deltaSetPlayedBack === 2);
+    assert.equal(await env.digest(), expectedDigest([one.expect, two.expect]));
+    conn.destroy();
+  } finally {
+    await env.close();
+  }
+});
