@@ -1,0 +1,941 @@
+/**
+ * A seeded simulator of one asynchronous pair (SPEC §3, STYLE 1): a source and a target
+ * site, an in-memory volume, save volume and mailbox at each, a network that drops,
+ * damages, stalls and cuts connections, and crashes of either site at any moment.
+ * The deciding code is ferry's own: the pair-state machine, the delta-set triggers,
+ * the sender's window and the receiver's ledger, the choice of what to play back and
+ * what to free, and the recovery plan of a failover. Only storage, network and clock
+ * are simulated, in virtual time, so one seed runs minutes of faults in milliseconds
+ * and a failing seed replays exactly.
+ *
+ * Checked after every event: the target's image as readers see it is the source's
+ * image at a delta-set boundary (rule 2), a delta set is acknowledged only once the
+ * target holds it durably, nothing that does not match its header is ever sealed,
+ * and no delta set the target still needs is freed. At the end: either the faults
+ * stop and the target catches up to exactly the source's image, in Duplex, without
+ * a copy; or the target fails over, and the undo list the old source would build
+ * covers every block it changed after the restart point.
+ */
+import assert from 'node:assert/strict';
+import { crc32c, crc32cCombine } from '../../src/lib/checksum.js';
+import { RingSpace, recordAlignBytes } from '../../src/storage/journal.js';
+import {
+  DeltaSetWindow,
+  ReceiveLedger,
+  SessionRetries,
+  makeRoom,
+  nextToPlay,
+  resumePoint,
+  retransmitMs,
+  rowToSend,
+  targetReleasePoint,
+  type SendAction,
+} from '../../src/replication/ledger.js';
+import { initialPairStatus, isActive, nextPairStatus, type PairEvent, type PairStatus } from '../../src/replication/pair-state.js';
+import { DeltaSetTrigger } from '../../src/replication/triggers.js';
+import { headerCrcFields, type AckBody, type DeltaSetHeaderBody, type NackBody, type TargetPosition } from '../../src/replication/protocol.js';
+import { planUndo } from '../../src/recovery/plan.js';
+
+// ---- knobs ---------------------------------------------------------------------------
+
+const blockCount = 48;
+const blockBytes = 4;
+const chunkBlocksMax = 4;
+/** Every chunk record takes one aligned unit of a save volume. */
+const recordBytes = recordAlignBytes;
+const sourceSaveBytes = 20 * recordBytes;
+/** The smallest the target's may be: the source's (the manager refuses less). */
+const targetSaveBytes = sourceSaveBytes;
+const intervalMs = 300;
+const highWaterBytes = 24 * blockBytes;
+const cutterPollMs = 100;
+const heartbeatMs = 1_000;
+const openTimeoutMs = 2_000;
+const fullNoticeMs = 500;
+const playedHistoryMax = 2;
+
+export interface SimOptions {
+  seed: number;
+  /** Virtual time with faults and writes. */
+  faultMs: number;
+  /** End with a failover at the target instead of catching up. */
+  failover?: 'default' | 'now';
+}
+
+export interface SimReport {
+  seed: number;
+  events: number;
+  writes: number;
+  deltaSetsCreated: number;
+  deltaSetsPlayed: number;
+  sourceCrashes: number;
+  targetCrashes: number;
+  connectionsCut: number;
+  framesDamaged: number;
+  retransmits: number;
+  suspendedByFailure: number;
+  sourceSaveVolumeFull: number;
+  targetSaveVolumeFull: number;
+  failover?: { restartPoint: number; undoBlocks: number; changedBlocks: number; plan: 'delta-sets' | 'full-copy' };
+}
+
+// ---- seeded randomness and virtual time -------------------------------------------------
+
+class Random {
+  constructor(private state: number) {}
+  /** mulberry32 */
+  next(): number {
+    this.state = (this.state + 0x6d2b79f5) | 0;
+    let t = this.state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }
+  int(lo: number, hi: number): number {
+    return lo + Math.floor(this.next() * (hi - lo + 1));
+  }
+  chance(p: number): boolean {
+    return this.next() < p;
+  }
+}
+
+class Scheduler {
+  now = 0;
+  events = 0;
+  private queue: { at: number; seq: number; run: () => void }[] = [];
+  private seq = 0;
+
+  at(delayMs: number, run: () => void): void {
+    const e = { at: this.now + Math.max(0, delayMs), seq: this.seq++, run };
+    let i = this.queue.length;
+    while (i > 0 && ((this.queue[i - 1] as { at: number }).at > e.at)) i--;
+    this.queue.splice(i, 0, e);
+  }
+
+  /** Runs events until `untilMs` or until `stop` says so after an event. */
+  run(untilMs: number, afterEach: () => void, stop: () => boolean = () => false): void {
+    while (this.queue.length > 0 && (this.queue[0] as { at: number }).at <= untilMs) {
+      const e = this.queue.shift() as { at: number; run: () => void };
+      this.now = e.at;
+      this.events++;
+      e.run();
+      afterEach();
+      if (stop()) return;
+    }
+    this.now = Math.max(this.now, untilMs);
+  }
+}
+
+// ---- data ----------------------------------------------------------------------------
+
+/** A chunk: blocks and the values they hold at the cut. */
+interface SimChunk {
+  blocks: number[];
+  values: number[];
+}
+
+function chunkData(c: SimChunk): Buffer {
+  const b = Buffer.alloc(c.values.length * blockBytes);
+  c.values.forEach((v, i) => b.writeInt32LE(v, i * blockBytes));
+  return b;
+}
+
+interface JournalRecord {
+  lsn: number;
+  generation: number;
+  n: number;
+  index: number;
+  chunk: SimChunk;
+}
+
+/** A save volume: records by position; one written over part of another destroys it. */
+class SimJournal {
+  readonly records = new Map<number, JournalRecord>();
+  constructor(readonly capacityBytes: number) {}
+  write(r: JournalRecord): void {
+    const at = r.lsn % this.capacityBytes;
+    for (const [lsn] of this.records) if (lsn % this.capacityBytes === at) this.records.delete(lsn);
+    this.records.set(r.lsn, r);
+  }
+  read(lsn: number, expect: { generation: number; n: number; index: number }): JournalRecord | undefined {
+    const r = this.records.get(lsn);
+    return r && r.generation === expect.generation && r.n === expect.n && r.index === expect.index ? r : undefined;
+  }
+  /** The record at or after `lsn` within the lap skip (what a reader walking the ring finds next). */
+  next(lsn: number): JournalRecord | undefined {
+    const direct = this.records.get(lsn);
+    if (direct) return direct;
+    const lap = Math.ceil(lsn / this.capacityBytes) * this.capacityBytes;
+    return lap !== lsn ? this.records.get(lap) : undefined;
+  }
+}
+
+interface Row {
+  generation: number;
+  n: number;
+  state: 'ready' | 'acked' | 'received' | 'playing' | 'played';
+  startLsn: number;
+  endLsn: number;
+  chunks: number;
+  blocks: number;
+  dataBytes: number;
+  dataCrc: number;
+  createdAtMs: number;
+}
+
+// ---- network -------------------------------------------------------------------------
+
+type ToTarget = { t: 'chunk'; n: number; index: number; generation: number; chunk: SimChunk } | { t: 'header'; body: DeltaSetHeaderBody } | { t: 'heartbeat' } | { t: 'damaged' };
+type ToSource = { t: 'open-ok'; position: TargetPosition } | { t: 'ack'; body: AckBody } | { t: 'nack'; body: NackBody } | { t: 'damaged' };
+
+class Connection {
+  open = true;
+  private lastAt = { source: 0, target: 0 };
+  onSourceFrame: (f: ToSource) => void = () => undefined;
+  onTargetFrame: (f: ToTarget) => void = () => undefined;
+  onClose: (() => void)[] = [];
+
+  constructor(
+    private readonly net: Network,
+    readonly id: number,
+  ) {}
+
+  toTarget(f: ToTarget): void {
+    this.deliver('target', f, () => this.onTargetFrame(this.net.damage(f) ? { t: 'damaged' } : f));
+  }
+
+  toSource(f: ToSource): void {
+    this.deliver('source', f, () => this.onSourceFrame(this.net.damage(f) ? { t: 'damaged' } : f));
+  }
+
+  close(): void {
+    if (!this.open) return;
+    this.open = false;
+    for (const c of this.onClose) this.net.sched.at(this.net.latency(), c);
+  }
+
+  private deliver(to: 'source' | 'target', _f: unknown, handle: () => void): void {
+    if (!this.open) return;
+    if (this.net.cutNow()) {
+      this.close();
+      return;
+    }
+    // TCP: in order, each frame after the one before it.
+    const at = Math.max(this.lastAt[to], this.net.sched.now + this.net.latency());
+    this.lastAt[to] = at;
+    this.net.sched.at(at - this.net.sched.now, () => {
+      if (this.open) handle();
+    });
+  }
+}
+
+class Network {
+  partitionedUntilMs = 0;
+  faults = true;
+  cut = 0;
+  damaged = 0;
+  private nextId = 1;
+  constructor(
+    readonly sched: Scheduler,
+    private readonly rnd: Random,
+  ) {}
+  latency(): number {
+    return this.faults && this.rnd.chance(0.02) ? this.rnd.int(200, 2_500) : this.rnd.int(1, 15);
+  }
+  damage(f: { t: string }): boolean {
+    if (!this.faults || f.t === 'open-ok' || !this.rnd.chance(0.03)) return false;
+    this.damaged++;
+    return true;
+  }
+  cutNow(): boolean {
+    if (!this.faults || !this.rnd.chance(0.004)) return false;
+    this.cut++;
+    return true;
+  }
+  get partitioned(): boolean {
+    return this.sched.now < this.partitionedUntilMs;
+  }
+  connect(): Connection {
+    return new Connection(this, this.nextId++);
+  }
+}
+
+// ---- the simulation -------------------------------------------------------------------
+
+export function simulate(options: SimOptions): SimReport {
+  const rnd = new Random(options.seed);
+  const sched = new Scheduler();
+  const net = new Network(sched, rnd);
+  const generation = 1;
+  const report: SimReport = {
+    seed: options.seed,
+    events: 0,
+    writes: 0,
+    deltaSetsCreated: 0,
+    deltaSetsPlayed: 0,
+    sourceCrashes: 0,
+    targetCrashes: 0,
+    connectionsCut: 0,
+    framesDamaged: 0,
+    retransmits: 0,
+    suspendedByFailure: 0,
+    sourceSaveVolumeFull: 0,
+    targetSaveVolumeFull: 0,
+  };
+  const trace = process.env.FERRY_SIM_TRACE ? (msg: string) => console.log(`${String(sched.now).padStart(7)} ${msg}`) : () => undefined;
+  /** The source's image at each delta-set boundary, by delta set number. */
+  const boundaries = new Map<number, Int32Array>([[0, new Int32Array(blockCount)]]);
+
+  // ---- durable state of each site (survives a crash) -------------------------------------
+
+  const sourceDisk = {
+    image: new Int32Array(blockCount),
+    journal: new SimJournal(sourceSaveBytes),
+    rows: [] as Row[],
+    pair: { generation, deltaSetCreated: 0, deltaSetAcked: 0, status: { ...initialPairStatus, state: 'duplex' as const, initialCopyDone: true } as PairStatus },
+    /** Blocks written and not in a sealed delta set (rule 1: the change log and its activity log keep a superset). */
+    dirty: new Set<number>(),
+  };
+  const targetDisk = {
+    image: new Int32Array(blockCount),
+    journal: new SimJournal(targetSaveBytes),
+    rows: [] as Row[],
+    pair: { deltaSetReceived: 0, deltaSetPlayedBack: 0 },
+  };
+
+  // ---- source --------------------------------------------------------------------------
+
+  interface SourceRun {
+    up: boolean;
+    ring: RingSpace;
+    trigger: DeltaSetTrigger;
+    building: { n: number; blocks: number[]; values: number[] } | undefined;
+    saveVolumeFull: boolean;
+    session: { conn: Connection; window: DeltaSetWindow | undefined; next: number; fromChunk: number; silenceAt: number; progressed: boolean } | undefined;
+    opening: Connection | undefined;
+    retries: SessionRetries;
+  }
+  let src!: SourceRun;
+  let srcLife = 0;
+  /** After a failover the source site is gone for good. */
+  let sourceLost = false;
+
+  const srcAlive = (life: number, fn: () => void) => () => {
+    if (src.up && srcLife === life) fn();
+  };
+
+  function sourceStart(): void {
+    srcLife++;
+    const life = srcLife;
+    const rows = sourceDisk.rows;
+    const head = rows.reduce((h, d) => Math.max(h, d.endLsn), 0);
+    const tail = rows.length > 0 ? Math.min(...rows.map((d) => d.startLsn)) : head;
+    src = { up: true, ring: new RingSpace(sourceSaveBytes, head, tail), trigger: new DeltaSetTrigger({ intervalMs, highWaterBytes }, sched.now), building: undefined, saveVolumeFull: false, session: undefined, opening: undefined, retries: new SessionRetries() };
+    const cutter = (): void => {
+      cutTick();
+      sched.at(cutterPollMs, srcAlive(life, cutter));
+    };
+    sched.at(cutterPollMs, srcAlive(life, cutter));
+    sched.at(0, srcAlive(life, connect));
+    const heartbeat = (): void => {
+      const s = src.session;
+      if (s && !s.window) s.conn.toTarget({ t: 'heartbeat' });
+      sched.at(heartbeatMs, srcAlive(life, heartbeat));
+    };
+    sched.at(heartbeatMs, srcAlive(life, heartbeat));
+  }
+
+  function applyState(e: PairEvent): void {
+    const next = nextPairStatus(sourceDisk.pair.status, e);
+    if (next.state === 'suspended' && next.cause === 'failure' && sourceDisk.pair.status.state !== 'suspended') report.suspendedByFailure++;
+    sourceDisk.pair.status = next;
+  }
+
+  function hostWrite(): void {
+    const block = rnd.int(0, blockCount - 1);
+    sourceDisk.image[block] = (sourceDisk.image[block] as number) + 1;
+    sourceDisk.dirty.add(block);
+    report.writes++;
+  }
+
+  function cutTick(): void {
+    const modified = sourceDisk.dirty.size * blockBytes;
+    const reason = src.trigger.due(sched.now, modified);
+    if (!reason || src.building || sourceDisk.dirty.size === 0) return;
+    const blocks = [...sourceDisk.dirty].sort((a, b) => a - b);
+    const chunks = Math.ceil(blocks.length / chunkBlocksMax);
+    const needBytes = (chunks + 1) * recordBytes;
+    const { fits, freed } = makeRoom(src.ring, sourceDisk.rows, needBytes);
+    for (const d of freed) {
+      assert.equal(d.state, 'acked', `freed delta set ${d.n} the target has not acknowledged`);
+      sourceDisk.rows.splice(sourceDisk.rows.indexOf(d), 1);
+    }
+    if (!fits) {
+      if (!src.saveVolumeFull) report.sourceSaveVolumeFull++;
+      src.saveVolumeFull = true; // rule 8: the bitmap keeps accumulating
+      return;
+    }
+    src.saveVolumeFull = false;
+    // The switch: the old table's blocks, with their values at this instant (their
+    // before-images are copied on a later write, E FIG. 10).
+    const n = sourceDisk.pair.deltaSetCreated + 1;
+    src.building = { n, blocks, values: blocks.map((b) => sourceDisk.image[b] as number) };
+    const image = Int32Array.from(sourceDisk.image);
+    sourceDisk.dirty = new Set();
+    src.trigger.rearm(sched.now);
+    const createdAtMs = sched.now;
+    const life = srcLife;
+    sched.at(rnd.int(1, 60), srcAlive(life, () => seal(n, image, createdAtMs)));
+  }
+
+  function seal(n: number, image: Int32Array, createdAtMs: number): void {
+    const b = src.building as { blocks: number[]; values: number[] };
+    let startLsn: number | undefined;
+    let dataCrc = 0;
+    const chunks = Math.ceil(b.blocks.length / chunkBlocksMax);
+    for (let index = 0; index < chunks; index++) {
+      const chunk = { blocks: b.blocks.slice(index * chunkBlocksMax, (index + 1) * chunkBlocksMax), values: b.values.slice(index * chunkBlocksMax, (index + 1) * chunkBlocksMax) };
+      const lsn = src.ring.allocate(recordBytes);
+      assert.ok(lsn !== undefined, 'space peeked for the delta set was there');
+      startLsn ??= lsn;
+      sourceDisk.journal.write({ lsn, generation, n, index, chunk });
+      dataCrc = crc32cCombine(dataCrc, crc32c(chunkData(chunk)), chunk.values.length * blockBytes);
+    }
+    // The mailbox row makes it visible to the sender; only then may tracking forget it.
+    sourceDisk.rows.push({ generation, n, state: 'ready', startLsn: startLsn as number, endLsn: src.ring.head, chunks, blocks: b.blocks.length, dataBytes: b.blocks.length * blockBytes, dataCrc, createdAtMs });
+    sourceDisk.pair.deltaSetCreated = n;
+    boundaries.set(n, image);
+    src.building = undefined;
+    report.deltaSetsCreated = n;
+    pump();
+  }
+
+  function connect(): void {
+    if (!isActive(sourceDisk.pair.status) && !(sourceDisk.pair.status.state === 'suspended' && sourceDisk.pair.status.cause === 'failure')) return;
+    const life = srcLife;
+    const conn = net.connect();
+    src.opening = conn;
+    conn.onSourceFrame = (f) => srcAlive(life, () => onSourceFrame(conn, f))();
+    conn.onClose.push(srcAlive(life, () => sessionEnded(conn)));
+    sched.at(openTimeoutMs, srcAlive(life, () => src.opening === conn && conn.close()));
+    if (net.partitioned || !tgt.up) {
+      conn.close();
+      return;
+    }
+    tgt.accept(conn);
+  }
+
+  function sessionEnded(conn: Connection): void {
+    const s = src.session;
+    if (src.opening !== conn && s?.conn !== conn) return;
+    const progressed = s?.conn === conn && s.progressed;
+    src.opening = undefined;
+    src.session = undefined;
+    if (progressed) src.retries.progressed();
+    const { delayMs, suspend } = src.retries.failed();
+    if (suspend && sourceDisk.pair.status.state !== 'suspended' && isActive(sourceDisk.pair.status)) applyState({ type: 'failure', reason: 'target unreachable' });
+    const life = srcLife;
+    sched.at(delayMs, srcAlive(life, connect));
+  }
+
+  function onSourceFrame(conn: Connection, f: ToSource): void {
+    if (f.t === 'damaged') return; // a damaged answer is silence
+    if (f.t === 'open-ok') {
+      if (src.opening !== conn) return;
+      src.opening = undefined;
+      if (!isActive(sourceDisk.pair.status) && sourceDisk.pair.status.cause === 'command') {
+        conn.close();
+        return;
+      }
+      if (sourceDisk.pair.status.state === 'suspended') applyState({ type: 'resume' });
+      const resume = resumePoint(f.position, sourceDisk.pair);
+      if (resume.received !== undefined) noteReceived(resume.received);
+      src.session = { conn, window: undefined, next: resume.next, fromChunk: resume.fromChunk, silenceAt: Number.POSITIVE_INFINITY, progressed: false };
+      pump();
+      return;
+    }
+    const s = src.session;
+    if (!s || s.conn !== conn) return;
+    armSilence(s);
+    if (!s.window) return; // idle: answers to heartbeats
+    if (f.t === 'ack') {
+      if (s.window.onAck(f.body, sched.now)) s.progressed = true;
+      if (s.window.sealed) {
+        const n = s.window.n;
+        // An acknowledgement means durable at the target.
+        assert.ok(targetDisk.pair.deltaSetReceived >= n, `delta set ${n} acknowledged before the target holds it durably`);
+        const row = sourceDisk.rows.find((d) => d.n === n) as Row;
+        row.state = 'acked';
+        sourceDisk.pair.deltaSetAcked = Math.max(sourceDisk.pair.deltaSetAcked, n);
+        s.window = undefined;
+        s.next++;
+      }
+      pump();
+    } else {
+      let resend: SendAction[];
+      try {
+        resend = s.window.onNack(f.body);
+      } catch {
+        conn.close(); // the target refused the delta set: a new session starts from where it stands
+        return;
+      }
+      if (resend.length > 0) report.retransmits++;
+      carryOut(s, resend);
+    }
+  }
+
+  function noteReceived(n: number): void {
+    if (n <= sourceDisk.pair.deltaSetAcked) return;
+    assert.ok(targetDisk.pair.deltaSetReceived >= n);
+    for (const d of sourceDisk.rows) if (d.n <= n && d.n > sourceDisk.pair.deltaSetAcked) d.state = 'acked';
+    sourceDisk.pair.deltaSetAcked = n;
+  }
+
+  function armSilence(s: NonNullable<SourceRun['session']>): void {
+    s.silenceAt = sched.now + retransmitMs;
+    const life = srcLife;
+    const at = s.silenceAt;
+    sched.at(retransmitMs, srcAlive(life, () => {
+      if (src.session !== s || s.silenceAt !== at || !s.window) return;
+      const resend = s.window.onSilence(sched.now);
+      if (!resend) {
+        s.conn.close();
+        return;
+      }
+      report.retransmits++;
+      carryOut(s, resend);
+      armSilence(s);
+    }));
+  }
+
+  function pump(): void {
+    const s = src.session;
+    if (!s) return;
+    if (!isActive(sourceDisk.pair.status)) return;
+    if (!s.window) {
+      const row = rowToSend(sourceDisk.rows, sourceDisk.pair, s.next);
+      if (!row) {
+        if (sourceDisk.pair.status.state === 'duplex-pending' && sourceDisk.dirty.size === 0 && !src.building) applyState({ type: 'caught-up' });
+        return;
+      }
+      s.window = new DeltaSetWindow(row.n, row.chunks, s.fromChunk, sched.now);
+      s.fromChunk = 0;
+      armSilence(s);
+    }
+    carryOut(s, s.window.fill(sched.now));
+  }
+
+  function carryOut(s: NonNullable<SourceRun['session']>, actions: SendAction[]): void {
+    const w = s.window as DeltaSetWindow;
+    const row = sourceDisk.rows.find((d) => d.n === w.n) as Row;
+    for (const a of actions) {
+      if (a.kind === 'header') {
+        const fields = { deltaSet: row.n, chunkCount: row.chunks, blockCount: row.blocks, dataBytes: row.dataBytes, dataCrc: row.dataCrc, createdAtMs: row.createdAtMs, previousCutMs: 0 };
+        s.conn.toTarget({ t: 'header', body: { ...fields, headerCrc: crc32c(headerCrcFields(fields)) } });
+        continue;
+      }
+      // Where chunk `index` is: the save volume must still hold it (nothing needed is freed).
+      let lsn = row.startLsn;
+      let record = sourceDisk.journal.next(lsn);
+      for (let i = 0; i < a.index && record; i++) record = sourceDisk.journal.next(record.lsn + recordBytes);
+      assert.ok(record && record.n === row.n && record.index === a.index && record.generation === row.generation, `chunk ${a.index} of delta set ${row.n} was overwritten in the source's save volume`);
+      s.conn.toTarget({ t: 'chunk', n: row.n, index: a.index, generation, chunk: record.chunk });
+    }
+  }
+
+  // ---- target --------------------------------------------------------------------------
+
+  interface TargetRun {
+    up: boolean;
+    ring: RingSpace;
+    ledger: ReceiveLedger;
+    session: TargetSession | undefined;
+    /** The newest session, open or not (a closed one may still be storing a chunk). */
+    lastSession: TargetSession | undefined;
+    saveVolumeFull: boolean;
+    /** The delta set under playback: readers see it whole (the overlay). */
+    playing: Row | undefined;
+    /** Chunk stores in flight: on a crash each may or may not have reached the disk. */
+    pendingStores: JournalRecord[];
+    accept(conn: Connection): void;
+  }
+  /** One session from the source: its frames are handled one after another, as the receiver does. */
+  interface TargetSession {
+    conn: Connection;
+    queue: ToTarget[];
+    busy: boolean;
+    /** It has answered the open (after the session before it was done). */
+    started: boolean;
+    /** Run once this session, closed, has finished the frame in hand. */
+    whenDone: (() => void)[];
+  }
+  let tgt!: TargetRun;
+  let tgtLife = 0;
+  const tgtAlive = (life: number, fn: () => void) => () => {
+    if (tgt.up && tgtLife === life) fn();
+  };
+
+  function targetStart(): void {
+    tgtLife++;
+    const life = tgtLife;
+    const rows = targetDisk.rows;
+    const head = rows.reduce((h, d) => Math.max(h, d.endLsn), 0);
+    const live = rows.filter((d) => d.state !== 'played');
+    tgt = {
+      up: true,
+      ring: new RingSpace(targetSaveBytes, head, live[0]?.startLsn ?? head),
+      ledger: new ReceiveLedger(targetDisk.pair.deltaSetReceived),
+      session: undefined,
+      lastSession: undefined,
+      saveVolumeFull: false,
+      playing: undefined,
+      pendingStores: [],
+      accept: (conn) => accept(life, conn),
+    };
+    // Redo an interrupted playback before anyone reads.
+    const interrupted = rows.find((d) => d.state === 'playing');
+    if (interrupted) {
+      applyRow(interrupted);
+      finishPlayback(interrupted);
+    }
+    // Chunks of a partly received delta set.
+    let lsn = tgt.ring.head;
+    for (let index = 0; ; index++) {
+      const r = targetDisk.journal.next(lsn);
+      if (!r || r.n !== tgt.ledger.n || r.index !== index || r.generation !== generation || r.lsn - tgt.ring.tail + recordBytes > targetSaveBytes) break;
+      tgt.ring.head = r.lsn + recordBytes;
+      tgt.ledger.stored({ lsn: r.lsn, blocks: r.chunk.blocks.length, dataBytes: r.chunk.values.length * blockBytes }, crc32c(chunkData(r.chunk)));
+      lsn = r.lsn + recordBytes;
+    }
+    const player = (): void => {
+      playTick(life);
+      sched.at(50, tgtAlive(life, player));
+    };
+    sched.at(10, tgtAlive(life, player));
+  }
+
+  function position(): TargetPosition {
+    return {
+      pairId: 'sim',
+      generation,
+      copyId: 1,
+      copyCursorBlock: blockCount,
+      copyDone: true,
+      deltaSetReceived: targetDisk.pair.deltaSetReceived,
+      chunksStored: tgt.ledger.chunksStored,
+      deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack,
+      full: tgt.saveVolumeFull,
+    };
+  }
+
+  function accept(life: number, conn: Connection): void {
+    // A newer session replaces an older one, once that one has finished the frame in hand.
+    const session: TargetSession = { conn, queue: [], busy: false, started: false, whenDone: [] };
+    const previous = tgt.lastSession;
+    previous?.conn.close();
+    tgt.lastSession = session;
+    tgt.session = session;
+    conn.onTargetFrame = (f) =>
+      tgtAlive(life, () => {
+        session.queue.push(f);
+        processQueue(life, session);
+      })();
+    conn.onClose.push(tgtAlive(life, () => tgt.session === session && (tgt.session = undefined)));
+    const open = (): void => {
+      session.started = true;
+      if (!conn.open) return settle(session);
+      trace(`target: session ${conn.id} opens at ${tgt.ledger.n}/${tgt.ledger.chunksStored}; ring ${tgt.ring.tail}..${tgt.ring.head}`);
+      conn.toSource({ t: 'open-ok', position: position() });
+    };
+    if (previous && (!previous.started || previous.busy)) previous.whenDone.push(open);
+    else open();
+  }
+
+  function settle(session: TargetSession): void {
+    session.busy = false;
+    if (!session.conn.open) for (const fn of session.whenDone.splice(0)) fn();
+  }
+
+  function ack(conn: Connection, deltaSet: number, chunksStored: number, sealed: boolean): void {
+    conn.toSource({ t: 'ack', body: { deltaSet, chunksStored, sealed, deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack, full: tgt.saveVolumeFull } });
+  }
+
+  function nack(conn: Connection, reason: string): void {
+    conn.toSource({ t: 'nack', body: { deltaSet: tgt.ledger.n, index: tgt.ledger.chunksStored, reason } });
+  }
+
+  function processQueue(life: number, session: TargetSession): void {
+    while (!session.busy && session.queue.length > 0 && session.conn.open) {
+      const f = session.queue.shift() as ToTarget;
+      handle(life, session, f);
+    }
+  }
+
+  function handle(life: number, session: TargetSession, f: ToTarget): void {
+    const { conn } = session;
+    switch (f.t) {
+      case 'damaged':
+        return nack(conn, 'frame failed its checksum');
+      case 'heartbeat':
+        return ack(conn, tgt.ledger.n, tgt.ledger.chunksStored, false);
+      case 'header': {
+        const v = tgt.ledger.onHeader(f.body);
+        assert.notEqual(v.kind, 'mismatch', `delta set ${f.body.deltaSet} arrived whole but does not match its header${v.kind === 'mismatch' ? `: ${v.reason}` : ''}`);
+        if (v.kind === 'corrupt' || v.kind === 'incomplete') return nack(conn, v.reason);
+        if (v.kind === 'already-sealed') return ack(conn, f.body.deltaSet, f.body.chunkCount, true);
+        if (v.kind !== 'seal') return;
+        targetDisk.rows.push({ generation, n: f.body.deltaSet, state: 'received', startLsn: v.startLsn ?? tgt.ring.head, endLsn: tgt.ring.head, chunks: f.body.chunkCount, blocks: v.blocks, dataBytes: v.dataBytes, dataCrc: f.body.dataCrc, createdAtMs: f.body.createdAtMs });
+        targetDisk.pair.deltaSetReceived = f.body.deltaSet;
+        trace(`target: sealed ${f.body.deltaSet} (${f.body.chunkCount} chunks from ${v.startLsn})`);
+        tgt.ledger.sealed(f.body.deltaSet);
+        return ack(conn, f.body.deltaSet, f.body.chunkCount, true);
+      }
+      case 'chunk': {
+        const v = tgt.ledger.onChunk(f.n, f.index);
+        if (v.kind === 'already-sealed') return ack(conn, f.n, Number.MAX_SAFE_INTEGER, true);
+        if (v.kind === 'out-of-order') return nack(conn, v.reason);
+        if (v.kind === 'duplicate') return ack(conn, f.n, tgt.ledger.chunksStored, false);
+        store(life, session, f);
+      }
+    }
+  }
+
+  function store(life: number, session: TargetSession, f: Extract<ToTarget, { t: 'chunk' }>): void {
+    const { conn } = session;
+    const lsn = tgt.ring.allocate(recordBytes);
+    if (lsn === undefined) {
+      // Rule 8 at the target: stop acknowledging; tell the source it is alive but full.
+      if (!tgt.saveVolumeFull) report.targetSaveVolumeFull++;
+      tgt.saveVolumeFull = true;
+      ack(conn, f.n, tgt.ledger.chunksStored, false);
+      session.busy = true;
+      sched.at(fullNoticeMs, tgtAlive(life, () => {
+        settle(session);
+        if (!conn.open) return;
+        store(life, session, f);
+        processQueue(life, session);
+      }));
+      return;
+    }
+    tgt.saveVolumeFull = false;
+    tgt.ledger.writingAt(lsn);
+    const record: JournalRecord = { lsn, generation: f.generation, n: f.n, index: f.index, chunk: f.chunk };
+    tgt.pendingStores.push(record);
+    trace(`target: session ${conn.id} stores ${f.n}/${f.index} at ${lsn}`);
+    session.busy = true;
+    // Write and fsync take a while (now and then the disk stalls); only then is the chunk acknowledged.
+    sched.at(diskMs(), tgtAlive(life, () => {
+      tgt.pendingStores.splice(tgt.pendingStores.indexOf(record), 1);
+      targetDisk.journal.write(record);
+      trace(`target: stored ${f.n}/${f.index} at ${lsn} (session ${conn.id}${conn.open ? '' : ', closed'})`);
+      tgt.ledger.stored({ lsn, blocks: f.chunk.blocks.length, dataBytes: f.chunk.values.length * blockBytes }, crc32c(chunkData(f.chunk)));
+      settle(session);
+      if (conn.open) ack(conn, f.n, tgt.ledger.chunksStored, false);
+      processQueue(life, session);
+    }));
+  }
+
+  function chunksOf(row: Row): SimChunk[] {
+    const out: SimChunk[] = [];
+    let lsn = row.startLsn;
+    for (let index = 0; index < row.chunks; index++) {
+      const r = targetDisk.journal.next(lsn);
+      assert.ok(r && r.n === row.n && r.index === index, `chunk ${index} of delta set ${row.n} lost from the target's save volume before playback`);
+      out.push(r.chunk);
+      lsn = r.lsn + recordBytes;
+    }
+    return out;
+  }
+
+  function applyRow(row: Row, upToChunk = row.chunks): void {
+    for (const c of chunksOf(row).slice(0, upToChunk)) c.blocks.forEach((b, i) => (targetDisk.image[b] = c.values[i] as number));
+  }
+
+  function playTick(life: number): void {
+    if (tgt.playing) return;
+    const row = nextToPlay(targetDisk.rows, { deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack, copyDone: true, copyId: 1 });
+    if (!row) return;
+    // Durable intent, then the after-images chunk by chunk (a crash leaves some written).
+    row.state = 'playing';
+    tgt.playing = row;
+    let applied = 0;
+    const step = (): void => {
+      if (applied < row.chunks) {
+        applied++;
+        applyRow(row, applied);
+        sched.at(diskMs(), tgtAlive(life, step));
+        return;
+      }
+      finishPlayback(row);
+    };
+    sched.at(rnd.int(1, 10), tgtAlive(life, step));
+  }
+
+  function diskMs(): number {
+    return net.faults && rnd.chance(0.01) ? rnd.int(100, 3_000) : rnd.int(1, 8);
+  }
+
+  function finishPlayback(row: Row): void {
+    row.state = 'played';
+    trace(`target: played ${row.n}`);
+    targetDisk.pair.deltaSetPlayedBack = row.n;
+    tgt.playing = undefined;
+    report.deltaSetsPlayed = row.n;
+    for (const old of targetDisk.rows.filter((d) => d.state === 'played' && d.n <= row.n - playedHistoryMax)) targetDisk.rows.splice(targetDisk.rows.indexOf(old), 1);
+    tgt.ring.release(targetReleasePoint(tgt.ring, targetDisk.rows, tgt.ledger.heldFromLsn));
+  }
+
+  // ---- crashes -------------------------------------------------------------------------
+
+  function crashSource(): void {
+    report.sourceCrashes++;
+    trace('source: crash');
+    src.up = false;
+    src.session?.conn.close();
+    src.opening?.close();
+    // Rule 1: the blocks of a delta set being built go back to tracking, and the
+    // activity log may add hot extents that were not written at all (a superset).
+    for (const b of src.building?.blocks ?? []) sourceDisk.dirty.add(b);
+    for (let i = rnd.int(0, 3); i > 0; i--) sourceDisk.dirty.add(rnd.int(0, blockCount - 1));
+    sched.at(rnd.int(20, 800), () => !sourceLost && sourceStart());
+  }
+
+  function crashTarget(): void {
+    report.targetCrashes++;
+    trace('target: crash');
+    tgt.up = false;
+    tgt.session?.conn.close();
+    // A chunk being written may or may not have reached the disk.
+    for (const r of tgt.pendingStores) if (rnd.chance(0.5)) targetDisk.journal.write(r);
+    sched.at(rnd.int(20, 800), () => targetStart());
+  }
+
+  // ---- invariants ------------------------------------------------------------------------
+
+  function visibleTargetImage(): Int32Array {
+    const image = Int32Array.from(targetDisk.image);
+    if (tgt.playing) for (const c of chunksOf(tgt.playing)) c.blocks.forEach((b, i) => (image[b] = c.values[i] as number));
+    return image;
+  }
+
+  function check(): void {
+    if (!tgt.up) return;
+    const n = tgt.playing ? tgt.playing.n : targetDisk.pair.deltaSetPlayedBack;
+    const boundary = boundaries.get(n);
+    assert.ok(boundary, `no boundary image for delta set ${n}`);
+    assert.deepEqual(visibleTargetImage(), boundary, `t=${sched.now}: the target's image is not the source's at delta set ${n}`);
+    assert.ok(targetDisk.pair.deltaSetPlayedBack <= targetDisk.pair.deltaSetReceived);
+    assert.ok(sourceDisk.pair.deltaSetAcked <= targetDisk.pair.deltaSetReceived, 'the source counts a delta set acknowledged that the target does not hold');
+  }
+
+  // ---- the run ---------------------------------------------------------------------------
+
+  sourceStart();
+  targetStart();
+  const faultsEnd = options.faultMs;
+  const writer = (): void => {
+    if (sched.now >= faultsEnd) return;
+    const burst = rnd.chance(0.05) ? rnd.int(10, 40) : 1;
+    if (src.up) for (let i = 0; i < burst; i++) hostWrite();
+    sched.at(rnd.int(1, 40), writer);
+  };
+  sched.at(0, writer);
+  const chaos = (): void => {
+    if (sched.now >= faultsEnd) return;
+    const r = rnd.next();
+    if (r < 0.25 && src.up) crashSource();
+    else if (r < 0.5 && tgt.up) crashTarget();
+    else if (r < 0.65) net.partitionedUntilMs = sched.now + rnd.int(500, 12_000);
+    else if (r < 0.75 && src.up && isActive(sourceDisk.pair.status)) {
+      // ferry replicate pause, resumed a while later
+      applyState({ type: 'suspend' });
+      src.session?.conn.close();
+      applyState({ type: 'drained' });
+      sched.at(rnd.int(100, 3_000), () => {
+        if (sourceDisk.pair.status.state !== 'suspended' || sourceDisk.pair.status.cause !== 'command') return;
+        applyState({ type: 'resume' });
+        if (src.up && !src.session && !src.opening) connect();
+      });
+    } else if (r < 0.8 && src.up) src.trigger.demand(); // ferry replicate delta
+    sched.at(rnd.int(200, 3_000), chaos);
+  };
+  sched.at(rnd.int(100, 1_000), chaos);
+
+  sched.run(faultsEnd, check);
+  net.faults = false;
+  net.partitionedUntilMs = 0;
+  if (options.failover) {
+    // The source site is lost in the middle of it all; the target comes back if it was down.
+    sched.run(faultsEnd + 1_000, check, () => tgt.up);
+    failover(options.failover);
+  } else {
+    // Sites that are down come back (their restart is already scheduled); a pause ends.
+    sched.run(faultsEnd + 1_000, check);
+    assert.ok(src.up && tgt.up);
+    if (sourceDisk.pair.status.state === 'suspended' && sourceDisk.pair.status.cause === 'command') {
+      applyState({ type: 'resume' });
+      if (!src.session && !src.opening) connect();
+    }
+    // No more faults or writes: the target must catch up to exactly the source's image.
+    const caughtUp = (): boolean => sourceDisk.dirty.size === 0 && !src.building && targetDisk.pair.deltaSetPlayedBack === sourceDisk.pair.deltaSetCreated && !tgt.playing;
+    sched.run(faultsEnd + 600_000, check, caughtUp);
+    assert.ok(caughtUp(), `not caught up: dirty ${sourceDisk.dirty.size}, created ${sourceDisk.pair.deltaSetCreated}, acked ${sourceDisk.pair.deltaSetAcked}, played ${targetDisk.pair.deltaSetPlayedBack}, state ${sourceDisk.pair.status.state}`);
+    assert.deepEqual(targetDisk.image, sourceDisk.image, 'after catching up the target differs from the source');
+    // The acknowledgement of the last delta set and the return to Duplex follow.
+    sched.run(sched.now + 10_000, check, () => sourceDisk.pair.deltaSetAcked === sourceDisk.pair.deltaSetCreated && sourceDisk.pair.status.state === 'duplex');
+    assert.equal(sourceDisk.pair.deltaSetAcked, sourceDisk.pair.deltaSetCreated);
+    assert.equal(sourceDisk.pair.status.state, 'duplex', `pair ended ${sourceDisk.pair.status.state} (${sourceDisk.pair.status.reason})`);
+  }
+
+  function failover(mode: 'default' | 'now'): void {
+    // The source is lost here: what it holds is what it has on disk now.
+    sourceLost = true;
+    if (src.up) {
+      src.up = false;
+      src.session?.conn.close();
+      for (const b of src.building?.blocks ?? []) sourceDisk.dirty.add(b);
+    }
+    tgt.session?.conn.close();
+    if (mode === 'default') {
+      // Play back everything received, then take the restart point.
+      sched.run(sched.now + 600_000, check, () => !tgt.playing && targetDisk.pair.deltaSetPlayedBack === targetDisk.pair.deltaSetReceived);
+      assert.equal(targetDisk.pair.deltaSetPlayedBack, targetDisk.pair.deltaSetReceived);
+    } else {
+      sched.run(sched.now + 600_000, check, () => !tgt.playing);
+    }
+    const restartPoint = targetDisk.pair.deltaSetPlayedBack;
+    const restartImage = boundaries.get(restartPoint) as Int32Array;
+    assert.deepEqual(targetDisk.image, restartImage);
+    const plan = planUndo(sourceDisk.pair, generation, restartPoint, sourceDisk.rows);
+    let changed = 0;
+    for (let b = 0; b < blockCount; b++) if (sourceDisk.image[b] !== restartImage[b]) changed++;
+    if (plan.kind === 'full-copy') {
+      // Only --now may need one: it skips delta sets the source may already have freed.
+      assert.equal(mode, 'now', `a failover that played back everything received needs a full copy: ${plan.reason}`);
+      assert.ok(restartPoint < sourceDisk.pair.deltaSetAcked, `full copy although nothing needed was acknowledged and freed: ${plan.reason}`);
+      report.failover = { restartPoint, undoBlocks: blockCount, changedBlocks: changed, plan: 'full-copy' };
+      return;
+    }
+    // The undo list: the blocks of delta sets n-x+1…n and the unsent changes.
+    const undo = new Set(sourceDisk.dirty);
+    for (const n of plan.deltaSets) {
+      const row = sourceDisk.rows.find((d) => d.n === n) as Row;
+      let lsn = row.startLsn;
+      for (let index = 0; index < row.chunks; index++) {
+        const r = sourceDisk.journal.next(lsn);
+        assert.ok(r && r.n === n && r.index === index, `delta set ${n} listed for undo is damaged in the save volume`);
+        for (const b of r.chunk.blocks) undo.add(b);
+        lsn = r.lsn + recordBytes;
+      }
+    }
+    for (let b = 0; b < blockCount; b++) {
+      if (sourceDisk.image[b] !== restartImage[b]) assert.ok(undo.has(b), `block ${b} changed after the restart point but is not in the undo list`);
+    }
+    report.failover = { restartPoint, undoBlocks: undo.size, changedBlocks: changed, plan: 'delta-sets' };
+  }
+
+  report.events = sched.events;
+  report.connectionsCut = net.cut;
+  report.framesDamaged = net.damaged;
+  return report;
+}
