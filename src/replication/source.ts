@@ -37,8 +37,8 @@ const chunkBuffers = new BufferPool(chunkBytesMax, sendWindowChunks * 2);
 /** How often a paused pair checks in with the target. */
 const probeMs = 5_000;
 /** Longest sleep of the cutter between trigger checks. */
-const cutterPollMs = 100;
-const heartbeatMs = 1_000;
+export const cutterPollMs = 100;
+export const heartbeatMs = 1_000;
 
 export interface SourceDeps {
   volume: Volume;

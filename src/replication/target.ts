@@ -32,7 +32,7 @@ import {
 /** A session with no frame for this long is considered dead (the source heartbeats every second). */
 export const sessionIdleMs = 60_000;
 /** How often a target waiting for save-volume space tells the source it is alive but full. */
-const fullNoticeMs = 500;
+export const fullNoticeMs = 500;
 /** Played delta sets kept in the mailbox for `ferry info` history. */
 const playedHistoryMax = 16;
 /**

@@ -35,6 +35,9 @@ import { initialPairStatus, isActive, nextPairStatus, type PairEvent, type PairS
 import { DeltaSetTrigger } from '../../src/replication/triggers.js';
 import { headerCrcFields, type AckBody, type DeltaSetHeaderBody, type NackBody, type TargetPosition } from '../../src/replication/protocol.js';
 import { planUndo } from '../../src/recovery/plan.js';
+import { cutterPollMs, heartbeatMs } from '../../src/replication/source.js';
+import { fullNoticeMs } from '../../src/replication/target.js';
+import type { DeltaSetRecord } from '../../src/storage/replication-catalog.js';
 
 // ---- knobs ---------------------------------------------------------------------------
 
@@ -48,10 +51,7 @@ const sourceSaveBytes = 20 * recordBytes;
 const targetSaveBytes = sourceSaveBytes;
 const intervalMs = 300;
 const highWaterBytes = 24 * blockBytes;
-const cutterPollMs = 100;
-const heartbeatMs = 1_000;
 const openTimeoutMs = 2_000;
-const fullNoticeMs = 500;
 const playedHistoryMax = 2;
 
 export interface SimOptions {
@@ -170,18 +170,8 @@ class SimJournal {
   }
 }
 
-interface Row {
-  generation: number;
-  n: number;
-  state: 'ready' | 'acked' | 'received' | 'playing' | 'played';
-  startLsn: number;
-  endLsn: number;
-  chunks: number;
-  blocks: number;
-  dataBytes: number;
-  dataCrc: number;
-  createdAtMs: number;
-}
+/** A mailbox row, as the catalog keeps it. */
+type Row = Pick<DeltaSetRecord, 'generation' | 'n' | 'state' | 'startLsn' | 'endLsn' | 'chunks' | 'blocks' | 'dataBytes' | 'dataCrc' | 'createdAtMs'>;
 
 // ---- network -------------------------------------------------------------------------
 
