@@ -9,19 +9,13 @@ import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { chunkExtentsMax, encodeChunkParts, type ChunkExtent } from './chunk.js';
 import { Inbox } from './inbox.js';
-import { SessionRetries } from './ledger.js';
+import { CopyWindow, SessionRetries, copyAckTimeoutMs, copyRetransmitMs, copyStart, copyWindowPieces } from './ledger.js';
 import { ReplFrame, copyFramePrefix, json, type CopyAckBody, type CopyDoneBody, type TargetPosition } from './protocol.js';
 
 /** Data carried by one piece of a copy: larger than a delta-set chunk, it goes straight to the volume. */
 export const copyPieceBytesMax = 4 * 1024 * 1024;
-/** Copy pieces sent and not yet acknowledged. */
-export const copyWindowPieces = 8;
 /** Piece buffers: those of the window being sent, and the next being read. */
 const pieceBuffers = new BufferPool(copyPieceBytesMax, copyWindowPieces + 2);
-/** Silence after which the copy asks the target where it stands. */
-const copyRetransmitMs = 1_000;
-/** No progress for this long: the connection counts as failed. */
-const copyAckTimeoutMs = 30_000;
 const copyPersistMs = 1_000;
 /** Bytes of allocation looked at per step when the copy searches for the next valid extent. */
 const copyScanBytesMax = ioBytesMax;
@@ -198,35 +192,31 @@ export class CopyRunner {
     const generation = BigInt(this.deps.pair.generation);
     const inbox = new Inbox(connection);
     try {
-      if (position.copyId === plan.copyId && position.copyDone) return;
-      // The target starts a copy it has not seen from the beginning.
-      const from = position.copyId === plan.copyId ? position.copyCursorBlock : 0;
+      const start = copyStart(position, plan.copyId);
+      if (start.done) return;
+      const { from } = start;
       if (from !== copy.cursorBlock) {
         copy.cursorBlock = from;
         copy.copiedBlocks = plan.blocks ? countBelow(plan.blocks, from) : from;
       }
-      let cursor = from;
-      let acked = from;
-      const inFlight: { end: number; blocks: number }[] = [];
-      let progressAtMs = this.deps.clock.now();
+      const window = new CopyWindow(from, plan.blockCount, this.deps.clock.now());
       // The first persist comes a period into the session: a short copy (a resync's
       // scattered blocks) does not pay a catalog commit for its first acknowledgement.
-      this.lastPersistMs = progressAtMs;
-      while (acked < plan.blockCount) {
-        while (cursor < plan.blockCount && inFlight.length < copyWindowPieces) {
-          const piece = await copyPiece(plan, cursor);
+      this.lastPersistMs = this.deps.clock.now();
+      while (!window.complete) {
+        while (window.wantsPiece) {
+          const piece = await copyPiece(plan, window.cursor);
           const payload = [copyFramePrefix(plan.copyId, piece.from, piece.end), ...encodeChunkParts({ extents: piece.extents, data: piece.data })];
           connection.send(ReplFrame.CopyData, payload, { generation }, piece.release);
           this.deps.countSent(payload.reduce((n, p) => n + p.length, 0));
           copy.bytes += piece.data.length;
-          inFlight.push({ end: piece.end, blocks: piece.blocks });
-          cursor = piece.end;
+          window.sent(piece.end, piece.blocks);
         }
         let frame: Frame;
         try {
           frame = await inbox.next(copyRetransmitMs);
         } catch (err) {
-          if (!isFerryError(err, 'UNAVAILABLE') || connection.isClosed || this.deps.clock.now() - progressAtMs > copyAckTimeoutMs) throw err;
+          if (!isFerryError(err, 'UNAVAILABLE') || connection.isClosed || !window.stillAlive(this.deps.clock.now())) throw err;
           // Silence: ask where the target stands; it answers with a rewinding CopyAck.
           connection.sendJson(ReplFrame.Heartbeat as number, { sourceNowMs: this.deps.clock.now(), dirtyBlocks: 0, deltaSetCreated: 0 }, { generation });
           continue;
@@ -235,24 +225,10 @@ export class CopyRunner {
           unexpected(frame);
           continue;
         }
-        const ack = json<CopyAckBody>(frame);
-        if (ack.cursorBlock > acked) {
-          progressAtMs = this.deps.clock.now();
-          while (inFlight.length > 0 && (inFlight[0] as { end: number }).end <= ack.cursorBlock) copy.copiedBlocks = (copy.copiedBlocks ?? 0) + (inFlight.shift() as { blocks: number }).blocks;
-          acked = ack.cursorBlock;
-          copy.cursorBlock = acked;
-        }
-        if (acked > cursor) {
-          // The target is further than this session sent (it applied more before a reconnect).
-          cursor = acked;
-          inFlight.length = 0;
-        }
-        if (ack.rewind && ack.cursorBlock < cursor) {
-          // A piece was lost or damaged on the way: send again from where the target is.
-          this.stats.rewinds++;
-          cursor = acked;
-          inFlight.length = 0;
-        }
+        const rewindsBefore = window.rewinds;
+        copy.copiedBlocks = (copy.copiedBlocks ?? 0) + window.onAck(json<CopyAckBody>(frame), this.deps.clock.now());
+        copy.cursorBlock = window.acked;
+        this.stats.rewinds += window.rewinds - rewindsBefore;
         if (this.deps.clock.now() - this.lastPersistMs >= copyPersistMs) {
           this.lastPersistMs = this.deps.clock.now();
           this.deps.persist();

@@ -1,7 +1,7 @@
 import { crc32c, crc32cCombine } from '../lib/checksum.js';
 import { FerryError } from '../lib/errors.js';
 import type { RingSpace } from '../storage/journal.js';
-import { headerCrcFields, type AckBody, type DeltaSetHeaderBody, type NackBody, type TargetPosition } from './protocol.js';
+import { headerCrcFields, type AckBody, type CopyAckBody, type DeltaSetHeaderBody, type NackBody, type TargetPosition } from './protocol.js';
 
 /**
  * Delta-set bookkeeping of the RCP data path (E FIG. 9, 12-17), pure: what the sender
@@ -320,4 +320,123 @@ export function nextToPlay<R extends { n: number; state: string; afterCopy?: num
 export function targetReleasePoint(ring: RingSpace, rows: Pick<MailboxRow, 'state' | 'startLsn'>[], receivingHeldFromLsn: number | undefined): number {
   const nextLive = rows.find((d) => d.state !== 'played');
   return Math.max(ring.tail, nextLive?.startLsn ?? receivingHeldFromLsn ?? ring.head);
+}
+
+// ---- copies (E FIG. 11, 28-29) -------------------------------------------------------
+
+/** Copy pieces sent and not yet acknowledged. */
+export const copyWindowPieces = 8;
+/** Silence after which the copy asks the target where it stands. */
+export const copyRetransmitMs = 1_000;
+/** No progress for this long: the copy's connection counts as failed. */
+export const copyAckTimeoutMs = 30_000;
+
+/**
+ * Where a copy session starts: nothing to do if the target has the whole copy; from
+ * the target's cursor if it is in this copy; from the beginning if it has not seen it.
+ */
+export function copyStart(position: Pick<TargetPosition, 'copyId' | 'copyDone' | 'copyCursorBlock'>, copyId: number): { done: true } | { done: false; from: number } {
+  if (position.copyId === copyId && position.copyDone) return { done: true };
+  return { done: false, from: position.copyId === copyId ? position.copyCursorBlock : 0 };
+}
+
+/**
+ * The sender's view of a copy in flight: pieces go out in block order up to a window;
+ * the target's cursor moves it; a rewind (a piece lost or damaged) sends again from
+ * the cursor.
+ */
+export class CopyWindow {
+  /** Where the next piece starts. */
+  cursor: number;
+  /** Every block before this one is applied at the target. */
+  acked: number;
+  private readonly inFlight: { end: number; blocks: number }[] = [];
+  private progressAtMs: number;
+  rewinds = 0;
+
+  constructor(
+    from: number,
+    readonly blockCount: number,
+    nowMs: number,
+    private readonly windowPieces = copyWindowPieces,
+  ) {
+    this.cursor = this.acked = from;
+    this.progressAtMs = nowMs;
+  }
+
+  get complete(): boolean {
+    return this.acked >= this.blockCount;
+  }
+
+  /** True while another piece may go out. */
+  get wantsPiece(): boolean {
+    return this.cursor < this.blockCount && this.inFlight.length < this.windowPieces;
+  }
+
+  /** A piece covering blocks [cursor, end), `blocks` of them planned, went out. */
+  sent(end: number, blocks: number): void {
+    this.inFlight.push({ end, blocks });
+    this.cursor = end;
+  }
+
+  /** The target's cursor; returns the planned blocks it newly has (for progress). */
+  onAck(ack: CopyAckBody, nowMs: number): number {
+    let copied = 0;
+    if (ack.cursorBlock > this.acked) {
+      this.progressAtMs = nowMs;
+      while (this.inFlight.length > 0 && (this.inFlight[0] as { end: number }).end <= ack.cursorBlock) copied += (this.inFlight.shift() as { blocks: number }).blocks;
+      this.acked = ack.cursorBlock;
+    }
+    if (this.acked > this.cursor) {
+      // The target is further than this session sent (it applied more before a reconnect).
+      this.cursor = this.acked;
+      this.inFlight.length = 0;
+    }
+    if (ack.rewind && ack.cursorBlock < this.cursor) {
+      // A piece was lost or damaged on the way: send again from where the target is.
+      this.rewinds++;
+      this.cursor = this.acked;
+      this.inFlight.length = 0;
+    }
+    return copied;
+  }
+
+  /** No answer for a while: false once nothing has moved for `copyAckTimeoutMs` (the session has failed). */
+  stillAlive(nowMs: number): boolean {
+    return nowMs - this.progressAtMs <= copyAckTimeoutMs;
+  }
+}
+
+export type CopyPieceVerdict =
+  /** The first piece of a newer copy: start it over (cursor 0), then apply. */
+  | { kind: 'new-copy' }
+  /** Apply it; the cursor moves past it once it and all before it are written. */
+  | { kind: 'apply' }
+  /** Out of order, a duplicate, of an older copy or malformed: answer with where the copy stands. */
+  | { kind: 'rewind' };
+
+/** What the target makes of a copy piece covering blocks [fromBlock, toBlock). */
+export function judgeCopyPiece(
+  piece: { copyId: number; fromBlock: number; toBlock: number; extents: readonly { block: number; count: number }[] },
+  copy: { copyId: number; done: boolean; expectedBlock: number; blockCount: number },
+): CopyPieceVerdict {
+  if (piece.copyId > copy.copyId && piece.fromBlock === 0) return { kind: 'new-copy' };
+  const outside = piece.extents.some((e) => e.block < piece.fromBlock || e.block + e.count > piece.toBlock);
+  if (piece.copyId !== copy.copyId || copy.done || piece.fromBlock !== copy.expectedBlock || piece.toBlock <= piece.fromBlock || piece.toBlock > copy.blockCount || outside) {
+    return { kind: 'rewind' };
+  }
+  return { kind: 'apply' };
+}
+
+export type CopyDoneVerdict =
+  /** Not this copy, or not all of it applied: answer with where the copy stands. */
+  | { kind: 'rewind' }
+  /** The last copy is whole: flush, record it done (playback may start), then answer done. */
+  | { kind: 'complete' }
+  /** A first step of a copy in two, or a repeat: make the cursor durable, then answer done. */
+  | { kind: 'acknowledge' };
+
+export function judgeCopyDone(done: { copyId: number; final: boolean }, copy: { copyId: number; done: boolean; appliedBlock: number; blockCount: number }): CopyDoneVerdict {
+  if (done.copyId !== copy.copyId || copy.appliedBlock < copy.blockCount) return { kind: 'rewind' };
+  return !copy.done && done.final ? { kind: 'complete' } : { kind: 'acknowledge' };
 }

@@ -12,7 +12,7 @@ import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { chunkBytesMax, decodeChunk, type Chunk } from './chunk.js';
 import { Inbox } from './inbox.js';
-import { ReceiveLedger, nextToPlay, targetReleasePoint } from './ledger.js';
+import { ReceiveLedger, judgeCopyDone, judgeCopyPiece, nextToPlay, targetReleasePoint } from './ledger.js';
 import type { PointInTimeImage } from './copy.js';
 import {
   ReplFrame,
@@ -434,8 +434,9 @@ export class TargetReplica {
     const { volume, pair } = this.deps;
     const { copyId, fromBlock, toBlock, chunkBytes } = decodeCopyFrame(payload);
     const chunk = decodeChunk(chunkBytes, volume.blockBytes, volume.blockCount);
-    const copy = pair.initialCopy;
-    if (copyId > (copy.copyId ?? 1) && fromBlock === 0) {
+    const piece = { copyId, fromBlock, toBlock, extents: chunk.extents };
+    const judge = () => judgeCopyPiece(piece, { copyId: pair.initialCopy.copyId ?? 1, done: this.copyDone, expectedBlock: pipeline.nextBlock ?? this.copyApplied, blockCount: volume.blockCount });
+    if (judge().kind === 'new-copy') {
       // A new copy (a resync's second step, or a catch-up): playback waits until it is done.
       await pipeline.settle();
       let protectiveSnapshot: string | undefined;
@@ -462,9 +463,7 @@ export class TargetReplica {
       this.copyUnflushedBytes = 0;
       this.deps.catalog.putPair(pair);
     }
-    const expected = pipeline.nextBlock ?? this.copyApplied;
-    const outside = chunk.extents.some((e) => e.block < fromBlock || e.block + e.count > toBlock);
-    if (copyId !== pair.initialCopy.copyId || (this.copyDone && copyId === pair.initialCopy.copyId) || fromBlock !== expected || toBlock <= fromBlock || toBlock > volume.blockCount || outside) {
+    if (judge().kind !== 'apply') {
       // Out of order after a lost piece (or a duplicate, or a piece of an older copy):
       // once the pieces in flight are written, say where we stand.
       await pipeline.settle();
@@ -522,12 +521,13 @@ export class TargetReplica {
 
   private async finishCopy(connection: RcpConnection, done: CopyDoneBody): Promise<void> {
     const { pair, volume } = this.deps;
-    if (done.copyId !== pair.initialCopy.copyId || this.copyApplied < volume.blockCount) {
+    const verdict = judgeCopyDone(done, { copyId: pair.initialCopy.copyId ?? 1, done: this.copyDone, appliedBlock: this.copyApplied, blockCount: volume.blockCount });
+    if (verdict.kind === 'rewind') {
       this.copyAck(connection, true);
       return;
     }
     await this.copyFlushing;
-    if (!this.copyDone && done.final) {
+    if (verdict.kind === 'complete') {
       await volume.flush();
       pair.initialCopy.cursorBlock = volume.blockCount;
       pair.initialCopy.doneAt = new Date(this.deps.clock.now()).toISOString();
