@@ -8,21 +8,34 @@
  * are simulated, in virtual time, so one seed runs minutes of faults in milliseconds
  * and a failing seed replays exactly.
  *
- * Checked after every event: the target's image as readers see it is the source's
- * image at a delta-set boundary (rule 2), a delta set is acknowledged only once the
- * target holds it durably, nothing that does not match its header is ever sealed,
- * and no delta set the target still needs is freed. At the end: either the faults
+ * The pair starts with a new remote copy (E FIG. 11) of a volume that holds data,
+ * while hosts write and delta sets flow on the other connection; the target site may
+ * crash as a process (its page cache survives) or lose power (writes it has not
+ * flushed may or may not be on disk).
+ *
+ * Checked after every event: until the copy is whole, every block below the target's
+ * durable copy cursor holds the copied image on disk; after it, the target's image
+ * as readers see it is the source's image at a delta-set boundary (rule 2); a delta
+ * set is acknowledged only once the target holds it durably; nothing that does not
+ * match its header is ever sealed; no delta set the target still needs is freed. At
+ * the end: either the faults
  * stop and the target catches up to exactly the source's image, in Duplex, without
- * a copy; or the target fails over, and the undo list the old source would build
- * covers every block it changed after the restart point.
+ * a further copy; or the target fails over (refused while it holds no consistent
+ * image), and the undo list the old source would build covers every block it changed
+ * after the restart point.
  */
 import assert from 'node:assert/strict';
 import { crc32c, crc32cCombine } from '../../src/lib/checksum.js';
 import { RingSpace, recordAlignBytes } from '../../src/storage/journal.js';
 import {
+  CopyWindow,
   DeltaSetWindow,
   ReceiveLedger,
   SessionRetries,
+  copyRetransmitMs,
+  copyStart,
+  judgeCopyDone,
+  judgeCopyPiece,
   makeRoom,
   nextToPlay,
   resumePoint,
@@ -31,13 +44,13 @@ import {
   targetReleasePoint,
   type SendAction,
 } from '../../src/replication/ledger.js';
-import { initialPairStatus, isActive, nextPairStatus, type PairEvent, type PairStatus } from '../../src/replication/pair-state.js';
+import { initialPairStatus, isActive, nextPairStatus, type PairEvent } from '../../src/replication/pair-state.js';
 import { DeltaSetTrigger } from '../../src/replication/triggers.js';
-import { headerCrcFields, type AckBody, type DeltaSetHeaderBody, type NackBody, type TargetPosition } from '../../src/replication/protocol.js';
-import { planUndo } from '../../src/recovery/plan.js';
+import { headerCrcFields, type AckBody, type CopyAckBody, type DeltaSetHeaderBody, type NackBody, type TargetPosition } from '../../src/replication/protocol.js';
+import { checkFailover, planUndo } from '../../src/recovery/plan.js';
 import { cutterPollMs, heartbeatMs } from '../../src/replication/source.js';
 import { fullNoticeMs } from '../../src/replication/target.js';
-import type { DeltaSetRecord } from '../../src/storage/replication-catalog.js';
+import type { DeltaSetRecord, PairRecord } from '../../src/storage/replication-catalog.js';
 
 // ---- knobs ---------------------------------------------------------------------------
 
@@ -52,6 +65,11 @@ const targetSaveBytes = sourceSaveBytes;
 const intervalMs = 300;
 const highWaterBytes = 24 * blockBytes;
 const openTimeoutMs = 2_000;
+/** Blocks of a copy piece. */
+const pieceBlocks = 6;
+/** The target makes its copy cursor durable (flush, then record) every this many pieces, or once a second. */
+const copyFlushPieces = 3;
+const copyPersistMs = 1_000;
 const playedHistoryMax = 2;
 
 export interface SimOptions {
@@ -76,6 +94,11 @@ export interface SimReport {
   suspendedByFailure: number;
   sourceSaveVolumeFull: number;
   targetSaveVolumeFull: number;
+  targetPowerLosses: number;
+  copyRewinds: number;
+  /** Virtual ms until the target had the whole initial copy (-1: never). */
+  copyDoneAtMs: number;
+  failoverRefused?: string;
   failover?: { restartPoint: number; undoBlocks: number; changedBlocks: number; plan: 'delta-sets' | 'full-copy' };
 }
 
@@ -171,12 +194,19 @@ class SimJournal {
 }
 
 /** A mailbox row, as the catalog keeps it. */
-type Row = Pick<DeltaSetRecord, 'generation' | 'n' | 'state' | 'startLsn' | 'endLsn' | 'chunks' | 'blocks' | 'dataBytes' | 'dataCrc' | 'createdAtMs'>;
+type Row = Pick<DeltaSetRecord, 'generation' | 'n' | 'state' | 'startLsn' | 'endLsn' | 'chunks' | 'blocks' | 'dataBytes' | 'dataCrc' | 'createdAtMs' | 'afterCopy'>;
 
 // ---- network -------------------------------------------------------------------------
 
-type ToTarget = { t: 'chunk'; n: number; index: number; generation: number; chunk: SimChunk } | { t: 'header'; body: DeltaSetHeaderBody } | { t: 'heartbeat' } | { t: 'damaged' };
-type ToSource = { t: 'open-ok'; position: TargetPosition } | { t: 'ack'; body: AckBody } | { t: 'nack'; body: NackBody } | { t: 'damaged' };
+type ToTarget =
+  | { t: 'chunk'; n: number; index: number; generation: number; chunk: SimChunk }
+  | { t: 'header'; body: DeltaSetHeaderBody }
+  | { t: 'piece'; copyId: number; from: number; to: number; values: number[] }
+  | { t: 'copy-done'; copyId: number; stampedDeltaSet: number; final: boolean }
+  | { t: 'heartbeat' }
+  | { t: 'damaged' };
+type ToSource = { t: 'open-ok'; position: TargetPosition } | { t: 'ack'; body: AckBody } | { t: 'nack'; body: NackBody } | { t: 'copy-ack'; body: CopyAckBody } | { t: 'damaged' };
+type Channel = 'deltas' | 'copy';
 
 class Connection {
   open = true;
@@ -271,26 +301,40 @@ export function simulate(options: SimOptions): SimReport {
     suspendedByFailure: 0,
     sourceSaveVolumeFull: 0,
     targetSaveVolumeFull: 0,
+    targetPowerLosses: 0,
+    copyRewinds: 0,
+    copyDoneAtMs: -1,
   };
   const trace = process.env.FERRY_SIM_TRACE ? (msg: string) => console.log(`${String(sched.now).padStart(7)} ${msg}`) : () => undefined;
+  /** The volume holds data before it is replicated: the copy's snapshot, stamped with delta set 0. */
+  const copyImage = Int32Array.from({ length: blockCount }, () => (rnd.chance(0.6) ? rnd.int(1, 999) * 1_000 : 0));
   /** The source's image at each delta-set boundary, by delta set number. */
-  const boundaries = new Map<number, Int32Array>([[0, new Int32Array(blockCount)]]);
+  const boundaries = new Map<number, Int32Array>([[0, copyImage]]);
 
   // ---- durable state of each site (survives a crash) -------------------------------------
 
   const sourceDisk = {
-    image: new Int32Array(blockCount),
+    image: Int32Array.from(copyImage),
     journal: new SimJournal(sourceSaveBytes),
     rows: [] as Row[],
-    pair: { generation, deltaSetCreated: 0, deltaSetAcked: 0, status: { ...initialPairStatus, state: 'duplex' as const, initialCopyDone: true } as PairStatus },
+    pair: { generation, deltaSetCreated: 0, deltaSetAcked: 0, status: nextPairStatus(initialPairStatus, { type: 'start' }), copyDone: false },
     /** Blocks written and not in a sealed delta set (rule 1: the change log and its activity log keep a superset). */
     dirty: new Set<number>(),
   };
   const targetDisk = {
+    /** What is on disk. */
     image: new Int32Array(blockCount),
     journal: new SimJournal(targetSaveBytes),
     rows: [] as Row[],
     pair: { deltaSetReceived: 0, deltaSetPlayedBack: 0 },
+    copy: { copyId: 1, cursorBlock: 0, done: false, stampedDeltaSet: 0 },
+  };
+  /** Target volume writes not flushed yet: in the page cache, lost (some of them) with the power. */
+  const targetCache = new Map<number, number>();
+  const volWrite = (block: number, value: number): void => void targetCache.set(block, value);
+  const volFlush = (): void => {
+    for (const [b, v] of targetCache) targetDisk.image[b] = v;
+    targetCache.clear();
   };
 
   // ---- source --------------------------------------------------------------------------
@@ -304,6 +348,8 @@ export function simulate(options: SimOptions): SimReport {
     session: { conn: Connection; window: DeltaSetWindow | undefined; next: number; fromChunk: number; silenceAt: number; progressed: boolean } | undefined;
     opening: Connection | undefined;
     retries: SessionRetries;
+    copy: { conn: Connection; window: CopyWindow | undefined; finishing: boolean; progressed: boolean; quietSince: number } | undefined;
+    copyRetries: SessionRetries;
   }
   let src!: SourceRun;
   let srcLife = 0;
@@ -320,13 +366,14 @@ export function simulate(options: SimOptions): SimReport {
     const rows = sourceDisk.rows;
     const head = rows.reduce((h, d) => Math.max(h, d.endLsn), 0);
     const tail = rows.length > 0 ? Math.min(...rows.map((d) => d.startLsn)) : head;
-    src = { up: true, ring: new RingSpace(sourceSaveBytes, head, tail), trigger: new DeltaSetTrigger({ intervalMs, highWaterBytes }, sched.now), building: undefined, saveVolumeFull: false, session: undefined, opening: undefined, retries: new SessionRetries() };
+    src = { up: true, ring: new RingSpace(sourceSaveBytes, head, tail), trigger: new DeltaSetTrigger({ intervalMs, highWaterBytes }, sched.now), building: undefined, saveVolumeFull: false, session: undefined, opening: undefined, retries: new SessionRetries(), copy: undefined, copyRetries: new SessionRetries() };
     const cutter = (): void => {
       cutTick();
       sched.at(cutterPollMs, srcAlive(life, cutter));
     };
     sched.at(cutterPollMs, srcAlive(life, cutter));
     sched.at(0, srcAlive(life, connect));
+    sched.at(0, srcAlive(life, copyConnect));
     const heartbeat = (): void => {
       const s = src.session;
       if (s && !s.window) s.conn.toTarget({ t: 'heartbeat' });
@@ -374,11 +421,13 @@ export function simulate(options: SimOptions): SimReport {
     sourceDisk.dirty = new Set();
     src.trigger.rearm(sched.now);
     const createdAtMs = sched.now;
+    // Written while the copy runs: the target must not play it back before the copy is whole.
+    const afterCopy = sourceDisk.pair.copyDone ? undefined : 1;
     const life = srcLife;
-    sched.at(rnd.int(1, 60), srcAlive(life, () => seal(n, image, createdAtMs)));
+    sched.at(rnd.int(1, 60), srcAlive(life, () => seal(n, image, createdAtMs, afterCopy)));
   }
 
-  function seal(n: number, image: Int32Array, createdAtMs: number): void {
+  function seal(n: number, image: Int32Array, createdAtMs: number, afterCopy: number | undefined): void {
     const b = src.building as { blocks: number[]; values: number[] };
     let startLsn: number | undefined;
     let dataCrc = 0;
@@ -392,7 +441,7 @@ export function simulate(options: SimOptions): SimReport {
       dataCrc = crc32cCombine(dataCrc, crc32c(chunkData(chunk)), chunk.values.length * blockBytes);
     }
     // The mailbox row makes it visible to the sender; only then may tracking forget it.
-    sourceDisk.rows.push({ generation, n, state: 'ready', startLsn: startLsn as number, endLsn: src.ring.head, chunks, blocks: b.blocks.length, dataBytes: b.blocks.length * blockBytes, dataCrc, createdAtMs });
+    sourceDisk.rows.push({ generation, n, state: 'ready', startLsn: startLsn as number, endLsn: src.ring.head, chunks, blocks: b.blocks.length, dataBytes: b.blocks.length * blockBytes, dataCrc, createdAtMs, ...(afterCopy !== undefined ? { afterCopy } : {}) });
     sourceDisk.pair.deltaSetCreated = n;
     boundaries.set(n, image);
     src.building = undefined;
@@ -412,7 +461,7 @@ export function simulate(options: SimOptions): SimReport {
       conn.close();
       return;
     }
-    tgt.accept(conn);
+    tgt.accept(conn, 'deltas');
   }
 
   function sessionEnded(conn: Connection): void {
@@ -430,6 +479,7 @@ export function simulate(options: SimOptions): SimReport {
 
   function onSourceFrame(conn: Connection, f: ToSource): void {
     if (f.t === 'damaged') return; // a damaged answer is silence
+    if (f.t === 'copy-ack') return;
     if (f.t === 'open-ok') {
       if (src.opening !== conn) return;
       src.opening = undefined;
@@ -520,7 +570,7 @@ export function simulate(options: SimOptions): SimReport {
     const row = sourceDisk.rows.find((d) => d.n === w.n) as Row;
     for (const a of actions) {
       if (a.kind === 'header') {
-        const fields = { deltaSet: row.n, chunkCount: row.chunks, blockCount: row.blocks, dataBytes: row.dataBytes, dataCrc: row.dataCrc, createdAtMs: row.createdAtMs, previousCutMs: 0 };
+        const fields = { deltaSet: row.n, chunkCount: row.chunks, blockCount: row.blocks, dataBytes: row.dataBytes, dataCrc: row.dataCrc, createdAtMs: row.createdAtMs, previousCutMs: 0, ...(row.afterCopy !== undefined ? { afterCopy: row.afterCopy } : {}) };
         s.conn.toTarget({ t: 'header', body: { ...fields, headerCrc: crc32c(headerCrcFields(fields)) } });
         continue;
       }
@@ -533,6 +583,90 @@ export function simulate(options: SimOptions): SimReport {
     }
   }
 
+  // ---- source: the copy (E FIG. 11), on its own connection ----------------------------------
+
+  function copyConnect(): void {
+    if (sourceDisk.pair.copyDone || src.copy) return;
+    if (!isActive(sourceDisk.pair.status) && !(sourceDisk.pair.status.state === 'suspended' && sourceDisk.pair.status.cause === 'failure')) return;
+    const life = srcLife;
+    const conn = net.connect();
+    const copy = { conn, window: undefined, finishing: false, progressed: false, quietSince: sched.now };
+    src.copy = copy;
+    conn.onSourceFrame = (f) => srcAlive(life, () => onCopyFrame(copy, f))();
+    conn.onClose.push(srcAlive(life, () => copyEnded(copy)));
+    sched.at(openTimeoutMs, srcAlive(life, () => !copy.window && !copy.finishing && conn.close()));
+    if (net.partitioned || !tgt.up) {
+      conn.close();
+      return;
+    }
+    tgt.accept(conn, 'copy');
+  }
+
+  function copyEnded(copy: NonNullable<SourceRun['copy']>): void {
+    if (src.copy !== copy) return;
+    src.copy = undefined;
+    if (sourceDisk.pair.copyDone) return;
+    if (copy.progressed) src.copyRetries.progressed();
+    const { delayMs } = src.copyRetries.failed();
+    sched.at(delayMs, srcAlive(srcLife, copyConnect));
+  }
+
+  function markCopied(copy: NonNullable<SourceRun['copy']>): void {
+    sourceDisk.pair.copyDone = true;
+    applyState({ type: 'copied' });
+    copy.conn.close();
+  }
+
+  function onCopyFrame(copy: NonNullable<SourceRun['copy']>, f: ToSource): void {
+    if (src.copy !== copy || f.t === 'damaged') return;
+    copy.quietSince = sched.now;
+    if (f.t === 'open-ok') {
+      if (copy.window || copy.finishing) return;
+      const start = copyStart(f.position, 1);
+      if (start.done) return markCopied(copy);
+      copy.window = new CopyWindow(start.from, blockCount, sched.now);
+      armCopySilence(copy);
+      return pumpCopy(copy);
+    }
+    if (f.t !== 'copy-ack' || !copy.window) return;
+    if (copy.finishing) {
+      if (f.body.done) return markCopied(copy);
+      if (f.body.rewind && f.body.cursorBlock < blockCount) copy.conn.close(); // not at its end: a new session resumes from the cursor
+      return;
+    }
+    const rewinds = copy.window.rewinds;
+    if (copy.window.onAck(f.body, sched.now) > 0) copy.progressed = true;
+    report.copyRewinds += copy.window.rewinds - rewinds;
+    pumpCopy(copy);
+  }
+
+  function pumpCopy(copy: NonNullable<SourceRun['copy']>): void {
+    const w = copy.window as CopyWindow;
+    while (w.wantsPiece) {
+      const from = w.cursor;
+      const to = Math.min(blockCount, from + pieceBlocks);
+      copy.conn.toTarget({ t: 'piece', copyId: 1, from, to, values: Array.from(copyImage.subarray(from, to)) });
+      w.sent(to, to - from);
+    }
+    if (w.complete && !copy.finishing) {
+      // "Start playback" from the stamped delta set (E FIG. 11 steps 355-357).
+      copy.finishing = true;
+      copy.conn.toTarget({ t: 'copy-done', copyId: 1, stampedDeltaSet: 0, final: true });
+    }
+  }
+
+  function armCopySilence(copy: NonNullable<SourceRun['copy']>): void {
+    sched.at(copyRetransmitMs, srcAlive(srcLife, () => {
+      if (src.copy !== copy) return;
+      if (sched.now - copy.quietSince >= copyRetransmitMs) {
+        if (!(copy.window as CopyWindow).stillAlive(sched.now)) return copy.conn.close();
+        // Silence: ask where the target stands (or say again that the copy is done).
+        copy.conn.toTarget(copy.finishing ? { t: 'copy-done', copyId: 1, stampedDeltaSet: 0, final: true } : { t: 'heartbeat' });
+      }
+      armCopySilence(copy);
+    }));
+  }
+
   // ---- target --------------------------------------------------------------------------
 
   interface TargetRun {
@@ -540,18 +674,23 @@ export function simulate(options: SimOptions): SimReport {
     ring: RingSpace;
     ledger: ReceiveLedger;
     session: TargetSession | undefined;
-    /** The newest session, open or not (a closed one may still be storing a chunk). */
-    lastSession: TargetSession | undefined;
+    /** The newest session of each connection, open or not (a closed one may still be storing). */
+    lastSession: Partial<Record<Channel, TargetSession>>;
+    /** Where the copy is applied to (in memory); the durable cursor is `targetDisk.copy.cursorBlock`. */
+    copyApplied: number;
+    copyPiecesUnflushed: number;
+    copyFlushedAtMs: number;
     saveVolumeFull: boolean;
     /** The delta set under playback: readers see it whole (the overlay). */
     playing: Row | undefined;
     /** Chunk stores in flight: on a crash each may or may not have reached the disk. */
     pendingStores: JournalRecord[];
-    accept(conn: Connection): void;
+    accept(conn: Connection, channel: Channel): void;
   }
   /** One session from the source: its frames are handled one after another, as the receiver does. */
   interface TargetSession {
     conn: Connection;
+    channel: Channel;
     queue: ToTarget[];
     busy: boolean;
     /** It has answered the open (after the session before it was done). */
@@ -576,11 +715,14 @@ export function simulate(options: SimOptions): SimReport {
       ring: new RingSpace(targetSaveBytes, head, live[0]?.startLsn ?? head),
       ledger: new ReceiveLedger(targetDisk.pair.deltaSetReceived),
       session: undefined,
-      lastSession: undefined,
+      lastSession: {},
+      copyApplied: targetDisk.copy.cursorBlock,
+      copyPiecesUnflushed: 0,
+      copyFlushedAtMs: sched.now,
       saveVolumeFull: false,
       playing: undefined,
       pendingStores: [],
-      accept: (conn) => accept(life, conn),
+      accept: (conn, channel) => accept(life, conn, channel),
     };
     // Redo an interrupted playback before anyone reads.
     const interrupted = rows.find((d) => d.state === 'playing');
@@ -608,9 +750,9 @@ export function simulate(options: SimOptions): SimReport {
     return {
       pairId: 'sim',
       generation,
-      copyId: 1,
-      copyCursorBlock: blockCount,
-      copyDone: true,
+      copyId: targetDisk.copy.copyId,
+      copyCursorBlock: tgt.copyApplied,
+      copyDone: targetDisk.copy.done,
       deltaSetReceived: targetDisk.pair.deltaSetReceived,
       chunksStored: tgt.ledger.chunksStored,
       deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack,
@@ -618,13 +760,13 @@ export function simulate(options: SimOptions): SimReport {
     };
   }
 
-  function accept(life: number, conn: Connection): void {
+  function accept(life: number, conn: Connection, channel: Channel): void {
     // A newer session replaces an older one, once that one has finished the frame in hand.
-    const session: TargetSession = { conn, queue: [], busy: false, started: false, whenDone: [] };
-    const previous = tgt.lastSession;
+    const session: TargetSession = { conn, channel, queue: [], busy: false, started: false, whenDone: [] };
+    const previous = tgt.lastSession[channel];
     previous?.conn.close();
-    tgt.lastSession = session;
-    tgt.session = session;
+    tgt.lastSession[channel] = session;
+    if (channel === 'deltas') tgt.session = session;
     conn.onTargetFrame = (f) =>
       tgtAlive(life, () => {
         session.queue.push(f);
@@ -634,7 +776,7 @@ export function simulate(options: SimOptions): SimReport {
     const open = (): void => {
       session.started = true;
       if (!conn.open) return settle(session);
-      trace(`target: session ${conn.id} opens at ${tgt.ledger.n}/${tgt.ledger.chunksStored}; ring ${tgt.ring.tail}..${tgt.ring.head}`);
+      trace(`target: ${channel} session ${conn.id} opens at ${tgt.ledger.n}/${tgt.ledger.chunksStored}; ring ${tgt.ring.tail}..${tgt.ring.head}; copy at ${tgt.copyApplied}`);
       conn.toSource({ t: 'open-ok', position: position() });
     };
     if (previous && (!previous.started || previous.busy)) previous.whenDone.push(open);
@@ -657,7 +799,8 @@ export function simulate(options: SimOptions): SimReport {
   function processQueue(life: number, session: TargetSession): void {
     while (!session.busy && session.queue.length > 0 && session.conn.open) {
       const f = session.queue.shift() as ToTarget;
-      handle(life, session, f);
+      if (session.channel === 'copy') handleCopy(life, session, f);
+      else handle(life, session, f);
     }
   }
 
@@ -725,6 +868,59 @@ export function simulate(options: SimOptions): SimReport {
     }));
   }
 
+  function copyAck(conn: Connection, rewind: boolean, done = false): void {
+    conn.toSource({ t: 'copy-ack', body: { cursorBlock: done ? blockCount : tgt.copyApplied, ...(rewind ? { rewind } : {}), ...(done ? { done } : {}) } });
+  }
+
+  function handleCopy(life: number, session: TargetSession, f: ToTarget): void {
+    const { conn } = session;
+    const copy = targetDisk.copy;
+    switch (f.t) {
+      case 'damaged':
+      case 'heartbeat':
+        // Rule 4: a damaged piece is refused and sent again from the cursor; silence is answered with it.
+        return copyAck(conn, true);
+      case 'piece': {
+        const v = judgeCopyPiece({ copyId: f.copyId, fromBlock: f.from, toBlock: f.to, extents: [{ block: f.from, count: f.to - f.from }] }, { copyId: copy.copyId, done: copy.done, expectedBlock: tgt.copyApplied, blockCount });
+        assert.notEqual(v.kind, 'new-copy', 'this pair has one copy');
+        if (v.kind === 'rewind') return copyAck(conn, true);
+        session.busy = true;
+        sched.at(diskMs(), tgtAlive(life, () => {
+          f.values.forEach((value, i) => volWrite(f.from + i, value));
+          tgt.copyApplied = f.to;
+          tgt.copyPiecesUnflushed++;
+          if (tgt.copyPiecesUnflushed >= copyFlushPieces || sched.now - tgt.copyFlushedAtMs >= copyPersistMs) {
+            // The durable cursor moves only past data the volume has flushed.
+            const upTo = tgt.copyApplied;
+            volFlush();
+            tgt.copyPiecesUnflushed = 0;
+            tgt.copyFlushedAtMs = sched.now;
+            copy.cursorBlock = Math.max(copy.cursorBlock, upTo);
+          }
+          settle(session);
+          if (conn.open) copyAck(conn, false);
+          processQueue(life, session);
+        }));
+        return;
+      }
+      case 'copy-done': {
+        const v = judgeCopyDone(f, { copyId: copy.copyId, done: copy.done, appliedBlock: tgt.copyApplied, blockCount });
+        if (v.kind === 'rewind') return copyAck(conn, true);
+        if (v.kind === 'complete') {
+          volFlush();
+          copy.cursorBlock = blockCount;
+          copy.done = true;
+          copy.stampedDeltaSet = f.stampedDeltaSet;
+          report.copyDoneAtMs = sched.now;
+          trace('target: copy complete');
+        }
+        return copyAck(conn, false, true);
+      }
+      default:
+        throw new Error(`frame ${f.t} on a copy connection`);
+    }
+  }
+
   function chunksOf(row: Row): SimChunk[] {
     const out: SimChunk[] = [];
     let lsn = row.startLsn;
@@ -738,12 +934,12 @@ export function simulate(options: SimOptions): SimReport {
   }
 
   function applyRow(row: Row, upToChunk = row.chunks): void {
-    for (const c of chunksOf(row).slice(0, upToChunk)) c.blocks.forEach((b, i) => (targetDisk.image[b] = c.values[i] as number));
+    for (const c of chunksOf(row).slice(0, upToChunk)) c.blocks.forEach((b, i) => volWrite(b, c.values[i] as number));
   }
 
   function playTick(life: number): void {
     if (tgt.playing) return;
-    const row = nextToPlay(targetDisk.rows, { deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack, copyDone: true, copyId: 1 });
+    const row = nextToPlay(targetDisk.rows, { deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack, copyDone: targetDisk.copy.done, copyId: targetDisk.copy.copyId });
     if (!row) return;
     // Durable intent, then the after-images chunk by chunk (a crash leaves some written).
     row.state = 'playing';
@@ -766,6 +962,8 @@ export function simulate(options: SimOptions): SimReport {
   }
 
   function finishPlayback(row: Row): void {
+    // The after-images are on disk before the mailbox says played.
+    volFlush();
     row.state = 'played';
     trace(`target: played ${row.n}`);
     targetDisk.pair.deltaSetPlayedBack = row.n;
@@ -783,6 +981,7 @@ export function simulate(options: SimOptions): SimReport {
     src.up = false;
     src.session?.conn.close();
     src.opening?.close();
+    src.copy?.conn.close();
     // Rule 1: the blocks of a delta set being built go back to tracking, and the
     // activity log may add hot extents that were not written at all (a superset).
     for (const b of src.building?.blocks ?? []) sourceDisk.dirty.add(b);
@@ -794,9 +993,17 @@ export function simulate(options: SimOptions): SimReport {
     report.targetCrashes++;
     trace('target: crash');
     tgt.up = false;
-    tgt.session?.conn.close();
+    for (const session of Object.values(tgt.lastSession)) session.conn.close();
     // A chunk being written may or may not have reached the disk.
     for (const r of tgt.pendingStores) if (rnd.chance(0.5)) targetDisk.journal.write(r);
+    if (rnd.chance(0.5)) {
+      // Power loss: of the writes not flushed, some reached the disk and some did not.
+      report.targetPowerLosses++;
+      for (const [b, v] of targetCache) if (rnd.chance(0.5)) targetDisk.image[b] = v;
+      targetCache.clear();
+    } else {
+      volFlush(); // a process crash: the page cache writes it all back
+    }
     sched.at(rnd.int(20, 800), () => targetStart());
   }
 
@@ -804,12 +1011,19 @@ export function simulate(options: SimOptions): SimReport {
 
   function visibleTargetImage(): Int32Array {
     const image = Int32Array.from(targetDisk.image);
+    for (const [b, v] of targetCache) image[b] = v;
     if (tgt.playing) for (const c of chunksOf(tgt.playing)) c.blocks.forEach((b, i) => (image[b] = c.values[i] as number));
     return image;
   }
 
   function check(): void {
     if (!tgt.up) return;
+    if (!targetDisk.copy.done) {
+      // Raw (no host access) until the copy is whole; what the durable cursor covers is on disk.
+      for (let b = 0; b < targetDisk.copy.cursorBlock; b++) assert.equal(targetDisk.image[b], copyImage[b], `t=${sched.now}: block ${b} is below the durable copy cursor ${targetDisk.copy.cursorBlock} but not on disk`);
+      assert.equal(targetDisk.pair.deltaSetPlayedBack, 0, 'a delta set was played back before the copy was whole');
+      return;
+    }
     const n = tgt.playing ? tgt.playing.n : targetDisk.pair.deltaSetPlayedBack;
     const boundary = boundaries.get(n);
     assert.ok(boundary, `no boundary image for delta set ${n}`);
@@ -840,11 +1054,13 @@ export function simulate(options: SimOptions): SimReport {
       // ferry replicate pause, resumed a while later
       applyState({ type: 'suspend' });
       src.session?.conn.close();
+      src.copy?.conn.close();
       applyState({ type: 'drained' });
       sched.at(rnd.int(100, 3_000), () => {
         if (sourceDisk.pair.status.state !== 'suspended' || sourceDisk.pair.status.cause !== 'command') return;
         applyState({ type: 'resume' });
         if (src.up && !src.session && !src.opening) connect();
+        if (src.up) copyConnect();
       });
     } else if (r < 0.8 && src.up) src.trigger.demand(); // ferry replicate delta
     sched.at(rnd.int(200, 3_000), chaos);
@@ -865,12 +1081,13 @@ export function simulate(options: SimOptions): SimReport {
     if (sourceDisk.pair.status.state === 'suspended' && sourceDisk.pair.status.cause === 'command') {
       applyState({ type: 'resume' });
       if (!src.session && !src.opening) connect();
+      copyConnect();
     }
     // No more faults or writes: the target must catch up to exactly the source's image.
-    const caughtUp = (): boolean => sourceDisk.dirty.size === 0 && !src.building && targetDisk.pair.deltaSetPlayedBack === sourceDisk.pair.deltaSetCreated && !tgt.playing;
+    const caughtUp = (): boolean => targetDisk.copy.done && sourceDisk.dirty.size === 0 && !src.building && targetDisk.pair.deltaSetPlayedBack === sourceDisk.pair.deltaSetCreated && !tgt.playing;
     sched.run(faultsEnd + 600_000, check, caughtUp);
-    assert.ok(caughtUp(), `not caught up: dirty ${sourceDisk.dirty.size}, created ${sourceDisk.pair.deltaSetCreated}, acked ${sourceDisk.pair.deltaSetAcked}, played ${targetDisk.pair.deltaSetPlayedBack}, state ${sourceDisk.pair.status.state}`);
-    assert.deepEqual(targetDisk.image, sourceDisk.image, 'after catching up the target differs from the source');
+    assert.ok(caughtUp(), `not caught up: copy ${targetDisk.copy.done ? 'done' : `at ${tgt.copyApplied}`}, dirty ${sourceDisk.dirty.size}, created ${sourceDisk.pair.deltaSetCreated}, acked ${sourceDisk.pair.deltaSetAcked}, played ${targetDisk.pair.deltaSetPlayedBack}, state ${sourceDisk.pair.status.state}`);
+    assert.deepEqual(visibleTargetImage(), sourceDisk.image, 'after catching up the target differs from the source');
     // The acknowledgement of the last delta set and the return to Duplex follow.
     sched.run(sched.now + 10_000, check, () => sourceDisk.pair.deltaSetAcked === sourceDisk.pair.deltaSetCreated && sourceDisk.pair.status.state === 'duplex');
     assert.equal(sourceDisk.pair.deltaSetAcked, sourceDisk.pair.deltaSetCreated);
@@ -883,9 +1100,19 @@ export function simulate(options: SimOptions): SimReport {
     if (src.up) {
       src.up = false;
       src.session?.conn.close();
+      src.copy?.conn.close();
       for (const b of src.building?.blocks ?? []) sourceDisk.dirty.add(b);
     }
-    tgt.session?.conn.close();
+    for (const session of Object.values(tgt.lastSession)) session.conn.close();
+    const record = { role: 'target', volume: 'v', initialCopy: targetDisk.copy.done ? { doneAt: 'done', stampedDeltaSet: targetDisk.copy.stampedDeltaSet } : { stampedDeltaSet: 0 }, deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack } as unknown as PairRecord;
+    try {
+      checkFailover(record, mode);
+    } catch (err) {
+      assert.ok(!targetDisk.copy.done, `failover refused with the copy whole: ${(err as Error).message}`);
+      report.failoverRefused = (err as Error).message;
+      return;
+    }
+    assert.ok(targetDisk.copy.done, 'failover allowed before the copy was whole');
     if (mode === 'default') {
       // Play back everything received, then take the restart point.
       sched.run(sched.now + 600_000, check, () => !tgt.playing && targetDisk.pair.deltaSetPlayedBack === targetDisk.pair.deltaSetReceived);
@@ -895,7 +1122,7 @@ export function simulate(options: SimOptions): SimReport {
     }
     const restartPoint = targetDisk.pair.deltaSetPlayedBack;
     const restartImage = boundaries.get(restartPoint) as Int32Array;
-    assert.deepEqual(targetDisk.image, restartImage);
+    assert.deepEqual(visibleTargetImage(), restartImage);
     const plan = planUndo(sourceDisk.pair, generation, restartPoint, sourceDisk.rows);
     let changed = 0;
     for (let b = 0; b < blockCount; b++) if (sourceDisk.image[b] !== restartImage[b]) changed++;

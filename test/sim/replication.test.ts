@@ -28,21 +28,24 @@ function sum(reports: SimReport[], key: keyof SimReport): number {
   return reports.reduce((s, r) => s + (typeof r[key] === 'number' ? (r[key] as number) : 0), 0);
 }
 
-test('simulated pair: crashes of either site, cut and damaged connections, partitions, pauses and full save volumes; the target is always at a delta-set boundary and catches up exactly', () => {
+test('simulated pair: a new remote copy, then delta sets, through crashes and power losses, cut and damaged connections, partitions, pauses and full save volumes; the target is always at a delta-set boundary and catches up exactly', () => {
   const reports = runSeeds('catch-up', (seed) => ({ seed, faultMs: 60_000 }));
   // The schedules really exercised the faults they are meant to (else the test proves little).
   if (only === undefined) {
-    for (const key of ['sourceCrashes', 'targetCrashes', 'connectionsCut', 'framesDamaged', 'retransmits', 'suspendedByFailure', 'sourceSaveVolumeFull', 'targetSaveVolumeFull'] as const) {
+    for (const key of ['sourceCrashes', 'targetCrashes', 'targetPowerLosses', 'connectionsCut', 'framesDamaged', 'retransmits', 'suspendedByFailure', 'sourceSaveVolumeFull', 'targetSaveVolumeFull'] as const) {
       assert.ok(sum(reports, key) > seeds / 2, `${key}: ${sum(reports, key)} over ${seeds} seeds`);
     }
     assert.ok(sum(reports, 'deltaSetsPlayed') > seeds * 20, `delta sets played: ${sum(reports, 'deltaSetsPlayed')}`);
+    assert.ok(sum(reports, 'copyRewinds') > seeds / 4, `copy rewinds: ${sum(reports, 'copyRewinds')}`);
+    assert.ok(reports.filter((r) => r.copyDoneAtMs > 1_000).length > seeds / 10, 'copies that ran into faults');
   }
 });
 
-test('simulated failover in the middle of faults: the restart point is a boundary, and the undo list covers every block the old source changed after it (default: never a full copy; --now: only if a skipped delta set was freed)', () => {
-  const reports = runSeeds('failover', (seed) => ({ seed, faultMs: 5_000 + (seed % 20) * 2_000, failover: seed % 3 === 0 ? 'now' : 'default' }));
+test('simulated failover in the middle of faults: refused until the copy is whole; then the restart point is a boundary, and the undo list covers every block the old source changed after it (default: never a full copy; --now: only if a skipped delta set was freed)', () => {
+  const reports = runSeeds('failover', (seed) => ({ seed, faultMs: seed % 10 === 0 ? 100 + (seed % 7) * 100 : 5_000 + (seed % 20) * 2_000, failover: seed % 3 === 0 ? 'now' : 'default' }));
   if (only === undefined) {
     const withChanges = reports.filter((r) => r.failover?.plan === 'delta-sets' && r.failover.changedBlocks > 0);
     assert.ok(withChanges.length > seeds / 2, `failovers with writes to undo: ${withChanges.length}`);
+    assert.ok(reports.some((r) => r.failoverRefused), 'no failover came during the copy');
   }
 });
