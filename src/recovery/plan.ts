@@ -41,6 +41,9 @@ export function checkFailover(pair: PairRecord, mode: FailoverMode): void {
     throw new FerryError('BAD_REQUEST', `volume ${pair.volume} holds no consistent image yet (its ${pair.recovery?.phase === 'resync-target' ? 'resync' : 'initial copy'} is not complete); it cannot take over`);
   }
   if (mode !== 'default' && mode !== 'now' && mode !== 'sync') throw new FerryError('BAD_REQUEST', `unknown failover mode ${String(mode)}`);
+  if (mode === 'sync' && protectedImage) {
+    throw new FerryError('BAD_REQUEST', `volume ${pair.volume} is being caught up by a copy (the source's backlog outgrew its save volume); a --sync failover cannot lose nothing until it is complete: wait for it, or fail over without --sync`);
+  }
 }
 
 /** The restart-point snapshot's name for the generation a failover starts. */

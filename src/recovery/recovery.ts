@@ -191,6 +191,10 @@ export class Recovery {
       } else {
         await target.finishPlayback(playbackTimeoutMs);
         await target.close();
+        // Delta sets cut during a catch-up copy this side never got (the source was lost
+        // before sending it) cannot be played back: they are skipped, and said so.
+        skipped = target.unplayedDeltaSets();
+        if (skipped > 0) this.log.warn({ volume, skipped }, 'failover: received delta sets that need a catch-up copy this site never got are skipped');
       }
       const protectiveSnapshot = pair.initialCopy.doneAt === undefined ? pair.initialCopy.protectiveSnapshot : undefined;
       if (protectiveSnapshot) {

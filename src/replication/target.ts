@@ -673,8 +673,7 @@ export class TargetReplica {
 
   private async playbackLoop(): Promise<void> {
     while (!this.closed) {
-      const { pair } = this.deps;
-      const next = nextToPlay(this.rows(), { deltaSetPlayedBack: pair.deltaSetPlayedBack, copyDone: this.copyDone, copyId: pair.initialCopy.copyId ?? 1 });
+      const next = this.playable();
       if (next) {
         try {
           await this.playOne(next);
@@ -807,15 +806,22 @@ export class TargetReplica {
     this.deps.catalog.putPair(this.deps.pair);
   }
 
+  /** The delta set playback may take next, if any. */
+  private playable(): DeltaSetRecord | undefined {
+    const { pair } = this.deps;
+    return nextToPlay(this.rows(), { deltaSetPlayedBack: pair.deltaSetPlayedBack, copyDone: this.copyDone, copyId: pair.initialCopy.copyId ?? 1 });
+  }
+
   /**
-   * Ends both sessions and plays back every delta set already received (failover,
-   * failback). The caller keeps new sessions out.
+   * Ends both sessions and plays back every delta set already received that can be
+   * (failover, failback). One cut while a copy ran that this side never got whole
+   * cannot be: it stays unplayed (`unplayedDeltaSets`). The caller keeps new sessions out.
    */
   async finishPlayback(timeoutMs: number): Promise<void> {
     this.session?.destroy();
     this.copySession?.destroy();
     const deadline = this.deps.clock.now() + timeoutMs;
-    while (!this.closed && this.copyDone && this.rows().some((d) => d.state === 'received' || d.state === 'playing')) {
+    while (!this.closed && (this.rows().some((d) => d.state === 'playing') || this.playable() !== undefined)) {
       if (this.deps.clock.now() > deadline) throw new FerryError('UNAVAILABLE', `playback of the received delta sets did not finish within ${Math.round(timeoutMs / 1000)} s`);
       this.playbackWaker.signal();
       await this.deps.clock.sleep(20);

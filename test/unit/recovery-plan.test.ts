@@ -1,7 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { planUndo } from '../../src/recovery/plan.js';
+import { checkFailover, planUndo } from '../../src/recovery/plan.js';
+import { isFerryError } from '../../src/lib/errors.js';
+import type { PairRecord } from '../../src/storage/replication-catalog.js';
 
 test('planUndo: every delta set after the restart point must be in the save volume, else a full copy', () => {
   assert.deepEqual(planUndo({ generation: 1, deltaSetCreated: 7 }, 1, 4, [5, 6, 7].map((n) => ({ generation: 1, n }))), { kind: 'delta-sets', deltaSets: [5, 6, 7] });
@@ -28,4 +30,21 @@ test('planUndo (property): delta sets are listed exactly when all of restart+1..
     }),
     { numRuns: 500 },
   );
+});
+
+test('checkFailover: only a target holding a consistent image may take over; --sync not while a catch-up is applied', () => {
+  const pair = (over: Omit<Partial<PairRecord>, 'initialCopy'> & { initialCopy?: Partial<PairRecord['initialCopy']> }): PairRecord =>
+    ({ volume: 'v', role: 'target', deltaSetPlayedBack: 3, ...over, initialCopy: { cursorBlock: 0, totalBlocks: 8, stampedDeltaSet: 2, startedAt: '', bytes: 0, doneAt: 'x', ...over.initialCopy } }) as PairRecord;
+  const refused = (p: PairRecord, mode: 'default' | 'now' | 'sync', pattern: RegExp): void => {
+    assert.throws(() => checkFailover(p, mode), (err: Error) => isFerryError(err, 'BAD_REQUEST') && pattern.test(err.message));
+  };
+  for (const mode of ['default', 'now', 'sync'] as const) checkFailover(pair({}), mode);
+  refused(pair({ role: 'source' }), 'default', /failover is run at the target/);
+  refused(pair({ initialCopy: { doneAt: undefined } }), 'now', /no consistent image/);
+  refused(pair({ deltaSetPlayedBack: 1 }), 'default', /no consistent image/);
+  // A catch-up being applied: the image kept in its snapshot is consistent.
+  const catchingUp = pair({ initialCopy: { doneAt: undefined, protectiveSnapshot: 'ferry-catch-up-g1-2' } });
+  checkFailover(catchingUp, 'default');
+  checkFailover(catchingUp, 'now');
+  refused(catchingUp, 'sync', /cannot lose nothing/);
 });

@@ -149,7 +149,7 @@ async function openEnv(): Promise<Env> {
 }
 
 /** Delta set `n`: `chunks` chunks of one block each, block i holding byte (n * 16 + i). */
-function deltaSet(n: number, chunks: number): { frames: [Buffer, Buffer][]; header: DeltaSetHeaderBody; expect: Map<number, number> } {
+function deltaSet(n: number, chunks: number, afterCopy?: number): { frames: [Buffer, Buffer][]; header: DeltaSetHeaderBody; expect: Map<number, number> } {
   const frames: [Buffer, Buffer][] = [];
   let dataCrc = 0;
   const expect = new Map<number, number>();
@@ -159,7 +159,7 @@ function deltaSet(n: number, chunks: number): { frames: [Buffer, Buffer][]; head
     expect.set(n * 16 + i, n * 16 + i);
     frames.push(encodeChunkFrameParts(n, i, encodeChunk({ extents: [{ block: n * 16 + i, count: 1, zero: false }], data })));
   }
-  const fields = { deltaSet: n, chunkCount: chunks, blockCount: chunks, dataBytes: chunks * bb, dataCrc, createdAtMs: Date.now(), previousCutMs: 0 };
+  const fields = { deltaSet: n, chunkCount: chunks, blockCount: chunks, dataBytes: chunks * bb, dataCrc, createdAtMs: Date.now(), previousCutMs: 0, ...(afterCopy !== undefined ? { afterCopy } : {}) };
   return { frames, header: { ...fields, headerCrc: crc32c(headerCrcFields(fields)) }, expect };
 }
 
@@ -232,6 +232,30 @@ test('a playback that ends while a chunk of the next delta set is being written 
     conn.sendJson(ReplFrame.DeltaSetHeader as number, two.header, { generation: 1n });
     await until('delta set 2 played back', () => env.pair.deltaSetPlayedBack === 2);
     assert.equal(await env.digest(), expectedDigest([one.expect, two.expect]));
+    conn.destroy();
+  } finally {
+    await env.close();
+  }
+});
+
+test('playback before a failover does not wait for delta sets that need a copy this side never got: they stay unplayed, the rest is played', async () => {
+  const env = await openEnv();
+  try {
+    const one = deltaSet(1, 1);
+    // Cut after the source recorded catch-up copy 2, which never arrives here.
+    const two = deltaSet(2, 1, 2);
+    const { conn, frames } = await env.session();
+    for (const ds of [one, two]) {
+      conn.send(ReplFrame.Chunk, ds.frames[0] as [Buffer, Buffer], { generation: 1n });
+      conn.sendJson(ReplFrame.DeltaSetHeader as number, ds.header, { generation: 1n });
+    }
+    await until('both delta sets sealed', () => frames.filter((f) => f.type === ReplFrame.Ack && json<AckBody>(f).sealed).length === 2);
+    const started = Date.now();
+    await env.target.finishPlayback(5_000);
+    assert.ok(Date.now() - started < 4_000, `finishPlayback waited ${Date.now() - started} ms for a delta set it cannot play`);
+    assert.equal(env.pair.deltaSetPlayedBack, 1);
+    assert.equal(env.target.unplayedDeltaSets(), 1);
+    assert.equal(await env.digest(), expectedDigest([one.expect]));
     conn.destroy();
   } finally {
     await env.close();
