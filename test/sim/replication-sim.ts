@@ -9,7 +9,9 @@
  * and a failing seed replays exactly.
  *
  * The pair starts with a new remote copy (E FIG. 11) of a volume that holds data,
- * while hosts write and delta sets flow on the other connection; the target site may
+ * while hosts write and delta sets flow on the other connection; a backlog larger
+ * than the save volume is caught up by a copy of its blocks while the target serves
+ * readers from a protective snapshot (rule 8); the target site may
  * crash as a process (its page cache survives) or lose power (writes it has not
  * flushed may or may not be on disk).
  *
@@ -59,7 +61,8 @@ const blockBytes = 4;
 const chunkBlocksMax = 4;
 /** Every chunk record takes one aligned unit of a save volume. */
 const recordBytes = recordAlignBytes;
-const sourceSaveBytes = 20 * recordBytes;
+/** Holds a delta set of 36 of the 48 blocks at most: a larger backlog is caught up by a copy (rule 8). */
+const sourceSaveBytes = 10 * recordBytes;
 /** The smallest the target's may be: the source's (the manager refuses less). */
 const targetSaveBytes = sourceSaveBytes;
 const intervalMs = 300;
@@ -98,8 +101,10 @@ export interface SimReport {
   copyRewinds: number;
   /** Virtual ms until the target had the whole initial copy (-1: never). */
   copyDoneAtMs: number;
+  catchUps: number;
+  catchUpsDone: number;
   failoverRefused?: string;
-  failover?: { restartPoint: number; undoBlocks: number; changedBlocks: number; plan: 'delta-sets' | 'full-copy' };
+  failover?: { restartPoint: number; skippedDeltaSets: number; undoBlocks: number; changedBlocks: number; plan: 'delta-sets' | 'full-copy' };
 }
 
 // ---- seeded randomness and virtual time -------------------------------------------------
@@ -201,7 +206,7 @@ type Row = Pick<DeltaSetRecord, 'generation' | 'n' | 'state' | 'startLsn' | 'end
 type ToTarget =
   | { t: 'chunk'; n: number; index: number; generation: number; chunk: SimChunk }
   | { t: 'header'; body: DeltaSetHeaderBody }
-  | { t: 'piece'; copyId: number; from: number; to: number; values: number[] }
+  | { t: 'piece'; copyId: number; from: number; to: number; blocks: number[]; values: number[] }
   | { t: 'copy-done'; copyId: number; stampedDeltaSet: number; final: boolean }
   | { t: 'heartbeat' }
   | { t: 'damaged' };
@@ -304,12 +309,25 @@ export function simulate(options: SimOptions): SimReport {
     targetPowerLosses: 0,
     copyRewinds: 0,
     copyDoneAtMs: -1,
+    catchUps: 0,
+    catchUpsDone: 0,
   };
   const trace = process.env.FERRY_SIM_TRACE ? (msg: string) => console.log(`${String(sched.now).padStart(7)} ${msg}`) : () => undefined;
   /** The volume holds data before it is replicated: the copy's snapshot, stamped with delta set 0. */
   const copyImage = Int32Array.from({ length: blockCount }, () => (rnd.chance(0.6) ? rnd.int(1, 999) * 1_000 : 0));
   /** The source's image at each delta-set boundary, by delta set number. */
   const boundaries = new Map<number, Int32Array>([[0, copyImage]]);
+  /**
+   * Each copy of the pair: the image it copies (taken at the switch for a catch-up),
+   * the blocks it copies (all, or the backlog), the delta set stamped on it.
+   */
+  interface SimCopy {
+    copyId: number;
+    image: Int32Array;
+    blocks: number[] | undefined;
+    stampedDeltaSet: number;
+  }
+  const copies = new Map<number, SimCopy>([[1, { copyId: 1, image: copyImage, blocks: undefined, stampedDeltaSet: 0 }]]);
 
   // ---- durable state of each site (survives a crash) -------------------------------------
 
@@ -317,7 +335,9 @@ export function simulate(options: SimOptions): SimReport {
     image: Int32Array.from(copyImage),
     journal: new SimJournal(sourceSaveBytes),
     rows: [] as Row[],
-    pair: { generation, deltaSetCreated: 0, deltaSetAcked: 0, status: nextPairStatus(initialPairStatus, { type: 'start' }), copyDone: false },
+    pair: { generation, deltaSetCreated: 0, deltaSetAcked: 0, deltaSetPlayedBack: 0, status: nextPairStatus(initialPairStatus, { type: 'start' }) },
+    /** The pair's current copy, done or not (a catch-up's backlog stays until the target has it all). */
+    copy: { copyId: 1, done: false, catchUp: false },
     /** Blocks written and not in a sealed delta set (rule 1: the change log and its activity log keep a superset). */
     dirty: new Set<number>(),
   };
@@ -328,6 +348,10 @@ export function simulate(options: SimOptions): SimReport {
     rows: [] as Row[],
     pair: { deltaSetReceived: 0, deltaSetPlayedBack: 0 },
     copy: { copyId: 1, cursorBlock: 0, done: false, stampedDeltaSet: 0 },
+    /** The last copy the target had whole (0: none yet). */
+    wholeCopyId: 0,
+    /** The consistent image readers get while a catch-up is applied (a snapshot). */
+    protectedImage: undefined as Int32Array | undefined,
   };
   /** Target volume writes not flushed yet: in the page cache, lost (some of them) with the power. */
   const targetCache = new Map<number, number>();
@@ -348,7 +372,7 @@ export function simulate(options: SimOptions): SimReport {
     session: { conn: Connection; window: DeltaSetWindow | undefined; next: number; fromChunk: number; silenceAt: number; progressed: boolean } | undefined;
     opening: Connection | undefined;
     retries: SessionRetries;
-    copy: { conn: Connection; window: CopyWindow | undefined; finishing: boolean; progressed: boolean; quietSince: number } | undefined;
+    copy: { conn: Connection; plan: SimCopy; window: CopyWindow | undefined; finishing: boolean; progressed: boolean; quietSince: number } | undefined;
     copyRetries: SessionRetries;
   }
   let src!: SourceRun;
@@ -402,6 +426,15 @@ export function simulate(options: SimOptions): SimReport {
     const blocks = [...sourceDisk.dirty].sort((a, b) => a - b);
     const chunks = Math.ceil(blocks.length / chunkBlocksMax);
     const needBytes = (chunks + 1) * recordBytes;
+    if (needBytes > sourceSaveBytes) {
+      // Not even an empty save volume holds this backlog: it goes as a copy of its blocks
+      // (rule 8), once no other copy runs.
+      if (!sourceDisk.copy.done) {
+        src.saveVolumeFull = true;
+        return;
+      }
+      return startCatchUp(blocks);
+    }
     const { fits, freed } = makeRoom(src.ring, sourceDisk.rows, needBytes);
     for (const d of freed) {
       assert.equal(d.state, 'acked', `freed delta set ${d.n} the target has not acknowledged`);
@@ -422,9 +455,23 @@ export function simulate(options: SimOptions): SimReport {
     src.trigger.rearm(sched.now);
     const createdAtMs = sched.now;
     // Written while the copy runs: the target must not play it back before the copy is whole.
-    const afterCopy = sourceDisk.pair.copyDone ? undefined : 1;
+    const afterCopy = sourceDisk.copy.done ? undefined : sourceDisk.copy.copyId;
     const life = srcLife;
     sched.at(rnd.int(1, 60), srcAlive(life, () => seal(n, image, createdAtMs, afterCopy)));
+  }
+
+  /** The switch, a snapshot of the volume now, and the backlog recorded as the blocks of the next copy. */
+  function startCatchUp(backlog: number[]): void {
+    const copyId = sourceDisk.copy.copyId + 1;
+    copies.set(copyId, { copyId, image: Int32Array.from(sourceDisk.image), blocks: backlog, stampedDeltaSet: sourceDisk.pair.deltaSetCreated });
+    sourceDisk.copy = { copyId, done: false, catchUp: true };
+    sourceDisk.dirty = new Set();
+    src.saveVolumeFull = false;
+    src.trigger.rearm(sched.now);
+    report.catchUps++;
+    trace(`source: catch-up copy ${copyId} of ${backlog.length} blocks, stamped ${sourceDisk.pair.deltaSetCreated}`);
+    applyState({ type: 'catch-up' });
+    copyConnect();
   }
 
   function seal(n: number, image: Int32Array, createdAtMs: number, afterCopy: number | undefined): void {
@@ -488,6 +535,7 @@ export function simulate(options: SimOptions): SimReport {
         return;
       }
       if (sourceDisk.pair.status.state === 'suspended') applyState({ type: 'resume' });
+      sourceDisk.pair.deltaSetPlayedBack = Math.max(sourceDisk.pair.deltaSetPlayedBack, f.position.deltaSetPlayedBack);
       const resume = resumePoint(f.position, sourceDisk.pair);
       if (resume.received !== undefined) noteReceived(resume.received);
       src.session = { conn, window: undefined, next: resume.next, fromChunk: resume.fromChunk, silenceAt: Number.POSITIVE_INFINITY, progressed: false };
@@ -497,6 +545,7 @@ export function simulate(options: SimOptions): SimReport {
     const s = src.session;
     if (!s || s.conn !== conn) return;
     armSilence(s);
+    if (f.t === 'ack') sourceDisk.pair.deltaSetPlayedBack = Math.max(sourceDisk.pair.deltaSetPlayedBack, f.body.deltaSetPlayedBack);
     if (!s.window) return; // idle: answers to heartbeats
     if (f.t === 'ack') {
       if (s.window.onAck(f.body, sched.now)) s.progressed = true;
@@ -555,7 +604,7 @@ export function simulate(options: SimOptions): SimReport {
     if (!s.window) {
       const row = rowToSend(sourceDisk.rows, sourceDisk.pair, s.next);
       if (!row) {
-        if (sourceDisk.pair.status.state === 'duplex-pending' && sourceDisk.dirty.size === 0 && !src.building) applyState({ type: 'caught-up' });
+        if (sourceDisk.pair.status.state === 'duplex-pending' && sourceDisk.dirty.size === 0 && !src.building && sourceDisk.copy.done) applyState({ type: 'caught-up' });
         return;
       }
       s.window = new DeltaSetWindow(row.n, row.chunks, s.fromChunk, sched.now);
@@ -586,11 +635,17 @@ export function simulate(options: SimOptions): SimReport {
   // ---- source: the copy (E FIG. 11), on its own connection ----------------------------------
 
   function copyConnect(): void {
-    if (sourceDisk.pair.copyDone || src.copy) return;
+    if (sourceDisk.copy.done || src.copy) return;
     if (!isActive(sourceDisk.pair.status) && !(sourceDisk.pair.status.state === 'suspended' && sourceDisk.pair.status.cause === 'failure')) return;
     const life = srcLife;
+    const plan = copies.get(sourceDisk.copy.copyId) as SimCopy;
+    if (sourceDisk.copy.catchUp && sourceDisk.pair.deltaSetPlayedBack < plan.stampedDeltaSet) {
+      // The backlog is newer than every delta set up to the stamp: those play back first.
+      sched.at(200, srcAlive(life, copyConnect));
+      return;
+    }
     const conn = net.connect();
-    const copy = { conn, window: undefined, finishing: false, progressed: false, quietSince: sched.now };
+    const copy = { conn, plan, window: undefined, finishing: false, progressed: false, quietSince: sched.now };
     src.copy = copy;
     conn.onSourceFrame = (f) => srcAlive(life, () => onCopyFrame(copy, f))();
     conn.onClose.push(srcAlive(life, () => copyEnded(copy)));
@@ -605,14 +660,15 @@ export function simulate(options: SimOptions): SimReport {
   function copyEnded(copy: NonNullable<SourceRun['copy']>): void {
     if (src.copy !== copy) return;
     src.copy = undefined;
-    if (sourceDisk.pair.copyDone) return;
+    if (sourceDisk.copy.done) return;
     if (copy.progressed) src.copyRetries.progressed();
     const { delayMs } = src.copyRetries.failed();
     sched.at(delayMs, srcAlive(srcLife, copyConnect));
   }
 
   function markCopied(copy: NonNullable<SourceRun['copy']>): void {
-    sourceDisk.pair.copyDone = true;
+    sourceDisk.copy.done = true;
+    if (sourceDisk.copy.catchUp) report.catchUpsDone++;
     applyState({ type: 'copied' });
     copy.conn.close();
   }
@@ -622,7 +678,7 @@ export function simulate(options: SimOptions): SimReport {
     copy.quietSince = sched.now;
     if (f.t === 'open-ok') {
       if (copy.window || copy.finishing) return;
-      const start = copyStart(f.position, 1);
+      const start = copyStart(f.position, copy.plan.copyId);
       if (start.done) return markCopied(copy);
       copy.window = new CopyWindow(start.from, blockCount, sched.now);
       armCopySilence(copy);
@@ -642,17 +698,25 @@ export function simulate(options: SimOptions): SimReport {
 
   function pumpCopy(copy: NonNullable<SourceRun['copy']>): void {
     const w = copy.window as CopyWindow;
+    const { plan } = copy;
     while (w.wantsPiece) {
+      // Up to `pieceBlocks` blocks of the plan from the cursor; the last piece runs to the end.
       const from = w.cursor;
-      const to = Math.min(blockCount, from + pieceBlocks);
-      copy.conn.toTarget({ t: 'piece', copyId: 1, from, to, values: Array.from(copyImage.subarray(from, to)) });
-      w.sent(to, to - from);
+      const planned = (plan.blocks ?? Array.from({ length: blockCount }, (_, b) => b)).filter((b) => b >= from);
+      const blocks = planned.slice(0, pieceBlocks);
+      const to = planned.length > pieceBlocks ? (blocks.at(-1) as number) + 1 : blockCount;
+      copy.conn.toTarget({ t: 'piece', copyId: plan.copyId, from, to, blocks, values: blocks.map((b) => plan.image[b] as number) });
+      w.sent(to, blocks.length);
     }
     if (w.complete && !copy.finishing) {
       // "Start playback" from the stamped delta set (E FIG. 11 steps 355-357).
       copy.finishing = true;
-      copy.conn.toTarget({ t: 'copy-done', copyId: 1, stampedDeltaSet: 0, final: true });
+      copy.conn.toTarget(copyDone(plan));
     }
+  }
+
+  function copyDone(plan: SimCopy): ToTarget {
+    return { t: 'copy-done', copyId: plan.copyId, stampedDeltaSet: plan.stampedDeltaSet, final: true };
   }
 
   function armCopySilence(copy: NonNullable<SourceRun['copy']>): void {
@@ -661,7 +725,7 @@ export function simulate(options: SimOptions): SimReport {
       if (sched.now - copy.quietSince >= copyRetransmitMs) {
         if (!(copy.window as CopyWindow).stillAlive(sched.now)) return copy.conn.close();
         // Silence: ask where the target stands (or say again that the copy is done).
-        copy.conn.toTarget(copy.finishing ? { t: 'copy-done', copyId: 1, stampedDeltaSet: 0, final: true } : { t: 'heartbeat' });
+        copy.conn.toTarget(copy.finishing ? copyDone(copy.plan) : { t: 'heartbeat' });
       }
       armCopySilence(copy);
     }));
@@ -817,7 +881,7 @@ export function simulate(options: SimOptions): SimReport {
         if (v.kind === 'corrupt' || v.kind === 'incomplete') return nack(conn, v.reason);
         if (v.kind === 'already-sealed') return ack(conn, f.body.deltaSet, f.body.chunkCount, true);
         if (v.kind !== 'seal') return;
-        targetDisk.rows.push({ generation, n: f.body.deltaSet, state: 'received', startLsn: v.startLsn ?? tgt.ring.head, endLsn: tgt.ring.head, chunks: f.body.chunkCount, blocks: v.blocks, dataBytes: v.dataBytes, dataCrc: f.body.dataCrc, createdAtMs: f.body.createdAtMs });
+        targetDisk.rows.push({ generation, n: f.body.deltaSet, state: 'received', startLsn: v.startLsn ?? tgt.ring.head, endLsn: tgt.ring.head, chunks: f.body.chunkCount, blocks: v.blocks, dataBytes: v.dataBytes, dataCrc: f.body.dataCrc, createdAtMs: f.body.createdAtMs, ...(f.body.afterCopy !== undefined ? { afterCopy: f.body.afterCopy } : {}) });
         targetDisk.pair.deltaSetReceived = f.body.deltaSet;
         trace(`target: sealed ${f.body.deltaSet} (${f.body.chunkCount} chunks from ${v.startLsn})`);
         tgt.ledger.sealed(f.body.deltaSet);
@@ -874,19 +938,39 @@ export function simulate(options: SimOptions): SimReport {
 
   function handleCopy(life: number, session: TargetSession, f: ToTarget): void {
     const { conn } = session;
-    const copy = targetDisk.copy;
     switch (f.t) {
       case 'damaged':
       case 'heartbeat':
         // Rule 4: a damaged piece is refused and sent again from the cursor; silence is answered with it.
         return copyAck(conn, true);
       case 'piece': {
-        const v = judgeCopyPiece({ copyId: f.copyId, fromBlock: f.from, toBlock: f.to, extents: [{ block: f.from, count: f.to - f.from }] }, { copyId: copy.copyId, done: copy.done, expectedBlock: tgt.copyApplied, blockCount });
-        assert.notEqual(v.kind, 'new-copy', 'this pair has one copy');
-        if (v.kind === 'rewind') return copyAck(conn, true);
+        const judge = () => judgeCopyPiece({ copyId: f.copyId, fromBlock: f.from, toBlock: f.to, extents: f.blocks.map((block) => ({ block, count: 1 })) }, { copyId: targetDisk.copy.copyId, done: targetDisk.copy.done, expectedBlock: tgt.copyApplied, blockCount });
+        if (judge().kind === 'new-copy') {
+          if (tgt.playing) {
+            // A playback still finishing is let finish, so the image kept is whole.
+            session.queue.unshift(f);
+            session.busy = true;
+            sched.at(10, tgtAlive(life, () => {
+              settle(session);
+              processQueue(life, session);
+            }));
+            return;
+          }
+          if (targetDisk.copy.done) {
+            // Rule 8: a catch-up is not atomic; the consistent image is kept in a snapshot
+            // and served to readers until the copy is whole.
+            targetDisk.protectedImage = visibleTargetImage();
+          }
+          targetDisk.copy = { copyId: f.copyId, cursorBlock: 0, done: false, stampedDeltaSet: 0 };
+          tgt.copyApplied = 0;
+          tgt.copyPiecesUnflushed = 0;
+          trace(`target: copy ${f.copyId} arriving${targetDisk.protectedImage ? ', image protected' : ''}`);
+        }
+        if (judge().kind !== 'apply') return copyAck(conn, true);
+        const copy = targetDisk.copy;
         session.busy = true;
         sched.at(diskMs(), tgtAlive(life, () => {
-          f.values.forEach((value, i) => volWrite(f.from + i, value));
+          f.blocks.forEach((block, i) => volWrite(block, f.values[i] as number));
           tgt.copyApplied = f.to;
           tgt.copyPiecesUnflushed++;
           if (tgt.copyPiecesUnflushed >= copyFlushPieces || sched.now - tgt.copyFlushedAtMs >= copyPersistMs) {
@@ -904,6 +988,7 @@ export function simulate(options: SimOptions): SimReport {
         return;
       }
       case 'copy-done': {
+        const copy = targetDisk.copy;
         const v = judgeCopyDone(f, { copyId: copy.copyId, done: copy.done, appliedBlock: tgt.copyApplied, blockCount });
         if (v.kind === 'rewind') return copyAck(conn, true);
         if (v.kind === 'complete') {
@@ -911,8 +996,11 @@ export function simulate(options: SimOptions): SimReport {
           copy.cursorBlock = blockCount;
           copy.done = true;
           copy.stampedDeltaSet = f.stampedDeltaSet;
-          report.copyDoneAtMs = sched.now;
-          trace('target: copy complete');
+          targetDisk.wholeCopyId = copy.copyId;
+          // The volume holds the source's image at the copy's snapshot: readers go back to it.
+          targetDisk.protectedImage = undefined;
+          if (copy.copyId === 1) report.copyDoneAtMs = sched.now;
+          trace(`target: copy ${copy.copyId} complete`);
         }
         return copyAck(conn, false, true);
       }
@@ -1010,24 +1098,43 @@ export function simulate(options: SimOptions): SimReport {
   // ---- invariants ------------------------------------------------------------------------
 
   function visibleTargetImage(): Int32Array {
+    if (targetDisk.protectedImage) return Int32Array.from(targetDisk.protectedImage);
     const image = Int32Array.from(targetDisk.image);
     for (const [b, v] of targetCache) image[b] = v;
     if (tgt.playing) for (const c of chunksOf(tgt.playing)) c.blocks.forEach((b, i) => (image[b] = c.values[i] as number));
     return image;
   }
 
-  function check(): void {
-    if (!tgt.up) return;
-    if (!targetDisk.copy.done) {
-      // Raw (no host access) until the copy is whole; what the durable cursor covers is on disk.
-      for (let b = 0; b < targetDisk.copy.cursorBlock; b++) assert.equal(targetDisk.image[b], copyImage[b], `t=${sched.now}: block ${b} is below the durable copy cursor ${targetDisk.copy.cursorBlock} but not on disk`);
-      assert.equal(targetDisk.pair.deltaSetPlayedBack, 0, 'a delta set was played back before the copy was whole');
-      return;
-    }
+  /**
+   * What readers of the target must see: the source's image at the boundary of the
+   * delta set played back (or under playback); right after a catch-up, before the delta
+   * set after its stamp, the source's image at the catch-up's switch.
+   */
+  function expectedTargetImage(): Int32Array {
+    const whole = copies.get(targetDisk.wholeCopyId);
+    if (whole && whole.copyId > 1 && !tgt.playing && targetDisk.pair.deltaSetPlayedBack === whole.stampedDeltaSet) return whole.image;
     const n = tgt.playing ? tgt.playing.n : targetDisk.pair.deltaSetPlayedBack;
     const boundary = boundaries.get(n);
     assert.ok(boundary, `no boundary image for delta set ${n}`);
-    assert.deepEqual(visibleTargetImage(), boundary, `t=${sched.now}: the target's image is not the source's at delta set ${n}`);
+    return boundary;
+  }
+
+  function check(): void {
+    if (!tgt.up) return;
+    const copy = targetDisk.copy;
+    if (!copy.done) {
+      // What the durable cursor covers is on disk.
+      const plan = copies.get(copy.copyId) as SimCopy;
+      for (const b of plan.blocks ?? Array.from({ length: blockCount }, (_, i) => i)) {
+        if (b < copy.cursorBlock) assert.equal(targetDisk.image[b], plan.image[b], `t=${sched.now}: block ${b} is below the durable cursor ${copy.cursorBlock} of copy ${copy.copyId} but not on disk`);
+      }
+      assert.ok(!tgt.playing, 'a delta set is played back while a copy is incomplete');
+      // The first copy: raw, no host access. A catch-up: readers get the protected image.
+      if (copy.copyId === 1) return assert.equal(targetDisk.pair.deltaSetPlayedBack, 0);
+      assert.ok(targetDisk.protectedImage, `t=${sched.now}: catch-up copy ${copy.copyId} incomplete and no image protected`);
+    }
+    const n = tgt.playing ? tgt.playing.n : targetDisk.pair.deltaSetPlayedBack;
+    assert.deepEqual(visibleTargetImage(), expectedTargetImage(), `t=${sched.now}: the target's image is not the source's at delta set ${n}${targetDisk.wholeCopyId > 1 ? ` (or at catch-up ${targetDisk.wholeCopyId})` : ''}`);
     assert.ok(targetDisk.pair.deltaSetPlayedBack <= targetDisk.pair.deltaSetReceived);
     assert.ok(sourceDisk.pair.deltaSetAcked <= targetDisk.pair.deltaSetReceived, 'the source counts a delta set acknowledged that the target does not hold');
   }
@@ -1084,7 +1191,7 @@ export function simulate(options: SimOptions): SimReport {
       copyConnect();
     }
     // No more faults or writes: the target must catch up to exactly the source's image.
-    const caughtUp = (): boolean => targetDisk.copy.done && sourceDisk.dirty.size === 0 && !src.building && targetDisk.pair.deltaSetPlayedBack === sourceDisk.pair.deltaSetCreated && !tgt.playing;
+    const caughtUp = (): boolean => targetDisk.copy.done && sourceDisk.copy.done && sourceDisk.dirty.size === 0 && !src.building && targetDisk.pair.deltaSetPlayedBack === sourceDisk.pair.deltaSetCreated && !tgt.playing;
     sched.run(faultsEnd + 600_000, check, caughtUp);
     assert.ok(caughtUp(), `not caught up: copy ${targetDisk.copy.done ? 'done' : `at ${tgt.copyApplied}`}, dirty ${sourceDisk.dirty.size}, created ${sourceDisk.pair.deltaSetCreated}, acked ${sourceDisk.pair.deltaSetAcked}, played ${targetDisk.pair.deltaSetPlayedBack}, state ${sourceDisk.pair.status.state}`);
     assert.deepEqual(visibleTargetImage(), sourceDisk.image, 'after catching up the target differs from the source');
@@ -1104,37 +1211,48 @@ export function simulate(options: SimOptions): SimReport {
       for (const b of src.building?.blocks ?? []) sourceDisk.dirty.add(b);
     }
     for (const session of Object.values(tgt.lastSession)) session.conn.close();
-    const record = { role: 'target', volume: 'v', initialCopy: targetDisk.copy.done ? { doneAt: 'done', stampedDeltaSet: targetDisk.copy.stampedDeltaSet } : { stampedDeltaSet: 0 }, deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack } as unknown as PairRecord;
+    const copy = targetDisk.copy;
+    const initialCopy = copy.done ? { doneAt: 'done', stampedDeltaSet: copy.stampedDeltaSet } : { stampedDeltaSet: 0, ...(targetDisk.protectedImage ? { protectiveSnapshot: 'kept' } : {}) };
+    const record = { role: 'target', volume: 'v', initialCopy, deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack } as unknown as PairRecord;
     try {
       checkFailover(record, mode);
     } catch (err) {
-      assert.ok(!targetDisk.copy.done, `failover refused with the copy whole: ${(err as Error).message}`);
+      assert.ok(copy.copyId === 1 && !copy.done, `failover refused with a consistent image: ${(err as Error).message}`);
       report.failoverRefused = (err as Error).message;
       return;
     }
-    assert.ok(targetDisk.copy.done, 'failover allowed before the copy was whole');
+    assert.ok(copy.done || targetDisk.protectedImage, 'failover allowed without a consistent image');
     if (mode === 'default') {
-      // Play back everything received, then take the restart point.
-      sched.run(sched.now + 600_000, check, () => !tgt.playing && targetDisk.pair.deltaSetPlayedBack === targetDisk.pair.deltaSetReceived);
-      assert.equal(targetDisk.pair.deltaSetPlayedBack, targetDisk.pair.deltaSetReceived);
+      // Play back everything received that can be (not what needs a copy this side does not have), then take the restart point.
+      const played = (): boolean => !tgt.playing && nextToPlay(targetDisk.rows, { deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack, copyDone: targetDisk.copy.done, copyId: targetDisk.copy.copyId }) === undefined;
+      sched.run(sched.now + 600_000, check, played);
+      assert.ok(played());
     } else {
       sched.run(sched.now + 600_000, check, () => !tgt.playing);
     }
     const restartPoint = targetDisk.pair.deltaSetPlayedBack;
-    const restartImage = boundaries.get(restartPoint) as Int32Array;
-    assert.deepEqual(visibleTargetImage(), restartImage);
+    const skipped = targetDisk.pair.deltaSetReceived - restartPoint;
+    if (mode === 'default' && skipped > 0) {
+      // Only delta sets cut during a copy this side never got whole are left.
+      for (const d of targetDisk.rows) if (d.state === 'received') assert.ok(!targetDisk.copy.done || (d.afterCopy ?? 0) > targetDisk.copy.copyId, `delta set ${d.n} could have been played back`);
+    }
+    // A catch-up in progress is dropped: the volume goes back to the protected image.
+    const restartImage = visibleTargetImage();
+    assert.deepEqual(restartImage, expectedTargetImage());
     const plan = planUndo(sourceDisk.pair, generation, restartPoint, sourceDisk.rows);
     let changed = 0;
     for (let b = 0; b < blockCount; b++) if (sourceDisk.image[b] !== restartImage[b]) changed++;
     if (plan.kind === 'full-copy') {
       // Only --now may need one: it skips delta sets the source may already have freed.
-      assert.equal(mode, 'now', `a failover that played back everything received needs a full copy: ${plan.reason}`);
+      assert.ok(mode === 'now' || skipped > 0, `a failover that played back everything received needs a full copy: ${plan.reason}`);
       assert.ok(restartPoint < sourceDisk.pair.deltaSetAcked, `full copy although nothing needed was acknowledged and freed: ${plan.reason}`);
-      report.failover = { restartPoint, undoBlocks: blockCount, changedBlocks: changed, plan: 'full-copy' };
+      report.failover = { restartPoint, skippedDeltaSets: skipped, undoBlocks: blockCount, changedBlocks: changed, plan: 'full-copy' };
       return;
     }
-    // The undo list: the blocks of delta sets n-x+1…n and the unsent changes.
+    // The undo list: the blocks of delta sets n-x+1…n, the unsent changes, and the
+    // backlog of a catch-up the target may not have whole.
     const undo = new Set(sourceDisk.dirty);
+    if (sourceDisk.copy.catchUp && !sourceDisk.copy.done) for (const b of (copies.get(sourceDisk.copy.copyId) as SimCopy).blocks ?? []) undo.add(b);
     for (const n of plan.deltaSets) {
       const row = sourceDisk.rows.find((d) => d.n === n) as Row;
       let lsn = row.startLsn;
@@ -1148,7 +1266,7 @@ export function simulate(options: SimOptions): SimReport {
     for (let b = 0; b < blockCount; b++) {
       if (sourceDisk.image[b] !== restartImage[b]) assert.ok(undo.has(b), `block ${b} changed after the restart point but is not in the undo list`);
     }
-    report.failover = { restartPoint, undoBlocks: undo.size, changedBlocks: changed, plan: 'delta-sets' };
+    report.failover = { restartPoint, skippedDeltaSets: skipped, undoBlocks: undo.size, changedBlocks: changed, plan: 'delta-sets' };
   }
 
   report.events = sched.events;

@@ -28,11 +28,11 @@ function sum(reports: SimReport[], key: keyof SimReport): number {
   return reports.reduce((s, r) => s + (typeof r[key] === 'number' ? (r[key] as number) : 0), 0);
 }
 
-test('simulated pair: a new remote copy, then delta sets, through crashes and power losses, cut and damaged connections, partitions, pauses and full save volumes; the target is always at a delta-set boundary and catches up exactly', () => {
+test('simulated pair: a new remote copy, then delta sets and catch-up copies, through crashes and power losses, cut and damaged connections, partitions, pauses and full save volumes; the target is always at a consistent point and catches up exactly', () => {
   const reports = runSeeds('catch-up', (seed) => ({ seed, faultMs: 60_000 }));
   // The schedules really exercised the faults they are meant to (else the test proves little).
   if (only === undefined) {
-    for (const key of ['sourceCrashes', 'targetCrashes', 'targetPowerLosses', 'connectionsCut', 'framesDamaged', 'retransmits', 'suspendedByFailure', 'sourceSaveVolumeFull', 'targetSaveVolumeFull'] as const) {
+    for (const key of ['sourceCrashes', 'targetCrashes', 'targetPowerLosses', 'connectionsCut', 'framesDamaged', 'retransmits', 'suspendedByFailure', 'sourceSaveVolumeFull', 'targetSaveVolumeFull', 'catchUps'] as const) {
       assert.ok(sum(reports, key) > seeds / 2, `${key}: ${sum(reports, key)} over ${seeds} seeds`);
     }
     assert.ok(sum(reports, 'deltaSetsPlayed') > seeds * 20, `delta sets played: ${sum(reports, 'deltaSetsPlayed')}`);
@@ -47,5 +47,6 @@ test('simulated failover in the middle of faults: refused until the copy is whol
     const withChanges = reports.filter((r) => r.failover?.plan === 'delta-sets' && r.failover.changedBlocks > 0);
     assert.ok(withChanges.length > seeds / 2, `failovers with writes to undo: ${withChanges.length}`);
     assert.ok(reports.some((r) => r.failoverRefused), 'no failover came during the copy');
+    assert.ok(reports.some((r) => (r.failover?.skippedDeltaSets ?? 0) > 0 && r.seed % 3 !== 0), 'no failover came during a catch-up');
   }
 });
