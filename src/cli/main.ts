@@ -240,7 +240,7 @@ program
       [
         `${volume} is read/write here (generation ${r.generation}) after ${formatDuration(r.tookMs)}`,
         `restart point: delta set ${r.restartPoint}, snapshot ${volume}@${r.restartSnapshot}`,
-        r.skippedDeltaSets > 0 ? `${r.skippedDeltaSets} received delta sets were NOT played back (--now)` : '',
+        r.skippedDeltaSets > 0 ? `${r.skippedDeltaSets} received delta sets were NOT played back (${mode === 'now' ? '--now' : 'they were cut during a catch-up copy this site did not get whole'})` : '',
         r.sourceFenced ? 'the old source was made read-only' : 'the old source could not be reached; it will be fenced when it returns',
         `when the old source is back: ferry resync ${volume}`,
       ]
