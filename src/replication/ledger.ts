@@ -304,11 +304,12 @@ export class ReceiveLedger {
 
 /**
  * The delta set to play back next: the one after the last played, once received, and
- * not before the copy it was cut during is whole here (E FIG. 11).
+ * not before the copy it was cut during is whole here (E FIG. 11); or one whose
+ * playback was interrupted (by a crash, or an I/O error), to be redone.
  */
 export function nextToPlay<R extends { n: number; state: string; afterCopy?: number }>(rows: R[], pair: { deltaSetPlayedBack: number; copyDone: boolean; copyId: number }): R | undefined {
   if (!pair.copyDone) return undefined;
-  const candidate = rows.find((d) => d.n === pair.deltaSetPlayedBack + 1 && d.state === 'received');
+  const candidate = rows.find((d) => d.n === pair.deltaSetPlayedBack + 1 && (d.state === 'received' || d.state === 'playing'));
   return candidate && (candidate.afterCopy === undefined || pair.copyId >= candidate.afterCopy) ? candidate : undefined;
 }
 

@@ -167,6 +167,13 @@ export class TargetReplica {
    */
   private copyApplied: number;
   private copyFlushing: Promise<void> | undefined;
+  /**
+   * A flush of the copy's data failed in this session. The kernel reports a failed
+   * writeback once: a later flush may succeed although those blocks never reached the
+   * disk. So nothing written since the last durable cursor counts as applied: the
+   * session ends and the next resumes from that cursor, writing those blocks again.
+   */
+  private copyFlushFailed = false;
   private copyFlushedAtMs = 0;
   private copyRecordedAtMs = 0;
   private copySessionDone: Promise<void> = Promise.resolve();
@@ -321,6 +328,12 @@ export class TargetReplica {
       } finally {
         await pipeline.settle().catch(() => undefined);
         if (this.copySession === connection) this.copySession = undefined;
+        if (this.copyFlushFailed) {
+          this.copyFlushFailed = false;
+          this.copyApplied = this.deps.pair.initialCopy.cursorBlock;
+          this.copyUnflushedBytes = 0;
+          this.deps.log.warn({ volume: this.pair.volume, cursorBlock: this.copyApplied }, 'the copy resumes from its last durable point, after a failed flush');
+        }
       }
     })();
     this.copySessionDone = done;
@@ -481,7 +494,10 @@ export class TargetReplica {
       if (due && !this.copyFlushing) {
         // Made durable in the background: the pieces behind keep flowing meanwhile.
         this.copyFlushing = this.persistCopy()
-          .catch((err: Error) => this.deps.log.warn({ volume: pair.volume, err: err.message }, 'copy progress could not be made durable; retrying at the next piece'))
+          .catch((err: Error) => {
+            this.deps.log.error({ volume: pair.volume, err: err.message }, 'the copy\'s data could not be flushed: the session ends and the copy is sent again from its last durable point');
+            connection.destroy();
+          })
           .finally(() => (this.copyFlushing = undefined));
       }
       if (!connection.isClosed) this.copyAck(connection, false);
@@ -499,12 +515,21 @@ export class TargetReplica {
     const upTo = this.copyApplied;
     this.copyUnflushedBytes = 0;
     this.copyFlushedAtMs = this.deps.clock.now();
-    await this.deps.volume.flush();
+    await this.flushCopy();
     if (pair.initialCopy.copyId !== copyId || upTo <= pair.initialCopy.cursorBlock) return;
     if (!record && this.deps.clock.now() - this.copyRecordedAtMs < copyPersistMs) return;
     this.copyRecordedAtMs = this.deps.clock.now();
     pair.initialCopy.cursorBlock = upTo;
     this.deps.catalog.putPair(pair);
+  }
+
+  private async flushCopy(): Promise<void> {
+    try {
+      await this.deps.volume.flush();
+    } catch (err) {
+      this.copyFlushFailed = true;
+      throw err;
+    }
   }
 
   /**
@@ -527,8 +552,9 @@ export class TargetReplica {
       return;
     }
     await this.copyFlushing;
+    if (this.copyFlushFailed) throw new FerryError('UNAVAILABLE', 'a flush of the copy failed: it is sent again from its last durable point');
     if (verdict.kind === 'complete') {
-      await volume.flush();
+      await this.flushCopy();
       pair.initialCopy.cursorBlock = volume.blockCount;
       pair.initialCopy.doneAt = new Date(this.deps.clock.now()).toISOString();
       pair.initialCopy.stampedDeltaSet = done.stampedDeltaSet;
@@ -744,9 +770,11 @@ export class TargetReplica {
       });
       this.ring.release(targetReleasePoint(this.ring, this.rows(), this.receiving.heldFromLsn));
       this.spaceWaker.signal();
+      this.overlay = undefined;
       await this.openToHostsIfConsistent();
     } finally {
-      this.overlay = undefined;
+      // A playback that failed (an I/O error) keeps its overlay: readers go on seeing the
+      // whole delta set over a volume that holds part of it, until it is redone.
       this.stats.playing = 0;
     }
   }

@@ -14,9 +14,9 @@ import { ReplicationCatalog, type PairRecord } from '../../src/storage/replicati
 import { VolumeStore } from '../../src/storage/volume-store.js';
 import { RcpConnection } from '../../src/transport/connection.js';
 import { rcpPreamble, type Frame } from '../../src/transport/frame.js';
-import { encodeChunk } from '../../src/replication/chunk.js';
+import { encodeChunk, encodeChunkParts } from '../../src/replication/chunk.js';
 import { freshCounters } from '../../src/replication/manager.js';
-import { ReplFrame, encodeChunkFrameParts, headerCrcFields, json, type AckBody, type DeltaSetHeaderBody, type TargetPosition } from '../../src/replication/protocol.js';
+import { ReplFrame, copyFramePrefix, encodeChunkFrameParts, headerCrcFields, json, type AckBody, type CopyAckBody, type DeltaSetHeaderBody, type TargetPosition } from '../../src/replication/protocol.js';
 import { TargetReplica } from '../../src/replication/target.js';
 
 /**
@@ -32,13 +32,19 @@ interface Env {
   pair: PairRecord;
   /** Holds the next journal fsyncs until `release` is called; resolves `stalled` when one is held. */
   stallSync(): { stalled: Promise<void>; release: () => void };
-  /** Opens a session as the source does and returns the target's position. */
-  session(): Promise<{ conn: RcpConnection; position: TargetPosition; frames: Frame[] }>;
+  /** Opens a session (of the delta sets, or the copy's) as the source does and returns the target's position. */
+  session(channel?: 'deltas' | 'copy'): Promise<{ conn: RcpConnection; position: TargetPosition; frames: Frame[] }>;
+  /** The volume's next flush fails with EIO (as fdatasync does after a failed writeback); resolves once it has. */
+  failNextFlush(): Promise<void>;
+  /** The volume's batch write after `skip` more fails with EIO; resolves once it has. */
+  failWrite(skip: number): Promise<void>;
+  /** What readers of the replica see (the volume, with a delta set under playback laid over it). */
+  visibleDigest(): Promise<string>;
   digest(): Promise<string>;
   close(): Promise<void>;
 }
 
-async function openEnv(): Promise<Env> {
+async function openEnv(options: { copyDone?: boolean } = {}): Promise<Env> {
   const dir = await mkdtemp(join(tmpdir(), 'ferry-target-'));
   await mkdir(join(dir, 'volumes'));
   const catalog = new Catalog(join(dir, 'catalog.db'));
@@ -57,14 +63,14 @@ async function openEnv(): Promise<Env> {
     peerSiteId: 's',
     peerSiteName: 'a',
     peerVolume: 'v',
-    state: 'duplex',
+    state: options.copyDone === false ? 'initial-copying' : 'duplex',
     stateReason: '',
     generation: 1,
     intervalMs: 10_000,
     highWaterBytes: 64 << 20,
     saveVolumeBytes: 1 << 20,
     createdAt: now,
-    initialCopy: { cursorBlock: blocks, totalBlocks: blocks, stampedDeltaSet: 0, startedAt: now, doneAt: now, bytes: 0, copyId: 1 },
+    initialCopy: options.copyDone === false ? { cursorBlock: 0, totalBlocks: blocks, stampedDeltaSet: 0, startedAt: now, bytes: 0, copyId: 1 } : { cursorBlock: blocks, totalBlocks: blocks, stampedDeltaSet: 0, startedAt: now, doneAt: now, bytes: 0, copyId: 1 },
     ...freshCounters(),
   };
   replication.putPair(pair);
@@ -91,12 +97,35 @@ async function openEnv(): Promise<Env> {
     unprotect: async () => undefined,
   });
   target.start();
+  let failFlush: (() => void) | undefined;
+  const flush = volume.flush.bind(volume);
+  let failWrite: { skip: number; failed: () => void } | undefined;
+  const writeMany = volume.writeMany.bind(volume);
+  volume.writeMany = async (writes) => {
+    if (failWrite && failWrite.skip-- === 0) {
+      const { failed } = failWrite;
+      failWrite = undefined;
+      setImmediate(failed);
+      throw Object.assign(new Error('EIO: i/o error, write'), { code: 'EIO' });
+    }
+    return writeMany(writes);
+  };
+  volume.flush = async () => {
+    const failed = failFlush;
+    if (failed) {
+      failFlush = undefined;
+      setImmediate(failed);
+      throw Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' });
+    }
+    return flush();
+  };
+  let nextChannel: 'deltas' | 'copy' = 'deltas';
   const server: Server = createServer((socket) => {
     const conn = new RcpConnection(socket);
     conn.on('error', () => undefined);
     conn.on('socket-error', () => undefined);
     socket.write(rcpPreamble);
-    void target.serve(conn);
+    void (nextChannel === 'copy' ? target.serveCopy(conn) : target.serve(conn));
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const port = (server.address() as AddressInfo).port;
@@ -117,7 +146,19 @@ async function openEnv(): Promise<Env> {
         },
       };
     },
-    async session() {
+    failNextFlush() {
+      return new Promise<void>((resolve) => (failFlush = resolve));
+    },
+    failWrite(skip: number) {
+      return new Promise<void>((resolve) => (failWrite = { skip, failed: resolve }));
+    },
+    async visibleDigest() {
+      const buf = Buffer.alloc(blocks * bb);
+      await target.readInto(buf, 0);
+      return createHash('sha256').update(buf).digest('hex');
+    },
+    async session(channel = 'deltas') {
+      nextChannel = channel;
       const socket = connect({ host: '127.0.0.1', port });
       const conn = new RcpConnection(socket);
       conn.on('error', () => undefined);
@@ -256,6 +297,57 @@ test('playback before a failover does not wait for delta sets that need a copy t
     assert.equal(env.pair.deltaSetPlayedBack, 1);
     assert.equal(env.target.unplayedDeltaSets(), 1);
     assert.equal(await env.digest(), expectedDigest([one.expect]));
+    conn.destroy();
+  } finally {
+    await env.close();
+  }
+});
+
+test('a failed flush during a copy is not papered over by a later one: the session ends, and the copy resumes from its last durable point', async () => {
+  const env = await openEnv({ copyDone: false });
+  try {
+    const pieceBlocks = 64;
+    const piece = (from: number): Buffer[] => [copyFramePrefix(1, from, from + pieceBlocks), ...encodeChunkParts({ extents: [{ block: from, count: pieceBlocks, zero: false }], data: Buffer.alloc(pieceBlocks * bb, 1 + from / pieceBlocks) })];
+    // A second after the target opened, the first piece is due for a background flush; it fails.
+    await new Promise((r) => setTimeout(r, 1_100));
+    void env.failNextFlush();
+    const first = await env.session('copy');
+    assert.equal(first.position.copyCursorBlock, 0);
+    first.conn.send(ReplFrame.CopyData, piece(0), { generation: 1n });
+    await until('the target ends the session', () => first.conn.isClosed);
+    const second = await env.session('copy');
+    assert.equal(second.position.copyCursorBlock, 0, 'resumes from the durable cursor, not past blocks whose flush failed');
+    for (let from = 0; from < blocks; from += pieceBlocks) second.conn.send(ReplFrame.CopyData, piece(from), { generation: 1n });
+    second.conn.sendJson(ReplFrame.CopyDone as number, { copyId: 1, stampedDeltaSet: 0, final: true }, { generation: 1n });
+    await until('the copy is complete', () => second.frames.some((f) => f.type === ReplFrame.CopyAck && json<CopyAckBody>(f).done === true));
+    assert.ok(env.pair.initialCopy.doneAt);
+    assert.equal(env.pair.initialCopy.cursorBlock, blocks);
+    const expected = new Map<number, number>();
+    for (let b = 0; b < blocks; b++) expected.set(b, 1 + Math.floor(b / pieceBlocks));
+    assert.equal(await env.digest(), expectedDigest([expected]));
+    second.conn.destroy();
+  } finally {
+    await env.close();
+  }
+});
+
+test('a playback that fails on an I/O error goes on showing readers the whole delta set, and is redone', async () => {
+  const env = await openEnv();
+  try {
+    const ds = deltaSet(1, 3);
+    // The second chunk's write fails: the volume holds the first chunk of the delta set only.
+    const failed = env.failWrite(1);
+    const { conn, frames } = await env.session();
+    for (const f of ds.frames) conn.send(ReplFrame.Chunk, f, { generation: 1n });
+    conn.sendJson(ReplFrame.DeltaSetHeader as number, ds.header, { generation: 1n });
+    await until('delta set 1 sealed', () => frames.some((f) => f.type === ReplFrame.Ack && json<AckBody>(f).sealed));
+    await failed;
+    await until('the failed playback has returned', () => env.target.stats.playing === 0);
+    assert.equal(env.pair.deltaSetPlayedBack, 0);
+    assert.equal(await env.visibleDigest(), expectedDigest([ds.expect]), 'readers see the whole delta set, not the part written');
+    await until('delta set 1 played back on the retry', () => env.pair.deltaSetPlayedBack === 1, 15_000);
+    assert.equal(await env.digest(), expectedDigest([ds.expect]));
+    assert.equal(await env.visibleDigest(), expectedDigest([ds.expect]));
     conn.destroy();
   } finally {
     await env.close();
