@@ -258,7 +258,7 @@ export class ReceiveLedger {
     this.writing.add(lsn);
   }
 
-  /** The write at `lsn` failed: the chunk is not stored (it will be sent again). */
+  /** The write at `lsn` failed: the chunk is not stored (it will be sent again); the caller gives its space back. */
   abandon(lsn: number): void {
     this.writing.delete(lsn);
   }

@@ -614,6 +614,7 @@ export class TargetReplica {
     // Written from the frame's payload as it is (no copy): it is not released before this returns.
     const encoded = journal.encodeParts({ type: JournalRecordType.Chunk, flags: 0, generation: pair.generation, deltaSet, index }, [chunkBytes], chunkCrc);
     const span = recordSpanBytes(chunkBytes.length);
+    let previousHead = this.ring.head;
     let lsn = this.ring.allocate(span);
     while (lsn === undefined) {
       // Rule 8 at the target: a full save volume stops acknowledging (back-pressure)
@@ -623,6 +624,7 @@ export class TargetReplica {
       this.ack(connection, deltaSet, this.receiving.chunksStored, false);
       await this.spaceWaker.wait(this.deps.clock, fullNoticeMs);
       if (this.closed || connection.isClosed) return;
+      previousHead = this.ring.head;
       lsn = this.ring.allocate(span);
     }
     this.stats.saveVolumeFull = false;
@@ -632,7 +634,11 @@ export class TargetReplica {
       await journal.write(lsn, encoded);
       await journal.sync();
     } catch (err) {
+      // Chunks are stored one at a time (a newer session waits for this one): this is
+      // the last allocation, and its space goes back, so the delta set's records stay
+      // one after another.
       this.receiving.abandon(lsn);
+      this.ring.giveBack(lsn, span, previousHead);
       throw err;
     }
     this.receiving.stored({ lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length }, chunkDataCrc);

@@ -95,6 +95,16 @@ export class RingSpace {
     assert(lsn >= this.tail && lsn <= this.head, `ring release to ${lsn} outside [${this.tail}, ${this.head}]`);
     this.tail = lsn;
   }
+
+  /**
+   * Gives back the space of the last allocation (at `at`, `spanBytes` long, made when
+   * the head was `previousHead`): its record was never written. Readers walk records
+   * one after another, so a hole left in the middle would end the walk there.
+   */
+  giveBack(at: number, spanBytes: number, previousHead: number): void {
+    assert(this.head === at + spanBytes, `ring give-back of ${at}+${spanBytes}: it is not the last allocation (head ${this.head})`);
+    this.head = Math.max(previousHead, this.tail);
+  }
 }
 
 export class JournalFile {

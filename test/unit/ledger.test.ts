@@ -117,6 +117,13 @@ test('resume point, the row to send, what playback takes next, what may be freed
   assert.equal(targetReleasePoint(target, [{ state: 'played', startLsn: 512 }, { state: 'received', startLsn: 2048 }], 2560), 2048);
   assert.equal(targetReleasePoint(target, [{ state: 'played', startLsn: 512 }], 2560), 2560);
   assert.equal(targetReleasePoint(target, [{ state: 'played', startLsn: 512 }], undefined), 3072);
+  // A chunk whose write failed gives its space back, so records stay one after another.
+  const before = target.head;
+  const at = target.allocate(512) as number;
+  assert.throws(() => target.giveBack(at, 1024, before), /not the last allocation/);
+  target.giveBack(at, 512, before);
+  assert.equal(target.head, before);
+  assert.equal(target.allocate(512), at, 'the next chunk goes where the failed one was to go');
 });
 
 test('copies: where a session starts, the window of pieces with rewinds, what the target makes of a piece and of CopyDone', () => {

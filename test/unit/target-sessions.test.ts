@@ -30,6 +30,8 @@ const blocks = 256;
 interface Env {
   target: TargetReplica;
   pair: PairRecord;
+  /** The save volume's next fsync fails with EIO. */
+  failNextSync(): void;
   /** Holds the next journal fsyncs until `release` is called; resolves `stalled` when one is held. */
   stallSync(): { stalled: Promise<void>; release: () => void };
   /** Opens a session (of the delta sets, or the copy's) as the source does and returns the target's position. */
@@ -77,7 +79,12 @@ async function openEnv(options: { copyDone?: boolean } = {}): Promise<Env> {
   const journal = await JournalFile.open(join(dir, 'save.journal'), pair.saveVolumeBytes);
   let gate: { held: () => void; wait: Promise<void> } | undefined;
   const sync = journal.sync.bind(journal);
+  let syncFails = false;
   journal.sync = async () => {
+    if (syncFails) {
+      syncFails = false;
+      throw Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' });
+    }
     const g = gate;
     if (g) {
       g.held();
@@ -145,6 +152,9 @@ async function openEnv(options: { copyDone?: boolean } = {}): Promise<Env> {
           release();
         },
       };
+    },
+    failNextSync() {
+      syncFails = true;
     },
     failNextFlush() {
       return new Promise<void>((resolve) => (failFlush = resolve));
@@ -348,6 +358,29 @@ test('a playback that fails on an I/O error goes on showing readers the whole de
     await until('delta set 1 played back on the retry', () => env.pair.deltaSetPlayedBack === 1, 15_000);
     assert.equal(await env.digest(), expectedDigest([ds.expect]));
     assert.equal(await env.visibleDigest(), expectedDigest([ds.expect]));
+    conn.destroy();
+  } finally {
+    await env.close();
+  }
+});
+
+test('a chunk whose fsync fails leaves no hole in the save volume: sent again, the delta set seals and plays back', async () => {
+  const env = await openEnv();
+  try {
+    const ds = deltaSet(1, 3);
+    const first = await env.session();
+    first.conn.send(ReplFrame.Chunk, ds.frames[0] as [Buffer, Buffer], { generation: 1n });
+    await until('chunk 0 stored', () => first.frames.some((f) => f.type === ReplFrame.Ack && json<AckBody>(f).chunksStored === 1));
+    env.failNextSync();
+    first.conn.send(ReplFrame.Chunk, ds.frames[1] as [Buffer, Buffer], { generation: 1n });
+    await until('the target ends the session', () => first.conn.isClosed);
+    const { conn, position, frames } = await env.session();
+    assert.equal(position.chunksStored, 1, 'the chunk whose fsync failed is not counted');
+    for (const f of ds.frames.slice(1)) conn.send(ReplFrame.Chunk, f, { generation: 1n });
+    conn.sendJson(ReplFrame.DeltaSetHeader as number, ds.header, { generation: 1n });
+    await until('delta set 1 sealed', () => frames.some((f) => f.type === ReplFrame.Ack && json<AckBody>(f).sealed));
+    await until('delta set 1 played back', () => env.pair.deltaSetPlayedBack === 1);
+    assert.equal(await env.digest(), expectedDigest([ds.expect]));
     conn.destroy();
   } finally {
     await env.close();
