@@ -103,6 +103,7 @@ export interface SimReport {
   copyDoneAtMs: number;
   catchUps: number;
   catchUpsDone: number;
+  storeErrors: number;
   failoverRefused?: string;
   failover?: { restartPoint: number; skippedDeltaSets: number; undoBlocks: number; changedBlocks: number; plan: 'delta-sets' | 'full-copy' };
 }
@@ -311,6 +312,7 @@ export function simulate(options: SimOptions): SimReport {
     copyDoneAtMs: -1,
     catchUps: 0,
     catchUpsDone: 0,
+    storeErrors: 0,
   };
   const trace = process.env.FERRY_SIM_TRACE ? (msg: string) => console.log(`${String(sched.now).padStart(7)} ${msg}`) : () => undefined;
   /** The volume holds data before it is replicated: the copy's snapshot, stamped with delta set 0. */
@@ -899,6 +901,7 @@ export function simulate(options: SimOptions): SimReport {
 
   function store(life: number, session: TargetSession, f: Extract<ToTarget, { t: 'chunk' }>): void {
     const { conn } = session;
+    const previousHead = tgt.ring.head;
     const lsn = tgt.ring.allocate(recordBytes);
     if (lsn === undefined) {
       // Rule 8 at the target: stop acknowledging; tell the source it is alive but full.
@@ -923,6 +926,17 @@ export function simulate(options: SimOptions): SimReport {
     // Write and fsync take a while (now and then the disk stalls); only then is the chunk acknowledged.
     sched.at(diskMs(), tgtAlive(life, () => {
       tgt.pendingStores.splice(tgt.pendingStores.indexOf(record), 1);
+      if (net.faults && rnd.chance(0.005)) {
+        // The write or its fsync fails (EIO, ENOSPC): not stored, not acknowledged; the
+        // session ends and the source sends the chunk again.
+        report.storeErrors++;
+        trace(`target: store of ${f.n}/${f.index} at ${lsn} failed`);
+        tgt.ledger.abandon(lsn);
+        tgt.ring.giveBack(lsn, recordBytes, previousHead);
+        settle(session);
+        conn.close();
+        return;
+      }
       targetDisk.journal.write(record);
       trace(`target: stored ${f.n}/${f.index} at ${lsn} (session ${conn.id}${conn.open ? '' : ', closed'})`);
       tgt.ledger.stored({ lsn, blocks: f.chunk.blocks.length, dataBytes: f.chunk.values.length * blockBytes }, crc32c(chunkData(f.chunk)));
