@@ -4,10 +4,11 @@ import type { RingSpace } from '../storage/journal.js';
 import { headerCrcFields, type AckBody, type CopyAckBody, type DeltaSetHeaderBody, type NackBody, type TargetPosition } from './protocol.js';
 
 /**
- * Delta-set bookkeeping of the RCP data path (E FIG. 9, 12-17), pure: what the sender
- * sends next and what it makes of an answer, what the receiver makes of a chunk or a
- * header, which delta set plays back next, what the source may free. The replicators
- * carry out what these decide over files and sockets; the simulator
+ * Bookkeeping of the RCP data path (E FIG. 9, 11-17), pure: what the sender sends next
+ * and what it makes of an answer, what the receiver makes of a chunk or a header,
+ * which delta set plays back next, what each end may free; for copies, where a session
+ * starts, the window of pieces and what the target makes of a piece or of CopyDone.
+ * The replicators carry out what these decide over files and sockets; the simulator
  * (`test/sim/replication-sim.ts`) over an in-memory model with faults and crashes.
  */
 
@@ -22,7 +23,7 @@ export const sendRetriesMax = 3;
 export const retryDelayMsMin = 200;
 export const retryDelayMsMax = 5_000;
 
-/** Where a delta set the target did not acknowledge is, in the source's mailbox. */
+/** A delta set's row in a mailbox (either end), with where its records are in the save volume. */
 export interface MailboxRow {
   generation: number;
   n: number;
