@@ -582,7 +582,7 @@ export class ReplicationManager {
     const dirty = exists ? (await BitmapFile.open(dirtyPath, 'fill')).file : await BitmapFile.create(dirtyPath, volume.blockCount);
     const alStore = await FileActivityLogStore.open(join(dir, 'activity.log'), activityExtentsMaxDefault);
     const { log: al, recovered } = await ActivityLog.open(alStore);
-    const changeLog = new ChangeLog(volume.blockBytes, dirty, al);
+    const changeLog = new ChangeLog(volume.blockBytes, dirty, al, () => volume.flush());
     const dirtyBlocks = await changeLog.recover(recovered);
     if (exists) log.info({ volume: pair.volume, dirtyBlocks, hotExtents: recovered.length }, 'change log recovered');
     const journal = await JournalFile.open(join(dir, 'save.journal'), pair.saveVolumeBytes);

@@ -19,6 +19,12 @@ export type OldTableCopier = (firstBlock: number, blockCount: number) => Promise
  * its activity-log extent is made hot durably, and only then may its data reach the
  * disk. The persisted bitmap plus the hot extents always cover every block written
  * since the last sealed delta set, so after a crash `open` recovers a superset.
+ *
+ * Under power loss too: an extent leaves the activity log only once the volume's data
+ * is flushed. A block sent in a delta set and no longer tracked must not go back to
+ * older contents on the source's disk, or the replica would hold what the source lost
+ * and the pair would differ with nothing tracking it (DRBD flushes its backing device
+ * before an activity-log transaction evicts extents, for the same reason).
  */
 export class ChangeLog {
   current: PagedBitmap;
@@ -33,6 +39,8 @@ export class ChangeLog {
     readonly blockBytes: number,
     private readonly persisted: BitmapFile,
     private readonly al: ActivityLog,
+    /** Makes the volume's written data durable (its fdatasync). */
+    private readonly flushData: () => Promise<void>,
     extentBytes = extentBytesDefault,
   ) {
     this.extentBlocks = Math.max(1, Math.floor(extentBytes / blockBytes));
@@ -153,6 +161,7 @@ export class ChangeLog {
   async close(): Promise<void> {
     if (this.old) this.current.or(this.old);
     await this.persistCurrent();
+    await this.flushData();
     this.al.cool([...this.al.hotExtents]);
     await this.al.flush();
   }
@@ -163,13 +172,17 @@ export class ChangeLog {
     p.or(this.current);
     if (this.old) p.or(this.old);
     await this.persisted.sync();
-    const cold: number[] = [];
-    for (const e of this.al.hotExtents) {
-      const first = e * this.extentBlocks;
-      const count = Math.min(this.extentBlocks, Math.max(0, this.current.bitCount - first));
-      if (count === 0 || !this.current.anySet(first, count)) cold.push(e);
-    }
-    this.al.cool(cold);
+    const cold = (): number[] =>
+      this.al.hotExtents.filter((e) => {
+        const first = e * this.extentBlocks;
+        const count = Math.min(this.extentBlocks, Math.max(0, this.current.bitCount - first));
+        return count === 0 || !this.current.anySet(first, count);
+      });
+    if (cold().length === 0) return;
+    // Power loss: what those extents held must be on disk before they stop being tracked.
+    await this.flushData();
+    // Taken again: a write during the flush marked its block and keeps its extent hot.
+    this.al.cool(cold());
     await this.al.flush();
   }
 

@@ -13,14 +13,14 @@ const blocks = 4096;
 const extentBytes = 64 * blockBytes; // 64 blocks per extent
 const alExtents = 6; // tiny, so evictions happen
 
-async function openLog(dir: string, create: boolean): Promise<{ log: ChangeLog; stores: { close(): Promise<void> }[] }> {
+async function openLog(dir: string, create: boolean, flushData: (al: ActivityLog) => Promise<void> = async () => undefined): Promise<{ log: ChangeLog; al: ActivityLog; stores: { close(): Promise<void> }[] }> {
   const path = join(dir, 'dirty.bitmap');
   const bitmap = create ? await BitmapFile.create(path, blocks) : (await BitmapFile.open(path, 'fill')).file;
   const store = await FileActivityLogStore.open(join(dir, 'al'), alExtents);
   const { log: al, recovered } = await ActivityLog.open(store, alExtents);
-  const log = new ChangeLog(blockBytes, bitmap, al, extentBytes);
+  const log = new ChangeLog(blockBytes, bitmap, al, () => flushData(al), extentBytes);
   await log.recover(recovered);
-  return { log, stores: [bitmap, store] };
+  return { log, al, stores: [bitmap, store] };
 }
 
 test('rule 1: after a crash at any point, every block marked since the last sealed delta set is still dirty', async () => {
@@ -87,6 +87,33 @@ test('activity log: the newer intact slot wins; a torn newer slot falls back to 
     reopened = await ActivityLog.open(await FileActivityLogStore.open(path, 16), 16);
     assert.deepEqual(reopened.recovered, [1, 2]);
     await reopened.log.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('power loss: an extent leaves the activity log only once the volume is flushed, and a write during that flush keeps it', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-changelog-'));
+  try {
+    let hotAtFlush: number[] | undefined;
+    let duringFlush: (() => Promise<void>) | undefined;
+    const { log, al } = await openLog(dir, true, async (activity) => {
+      hotAtFlush ??= [...activity.hotExtents];
+      await duringFlush?.();
+    });
+    await log.mark(0, 1); // extent 0
+    await log.mark(64, 1); // extent 1
+    const old = log.switchTables();
+    old.clearAll(); // the delta set of blocks 0 and 64 is built
+    duringFlush = () => log.mark(65, 1); // a host write to extent 1 while the volume is flushed
+    await log.sealed();
+    assert.deepEqual(hotAtFlush, [0, 1], 'the extents were still tracked when the volume was flushed');
+    assert.deepEqual(al.hotExtents, [1], 'extent 0 leaves after the flush; extent 1 stays for the write made during it');
+    // Crash: block 65 is still tracked.
+    const { log: recovered, stores } = await openLog(dir, false);
+    assert.ok(recovered.current.get(65), 'the block written during the flush is lost from tracking');
+    assert.ok(!recovered.current.get(0), 'the sealed block is no longer dirty');
+    for (const s of stores) await s.close();
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
