@@ -368,7 +368,12 @@ export class SourceReplicator {
         });
         this.buildingBlocks = 0;
         this.previousCutMs = createdAtMs;
-        await changeLog.sealed();
+        await changeLog.sealed().catch((err: Error) => {
+          // The delta set is ready; its extents just stay in the activity log (a crash
+          // then marks them dirty again and they are sent again): safe, and said.
+          this.stats.lastError = `delta set ${n} is ready, but the volume could not be flushed to release its blocks from tracking: ${err.message}`;
+          this.deps.log.warn({ volume: this.pair.volume, deltaSet: n, err: err.message }, 'the volume could not be flushed; the delta set\'s extents stay tracked');
+        });
         this.stats.saveVolumeUsedBytes = this.ring.usedBytes;
         this.deps.log.debug({ volume: this.pair.volume, deltaSet: n, blocks: built.blocks, chunks: built.chunks, reason }, 'delta set ready');
         this.sendWaker.signal();
