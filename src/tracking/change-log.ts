@@ -20,11 +20,13 @@ export type OldTableCopier = (firstBlock: number, blockCount: number) => Promise
  * disk. The persisted bitmap plus the hot extents always cover every block written
  * since the last sealed delta set, so after a crash `open` recovers a superset.
  *
- * Under power loss too: an extent leaves the activity log only once the volume's data
- * is flushed. A block sent in a delta set and no longer tracked must not go back to
- * older contents on the source's disk, or the replica would hold what the source lost
- * and the pair would differ with nothing tracking it (DRBD flushes its backing device
- * before an activity-log transaction evicts extents, for the same reason).
+ * Under power loss too: a sealed delta set's blocks stop being tracked (in the
+ * persisted bitmap, where an eviction may have put them, and in the activity log) only
+ * once the volume's data is flushed. A block sent in a delta set and no longer tracked
+ * must not go back to older contents on the source's disk, or the replica would hold
+ * what the source lost and the pair would differ with nothing tracking it (DRBD
+ * flushes its backing device before an activity-log transaction evicts extents, for
+ * the same reason).
  */
 export class ChangeLog {
   current: PagedBitmap;
@@ -119,6 +121,9 @@ export class ChangeLog {
   async sealed(): Promise<void> {
     assert(this.old !== undefined && this.old.count === 0, 'delta set sealed before every block of the old table was copied');
     this.old = undefined;
+    // Power loss: the blocks about to leave tracking must be on disk first. A write
+    // during the flush marks the new table, which is what gets persisted.
+    await this.flushData();
     await this.persistCurrent();
   }
 
@@ -172,17 +177,13 @@ export class ChangeLog {
     p.or(this.current);
     if (this.old) p.or(this.old);
     await this.persisted.sync();
-    const cold = (): number[] =>
-      this.al.hotExtents.filter((e) => {
-        const first = e * this.extentBlocks;
-        const count = Math.min(this.extentBlocks, Math.max(0, this.current.bitCount - first));
-        return count === 0 || !this.current.anySet(first, count);
-      });
-    if (cold().length === 0) return;
-    // Power loss: what those extents held must be on disk before they stop being tracked.
-    await this.flushData();
-    // Taken again: a write during the flush marked its block and keeps its extent hot.
-    this.al.cool(cold());
+    const cold: number[] = [];
+    for (const e of this.al.hotExtents) {
+      const first = e * this.extentBlocks;
+      const count = Math.min(this.extentBlocks, Math.max(0, this.current.bitCount - first));
+      if (count === 0 || !this.current.anySet(first, count)) cold.push(e);
+    }
+    this.al.cool(cold);
     await this.al.flush();
   }
 
