@@ -29,6 +29,10 @@
 import assert from 'node:assert/strict';
 import { crc32c, crc32cCombine } from '../../src/lib/checksum.js';
 import { RingSpace, recordAlignBytes } from '../../src/storage/journal.js';
+import type { BitmapFile } from '../../src/storage/bitmap-file.js';
+import { PagedBitmap } from '../../src/lib/paged-bitmap.js';
+import { ActivityLog, type ActivityLogStore } from '../../src/tracking/activity-log.js';
+import { ChangeLog } from '../../src/tracking/change-log.js';
 import {
   CopyWindow,
   DeltaSetWindow,
@@ -68,6 +72,9 @@ const targetSaveBytes = sourceSaveBytes;
 const intervalMs = 300;
 const highWaterBytes = 24 * blockBytes;
 const openTimeoutMs = 2_000;
+/** Activity-log extents of 4 blocks, at most 8 of the 12 hot: evictions happen. */
+const extentBlocks = 4;
+const alExtentsMax = 8;
 /** Blocks of a copy piece. */
 const pieceBlocks = 6;
 /** The target makes its copy cursor durable (flush, then record) every this many pieces, or once a second. */
@@ -104,6 +111,7 @@ export interface SimReport {
   catchUps: number;
   catchUpsDone: number;
   storeErrors: number;
+  sourcePowerLosses: number;
   failoverRefused?: string;
   failover?: { restartPoint: number; skippedDeltaSets: number; undoBlocks: number; changedBlocks: number; plan: 'delta-sets' | 'full-copy' };
 }
@@ -141,13 +149,30 @@ class Scheduler {
     this.queue.splice(i, 0, e);
   }
 
-  /** Runs events until `untilMs` or until `stop` says so after an event. */
-  run(untilMs: number, afterEach: () => void, stop: () => boolean = () => false): void {
+  /** Async work of ferry's own code started by events (the change log), finished before the next event. */
+  private readonly pending = new Set<Promise<unknown>>();
+
+  async drain(): Promise<void> {
+    while (this.pending.size > 0) await Promise.all([...this.pending]);
+  }
+
+  track(work: Promise<unknown>): void {
+    const p = work.finally(() => this.pending.delete(p));
+    this.pending.add(p);
+  }
+
+  /**
+   * Runs events until `untilMs` or until `stop` says so after an event. The simulated
+   * storage answers at once, so the async work an event starts completes in virtual
+   * time zero, before the next event.
+   */
+  async run(untilMs: number, afterEach: () => void, stop: () => boolean = () => false): Promise<void> {
     while (this.queue.length > 0 && (this.queue[0] as { at: number }).at <= untilMs) {
       const e = this.queue.shift() as { at: number; run: () => void };
       this.now = e.at;
       this.events++;
       e.run();
+      await this.drain();
       afterEach();
       if (stop()) return;
     }
@@ -288,7 +313,7 @@ class Network {
 
 // ---- the simulation -------------------------------------------------------------------
 
-export function simulate(options: SimOptions): SimReport {
+export async function simulate(options: SimOptions): Promise<SimReport> {
   const rnd = new Random(options.seed);
   const sched = new Scheduler();
   const net = new Network(sched, rnd);
@@ -313,6 +338,7 @@ export function simulate(options: SimOptions): SimReport {
     catchUps: 0,
     catchUpsDone: 0,
     storeErrors: 0,
+    sourcePowerLosses: 0,
   };
   const trace = process.env.FERRY_SIM_TRACE ? (msg: string) => console.log(`${String(sched.now).padStart(7)} ${msg}`) : () => undefined;
   /** The volume holds data before it is replicated: the copy's snapshot, stamped with delta set 0. */
@@ -340,9 +366,39 @@ export function simulate(options: SimOptions): SimReport {
     pair: { generation, deltaSetCreated: 0, deltaSetAcked: 0, deltaSetPlayedBack: 0, status: nextPairStatus(initialPairStatus, { type: 'start' }) },
     /** The pair's current copy, done or not (a catch-up's backlog stays until the target has it all). */
     copy: { copyId: 1, done: false, catchUp: false },
-    /** Blocks written and not in a sealed delta set (rule 1: the change log and its activity log keep a superset). */
-    dirty: new Set<number>(),
+    /** What is on the source's disk; `image` is what hosts see (with the page cache over it). */
+    durable: Int32Array.from(copyImage),
+    /** Blocks whose newest contents are only in the page cache. */
+    unflushed: new Set<number>(),
+    /** The change log's files: its persisted bitmap, and the activity log's two slots (rule 1). */
+    dirtyBitmap: [] as [number, number][],
+    alSlots: [undefined, undefined] as [Buffer | undefined, Buffer | undefined],
   };
+  const flushSource = (): void => {
+    for (const b of sourceDisk.unflushed) sourceDisk.durable[b] = sourceDisk.image[b] as number;
+    sourceDisk.unflushed.clear();
+  };
+  /** The activity log's file, in memory: a slot is durable once written. */
+  const alStore: ActivityLogStore = {
+    writeSlot: async (slot, bytes) => void (sourceDisk.alSlots[slot] = Buffer.from(bytes)),
+    readSlots: async () => [sourceDisk.alSlots[0], sourceDisk.alSlots[1]],
+    close: async () => undefined,
+  };
+  /** The change log's bitmap file, in memory: durable at `sync`. */
+  const bitmapFile = (): BitmapFile => {
+    const bitmap = new PagedBitmap(blockCount);
+    for (const [s0, n0] of sourceDisk.dirtyBitmap) bitmap.setRange(s0, n0);
+    const file = { bitmap, sync: async () => void (sourceDisk.dirtyBitmap = [...bitmap.runs()]) };
+    return file as unknown as BitmapFile;
+  };
+  /** What a restart (or a resync's undo list) finds tracked: the persisted bitmap and every block of a hot extent. */
+  async function trackedOnDisk(): Promise<Set<number>> {
+    const out = new Set<number>();
+    for (const [s0, n0] of sourceDisk.dirtyBitmap) for (let b = s0; b < s0 + n0; b++) out.add(b);
+    const { recovered } = await ActivityLog.open(alStore, alExtentsMax);
+    for (const e of recovered) for (let b = e * extentBlocks; b < Math.min(blockCount, (e + 1) * extentBlocks); b++) out.add(b);
+    return out;
+  }
   const targetDisk = {
     /** What is on disk. */
     image: new Int32Array(blockCount),
@@ -369,7 +425,9 @@ export function simulate(options: SimOptions): SimReport {
     up: boolean;
     ring: RingSpace;
     trigger: DeltaSetTrigger;
-    building: { n: number; blocks: number[]; values: number[] } | undefined;
+    /** ferry's change log (E FIG. 8, 10), over the files above. */
+    changeLog: ChangeLog;
+    building: { n: number; blocks: number[]; values: number[]; old: PagedBitmap } | undefined;
     saveVolumeFull: boolean;
     session: { conn: Connection; window: DeltaSetWindow | undefined; next: number; fromChunk: number; silenceAt: number; progressed: boolean } | undefined;
     opening: Connection | undefined;
@@ -389,10 +447,18 @@ export function simulate(options: SimOptions): SimReport {
   function sourceStart(): void {
     srcLife++;
     const life = srcLife;
+    sched.track(openSource(life));
+  }
+
+  async function openSource(life: number): Promise<void> {
+    const { log: al, recovered } = await ActivityLog.open(alStore, alExtentsMax);
+    const changeLog = new ChangeLog(blockBytes, bitmapFile(), al, async () => flushSource(), extentBlocks * blockBytes);
+    await changeLog.recover(recovered);
+    if (srcLife !== life) return;
     const rows = sourceDisk.rows;
     const head = rows.reduce((h, d) => Math.max(h, d.endLsn), 0);
     const tail = rows.length > 0 ? Math.min(...rows.map((d) => d.startLsn)) : head;
-    src = { up: true, ring: new RingSpace(sourceSaveBytes, head, tail), trigger: new DeltaSetTrigger({ intervalMs, highWaterBytes }, sched.now), building: undefined, saveVolumeFull: false, session: undefined, opening: undefined, retries: new SessionRetries(), copy: undefined, copyRetries: new SessionRetries() };
+    src = { up: true, changeLog, ring: new RingSpace(sourceSaveBytes, head, tail), trigger: new DeltaSetTrigger({ intervalMs, highWaterBytes }, sched.now), building: undefined, saveVolumeFull: false, session: undefined, opening: undefined, retries: new SessionRetries(), copy: undefined, copyRetries: new SessionRetries() };
     const cutter = (): void => {
       cutTick();
       sched.at(cutterPollMs, srcAlive(life, cutter));
@@ -414,18 +480,32 @@ export function simulate(options: SimOptions): SimReport {
     sourceDisk.pair.status = next;
   }
 
+  /** Blocks written and not in a sealed delta set. */
+  function dirtyCount(): number {
+    return src.changeLog.current.count + (src.changeLog.old?.count ?? 0);
+  }
+
+  /** A host write: marked in the change log (durably, rule 1), then its data goes to the page cache. */
   function hostWrite(): void {
     const block = rnd.int(0, blockCount - 1);
-    sourceDisk.image[block] = (sourceDisk.image[block] as number) + 1;
-    sourceDisk.dirty.add(block);
-    report.writes++;
+    const life = srcLife;
+    sched.track(
+      src.changeLog.mark(block, 1).then(() => {
+        if (srcLife !== life) return;
+        sourceDisk.image[block] = (sourceDisk.image[block] as number) + 1;
+        sourceDisk.unflushed.add(block);
+        report.writes++;
+      }),
+    );
   }
 
   function cutTick(): void {
-    const modified = sourceDisk.dirty.size * blockBytes;
+    const { changeLog } = src;
+    const modified = changeLog.current.count * blockBytes;
     const reason = src.trigger.due(sched.now, modified);
-    if (!reason || src.building || sourceDisk.dirty.size === 0) return;
-    const blocks = [...sourceDisk.dirty].sort((a, b) => a - b);
+    if (!reason || src.building || changeLog.current.count === 0) return;
+    const blocks: number[] = [];
+    for (const [s0, n0] of changeLog.current.runs()) for (let b = s0; b < s0 + n0; b++) blocks.push(b);
     const chunks = Math.ceil(blocks.length / chunkBlocksMax);
     const needBytes = (chunks + 1) * recordBytes;
     if (needBytes > sourceSaveBytes) {
@@ -451,9 +531,9 @@ export function simulate(options: SimOptions): SimReport {
     // The switch: the old table's blocks, with their values at this instant (their
     // before-images are copied on a later write, E FIG. 10).
     const n = sourceDisk.pair.deltaSetCreated + 1;
-    src.building = { n, blocks, values: blocks.map((b) => sourceDisk.image[b] as number) };
+    const old = changeLog.switchTables();
+    src.building = { n, blocks, values: blocks.map((b) => sourceDisk.image[b] as number), old };
     const image = Int32Array.from(sourceDisk.image);
-    sourceDisk.dirty = new Set();
     src.trigger.rearm(sched.now);
     const createdAtMs = sched.now;
     // Written while the copy runs: the target must not play it back before the copy is whole.
@@ -467,7 +547,10 @@ export function simulate(options: SimOptions): SimReport {
     const copyId = sourceDisk.copy.copyId + 1;
     copies.set(copyId, { copyId, image: Int32Array.from(sourceDisk.image), blocks: backlog, stampedDeltaSet: sourceDisk.pair.deltaSetCreated });
     sourceDisk.copy = { copyId, done: false, catchUp: true };
-    sourceDisk.dirty = new Set();
+    flushSource(); // the catch-up's snapshot is taken after a flush of the volume
+    // The copy's record (with its blocks) is durable: the change log may forget them.
+    src.changeLog.switchTables();
+    sched.track(src.changeLog.handOff());
     src.saveVolumeFull = false;
     src.trigger.rearm(sched.now);
     report.catchUps++;
@@ -477,7 +560,7 @@ export function simulate(options: SimOptions): SimReport {
   }
 
   function seal(n: number, image: Int32Array, createdAtMs: number, afterCopy: number | undefined): void {
-    const b = src.building as { blocks: number[]; values: number[] };
+    const b = src.building as NonNullable<SourceRun['building']>;
     let startLsn: number | undefined;
     let dataCrc = 0;
     const chunks = Math.ceil(b.blocks.length / chunkBlocksMax);
@@ -495,6 +578,9 @@ export function simulate(options: SimOptions): SimReport {
     boundaries.set(n, image);
     src.building = undefined;
     report.deltaSetsCreated = n;
+    // The mailbox row is written: tracking may forget the old table's blocks.
+    b.old.clearAll();
+    sched.track(src.changeLog.sealed());
     pump();
   }
 
@@ -606,7 +692,7 @@ export function simulate(options: SimOptions): SimReport {
     if (!s.window) {
       const row = rowToSend(sourceDisk.rows, sourceDisk.pair, s.next);
       if (!row) {
-        if (sourceDisk.pair.status.state === 'duplex-pending' && sourceDisk.dirty.size === 0 && !src.building && sourceDisk.copy.done) applyState({ type: 'caught-up' });
+        if (sourceDisk.pair.status.state === 'duplex-pending' && dirtyCount() === 0 && !src.building && sourceDisk.copy.done) applyState({ type: 'caught-up' });
         return;
       }
       s.window = new DeltaSetWindow(row.n, row.chunks, s.fromChunk, sched.now);
@@ -1084,11 +1170,25 @@ export function simulate(options: SimOptions): SimReport {
     src.session?.conn.close();
     src.opening?.close();
     src.copy?.conn.close();
-    // Rule 1: the blocks of a delta set being built go back to tracking, and the
-    // activity log may add hot extents that were not written at all (a superset).
-    for (const b of src.building?.blocks ?? []) sourceDisk.dirty.add(b);
-    for (let i = rnd.int(0, 3); i > 0; i--) sourceDisk.dirty.add(rnd.int(0, blockCount - 1));
+    loseSourceMemory();
     sched.at(rnd.int(20, 800), () => !sourceLost && sourceStart());
+  }
+
+  /**
+   * The source stops: a process crash keeps the page cache (it reaches the disk), a
+   * power loss keeps what the disk had and some of what was on its way. What the
+   * change log tracks is what its files hold (rule 1 makes that a superset).
+   */
+  function loseSourceMemory(): void {
+    srcLife++;
+    if (rnd.chance(0.5)) {
+      report.sourcePowerLosses++;
+      for (const b of sourceDisk.unflushed) if (rnd.chance(0.5)) sourceDisk.durable[b] = sourceDisk.image[b] as number;
+      sourceDisk.unflushed.clear();
+      sourceDisk.image = Int32Array.from(sourceDisk.durable);
+    } else {
+      flushSource();
+    }
   }
 
   function crashTarget(): void {
@@ -1157,11 +1257,14 @@ export function simulate(options: SimOptions): SimReport {
 
   sourceStart();
   targetStart();
+  await sched.drain();
   const faultsEnd = options.faultMs;
   const writer = (): void => {
     if (sched.now >= faultsEnd) return;
     const burst = rnd.chance(0.05) ? rnd.int(10, 40) : 1;
     if (src.up) for (let i = 0; i < burst; i++) hostWrite();
+    // Now and then the host flushes (its fsync); until then its writes may be lost with the power.
+    if (src.up && rnd.chance(0.02)) flushSource();
     sched.at(rnd.int(1, 40), writer);
   };
   sched.at(0, writer);
@@ -1188,16 +1291,16 @@ export function simulate(options: SimOptions): SimReport {
   };
   sched.at(rnd.int(100, 1_000), chaos);
 
-  sched.run(faultsEnd, check);
+  await sched.run(faultsEnd, check);
   net.faults = false;
   net.partitionedUntilMs = 0;
   if (options.failover) {
     // The source site is lost in the middle of it all; the target comes back if it was down.
-    sched.run(faultsEnd + 1_000, check, () => tgt.up);
-    failover(options.failover);
+    await sched.run(faultsEnd + 1_000, check, () => tgt.up);
+    await failover(options.failover);
   } else {
     // Sites that are down come back (their restart is already scheduled); a pause ends.
-    sched.run(faultsEnd + 1_000, check);
+    await sched.run(faultsEnd + 1_000, check);
     assert.ok(src.up && tgt.up);
     if (sourceDisk.pair.status.state === 'suspended' && sourceDisk.pair.status.cause === 'command') {
       applyState({ type: 'resume' });
@@ -1205,24 +1308,24 @@ export function simulate(options: SimOptions): SimReport {
       copyConnect();
     }
     // No more faults or writes: the target must catch up to exactly the source's image.
-    const caughtUp = (): boolean => targetDisk.copy.done && sourceDisk.copy.done && sourceDisk.dirty.size === 0 && !src.building && targetDisk.pair.deltaSetPlayedBack === sourceDisk.pair.deltaSetCreated && !tgt.playing;
-    sched.run(faultsEnd + 600_000, check, caughtUp);
-    assert.ok(caughtUp(), `not caught up: copy ${targetDisk.copy.done ? 'done' : `at ${tgt.copyApplied}`}, dirty ${sourceDisk.dirty.size}, created ${sourceDisk.pair.deltaSetCreated}, acked ${sourceDisk.pair.deltaSetAcked}, played ${targetDisk.pair.deltaSetPlayedBack}, state ${sourceDisk.pair.status.state}`);
+    const caughtUp = (): boolean => targetDisk.copy.done && sourceDisk.copy.done && dirtyCount() === 0 && !src.building && targetDisk.pair.deltaSetPlayedBack === sourceDisk.pair.deltaSetCreated && !tgt.playing;
+    await sched.run(faultsEnd + 600_000, check, caughtUp);
+    assert.ok(caughtUp(), `not caught up: copy ${targetDisk.copy.done ? 'done' : `at ${tgt.copyApplied}`}, dirty ${dirtyCount()}, created ${sourceDisk.pair.deltaSetCreated}, acked ${sourceDisk.pair.deltaSetAcked}, played ${targetDisk.pair.deltaSetPlayedBack}, state ${sourceDisk.pair.status.state}`);
     assert.deepEqual(visibleTargetImage(), sourceDisk.image, 'after catching up the target differs from the source');
     // The acknowledgement of the last delta set and the return to Duplex follow.
-    sched.run(sched.now + 10_000, check, () => sourceDisk.pair.deltaSetAcked === sourceDisk.pair.deltaSetCreated && sourceDisk.pair.status.state === 'duplex');
+    await sched.run(sched.now + 10_000, check, () => sourceDisk.pair.deltaSetAcked === sourceDisk.pair.deltaSetCreated && sourceDisk.pair.status.state === 'duplex');
     assert.equal(sourceDisk.pair.deltaSetAcked, sourceDisk.pair.deltaSetCreated);
     assert.equal(sourceDisk.pair.status.state, 'duplex', `pair ended ${sourceDisk.pair.status.state} (${sourceDisk.pair.status.reason})`);
   }
 
-  function failover(mode: 'default' | 'now'): void {
+  async function failover(mode: 'default' | 'now'): Promise<void> {
     // The source is lost here: what it holds is what it has on disk now.
     sourceLost = true;
     if (src.up) {
       src.up = false;
       src.session?.conn.close();
       src.copy?.conn.close();
-      for (const b of src.building?.blocks ?? []) sourceDisk.dirty.add(b);
+      loseSourceMemory();
     }
     for (const session of Object.values(tgt.lastSession)) session.conn.close();
     const copy = targetDisk.copy;
@@ -1239,10 +1342,10 @@ export function simulate(options: SimOptions): SimReport {
     if (mode === 'default') {
       // Play back everything received that can be (not what needs a copy this side does not have), then take the restart point.
       const played = (): boolean => !tgt.playing && nextToPlay(targetDisk.rows, { deltaSetPlayedBack: targetDisk.pair.deltaSetPlayedBack, copyDone: targetDisk.copy.done, copyId: targetDisk.copy.copyId }) === undefined;
-      sched.run(sched.now + 600_000, check, played);
+      await sched.run(sched.now + 600_000, check, played);
       assert.ok(played());
     } else {
-      sched.run(sched.now + 600_000, check, () => !tgt.playing);
+      await sched.run(sched.now + 600_000, check, () => !tgt.playing);
     }
     const restartPoint = targetDisk.pair.deltaSetPlayedBack;
     const skipped = targetDisk.pair.deltaSetReceived - restartPoint;
@@ -1263,9 +1366,9 @@ export function simulate(options: SimOptions): SimReport {
       report.failover = { restartPoint, skippedDeltaSets: skipped, undoBlocks: blockCount, changedBlocks: changed, plan: 'full-copy' };
       return;
     }
-    // The undo list: the blocks of delta sets n-x+1…n, the unsent changes, and the
-    // backlog of a catch-up the target may not have whole.
-    const undo = new Set(sourceDisk.dirty);
+    // The undo list: the blocks of delta sets n-x+1…n, what the change log's files
+    // track, and the backlog of a catch-up the target may not have whole.
+    const undo = await trackedOnDisk();
     if (sourceDisk.copy.catchUp && !sourceDisk.copy.done) for (const b of (copies.get(sourceDisk.copy.copyId) as SimCopy).blocks ?? []) undo.add(b);
     for (const n of plan.deltaSets) {
       const row = sourceDisk.rows.find((d) => d.n === n) as Row;

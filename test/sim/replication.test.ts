@@ -1,6 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { simulate, type SimReport } from './replication-sim.js';
+import { Worker } from 'node:worker_threads';
+import type { SimReport } from './replication-sim.js';
+import type { SimJob, SimMode, SimResult } from './worker.js';
 
 /**
  * Seeded fault schedules over ferry's delta-set bookkeeping (see replication-sim.ts).
@@ -8,18 +10,29 @@ import { simulate, type SimReport } from './replication-sim.js';
  * `FERRY_SIM_SEEDS=<n>` runs more.
  */
 const only = process.env.FERRY_SIM_SEED !== undefined ? Number(process.env.FERRY_SIM_SEED) : undefined;
-const seeds = Number(process.env.FERRY_SIM_SEEDS ?? 300);
+const seeds = Number(process.env.FERRY_SIM_SEEDS ?? 200);
 const firstSeed = Number(process.env.FERRY_SIM_FIRST_SEED ?? 1);
 
-function runSeeds(what: string, options: (seed: number) => Parameters<typeof simulate>[0]): SimReport[] {
+/** Runs the seeds in two workers, half each. */
+async function runSeeds(mode: SimMode): Promise<SimReport[]> {
   const list = only !== undefined ? [only] : Array.from({ length: seeds }, (_, i) => firstSeed + i);
+  const halves = [list.filter((_, i) => i % 2 === 0), list.filter((_, i) => i % 2 === 1)].filter((h) => h.length > 0);
+  const results = await Promise.all(
+    halves.map(
+      (half) =>
+        new Promise<SimResult>((resolve, reject) => {
+          const job: SimJob = { mode, seeds: half };
+          const worker = new Worker(new URL('./worker.js', import.meta.url), { workerData: job, env: process.env });
+          worker.once('message', (r: SimResult) => resolve(r));
+          worker.once('error', reject);
+          worker.once('exit', (code) => code !== 0 && reject(new Error(`simulator worker exited with ${code}`)));
+        }),
+    ),
+  );
   const reports: SimReport[] = [];
-  for (const seed of list) {
-    try {
-      reports.push(simulate(options(seed)));
-    } catch (err) {
-      assert.fail(`${what}, seed ${seed} (replay: FERRY_SIM_SEED=${seed}): ${(err as Error).stack ?? String(err)}`);
-    }
+  for (const r of results) {
+    if (!r.ok) assert.fail(`${mode}, seed ${r.seed} (replay: FERRY_SIM_SEED=${r.seed}): ${r.error}`);
+    reports.push(...r.reports);
   }
   return reports;
 }
@@ -28,8 +41,8 @@ function sum(reports: SimReport[], key: keyof SimReport): number {
   return reports.reduce((s, r) => s + (typeof r[key] === 'number' ? (r[key] as number) : 0), 0);
 }
 
-test('simulated pair: a new remote copy, then delta sets and catch-up copies, through crashes, power losses and failed writes, cut and damaged connections, partitions, pauses and full save volumes; the target is always at a consistent point and catches up exactly', () => {
-  const reports = runSeeds('catch-up', (seed) => ({ seed, faultMs: 60_000 }));
+test('simulated pair: a new remote copy, then delta sets and catch-up copies, through crashes, power losses and failed writes, cut and damaged connections, partitions, pauses and full save volumes; the target is always at a consistent point and catches up exactly', async () => {
+  const reports = await runSeeds('catch-up');
   // The schedules really exercised the faults they are meant to (else the test proves little).
   if (only === undefined) {
     for (const key of ['sourceCrashes', 'targetCrashes', 'targetPowerLosses', 'connectionsCut', 'framesDamaged', 'retransmits', 'suspendedByFailure', 'sourceSaveVolumeFull', 'targetSaveVolumeFull', 'catchUps', 'storeErrors'] as const) {
@@ -41,8 +54,8 @@ test('simulated pair: a new remote copy, then delta sets and catch-up copies, th
   }
 });
 
-test('simulated failover in the middle of faults: refused until the copy is whole; then the restart point is a boundary, and the undo list covers every block the old source changed after it (default: never a full copy; --now: only if a skipped delta set was freed)', () => {
-  const reports = runSeeds('failover', (seed) => ({ seed, faultMs: seed % 10 === 0 ? 100 + (seed % 7) * 100 : 5_000 + (seed % 20) * 2_000, failover: seed % 3 === 0 ? 'now' : 'default' }));
+test('simulated failover in the middle of faults: refused until the copy is whole; then the restart point is a boundary, and the undo list covers every block the old source changed after it (default: never a full copy; --now: only if a skipped delta set was freed)', async () => {
+  const reports = await runSeeds('failover');
   if (only === undefined) {
     const withChanges = reports.filter((r) => r.failover?.plan === 'delta-sets' && r.failover.changedBlocks > 0);
     assert.ok(withChanges.length > seeds / 2, `failovers with writes to undo: ${withChanges.length}`);
