@@ -298,7 +298,7 @@ export class ReplicationManager {
       connected: st?.connected ?? false,
       retries: 0,
       corruptFrames: st?.corruptFramesRejected ?? 0,
-      lastError: '',
+      lastError: st?.lastError ?? '',
       currentDeltaSet: st?.sourceDeltaSetCreated ?? 0,
       currentChunk: 0,
     };

@@ -129,6 +129,8 @@ export interface TargetStats {
   saveVolumeFull: boolean;
   connected: boolean;
   playing: number;
+  /** The last I/O error met here (storing a chunk, flushing a copy, playing back), for status. */
+  lastError: string;
 }
 
 /**
@@ -149,6 +151,7 @@ export class TargetReplica {
     saveVolumeFull: false,
     connected: false,
     playing: 0,
+    lastError: '',
   };
   private ring: RingSpace;
   private receiving: ReceiveLedger;
@@ -495,6 +498,7 @@ export class TargetReplica {
         // Made durable in the background: the pieces behind keep flowing meanwhile.
         this.copyFlushing = this.persistCopy()
           .catch((err: Error) => {
+            this.stats.lastError = `the copy's data could not be flushed (it is sent again from its last durable point): ${err.message}`;
             this.deps.log.error({ volume: pair.volume, err: err.message }, 'the copy\'s data could not be flushed: the session ends and the copy is sent again from its last durable point');
             connection.destroy();
           })
@@ -634,6 +638,7 @@ export class TargetReplica {
       await journal.write(lsn, encoded);
       await journal.sync();
     } catch (err) {
+      this.stats.lastError = `chunk ${index} of delta set ${deltaSet} could not be stored in the save volume: ${(err as Error).message}`;
       // Chunks are stored one at a time (a newer session waits for this one): this is
       // the last allocation, and its space goes back, so the delta set's records stay
       // one after another.
@@ -710,6 +715,7 @@ export class TargetReplica {
         try {
           await this.playOne(next);
         } catch (err) {
+          this.stats.lastError = `playback of delta set ${next.n} failed (it is tried again; readers keep a consistent image): ${(err as Error).message}`;
           this.deps.log.error({ err, volume: this.pair.volume, deltaSet: next.n }, 'playback failed; the replica keeps its last consistent image');
           await this.playbackWaker.wait(this.deps.clock, 5000);
         }

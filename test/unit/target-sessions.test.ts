@@ -325,6 +325,7 @@ test('a failed flush during a copy is not papered over by a later one: the sessi
     assert.equal(first.position.copyCursorBlock, 0);
     first.conn.send(ReplFrame.CopyData, piece(0), { generation: 1n });
     await until('the target ends the session', () => first.conn.isClosed);
+    assert.match(env.target.stats.lastError, /copy's data could not be flushed.*EIO/);
     const second = await env.session('copy');
     assert.equal(second.position.copyCursorBlock, 0, 'resumes from the durable cursor, not past blocks whose flush failed');
     for (let from = 0; from < blocks; from += pieceBlocks) second.conn.send(ReplFrame.CopyData, piece(from), { generation: 1n });
@@ -354,6 +355,7 @@ test('a playback that fails on an I/O error goes on showing readers the whole de
     await failed;
     await until('the failed playback has returned', () => env.target.stats.playing === 0);
     assert.equal(env.pair.deltaSetPlayedBack, 0);
+    assert.match(env.target.stats.lastError, /playback of delta set 1 failed .*EIO/, 'status tells of the failure');
     assert.equal(await env.visibleDigest(), expectedDigest([ds.expect]), 'readers see the whole delta set, not the part written');
     await until('delta set 1 played back on the retry', () => env.pair.deltaSetPlayedBack === 1, 15_000);
     assert.equal(await env.digest(), expectedDigest([ds.expect]));
@@ -374,6 +376,7 @@ test('a chunk whose fsync fails leaves no hole in the save volume: sent again, t
     env.failNextSync();
     first.conn.send(ReplFrame.Chunk, ds.frames[1] as [Buffer, Buffer], { generation: 1n });
     await until('the target ends the session', () => first.conn.isClosed);
+    assert.match(env.target.stats.lastError, /chunk 1 of delta set 1 could not be stored.*EIO/);
     const { conn, position, frames } = await env.session();
     assert.equal(position.chunksStored, 1, 'the chunk whose fsync failed is not counted');
     for (const f of ds.frames.slice(1)) conn.send(ReplFrame.Chunk, f, { generation: 1n });
