@@ -199,6 +199,15 @@ async function openEnv(options: { copyDone?: boolean } = {}): Promise<Env> {
   };
 }
 
+async function withEnv(options: { copyDone?: boolean }, body: (env: Env) => Promise<void>): Promise<void> {
+  const env = await openEnv(options);
+  try {
+    await body(env);
+  } finally {
+    await env.close();
+  }
+}
+
 /** Delta set `n`: `chunks` chunks of one block each, block i holding byte (n * 16 + i). */
 function deltaSet(n: number, chunks: number, afterCopy?: number): { frames: [Buffer, Buffer][]; header: DeltaSetHeaderBody; expect: Map<number, number> } {
   const frames: [Buffer, Buffer][] = [];
@@ -222,20 +231,30 @@ async function until(what: string, fn: () => boolean, timeoutMs = 5_000): Promis
   }
 }
 
+/** Sends chunks [from, to) of a delta set, then (with `header`) its header. */
+function send(conn: RcpConnection, ds: ReturnType<typeof deltaSet>, from = 0, to = ds.frames.length, header = true): void {
+  for (const f of ds.frames.slice(from, to)) conn.send(ReplFrame.Chunk, f, { generation: 1n });
+  if (header) conn.sendJson(ReplFrame.DeltaSetHeader as number, ds.header, { generation: 1n });
+}
+
+/** True once an acknowledgement among `frames` satisfies `test`. */
+function acked(frames: Frame[], test: (ack: AckBody) => boolean): boolean {
+  return frames.some((f) => f.type === ReplFrame.Ack && test(json<AckBody>(f)));
+}
+
 function expectedDigest(sets: Map<number, number>[]): string {
   const buf = Buffer.alloc(blocks * bb);
   for (const set of sets) for (const [block, byte] of set) buf.fill(byte, block * bb, (block + 1) * bb);
   return createHash('sha256').update(buf).digest('hex');
 }
 
-test('a new session waits for the chunk the old one is still storing: it resumes after it, the chunk is stored once, and the delta set seals and plays back', async () => {
-  const env = await openEnv();
-  try {
+test('a new session waits for the chunk the old one is still storing: it resumes after it, the chunk is stored once, and the delta set seals and plays back', () =>
+  withEnv({}, async (env) => {
     const ds = deltaSet(1, 3);
     const first = await env.session();
     assert.equal(first.position.chunksStored, 0);
     first.conn.send(ReplFrame.Chunk, ds.frames[0] as [Buffer, Buffer], { generation: 1n });
-    await until('chunk 0 acknowledged', () => first.frames.some((f) => f.type === ReplFrame.Ack && json<AckBody>(f).chunksStored === 1));
+    await until('chunk 0 acknowledged', () => acked(first.frames, (a) => a.chunksStored === 1));
     // Chunk 1's fsync stalls, and the connection drops meanwhile.
     const stall = env.stallSync();
     first.conn.send(ReplFrame.Chunk, ds.frames[1] as [Buffer, Buffer], { generation: 1n });
@@ -251,26 +270,21 @@ test('a new session waits for the chunk the old one is still storing: it resumes
     stall.release();
     const { conn, position, frames } = await second;
     assert.equal(position.chunksStored, 2, 'the new session resumes after the chunk the old one stored');
-    conn.send(ReplFrame.Chunk, ds.frames[2] as [Buffer, Buffer], { generation: 1n });
-    conn.sendJson(ReplFrame.DeltaSetHeader as number, ds.header, { generation: 1n });
-    await until('delta set 1 sealed', () => frames.some((f) => f.type === ReplFrame.Ack && json<AckBody>(f).sealed));
+    send(conn, ds, 2);
+    await until('delta set 1 sealed', () => acked(frames, (a) => a.sealed));
     await until('delta set 1 played back', () => env.pair.deltaSetPlayedBack === 1);
     assert.equal(await env.digest(), expectedDigest([ds.expect]));
     conn.destroy();
-  } finally {
-    await env.close();
-  }
-});
+  }));
 
-test('a playback that ends while a chunk of the next delta set is being written does not free that chunk\'s space', async () => {
-  const env = await openEnv();
-  try {
+test('a playback that ends while a chunk of the next delta set is being written does not free that chunk\'s space', () =>
+  withEnv({}, async (env) => {
     const one = deltaSet(1, 2);
     const two = deltaSet(2, 2);
     const { conn, frames } = await env.session();
     // Delta set 1 is sealed; its playback is held back by a stalled fsync of delta set 2's first chunk.
-    for (const f of one.frames) conn.send(ReplFrame.Chunk, f, { generation: 1n });
-    await until('delta set 1 stored', () => frames.filter((f) => f.type === ReplFrame.Ack && json<AckBody>(f).chunksStored === 2).length > 0);
+    send(conn, one, 0, one.frames.length, false);
+    await until('delta set 1 stored', () => acked(frames, (a) => a.chunksStored === 2));
     const stall = env.stallSync();
     conn.sendJson(ReplFrame.DeltaSetHeader as number, one.header, { generation: 1n });
     conn.send(ReplFrame.Chunk, two.frames[0] as [Buffer, Buffer], { generation: 1n });
@@ -279,27 +293,19 @@ test('a playback that ends while a chunk of the next delta set is being written 
     // Nothing else is live: what is still in use is the chunk being written.
     assert.ok(env.target.saveVolume.usedBytes > 0, 'the space of the chunk being written was freed by the playback');
     stall.release();
-    conn.send(ReplFrame.Chunk, two.frames[1] as [Buffer, Buffer], { generation: 1n });
-    conn.sendJson(ReplFrame.DeltaSetHeader as number, two.header, { generation: 1n });
+    send(conn, two, 1);
     await until('delta set 2 played back', () => env.pair.deltaSetPlayedBack === 2);
     assert.equal(await env.digest(), expectedDigest([one.expect, two.expect]));
     conn.destroy();
-  } finally {
-    await env.close();
-  }
-});
+  }));
 
-test('playback before a failover does not wait for delta sets that need a copy this side never got: they stay unplayed, the rest is played', async () => {
-  const env = await openEnv();
-  try {
+test('playback before a failover does not wait for delta sets that need a copy this side never got: they stay unplayed, the rest is played', () =>
+  withEnv({}, async (env) => {
     const one = deltaSet(1, 1);
     // Cut after the source recorded catch-up copy 2, which never arrives here.
     const two = deltaSet(2, 1, 2);
     const { conn, frames } = await env.session();
-    for (const ds of [one, two]) {
-      conn.send(ReplFrame.Chunk, ds.frames[0] as [Buffer, Buffer], { generation: 1n });
-      conn.sendJson(ReplFrame.DeltaSetHeader as number, ds.header, { generation: 1n });
-    }
+    for (const ds of [one, two]) send(conn, ds);
     await until('both delta sets sealed', () => frames.filter((f) => f.type === ReplFrame.Ack && json<AckBody>(f).sealed).length === 2);
     const started = Date.now();
     await env.target.finishPlayback(5_000);
@@ -308,14 +314,10 @@ test('playback before a failover does not wait for delta sets that need a copy t
     assert.equal(env.target.unplayedDeltaSets(), 1);
     assert.equal(await env.digest(), expectedDigest([one.expect]));
     conn.destroy();
-  } finally {
-    await env.close();
-  }
-});
+  }));
 
-test('a failed flush during a copy is not papered over by a later one: the session ends, and the copy resumes from its last durable point', async () => {
-  const env = await openEnv({ copyDone: false });
-  try {
+test('a failed flush during a copy is not papered over by a later one: the session ends, and the copy resumes from its last durable point', () =>
+  withEnv({ copyDone: false }, async (env) => {
     const pieceBlocks = 64;
     const piece = (from: number): Buffer[] => [copyFramePrefix(1, from, from + pieceBlocks), ...encodeChunkParts({ extents: [{ block: from, count: pieceBlocks, zero: false }], data: Buffer.alloc(pieceBlocks * bb, 1 + from / pieceBlocks) })];
     // A second after the target opened, the first piece is due for a background flush; it fails.
@@ -337,21 +339,16 @@ test('a failed flush during a copy is not papered over by a later one: the sessi
     for (let b = 0; b < blocks; b++) expected.set(b, 1 + Math.floor(b / pieceBlocks));
     assert.equal(await env.digest(), expectedDigest([expected]));
     second.conn.destroy();
-  } finally {
-    await env.close();
-  }
-});
+  }));
 
-test('a playback that fails on an I/O error goes on showing readers the whole delta set, and is redone', async () => {
-  const env = await openEnv();
-  try {
+test('a playback that fails on an I/O error goes on showing readers the whole delta set, and is redone', () =>
+  withEnv({}, async (env) => {
     const ds = deltaSet(1, 3);
     // The second chunk's write fails: the volume holds the first chunk of the delta set only.
     const failed = env.failWrite(1);
     const { conn, frames } = await env.session();
-    for (const f of ds.frames) conn.send(ReplFrame.Chunk, f, { generation: 1n });
-    conn.sendJson(ReplFrame.DeltaSetHeader as number, ds.header, { generation: 1n });
-    await until('delta set 1 sealed', () => frames.some((f) => f.type === ReplFrame.Ack && json<AckBody>(f).sealed));
+    send(conn, ds);
+    await until('delta set 1 sealed', () => acked(frames, (a) => a.sealed));
     await failed;
     await until('the failed playback has returned', () => env.target.stats.playing === 0);
     assert.equal(env.pair.deltaSetPlayedBack, 0);
@@ -361,31 +358,23 @@ test('a playback that fails on an I/O error goes on showing readers the whole de
     assert.equal(await env.digest(), expectedDigest([ds.expect]));
     assert.equal(await env.visibleDigest(), expectedDigest([ds.expect]));
     conn.destroy();
-  } finally {
-    await env.close();
-  }
-});
+  }));
 
-test('a chunk whose fsync fails leaves no hole in the save volume: sent again, the delta set seals and plays back', async () => {
-  const env = await openEnv();
-  try {
+test('a chunk whose fsync fails leaves no hole in the save volume: sent again, the delta set seals and plays back', () =>
+  withEnv({}, async (env) => {
     const ds = deltaSet(1, 3);
     const first = await env.session();
     first.conn.send(ReplFrame.Chunk, ds.frames[0] as [Buffer, Buffer], { generation: 1n });
-    await until('chunk 0 stored', () => first.frames.some((f) => f.type === ReplFrame.Ack && json<AckBody>(f).chunksStored === 1));
+    await until('chunk 0 stored', () => acked(first.frames, (a) => a.chunksStored === 1));
     env.failNextSync();
     first.conn.send(ReplFrame.Chunk, ds.frames[1] as [Buffer, Buffer], { generation: 1n });
     await until('the target ends the session', () => first.conn.isClosed);
     assert.match(env.target.stats.lastError, /chunk 1 of delta set 1 could not be stored.*EIO/);
     const { conn, position, frames } = await env.session();
     assert.equal(position.chunksStored, 1, 'the chunk whose fsync failed is not counted');
-    for (const f of ds.frames.slice(1)) conn.send(ReplFrame.Chunk, f, { generation: 1n });
-    conn.sendJson(ReplFrame.DeltaSetHeader as number, ds.header, { generation: 1n });
-    await until('delta set 1 sealed', () => frames.some((f) => f.type === ReplFrame.Ack && json<AckBody>(f).sealed));
+    send(conn, ds, 1);
+    await until('delta set 1 sealed', () => acked(frames, (a) => a.sealed));
     await until('delta set 1 played back', () => env.pair.deltaSetPlayedBack === 1);
     assert.equal(await env.digest(), expectedDigest([ds.expect]));
     conn.destroy();
-  } finally {
-    await env.close();
-  }
-});
+  }));
