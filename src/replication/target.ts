@@ -33,6 +33,8 @@ import {
 export const sessionIdleMs = 60_000;
 /** How often a target waiting for save-volume space tells the source it is alive but full. */
 export const fullNoticeMs = 500;
+/** A playback that failed is tried again after this long. */
+const playbackRetryMs = 5_000;
 /** Played delta sets kept in the mailbox for `ferry info` history. */
 const playedHistoryMax = 16;
 /**
@@ -177,6 +179,7 @@ export class TargetReplica {
    * session ends and the next resumes from that cursor, writing those blocks again.
    */
   private copyFlushFailed = false;
+  private playbackFailedAtMs = Number.NEGATIVE_INFINITY;
   private copyFlushedAtMs = 0;
   private copyRecordedAtMs = 0;
   private copySessionDone: Promise<void> = Promise.resolve();
@@ -716,8 +719,9 @@ export class TargetReplica {
           await this.playOne(next);
         } catch (err) {
           this.stats.lastError = `playback of delta set ${next.n} failed (it is tried again; readers keep a consistent image): ${(err as Error).message}`;
+          this.playbackFailedAtMs = this.deps.clock.now();
           this.deps.log.error({ err, volume: this.pair.volume, deltaSet: next.n }, 'playback failed; the replica keeps its last consistent image');
-          await this.playbackWaker.wait(this.deps.clock, 5000);
+          await this.playbackWaker.wait(this.deps.clock, playbackRetryMs);
         }
         continue;
       }
@@ -862,8 +866,11 @@ export class TargetReplica {
     this.copySession?.destroy();
     const deadline = this.deps.clock.now() + timeoutMs;
     while (!this.closed && (this.rows().some((d) => d.state === 'playing') || this.playable() !== undefined)) {
-      if (this.deps.clock.now() > deadline) throw new FerryError('UNAVAILABLE', `playback of the received delta sets did not finish within ${Math.round(timeoutMs / 1000)} s`);
-      this.playbackWaker.signal();
+      if (this.deps.clock.now() > deadline) {
+        throw new FerryError('UNAVAILABLE', `playback of the received delta sets did not finish within ${Math.round(timeoutMs / 1000)} s${this.stats.lastError ? ` (${this.stats.lastError})` : ''}`);
+      }
+      // Wake the playback now, but not again and again after a failure (it retries every 5 s).
+      if (this.deps.clock.now() - this.playbackFailedAtMs >= playbackRetryMs) this.playbackWaker.signal();
       await this.deps.clock.sleep(20);
     }
   }
