@@ -65,6 +65,7 @@ export function createMetrics(site: Site): Registry {
   pairGauge('ferry_replication_delta_set_played_back', 'Last delta set played back at the target', (p) => p.deltaSetPlayedBack);
   pairGauge('ferry_replication_retries_total', 'Failed sessions retried', (p) => p.retries);
   pairGauge('ferry_replication_corrupt_frames_total', 'Damaged frames refused or resent', (p) => p.corruptFrames);
+  pairGauge('ferry_replication_io_errors_total', 'Storage errors met by this end of the pair (save-volume writes, volume flushes, playbacks); the last one is in status as lastError', (p) => p.ioErrors);
   pairGauge('ferry_replication_initial_copy_ratio', 'Progress of the copy that makes the target whole (initial copy, resync or catch-up), 0 to 1', (p) => p.initialCopy.percent / 100);
   pairGauge('ferry_replication_catch_up', '1 while a catch-up copy runs (the backlog outgrew the save volume; the target serves a protective snapshot)', (p) => (p.initialCopy.catchUp && !p.initialCopy.done ? 1 : 0));
   pairGauge('ferry_replication_last_build_seconds', 'Time the newest delta set took to build at the source; above the interval, cuts come late and lag grows', (p) => (p.lastBuild ? p.lastBuild.buildMs / 1000 : 0));

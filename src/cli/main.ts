@@ -334,7 +334,7 @@ program
         ['save volume', `${formatSize(info.saveVolume.usedBytes)} of ${formatSize(info.saveVolume.capacityBytes)} used${info.saveVolume.full ? ' (FULL: tracking in the bitmap)' : ''}`],
         ['policy', info.role === 'source' ? `interval ${formatDuration(info.intervalMs)}, high water ${formatSize(info.highWaterBytes)}` : '-'],
         ...(info.lastBuild ? [['last build', describeBuild(info.lastBuild)] as [string, string]] : []),
-        ['errors', `${info.retries} retries, ${info.corruptFrames} damaged frames${info.lastError ? `, last: ${info.lastError}` : ''}`],
+        ['errors', `${info.retries} retries, ${info.corruptFrames} damaged frames, ${info.ioErrors} storage errors${info.lastError ? `, last: ${info.lastError}` : ''}`],
       ]);
       if (!opts.verbose) return lines;
       const rows = info.outstanding.map((d) => [String(d.n), d.state, d.createdAt, formatDuration(d.durationMs), String(d.blocks), d.buildMs === null ? '-' : formatDuration(d.buildMs), d.playbackMs === null ? '-' : formatDuration(d.playbackMs)]);

@@ -71,6 +71,8 @@ export interface SourceDeps {
 export interface SourceStats {
   retries: number;
   corruptFramesResent: number;
+  /** Storage errors met building delta sets or releasing their blocks from tracking. */
+  ioErrors: number;
   lastError: string;
   currentDeltaSet: number;
   currentChunk: number;
@@ -92,6 +94,7 @@ export class SourceReplicator {
   readonly stats: SourceStats = {
     retries: 0,
     corruptFramesResent: 0,
+    ioErrors: 0,
     lastError: '',
     currentDeltaSet: 0,
     currentChunk: 0,
@@ -371,6 +374,7 @@ export class SourceReplicator {
         await changeLog.sealed().catch((err: Error) => {
           // The delta set is ready; its extents just stay in the activity log (a crash
           // then marks them dirty again and they are sent again): safe, and said.
+          this.stats.ioErrors++;
           this.stats.lastError = `delta set ${n} is ready, but the volume could not be flushed to release its blocks from tracking: ${err.message}`;
           this.deps.log.warn({ volume: this.pair.volume, deltaSet: n, err: err.message }, 'the volume could not be flushed; the delta set\'s extents stay tracked');
         });

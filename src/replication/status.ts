@@ -31,6 +31,8 @@ export interface PairStatusView {
   connected: boolean;
   retries: number;
   corruptFrames: number;
+  /** Storage errors met by this end of the pair (save-volume writes, volume flushes, playbacks). */
+  ioErrors: number;
   lastError: string;
   /** Failover / resync / failback: phase, restart point, whether a full copy was needed, what was discarded. */
   recovery: RecoveryRecord | null;
@@ -80,6 +82,7 @@ export interface LiveFigures {
   connected: boolean;
   retries: number;
   corruptFrames: number;
+  ioErrors: number;
   lastError: string;
   currentDeltaSet: number;
   currentChunk: number;
@@ -141,6 +144,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     connected: live.connected,
     retries: live.retries,
     corruptFrames: live.corruptFrames,
+    ioErrors: live.ioErrors,
     lastError: live.lastError,
     recovery: pair.recovery ?? null,
     lastBuild: newest ? { deltaSet: newest.n, blocks: newest.blocks, buildMs, slowerThanInterval: buildMs > pair.intervalMs } : null,

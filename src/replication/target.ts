@@ -131,7 +131,8 @@ export interface TargetStats {
   saveVolumeFull: boolean;
   connected: boolean;
   playing: number;
-  /** The last I/O error met here (storing a chunk, flushing a copy, playing back), for status. */
+  /** I/O errors met here (storing a chunk, flushing a copy, playing back), and the last one, for status. */
+  ioErrors: number;
   lastError: string;
 }
 
@@ -153,6 +154,7 @@ export class TargetReplica {
     saveVolumeFull: false,
     connected: false,
     playing: 0,
+    ioErrors: 0,
     lastError: '',
   };
   private ring: RingSpace;
@@ -501,6 +503,7 @@ export class TargetReplica {
         // Made durable in the background: the pieces behind keep flowing meanwhile.
         this.copyFlushing = this.persistCopy()
           .catch((err: Error) => {
+            this.stats.ioErrors++;
             this.stats.lastError = `the copy's data could not be flushed (it is sent again from its last durable point): ${err.message}`;
             this.deps.log.error({ volume: pair.volume, err: err.message }, 'the copy\'s data could not be flushed: the session ends and the copy is sent again from its last durable point');
             connection.destroy();
@@ -641,6 +644,7 @@ export class TargetReplica {
       await journal.write(lsn, encoded);
       await journal.sync();
     } catch (err) {
+      this.stats.ioErrors++;
       this.stats.lastError = `chunk ${index} of delta set ${deltaSet} could not be stored in the save volume: ${(err as Error).message}`;
       // Chunks are stored one at a time (a newer session waits for this one): this is
       // the last allocation, and its space goes back, so the delta set's records stay
@@ -718,6 +722,7 @@ export class TargetReplica {
         try {
           await this.playOne(next);
         } catch (err) {
+          this.stats.ioErrors++;
           this.stats.lastError = `playback of delta set ${next.n} failed (it is tried again; readers keep a consistent image): ${(err as Error).message}`;
           this.playbackFailedAtMs = this.deps.clock.now();
           this.deps.log.error({ err, volume: this.pair.volume, deltaSet: next.n }, 'playback failed; the replica keeps its last consistent image');

@@ -121,7 +121,7 @@ test('ferry info tells when building a delta set takes longer than the interval 
   });
   const live: LiveFigures = {
     nowMs: 30_000, dirtyBlocks: 0, sourceNowMs: 30_000, rates: { current: 0, average: 0 }, saveVolume: { usedBytes: 0, capacityBytes: 1, full: false },
-    connected: true, retries: 0, corruptFrames: 0, lastError: '', currentDeltaSet: 2, currentChunk: 0,
+    connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', currentDeltaSet: 2, currentChunk: 0,
   };
   const quick = infoView(pair, [row(1, 10_000, 10_400), row(2, 15_000, 16_000)], live);
   assert.deepEqual(quick.lastBuild, { deltaSet: 2, blocks: 200, buildMs: 1000, slowerThanInterval: false });

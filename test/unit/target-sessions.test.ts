@@ -353,6 +353,7 @@ test('a playback that fails on an I/O error goes on showing readers the whole de
     await until('the failed playback has returned', () => env.target.stats.playing === 0);
     assert.equal(env.pair.deltaSetPlayedBack, 0);
     assert.match(env.target.stats.lastError, /playback of delta set 1 failed .*EIO/, 'status tells of the failure');
+      assert.equal(env.target.stats.ioErrors, 1);
     assert.equal(await env.visibleDigest(), expectedDigest([ds.expect]), 'readers see the whole delta set, not the part written');
     await until('delta set 1 played back on the retry', () => env.pair.deltaSetPlayedBack === 1, 15_000);
     assert.equal(await env.digest(), expectedDigest([ds.expect]));
