@@ -71,7 +71,7 @@ export interface SourceDeps {
 export interface SourceStats {
   retries: number;
   corruptFramesResent: number;
-  /** Storage errors met building delta sets or releasing their blocks from tracking. */
+  /** Storage errors met building delta sets (writing the save volume) or releasing their blocks from tracking. */
   ioErrors: number;
   lastError: string;
   currentDeltaSet: number;
@@ -295,8 +295,10 @@ export class SourceReplicator {
         try {
           await this.cut(reason);
         } catch (err) {
+          // Its blocks went back to the change log: they go out with the next one.
           this.deps.log.error({ err, volume: this.pair.volume }, 'delta set could not be created');
-          this.stats.lastError = (err as Error).message;
+          this.stats.ioErrors++;
+          this.stats.lastError = `a delta set could not be created (its blocks stay tracked): ${(err as Error).message}`;
         }
       } else if (reason === 'on-demand' && this.dirtyBlocks === 0) {
         this.trigger.rearm(now);
