@@ -870,7 +870,8 @@ export class TargetReplica {
     this.session?.destroy();
     this.copySession?.destroy();
     const deadline = this.deps.clock.now() + timeoutMs;
-    while (!this.closed && (this.rows().some((d) => d.state === 'playing') || this.playable() !== undefined)) {
+    // An interrupted playback ('playing') is playable too: it is redone.
+    while (!this.closed && this.playable() !== undefined) {
       if (this.deps.clock.now() > deadline) {
         throw new FerryError('UNAVAILABLE', `playback of the received delta sets did not finish within ${Math.round(timeoutMs / 1000)} s${this.stats.lastError ? ` (${this.stats.lastError})` : ''}`);
       }

@@ -137,7 +137,8 @@ export class ChangeLog {
 
   /**
    * The old table's blocks are recorded durably elsewhere (a catch-up copy's bitmap):
-   * they no longer need tracking here.
+   * they no longer need tracking here. No flush: the copy reads them from a snapshot,
+   * and taking it flushed the volume.
    */
   async handOff(): Promise<void> {
     assert(this.old !== undefined, 'hand-off without an old table');
@@ -162,11 +163,12 @@ export class ChangeLog {
    * Makes every dirty bit durable in the persisted bitmap (clean shutdown). No write can
    * come after, so the bitmap alone is exact: the activity log is emptied and the next
    * open (or a resync's undo list) sees exactly the blocks written, not whole extents.
+   * No flush: every block still dirty is in the bitmap, and the others left tracking at
+   * a seal, after one.
    */
   async close(): Promise<void> {
     if (this.old) this.current.or(this.old);
     await this.persistCurrent();
-    await this.flushData();
     this.al.cool([...this.al.hotExtents]);
     await this.al.flush();
   }

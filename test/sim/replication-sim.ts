@@ -252,11 +252,11 @@ class Connection {
   ) {}
 
   toTarget(f: ToTarget): void {
-    this.deliver('target', f, () => this.onTargetFrame(this.net.damage(f) ? { t: 'damaged' } : f));
+    this.deliver('target', () => this.onTargetFrame(this.net.damage(f) ? { t: 'damaged' } : f));
   }
 
   toSource(f: ToSource): void {
-    this.deliver('source', f, () => this.onSourceFrame(this.net.damage(f) ? { t: 'damaged' } : f));
+    this.deliver('source', () => this.onSourceFrame(this.net.damage(f) ? { t: 'damaged' } : f));
   }
 
   close(): void {
@@ -265,7 +265,7 @@ class Connection {
     for (const c of this.onClose) this.net.sched.at(this.net.latency(), c);
   }
 
-  private deliver(to: 'source' | 'target', _f: unknown, handle: () => void): void {
+  private deliver(to: 'source' | 'target', handle: () => void): void {
     if (!this.open) return;
     if (this.net.cutNow()) {
       this.close();
