@@ -11,8 +11,12 @@
  * (c) bytes on the wire per distinct block written when the same blocks are rewritten
  *     within one delta set (target 1.0 plus framing).
  *
+ * Each measured side starts with the machine's free memory held in the page cache (see
+ * MemoryOccupier in report.ts): on this VM, writes into memory that has been free for a
+ * few seconds are ten times slower, and the sides do not touch equal amounts of it.
+ *
  * Environment: BENCH_VOLUME_GIB (default 4), BENCH_DATA_GIB (default 2), BENCH_FIO_SECONDS (default 20),
- * BENCH_SAVE_VOLUME (default 4G), BENCH_COPY_ROUNDS (default 3).
+ * BENCH_SAVE_VOLUME (default 4G), BENCH_COPY_ROUNDS (default 3), BENCH_MEMORY=fresh (no memory held).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm, open } from 'node:fs/promises';
@@ -21,7 +25,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
 import { TestSite } from '../test/helpers/site.js';
-import { table, timed } from './report.js';
+import { MemoryOccupier, table, timed } from './report.js';
 import { pairStatus, waitInSync } from '../test/helpers/replication.js';
 
 const run = promisify(execFile);
@@ -61,8 +65,9 @@ async function waitPort(port: number): Promise<void> {
 }
 
 /** nbdcopy between two qemu-nbd exports of raw files on the same disk; `flush`: the copy ends with the data on disk. */
-async function nbdcopyReference(src: string, dst: string, flush: boolean): Promise<number> {
+async function nbdcopyReference(src: string, dst: string, flush: boolean, memory: MemoryOccupier): Promise<number> {
   await rm(dst, { force: true });
+  await memory.fill();
   const dstFh = await open(dst, 'w');
   await dstFh.truncate(volumeBytes);
   await dstFh.close();
@@ -88,7 +93,8 @@ async function stop(child: ChildProcess): Promise<void> {
 }
 
 /** One new remote copy by ferry between two fresh sites; the target's digest is checked. */
-async function ferryCopy(src: string): Promise<{ seconds: number; wireBytes: number; same: boolean }> {
+async function ferryCopy(src: string, memory: MemoryOccupier): Promise<{ seconds: number; wireBytes: number; same: boolean }> {
+  await memory.fill();
   const [a, b] = await Promise.all([TestSite.create('bench-a'), TestSite.create('bench-b')]);
   try {
     await a.api('POST', '/api/v1/volumes', { name: 'big', size: volumeBytes });
@@ -115,7 +121,7 @@ function median(xs: number[]): number {
  * disk make single runs vary by 2x or more, so each side is reported as its median
  * with the range beside it.
  */
-async function benchCopy(dir: string): Promise<string[][]> {
+async function benchCopy(dir: string, memory: MemoryOccupier): Promise<string[][]> {
   const src = join(dir, 'src.raw');
   const dst = join(dir, 'dst.raw');
   await writeDataFile(src, dataBytes);
@@ -125,10 +131,10 @@ async function benchCopy(dir: string): Promise<string[][]> {
   let wire = 0;
   let allSame = true;
   for (let round = 0; round < copyRounds; round++) {
-    plain.push(await nbdcopyReference(src, dst, false));
-    flushed.push(await nbdcopyReference(src, dst, true));
+    plain.push(await nbdcopyReference(src, dst, false, memory));
+    flushed.push(await nbdcopyReference(src, dst, true, memory));
     await rm(dst, { force: true });
-    const f = await ferryCopy(src);
+    const f = await ferryCopy(src, memory);
     ferry.push(f.seconds);
     wire = f.wireBytes;
     allSame &&= f.same;
@@ -158,7 +164,8 @@ async function fio(port: number, name: string, rw: string, bs: string, depth: nu
   return { iops: job.write.iops, mibps: job.write.bw_bytes / 1024 / 1024 };
 }
 
-async function benchWrites(): Promise<string[][]> {
+async function benchWrites(memory: MemoryOccupier): Promise<string[][]> {
+  await memory.fill();
   const [a, b] = await Promise.all([TestSite.create('bench-wa'), TestSite.create('bench-wb')]);
   const rows: string[][] = [];
   try {
@@ -221,11 +228,14 @@ async function main(): Promise<void> {
   const only = process.argv[2];
   const dir = await mkdtemp(join(tmpdir(), 'ferry-bench-repl-'));
   const rows: string[][] = [];
+  const memory = new MemoryOccupier(join(dir, 'memory'));
+  process.stdout.write(`memory condition: ${memory.condition}\n`);
   try {
     if (!only || only === 'c') rows.push(...(await benchRewrites()));
-    if (!only || only === 'a') rows.push(...(await benchCopy(dir)));
-    if (!only || only === 'b') rows.push(...(await benchWrites()));
+    if (!only || only === 'a') rows.push(...(await benchCopy(dir, memory)));
+    if (!only || only === 'b') rows.push(...(await benchWrites(memory)));
   } finally {
+    await memory.release();
     await rm(dir, { recursive: true, force: true });
   }
   process.stdout.write(`${table(['case', 'workload', 'ferry', 'reference', 'ratio', 'target / notes'], rows)}\n`);
