@@ -48,17 +48,10 @@ export class MemoryOccupier {
     return this.enabled ? 'free memory held in the page cache (BENCH_MEMORY=fresh to turn off)' : 'fresh memory (BENCH_MEMORY=fresh)';
   }
 
-  /** Bytes of free memory, or undefined off Linux. */
-  static async freeBytes(): Promise<number | undefined> {
-    const info = await readFile('/proc/meminfo', 'utf8').catch(() => '');
-    const kb = /^MemFree:\s+(\d+) kB/m.exec(info)?.[1];
-    return kb === undefined ? undefined : Number(kb) * 1024;
-  }
-
   /** Reads free memory less `keepFreeBytes` into the page cache; returns the bytes read. */
   async fill(): Promise<number> {
     if (!this.enabled) return 0;
-    const free = await MemoryOccupier.freeBytes();
+    const free = await freeMemoryBytes();
     const bytes = free === undefined ? 0 : Math.floor((free - this.keepFreeBytes) / (1024 * 1024)) * 1024 * 1024;
     if (bytes <= 0) return 0;
     await mkdir(this.dir, { recursive: true });
@@ -76,4 +69,11 @@ export class MemoryOccupier {
   async release(): Promise<void> {
     await rm(this.dir, { recursive: true, force: true });
   }
+}
+
+/** Bytes of free memory, or undefined off Linux. */
+async function freeMemoryBytes(): Promise<number | undefined> {
+  const info = await readFile('/proc/meminfo', 'utf8').catch(() => '');
+  const kb = /^MemFree:\s+(\d+) kB/m.exec(info)?.[1];
+  return kb === undefined ? undefined : Number(kb) * 1024;
 }

@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import { BufferPool } from '../lib/buffer-pool.js';
+import { byteLength } from '../lib/byte-parts.js';
 import { type Clock, Waker } from '../lib/clock.js';
 import { FerryError, isFerryError } from '../lib/errors.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
@@ -208,7 +209,7 @@ export class CopyRunner {
           const piece = await copyPiece(plan, window.cursor);
           const payload = [copyFramePrefix(plan.copyId, piece.from, piece.end), ...encodeChunkParts({ extents: piece.extents, data: piece.data })];
           connection.send(ReplFrame.CopyData, payload, { generation }, piece.release);
-          this.deps.countSent(payload.reduce((n, p) => n + p.length, 0));
+          this.deps.countSent(byteLength(payload));
           copy.bytes += piece.data.length;
           window.sent(piece.end, piece.blocks);
         }

@@ -165,7 +165,6 @@ export function infoView(pair: PairRecord, rows: DeltaSetRecord[], live: LiveFig
       buildMs: pair.role === 'source' ? d.sealedAtMs - d.createdAtMs : null,
       playbackMs: d.playbackMs ?? null,
     }));
-
   return {
     ...view,
     currentDeltaSet: live.currentDeltaSet,
