@@ -2,7 +2,7 @@ import { BufferPool } from '../lib/buffer-pool.js';
 import { byteLength } from '../lib/byte-parts.js';
 import { crc32c, crc32cCombine, crc32cParts } from '../lib/checksum.js';
 import { assert } from '../lib/errors.js';
-import type { PagedBitmap } from '../lib/paged-bitmap.js';
+import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { JournalRecordType, recordSpanBytes, type JournalFile, type RingSpace } from '../storage/journal.js';
 import type { Volume } from '../storage/volume.js';
 import { chunkDataBytesMax, chunkExtentsMax, encodeExtentList, type ChunkExtent } from './chunk.js';
@@ -71,6 +71,12 @@ export class DeltaSetBuilder {
   private dataBytes = 0;
   private startLsn: number | undefined;
   private readonly writes: Promise<void>[] = [];
+  /**
+   * Blocks copied out of the old table (their bits cleared there). If the delta set
+   * cannot be finished, they are tracked again with the rest (`ChangeLog.mergeOldBack`):
+   * the delta set is dropped, and its blocks must not leave tracking with it.
+   */
+  readonly copied: PagedBitmap;
 
   constructor(
     private readonly volume: Volume,
@@ -79,7 +85,9 @@ export class DeltaSetBuilder {
     private readonly ring: RingSpace,
     private readonly generation: number,
     readonly deltaSet: number,
-  ) {}
+  ) {
+    this.copied = new PagedBitmap(old.bitCount);
+  }
 
   /** Copies every block still set in the old table, in block order. */
   async copyAll(): Promise<void> {
@@ -123,6 +131,7 @@ export class DeltaSetBuilder {
       }
       if (cursor < end) this.addZero(cursor, end - cursor);
       this.old.clearRange(s, n);
+      this.copied.setRange(s, n);
     }
   }
 

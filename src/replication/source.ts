@@ -385,7 +385,7 @@ export class SourceReplicator {
         this.sendWaker.signal();
       } catch (err) {
         changeLog.setCopier(undefined);
-        await changeLog.mergeOldBack();
+        await changeLog.mergeOldBack(builder.copied);
         this.buildingBlocks = 0;
         throw err;
       } finally {

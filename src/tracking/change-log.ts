@@ -146,10 +146,14 @@ export class ChangeLog {
     await this.persistCurrent();
   }
 
-  /** Abandons the old table by merging it back (flow control: the save volume is full). */
-  async mergeOldBack(): Promise<void> {
+  /**
+   * Abandons the old table by merging it back (its delta set could not be built), with
+   * `copied`: the blocks already copied out of it into the delta set being dropped.
+   */
+  async mergeOldBack(copied?: PagedBitmap): Promise<void> {
     if (!this.old) return;
     this.current.or(this.old);
+    if (copied) this.current.or(copied);
     this.old = undefined;
     await this.persistCurrent();
   }
