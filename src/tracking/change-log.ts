@@ -128,14 +128,6 @@ export class ChangeLog {
   }
 
   /**
-   * Puts blocks back into the new table (a delta set that could not be built, e.g. the
-   * save volume was full): they will go out with the next one.
-   */
-  requeue(bitmap: PagedBitmap): void {
-    this.current.or(bitmap);
-  }
-
-  /**
    * The old table's blocks are recorded durably elsewhere (a catch-up copy's bitmap):
    * they no longer need tracking here. No flush: the copy reads them from a snapshot,
    * and taking it flushed the volume.
