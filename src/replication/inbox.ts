@@ -65,6 +65,11 @@ export class Inbox {
     });
   }
 
+  /** The type of the frame `next` would return now without waiting, if one is queued. */
+  get nextQueuedType(): number | undefined {
+    return this.queue[0]?.type;
+  }
+
   /** Consumes queued acknowledgements (while idle) and hands them to `fn`. */
   drainAcks(fn: (ack: AckBody) => void): void {
     for (let i = 0; i < this.queue.length; ) {

@@ -1,5 +1,5 @@
 import { crc32c, crc32cCombine } from '../lib/checksum.js';
-import { FerryError } from '../lib/errors.js';
+import { FerryError, assert } from '../lib/errors.js';
 import type { RingSpace } from '../storage/journal.js';
 import { headerCrcFields, type AckBody, type CopyAckBody, type DeltaSetHeaderBody, type NackBody, type TargetPosition } from './protocol.js';
 
@@ -225,6 +225,12 @@ export class ReceiveLedger {
   private dataCrc = 0;
   /** Save-volume space taken for chunks being written, not yet stored. */
   private readonly writing = new Set<number>();
+  /**
+   * Chunks written to the save volume, in order after the stored ones, waiting for the
+   * sync that makes them durable (one sync for several: a group commit). They are not
+   * stored, so not acknowledged, until then.
+   */
+  private unsynced: { chunk: StoredChunk; dataCrc: number }[] = [];
 
   /** `received`: the last delta set completely received and durable. */
   constructor(public received: number) {}
@@ -234,8 +240,14 @@ export class ReceiveLedger {
     return this.received + 1;
   }
 
+  /** Chunks durable in the save volume: what an acknowledgement may say. */
   get chunksStored(): number {
     return this.chunks.length;
+  }
+
+  /** Chunks written, durable or waiting for their sync: the next chunk expected is this one. */
+  get chunksWritten(): number {
+    return this.chunks.length + this.unsynced.length;
   }
 
   /** Where the first stored chunk of the delta set being received starts. */
@@ -267,16 +279,45 @@ export class ReceiveLedger {
   onChunk(deltaSet: number, index: number): ChunkVerdict {
     if (deltaSet <= this.received) return { kind: 'already-sealed' };
     if (deltaSet !== this.n) return { kind: 'out-of-order', reason: `expected delta set ${this.n}, got ${deltaSet}` };
-    if (index < this.chunks.length) return { kind: 'duplicate' };
-    if (index > this.chunks.length) return { kind: 'out-of-order', reason: `chunk ${index} arrived before chunk ${this.chunks.length}` };
+    if (index < this.chunksWritten) return { kind: 'duplicate' };
+    if (index > this.chunksWritten) return { kind: 'out-of-order', reason: `chunk ${index} arrived before chunk ${this.chunksWritten}` };
     return { kind: 'store' };
   }
 
   /** The chunk the last `store` verdict was for is durable; `dataCrc` is over its block data. */
   stored(chunk: StoredChunk, dataCrc: number): void {
+    assert(this.unsynced.length === 0, 'a chunk stored while written chunks wait for their sync');
     this.writing.delete(chunk.lsn);
     this.chunks.push(chunk);
     this.dataCrc = crc32cCombine(this.dataCrc, dataCrc, chunk.dataBytes);
+  }
+
+  /** The chunk the last `store` verdict was for is written; it is stored at the next `synced`. Its space stays held. */
+  written(chunk: StoredChunk, dataCrc: number): void {
+    this.unsynced.push({ chunk, dataCrc });
+  }
+
+  /** The save volume was synced: every chunk written before is durable, in order. */
+  synced(): void {
+    const waiting = this.unsynced;
+    this.unsynced = [];
+    for (const { chunk, dataCrc } of waiting) {
+      this.writing.delete(chunk.lsn);
+      this.chunks.push(chunk);
+      this.dataCrc = crc32cCombine(this.dataCrc, dataCrc, chunk.dataBytes);
+    }
+  }
+
+  /**
+   * The sync failed: no chunk written since the last one is known durable. They are
+   * dropped (they will be sent again) and returned, oldest first, for the caller to
+   * give their space back.
+   */
+  dropUnsynced(): StoredChunk[] {
+    const dropped = this.unsynced.map((u) => u.chunk);
+    this.unsynced = [];
+    for (const c of dropped) this.writing.delete(c.lsn);
+    return dropped;
   }
 
   onHeader(header: DeltaSetHeaderBody): HeaderVerdict {
@@ -296,6 +337,7 @@ export class ReceiveLedger {
 
   /** Delta set `n` is recorded as received: the next one starts empty. */
   sealed(n: number): void {
+    assert(this.unsynced.length === 0, `delta set ${n} sealed while written chunks wait for their sync`);
     this.received = n;
     this.chunks = [];
     this.dataCrc = 0;

@@ -53,6 +53,12 @@ const copyPersistMs = 1_000;
  * them or writes its data; the cursor still advances in order.
  */
 const copyPiecesApplyingMax = 4;
+/**
+ * Chunks written to the save volume before one sync makes them all durable (a group
+ * commit): while more chunks of the delta set are already queued, the target writes
+ * them and syncs once. A chunk is acknowledged only after its sync.
+ */
+const chunksPerSyncMax = 8;
 /** Buffers playback reads chunk records into, one at a time per replica. */
 const playbackBuffers = new BufferPool(chunkBytesMax, 4);
 
@@ -159,6 +165,8 @@ export class TargetReplica {
   };
   private ring: RingSpace;
   private receiving: ReceiveLedger;
+  /** Save-volume space of the chunks written and waiting for their sync, oldest first (given back if it fails). */
+  private unsyncedSpace: { lsn: number; span: number; previousHead: number }[] = [];
   private overlay: Map<number, OverlayEntry> | undefined;
   private readonly playbackWaker = new Waker();
   private readonly spaceWaker = new Waker();
@@ -299,8 +307,10 @@ export class TargetReplica {
         'replication session',
         // Rule 4: a damaged frame is refused, counted, and asked for again.
         () => this.nack(connection, this.receiving.chunksStored, 'frame failed its checksum'),
-        (frame) => this.handle(connection, frame),
+        (frame, inbox) => this.handle(connection, frame, inbox.nextQueuedType === ReplFrame.Chunk),
       );
+      // Chunks written and not yet synced are made durable (or dropped) before the next session starts.
+      await this.commitChunks(connection).catch(() => undefined);
     })();
     this.sessionDone = done.catch(() => undefined);
     try {
@@ -349,7 +359,7 @@ export class TargetReplica {
   }
 
   /** Answers the open, then hands each frame to `handle`; frames of an older generation end the session (rule 5). */
-  private async runSession(connection: RcpConnection, what: string, onCorrupt: () => void, handle: (frame: Frame) => Promise<void>): Promise<void> {
+  private async runSession(connection: RcpConnection, what: string, onCorrupt: () => void, handle: (frame: Frame, inbox: Inbox) => Promise<void>): Promise<void> {
     const inbox = new Inbox(connection);
     const generation = BigInt(this.deps.pair.generation);
     connection.on('corrupt', () => {
@@ -367,7 +377,7 @@ export class TargetReplica {
           return;
         }
         try {
-          await handle(frame);
+          await handle(frame, inbox);
         } finally {
           frame.release?.();
         }
@@ -409,10 +419,12 @@ export class TargetReplica {
     }
   }
 
-  private async handle(connection: RcpConnection, frame: Frame): Promise<void> {
+  /** `chunkQueued`: the frame after this one is already here and is a chunk. */
+  private async handle(connection: RcpConnection, frame: Frame, chunkQueued: boolean): Promise<void> {
+    if (frame.type === ReplFrame.Chunk) return this.storeChunk(connection, frame, chunkQueued);
+    // Whatever the frame, the chunks written before it are made durable and acknowledged first.
+    await this.commitChunks(connection);
     switch (frame.type) {
-      case ReplFrame.Chunk:
-        return this.storeChunk(connection, frame);
       case ReplFrame.DeltaSetHeader:
         return this.seal(connection, json<DeltaSetHeaderBody>(frame));
       case ReplFrame.Heartbeat: {
@@ -600,7 +612,7 @@ export class TargetReplica {
 
   // ---- delta sets -------------------------------------------------------------------
 
-  private async storeChunk(connection: RcpConnection, frame: Frame): Promise<void> {
+  private async storeChunk(connection: RcpConnection, frame: Frame, chunkQueued: boolean): Promise<void> {
     const { volume, pair, journal } = this.deps;
     const { payload } = frame;
     const { deltaSet, index, chunkBytes } = decodeChunkFrame(payload);
@@ -631,6 +643,7 @@ export class TargetReplica {
       // until playback frees space; the source is told it is alive but full.
       if (span > this.ring.capacityBytes) throw new FerryError('UNAVAILABLE', 'a chunk is larger than the whole save volume');
       this.stats.saveVolumeFull = true;
+      await this.commitChunks(connection);
       this.ack(connection, deltaSet, this.receiving.chunksStored, false);
       await this.spaceWaker.wait(this.deps.clock, fullNoticeMs);
       if (this.closed || connection.isClosed) return;
@@ -642,20 +655,47 @@ export class TargetReplica {
     this.receiving.writingAt(lsn);
     try {
       await journal.write(lsn, encoded);
-      await journal.sync();
     } catch (err) {
       this.stats.ioErrors++;
       this.stats.lastError = `chunk ${index} of delta set ${deltaSet} could not be stored in the save volume: ${(err as Error).message}`;
-      // Chunks are stored one at a time (a newer session waits for this one): this is
+      // Chunks are written one at a time (a newer session waits for this one): this is
       // the last allocation, and its space goes back, so the delta set's records stay
-      // one after another.
+      // one after another. The chunks written before it are synced when the session ends.
       this.receiving.abandon(lsn);
       this.ring.giveBack(lsn, span, previousHead);
       throw err;
     }
-    this.receiving.stored({ lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length }, chunkDataCrc);
+    this.receiving.written({ lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length }, chunkDataCrc);
+    this.unsyncedSpace.push({ lsn, span, previousHead });
     pair.bytesReceived += payload.length;
-    this.ack(connection, deltaSet, this.receiving.chunksStored, false);
+    // The next chunk is already here: it is written before the sync that covers both.
+    if (chunkQueued && this.unsyncedSpace.length < chunksPerSyncMax) return;
+    await this.commitChunks(connection);
+  }
+
+  /**
+   * One sync for the chunks written since the last: then they are stored, and
+   * acknowledged. If it fails none of them is known durable: they are dropped, their
+   * space goes back (they are the last allocations, one after another) and the source
+   * sends them again.
+   */
+  private async commitChunks(connection: RcpConnection): Promise<void> {
+    if (this.unsyncedSpace.length === 0) return;
+    try {
+      await this.deps.journal.sync();
+    } catch (err) {
+      const first = this.receiving.chunksStored;
+      const last = this.receiving.chunksWritten - 1;
+      this.receiving.dropUnsynced();
+      for (const { lsn, span, previousHead } of this.unsyncedSpace.reverse()) this.ring.giveBack(lsn, span, previousHead);
+      this.unsyncedSpace = [];
+      this.stats.ioErrors++;
+      this.stats.lastError = `${last > first ? `chunks ${first}-${last}` : `chunk ${first}`} of delta set ${this.receiving.n} could not be stored in the save volume: ${(err as Error).message}`;
+      throw err;
+    }
+    this.receiving.synced();
+    this.unsyncedSpace = [];
+    if (!connection.isClosed) this.ack(connection, this.receiving.n, this.receiving.chunksStored, false);
   }
 
   private async seal(connection: RcpConnection, header: DeltaSetHeaderBody): Promise<void> {

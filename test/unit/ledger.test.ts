@@ -83,6 +83,38 @@ test('receiver ledger: chunks in order only; a delta set is sealed only when all
   assert.deepEqual(l.onHeader(header(4, 2, 3, 16, whole)), { kind: 'already-sealed' });
 });
 
+test('receiver ledger, group commit: written chunks are taken in order but stored (acknowledged) only at the sync; a failed sync drops them', () => {
+  const l = new ReceiveLedger(0);
+  const data = [1, 2, 3].map((v) => Buffer.alloc(8, v));
+  for (const [i, lsn] of [0, 512, 1024].entries()) {
+    assert.deepEqual(l.onChunk(1, i), { kind: 'store' });
+    l.writingAt(lsn);
+    l.written({ lsn, blocks: 1, dataBytes: 8 }, crc32c(data[i] as Buffer));
+  }
+  assert.equal(l.chunksStored, 0, 'nothing is acknowledged before the sync');
+  assert.equal(l.chunksWritten, 3);
+  assert.deepEqual(l.onChunk(1, 2), { kind: 'duplicate' }, 'a written chunk sent again is not written twice');
+  assert.equal(l.onChunk(1, 4).kind, 'out-of-order');
+  assert.equal(l.heldFromLsn, 0, 'written chunks keep their space');
+  const whole = crc32c(Buffer.concat(data));
+  assert.equal(l.onHeader(header(1, 3, 3, 24, whole)).kind, 'incomplete', 'a delta set is not sealed on chunks not yet durable');
+  l.synced();
+  assert.equal(l.chunksStored, 3);
+  assert.deepEqual(l.onHeader(header(1, 3, 3, 24, whole)), { kind: 'seal', blocks: 3, dataBytes: 24, startLsn: 0 });
+
+  // A sync that fails: the chunks written since the last one are dropped, to be sent again.
+  assert.deepEqual(l.onChunk(1, 3), { kind: 'store' });
+  l.writingAt(1536);
+  l.written({ lsn: 1536, blocks: 1, dataBytes: 8 }, crc32c(data[0] as Buffer));
+  assert.deepEqual(l.dropUnsynced(), [{ lsn: 1536, blocks: 1, dataBytes: 8 }]);
+  assert.equal(l.chunksWritten, 3);
+  assert.deepEqual(l.onChunk(1, 3), { kind: 'store' }, 'the dropped chunk is expected again');
+  assert.equal(l.heldFromLsn, 0);
+  l.writingAt(1536);
+  l.written({ lsn: 1536, blocks: 1, dataBytes: 8 }, crc32c(data[0] as Buffer));
+  assert.throws(() => l.sealed(1), /wait for their sync/, 'never sealed over chunks not yet durable');
+});
+
 test('resume point, the row to send, what playback takes next, what may be freed at each end', () => {
   assert.deepEqual(resumePoint({ generation: 2, deltaSetReceived: 6, chunksStored: 3 }, { generation: 2, deltaSetCreated: 9 }), { next: 7, fromChunk: 3, received: 6 });
   assert.equal(resumePoint({ generation: 1, deltaSetReceived: 6, chunksStored: 0 }, { generation: 2, deltaSetCreated: 3 }).received, undefined, 'another generation holds nothing of ours');

@@ -379,3 +379,27 @@ test('a chunk whose fsync fails leaves no hole in the save volume: sent again, t
     assert.equal(await env.digest(), expectedDigest([ds.expect]));
     conn.destroy();
   }));
+
+test('chunks written under one sync (group commit) are all dropped when it fails, and sent again: no hole, the delta set seals', () =>
+  withEnv({}, async (env) => {
+    const ds = deltaSet(1, 4);
+    const first = await env.session();
+    first.conn.send(ReplFrame.Chunk, ds.frames[0] as [Buffer, Buffer], { generation: 1n });
+    await until('chunk 0 stored', () => acked(first.frames, (a) => a.chunksStored === 1));
+    env.failNextSync();
+    // Two chunks in one write: the second is queued when the first is written, so one sync covers both.
+    first.conn.socket.cork();
+    first.conn.send(ReplFrame.Chunk, ds.frames[1] as [Buffer, Buffer], { generation: 1n });
+    first.conn.send(ReplFrame.Chunk, ds.frames[2] as [Buffer, Buffer], { generation: 1n });
+    first.conn.socket.uncork();
+    await until('the target ends the session', () => first.conn.isClosed);
+    assert.match(env.target.stats.lastError, /chunks 1-2 of delta set 1 could not be stored.*EIO/);
+    assert.ok(!acked(first.frames, (a) => a.chunksStored > 1), 'neither chunk was acknowledged');
+    const { conn, position, frames } = await env.session();
+    assert.equal(position.chunksStored, 1, 'neither chunk of the failed sync is counted');
+    send(conn, ds, 1);
+    await until('delta set 1 sealed', () => acked(frames, (a) => a.sealed));
+    await until('delta set 1 played back', () => env.pair.deltaSetPlayedBack === 1);
+    assert.equal(await env.digest(), expectedDigest([ds.expect]));
+    conn.destroy();
+  }));
