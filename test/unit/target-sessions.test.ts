@@ -248,6 +248,20 @@ function expectedDigest(sets: Map<number, number>[]): string {
   return createHash('sha256').update(buf).digest('hex');
 }
 
+/**
+ * Delta set 1 resumed on a new session: the target says it holds `stored` chunks, the
+ * rest is sent, and the delta set seals, plays back and reads back whole.
+ */
+async function resumeAndPlayBack(env: Env, ds: ReturnType<typeof deltaSet>, stored: number, why: string, session = env.session()): Promise<void> {
+  const { conn, position, frames } = await session;
+  assert.equal(position.chunksStored, stored, why);
+  send(conn, ds, stored);
+  await until('delta set 1 sealed', () => acked(frames, (a) => a.sealed));
+  await until('delta set 1 played back', () => env.pair.deltaSetPlayedBack === 1);
+  assert.equal(await env.digest(), expectedDigest([ds.expect]));
+  conn.destroy();
+}
+
 test('a new session waits for the chunk the old one is still storing: it resumes after it, the chunk is stored once, and the delta set seals and plays back', () =>
   withEnv({}, async (env) => {
     const ds = deltaSet(1, 3);
@@ -268,13 +282,7 @@ test('a new session waits for the chunk the old one is still storing: it resumes
     await new Promise((r) => setTimeout(r, 300));
     assert.equal(answered, false, 'the new session was answered while a chunk of the old one was still being stored');
     stall.release();
-    const { conn, position, frames } = await second;
-    assert.equal(position.chunksStored, 2, 'the new session resumes after the chunk the old one stored');
-    send(conn, ds, 2);
-    await until('delta set 1 sealed', () => acked(frames, (a) => a.sealed));
-    await until('delta set 1 played back', () => env.pair.deltaSetPlayedBack === 1);
-    assert.equal(await env.digest(), expectedDigest([ds.expect]));
-    conn.destroy();
+    await resumeAndPlayBack(env, ds, 2, 'the new session resumes after the chunk the old one stored', second);
   }));
 
 test('a playback that ends while a chunk of the next delta set is being written does not free that chunk\'s space', () =>
@@ -371,13 +379,7 @@ test('a chunk whose fsync fails leaves no hole in the save volume: sent again, t
     first.conn.send(ReplFrame.Chunk, ds.frames[1] as [Buffer, Buffer], { generation: 1n });
     await until('the target ends the session', () => first.conn.isClosed);
     assert.match(env.target.stats.lastError, /chunk 1 of delta set 1 could not be stored.*EIO/);
-    const { conn, position, frames } = await env.session();
-    assert.equal(position.chunksStored, 1, 'the chunk whose fsync failed is not counted');
-    send(conn, ds, 1);
-    await until('delta set 1 sealed', () => acked(frames, (a) => a.sealed));
-    await until('delta set 1 played back', () => env.pair.deltaSetPlayedBack === 1);
-    assert.equal(await env.digest(), expectedDigest([ds.expect]));
-    conn.destroy();
+    await resumeAndPlayBack(env, ds, 1, 'the chunk whose fsync failed is not counted');
   }));
 
 test('chunks written under one sync (group commit) are all dropped when it fails, and sent again: no hole, the delta set seals', () =>
@@ -395,11 +397,5 @@ test('chunks written under one sync (group commit) are all dropped when it fails
     await until('the target ends the session', () => first.conn.isClosed);
     assert.match(env.target.stats.lastError, /chunks 1-2 of delta set 1 could not be stored.*EIO/);
     assert.ok(!acked(first.frames, (a) => a.chunksStored > 1), 'neither chunk was acknowledged');
-    const { conn, position, frames } = await env.session();
-    assert.equal(position.chunksStored, 1, 'neither chunk of the failed sync is counted');
-    send(conn, ds, 1);
-    await until('delta set 1 sealed', () => acked(frames, (a) => a.sealed));
-    await until('delta set 1 played back', () => env.pair.deltaSetPlayedBack === 1);
-    assert.equal(await env.digest(), expectedDigest([ds.expect]));
-    conn.destroy();
+    await resumeAndPlayBack(env, ds, 1, 'neither chunk of the failed sync is counted');
   }));
