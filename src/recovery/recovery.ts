@@ -5,7 +5,7 @@ import { FerryError } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
 import { BitmapFile, readBitmapFile, writeBitmapFile } from '../storage/bitmap-file.js';
-import { JournalFile } from '../storage/journal.js';
+import { JournalFile, JournalRecordType } from '../storage/journal.js';
 import type { PairRecord, RecoveryRecord, FailoverMode } from '../storage/replication-catalog.js';
 import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '../tracking/activity-log.js';
 import { extentBytesDefault } from '../tracking/change-log.js';
@@ -856,7 +856,7 @@ export class Recovery {
           if (!ds) return full(`delta set ${n} is missing`);
           let lsn = ds.startLsn;
           for (let index = 0; index < ds.chunks; index++) {
-            const record = await journal.readNext(lsn, ds.endLsn, undoReadBuffers).catch(() => undefined);
+            const record = await journal.readNext(lsn, ds.endLsn, undoReadBuffers, { type: JournalRecordType.Chunk, generation: ds.generation, deltaSet: n, index }).catch(() => undefined);
             try {
               if (!record || record.deltaSet !== n || record.index !== index || record.generation !== ds.generation) {
                 return full(`delta set ${n} is damaged in the save volume (chunk ${index})`);

@@ -634,17 +634,18 @@ export class SourceReplicator {
     this.cutWaker.signal();
   }
 
-  /** Where each chunk record of a delta set is, found by walking its records. */
+  /**
+   * Where each chunk record of a delta set is, found by walking their headers (each
+   * chunk's data is checked as it is read to be sent).
+   */
   private async chunkPositions(ds: DeltaSetRecord): Promise<number[]> {
     const out: number[] = [];
     let lsn = ds.startLsn;
     while (out.length < ds.chunks) {
-      const record = await this.deps.journal.readNext(lsn, ds.endLsn);
-      if (!record || record.deltaSet !== ds.n || record.index !== out.length) {
-        throw new FerryError('CORRUPT_RECORD', `save volume: chunk ${out.length} of delta set ${ds.n} is missing or damaged`);
-      }
-      out.push(record.lsn);
-      lsn = record.nextLsn;
+      const header = await this.deps.journal.findHeader(lsn, ds.endLsn, { type: JournalRecordType.Chunk, generation: ds.generation, deltaSet: ds.n, index: out.length });
+      if (!header) throw new FerryError('CORRUPT_RECORD', `save volume: chunk ${out.length} of delta set ${ds.n} is missing or damaged`);
+      out.push(header.lsn);
+      lsn = header.nextLsn;
     }
     return out;
   }

@@ -785,7 +785,7 @@ export class TargetReplica {
     const overlay = new Map<number, OverlayEntry>();
     let lsn = ds.startLsn;
     for (let index = 0; index < ds.chunks; index++) {
-      const record = await journal.readNext(lsn, ds.endLsn, playbackBuffers);
+      const record = await journal.readNext(lsn, ds.endLsn, playbackBuffers, { type: JournalRecordType.Chunk, generation: ds.generation, deltaSet: ds.n, index });
       try {
         if (!record || record.deltaSet !== ds.n || record.index !== index || record.generation !== ds.generation) {
           throw new FerryError('CORRUPT_RECORD', `save volume: chunk ${index} of delta set ${ds.n} is missing or damaged`);
@@ -869,7 +869,7 @@ export class TargetReplica {
     let lsn = this.ring.head;
     for (let index = 0; ; index++) {
       const limit = this.ring.tail + this.ring.capacityBytes;
-      const record = await journal.readNext(lsn, limit);
+      const record = await journal.readNext(lsn, limit, undefined, { type: JournalRecordType.Chunk, generation: pair.generation, deltaSet: n, index });
       if (!record || record.deltaSet !== n || record.index !== index || record.generation !== pair.generation) break;
       const chunk = decodeChunk(record.payload, this.deps.volume.blockBytes, this.deps.volume.blockCount);
       this.ring.head = record.nextLsn;

@@ -163,6 +163,43 @@ export class JournalFile {
   }
 
   /**
+   * The header of the record at `lsn` (checked, its payload neither read nor checked:
+   * a walk that only needs where the records are), or undefined if there is no intact
+   * header there.
+   */
+  async readHeader(lsn: number): Promise<(JournalRecordHeader & { lsn: number; nextLsn: number }) | undefined> {
+    const offset = lsn % this.capacityBytes;
+    const head = Buffer.alloc(journalRecordHeaderBytes);
+    const { bytesRead } = await this.fh.read(head, 0, head.length, offset);
+    if (bytesRead < head.length || head.readUInt32LE(0) !== journalRecordMagic || head.readUInt32LE(36) !== crc32c(head.subarray(0, 36))) return undefined;
+    const payloadBytes = head.readUInt32LE(28);
+    if (offset + journalRecordHeaderBytes + payloadBytes > this.capacityBytes) return undefined;
+    return {
+      type: head.readUInt16LE(4),
+      flags: head.readUInt16LE(6),
+      generation: Number(head.readBigUInt64LE(8)),
+      deltaSet: Number(head.readBigUInt64LE(16)),
+      index: head.readUInt32LE(24),
+      lsn,
+      nextLsn: lsn + recordSpanBytes(payloadBytes),
+    };
+  }
+
+  /**
+   * The header of the record `expect` names, at `lsn` or, when the writer skipped to the
+   * next lap there, at the start of the next lap; undefined if it is at neither.
+   */
+  async findHeader(lsn: number, limitLsn: number, expect: Partial<JournalRecordHeader>): Promise<(JournalRecordHeader & { lsn: number; nextLsn: number }) | undefined> {
+    for (const at of [lsn, lsn + (this.capacityBytes - (lsn % this.capacityBytes))]) {
+      if (at >= limitLsn) return undefined;
+      const header = await this.readHeader(at);
+      if (header && Object.entries(expect).every(([key, value]) => header[key as keyof JournalRecordHeader] === value)) return header;
+      if (lsn % this.capacityBytes === 0) return undefined;
+    }
+    return undefined;
+  }
+
+  /**
    * Reads the record at `lsn`; throws CORRUPT_RECORD if it is not an intact record
    * (what a torn or overwritten record looks like). `expect` checks its identity.
    */
@@ -207,13 +244,15 @@ export class JournalFile {
 
   /**
    * Reads the record at `lsn` or, when the writer skipped to the next lap there, at the
-   * start of the next lap. Returns undefined at the end of what was written.
+   * start of the next lap. Returns undefined at the end of what was written. With
+   * `expect`, a record there that is intact but not the one expected (an older lap's,
+   * left where the writer skipped) counts as no record.
    */
-  async readNext(lsn: number, limitLsn: number, pool?: BufferPool): Promise<JournalRecord | undefined> {
+  async readNext(lsn: number, limitLsn: number, pool?: BufferPool, expect?: Partial<JournalRecordHeader>): Promise<JournalRecord | undefined> {
     for (const at of [lsn, lsn + (this.capacityBytes - (lsn % this.capacityBytes))]) {
       if (at >= limitLsn) return undefined;
       try {
-        return await this.read(at, undefined, pool);
+        return await this.read(at, expect, pool);
       } catch {
         if (at !== lsn || lsn % this.capacityBytes === 0) return undefined;
       }

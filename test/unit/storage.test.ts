@@ -12,7 +12,7 @@ import { VolumeStore } from '../../src/storage/volume-store.js';
 import { isFerryError } from '../../src/lib/errors.js';
 import { runLimited } from '../../src/lib/concurrency.js';
 import { bitsPerPage } from '../../src/lib/paged-bitmap.js';
-import { JournalFile, JournalRecordType, journalRecordHeaderBytes, recordSpanBytes } from '../../src/storage/journal.js';
+import { JournalFile, JournalRecordType, RingSpace, journalRecordHeaderBytes, recordSpanBytes } from '../../src/storage/journal.js';
 import { randomBytes } from 'node:crypto';
 import { BufferPool } from '../../src/lib/buffer-pool.js';
 
@@ -343,6 +343,57 @@ test('save-volume records written whole or from their parts read back the same; 
       await fh.write(byte, 0, 1, at);
       await fh.close();
       await assert.rejects(journal.read(0), (err) => isFerryError(err, 'CORRUPT_RECORD'));
+    } finally {
+      await journal.close();
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('a header walk finds records by header alone, and past a lap skip over a stale intact record', async () => {
+  const dir = await tempDir();
+  try {
+    const capacity = 64 * 1024;
+    const journal = await JournalFile.open(join(dir, 'save.journal'), capacity);
+    const ring = new RingSpace(capacity);
+    try {
+      const append = async (deltaSet: number, index: number, spanBytes: number): Promise<number> => {
+        const record = journal.encode({ type: JournalRecordType.Chunk, flags: 0, generation: 1, deltaSet, index }, randomBytes(spanBytes - journalRecordHeaderBytes));
+        assert.equal(record.length, spanBytes);
+        ring.release(ring.head);
+        const lsn = ring.allocate(record.length) as number;
+        await journal.write(lsn, record);
+        return lsn;
+      };
+      // Lap 0: delta set 1 in eight records of 8 KiB.
+      for (let index = 0; index < 8; index++) await append(1, index, 8 * 1024);
+      // Lap 1: delta set 2 in records of 24 KiB: two fit, the third would cross the end
+      // of the lap at 48 KiB and goes to the start of the next (over the first, released);
+      // at 48 KiB, delta set 1's seventh record is still whole.
+      const lsns: number[] = [];
+      for (let index = 0; index < 3; index++) lsns.push(await append(2, index, 24 * 1024));
+      assert.deepEqual(lsns, [capacity, capacity + 24 * 1024, 2 * capacity]);
+      const stale = await journal.readHeader(capacity + 48 * 1024);
+      assert.deepEqual([stale?.deltaSet, stale?.index], [1, 6], 'an intact record of an older delta set is where the walk arrives');
+      let lsn = lsns[1]!;
+      for (let index = 1; index < 3; index++) {
+        const header = await journal.findHeader(lsn, ring.head, { type: JournalRecordType.Chunk, generation: 1, deltaSet: 2, index });
+        assert.equal(header?.lsn, lsns[index], `chunk ${index}`);
+        lsn = header!.nextLsn;
+      }
+      assert.equal(await journal.findHeader(lsn, ring.head, { deltaSet: 2, index: 3 }), undefined, 'nothing past the end');
+      // Whole records the same way: told which record comes next, the stale one is passed over.
+      const skipFrom = lsns[1]! + 24 * 1024;
+      assert.equal((await journal.readNext(skipFrom, ring.head))?.deltaSet, 1, 'without an expectation, the stale record is what is there');
+      const next = await journal.readNext(skipFrom, ring.head, undefined, { type: JournalRecordType.Chunk, generation: 1, deltaSet: 2, index: 2 });
+      assert.deepEqual([next?.lsn, next?.deltaSet, next?.index], [2 * capacity, 2, 2]);
+      // A damaged header is no header.
+      const fh = await open(journal.path, 'r+');
+      await fh.write(Buffer.from([0xff]), 0, 1, (lsns[1]! % capacity) + 20);
+      await fh.close();
+      assert.equal(await journal.readHeader(lsns[1]!), undefined);
+      assert.equal(await journal.findHeader(lsns[1]!, ring.head, { deltaSet: 2, index: 1 }), undefined);
     } finally {
       await journal.close();
     }
