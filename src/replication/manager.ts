@@ -275,6 +275,7 @@ export class ReplicationManager {
       return {
         nowMs: now,
         dirtyBlocks: source.dirtyBlocks,
+        oldestUnsentWriteMs: source.changeLog.oldestUnsentWriteMs,
         sourceNowMs: now,
         rates: source.rates(),
         saveVolume: { ...source.saveVolume, full: st.saveVolumeFull },
@@ -293,6 +294,8 @@ export class ReplicationManager {
     return {
       nowMs: now,
       dirtyBlocks: st?.sourceDirtyBlocks ?? 0,
+      // Delta sets cut but not yet here hold older writes, of a time not known here.
+      oldestUnsentWriteMs: st && st.sourceDeltaSetCreated > pair.deltaSetReceived ? 0 : st?.sourceOldestUnsentWriteMs,
       sourceNowMs: heard ? st.lastSourceNowMs + (now - st.lastSourceHeardLocalMs) : now,
       rates: { current: 0, average: 0 },
       saveVolume: { ...(target?.saveVolume ?? { usedBytes: 0, capacityBytes: pair.saveVolumeBytes }), full: st?.saveVolumeFull ?? false },

@@ -81,6 +81,8 @@ export interface DeltaSetHeaderBody {
   previousCutMs: number;
   /** Cut while this copy ran: played back only once the target has the whole copy. */
   afterCopy?: number;
+  /** Source clock, ms: its first write (0: not known, as old as `previousCutMs`). */
+  firstWriteMs?: number;
   /** CRC32C over the fields above, in this order, as JSON. */
   headerCrc: number;
 }
@@ -123,10 +125,12 @@ export interface HeartbeatBody {
   sourceNowMs: number;
   dirtyBlocks: number;
   deltaSetCreated: number;
+  /** Source clock, ms: the oldest write not yet in a delta set (0: not known), if any. */
+  oldestUnsentWriteMs?: number;
 }
 
 export function headerCrcFields(h: Omit<DeltaSetHeaderBody, 'headerCrc'>): string {
-  return JSON.stringify([h.deltaSet, h.chunkCount, h.blockCount, h.dataBytes, h.dataCrc, h.createdAtMs, h.previousCutMs, h.afterCopy ?? 0]);
+  return JSON.stringify([h.deltaSet, h.chunkCount, h.blockCount, h.dataBytes, h.dataCrc, h.createdAtMs, h.previousCutMs, h.afterCopy ?? 0, h.firstWriteMs ?? 0]);
 }
 
 /** Chunk frame payload: u64 delta set, u32 chunk index, u32 0, then the chunk encoding. */

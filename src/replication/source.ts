@@ -334,6 +334,7 @@ export class SourceReplicator {
     const pauseStart = clock.now();
     const resume = await volume.quiesce();
     let old;
+    let firstWriteMs = 0;
     const n = this.pair.deltaSetCreated + 1;
     const createdAtMs = clock.now();
     // Written while a copy runs: the target must not play it back before the copy is whole.
@@ -341,6 +342,7 @@ export class SourceReplicator {
     try {
       old = changeLog.switchTables();
       this.buildingBlocks = old.count;
+      firstWriteMs = changeLog.oldFirstWriteMs ?? 0;
     } finally {
       resume();
     }
@@ -362,6 +364,7 @@ export class SourceReplicator {
           ...built,
           createdAtMs,
           previousCutMs: this.previousCutMs,
+          firstWriteMs,
           sealedAtMs: clock.now(),
         };
         // The mailbox entry makes the delta set visible to the sender; only then may the
@@ -531,7 +534,8 @@ export class SourceReplicator {
   }
 
   private sendHeartbeat(connection: RcpConnection): void {
-    const body: HeartbeatBody = { sourceNowMs: this.deps.clock.now(), dirtyBlocks: this.dirtyBlocks, deltaSetCreated: this.pair.deltaSetCreated };
+    const oldest = this.deps.changeLog.oldestUnsentWriteMs;
+    const body: HeartbeatBody = { sourceNowMs: this.deps.clock.now(), dirtyBlocks: this.dirtyBlocks, deltaSetCreated: this.pair.deltaSetCreated, ...(oldest !== undefined ? { oldestUnsentWriteMs: oldest } : {}) };
     connection.sendJson(ReplFrame.Heartbeat as number, body, { generation: BigInt(this.pair.generation) });
   }
 
@@ -580,6 +584,7 @@ export class SourceReplicator {
       createdAtMs: ds.createdAtMs,
       previousCutMs: ds.previousCutMs,
       ...(ds.afterCopy !== undefined ? { afterCopy: ds.afterCopy } : {}),
+      ...(ds.firstWriteMs ? { firstWriteMs: ds.firstWriteMs } : {}),
     };
     const header: DeltaSetHeaderBody = { ...fields, headerCrc: crc32c(headerCrcFields(fields)) };
     const window = new DeltaSetWindow(ds.n, ds.chunks, fromChunk, clock.now());

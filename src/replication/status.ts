@@ -75,6 +75,11 @@ export interface LiveFigures {
   nowMs: number;
   /** Source: dirty blocks not yet in a delta set. Target: as the source last said. */
   dirtyBlocks: number;
+  /**
+   * Source clock, ms: when the oldest of those was written (0: not known), if any.
+   * Target: as the source last said, or 0 while delta sets it cut are not here yet.
+   */
+  oldestUnsentWriteMs: number | undefined;
   /** Target: the source's clock as last heard, advanced by local elapsed time. */
   sourceNowMs: number;
   rates: { current: number; average: number };
@@ -91,8 +96,20 @@ export interface LiveFigures {
 /**
  * Lag as the target sees the source, from source-stamped times only (so the two
  * clocks need not agree): the replica reflects the source as of the cut of the last
- * delta set played back; if anything was written since, lag is the time since then.
+ * delta set played back, and stays exact until the first write after that cut; lag is
+ * the time since that write (since the cut when it is not known). A pair quiet for an
+ * hour that takes a write does not report an hour of lag.
  */
+/**
+ * When the replica stopped being exact (source clock, ms): the first write of the
+ * oldest delta set not played back, else the oldest write not yet in a delta set; 0
+ * when not known, undefined when there is none.
+ */
+function firstMissingWriteMs(unplayed: readonly DeltaSetRecord[], live: LiveFigures): number | undefined {
+  const oldest = unplayed.reduce<DeltaSetRecord | undefined>((a, d) => (a && a.n < d.n ? a : d), undefined);
+  return oldest ? (oldest.firstWriteMs ?? 0) : live.oldestUnsentWriteMs;
+}
+
 export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: LiveFigures): PairStatusView {
   const unplayed = rows.filter((d) => d.generation === pair.generation && d.n > pair.deltaSetPlayedBack);
   const copyDone = pair.initialCopy.doneAt !== undefined;
@@ -102,7 +119,8 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
   const catchUp = pair.initialCopy.catchUp === true || pair.initialCopy.protectiveSnapshot !== undefined;
   // A catch-up's blocks not yet copied are writes the target does not have.
   const lagBlocks = live.dirtyBlocks + unplayed.reduce((s, d) => s + d.blocks, 0) + (catchUp && !copyDone && pair.role === 'source' ? total - copied : 0);
-  const reference = pair.playedBackCutMs > 0 ? pair.playedBackCutMs : Date.parse(pair.initialCopy.startedAt);
+  const cut = pair.playedBackCutMs > 0 ? pair.playedBackCutMs : Date.parse(pair.initialCopy.startedAt);
+  const reference = copyDone && !catchUp ? Math.max(cut, firstMissingWriteMs(unplayed, live) ?? cut) : cut;
   const lagSeconds = lagBlocks === 0 && copyDone && (pair.role === 'target' || pair.deltaSetPlayedBack >= pair.deltaSetCreated) ? 0 : Math.max(0, (live.sourceNowMs - reference) / 1000);
   const remainingBytes = (total - copied) * (total > 0 ? pair.initialCopy.bytes / Math.max(1, copied) : 0);
   const newest = pair.role === 'source' ? rows.filter((d) => d.generation === pair.generation).reduce<DeltaSetRecord | undefined>((a, d) => (a && a.n > d.n ? a : d), undefined) : undefined;

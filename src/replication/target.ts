@@ -134,6 +134,8 @@ export interface TargetStats {
   lastSourceHeardLocalMs: number;
   sourceDirtyBlocks: number;
   sourceDeltaSetCreated: number;
+  /** The source's oldest write not yet in a delta set, as it last said (source clock, ms). */
+  sourceOldestUnsentWriteMs: number | undefined;
   saveVolumeFull: boolean;
   connected: boolean;
   playing: number;
@@ -157,6 +159,7 @@ export class TargetReplica {
     lastSourceHeardLocalMs: 0,
     sourceDirtyBlocks: 0,
     sourceDeltaSetCreated: 0,
+    sourceOldestUnsentWriteMs: undefined,
     saveVolumeFull: false,
     connected: false,
     playing: 0,
@@ -433,6 +436,7 @@ export class TargetReplica {
         this.stats.lastSourceHeardLocalMs = this.deps.clock.now();
         this.stats.sourceDirtyBlocks = hb.dirtyBlocks;
         this.stats.sourceDeltaSetCreated = hb.deltaSetCreated;
+        this.stats.sourceOldestUnsentWriteMs = hb.oldestUnsentWriteMs;
         this.ack(connection, this.receiving.n, this.receiving.chunksStored, false);
         return;
       }
@@ -732,6 +736,7 @@ export class TargetReplica {
       sealedAtMs: now,
       receivedAtMs: now,
       ...(header.afterCopy !== undefined ? { afterCopy: header.afterCopy } : {}),
+      ...(header.firstWriteMs ? { firstWriteMs: header.firstWriteMs } : {}),
     };
     this.deps.catalog.transaction(() => {
       this.deps.catalog.putDeltaSet(record);

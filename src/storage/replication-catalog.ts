@@ -135,6 +135,11 @@ export interface DeltaSetRecord {
   sealedAtMs: number;
   /** Cut while copy `afterCopy` was running: the target plays it back only after that copy. */
   afterCopy?: number;
+  /**
+   * Source clock, ms: when its first write was made; the replica that reflects the
+   * previous cut is exact until then. 0 or absent: not known (as old as that cut).
+   */
+  firstWriteMs?: number;
   ackedAtMs?: number;
   receivedAtMs?: number;
   playbackStartedAtMs?: number;

@@ -6,6 +6,13 @@ import type { ActivityLog } from './activity-log.js';
 /** Blocks per activity-log extent: 4 MiB of 8 KiB blocks. */
 export const extentBytesDefault = 4 * 1024 * 1024;
 
+export interface ChangeLogOptions {
+  /** Bytes per activity-log extent. */
+  extentBytes?: number;
+  /** The source's clock, ms: when the first write after a cut was made. */
+  now?: () => number;
+}
+
 /** Copies blocks of the old table, as they are now, into the delta set being built. */
 export type OldTableCopier = (firstBlock: number, blockCount: number) => Promise<void>;
 
@@ -33,9 +40,18 @@ export class ChangeLog {
   old: PagedBitmap | undefined;
   /** Bytes newly marked since the last switch (the high-water trigger reads it). */
   modifiedBytes = 0;
+  /**
+   * When the first write of the new table was made (source clock, ms): the replica is
+   * exact up to that moment. 0 when not known (blocks recovered after a restart: their
+   * writes may be as old as the last cut); undefined when nothing was written.
+   */
+  firstWriteMs: number | undefined;
+  /** The same for the old table. */
+  oldFirstWriteMs: number | undefined;
   private copier: OldTableCopier | undefined;
   private evicting: Promise<void> | undefined;
   readonly extentBlocks: number;
+  private readonly now: () => number;
 
   constructor(
     readonly blockBytes: number,
@@ -43,10 +59,21 @@ export class ChangeLog {
     private readonly al: ActivityLog,
     /** Makes the volume's written data durable (its fdatasync). */
     private readonly flushData: () => Promise<void>,
-    extentBytes = extentBytesDefault,
+    options: ChangeLogOptions = {},
   ) {
-    this.extentBlocks = Math.max(1, Math.floor(extentBytes / blockBytes));
+    this.extentBlocks = Math.max(1, Math.floor((options.extentBytes ?? extentBytesDefault) / blockBytes));
+    this.now = options.now ?? Date.now;
     this.current = new PagedBitmap(persisted.bitmap.bitCount);
+  }
+
+  /**
+   * When the oldest write not yet in a delta set was made (0: not known, see
+   * `firstWriteMs`), or undefined if every write is in one.
+   */
+  get oldestUnsentWriteMs(): number | undefined {
+    // The old table's delta set is not in the mailbox until it is built and sealed.
+    if (this.old) return this.oldFirstWriteMs ?? 0;
+    return this.current.count > 0 ? (this.firstWriteMs ?? 0) : undefined;
   }
 
   get blockCount(): number {
@@ -67,6 +94,8 @@ export class ChangeLog {
     }
     await this.persisted.sync();
     this.current = p.clone();
+    // When these blocks were written is not known: as long ago as the last cut.
+    this.firstWriteMs = this.current.count > 0 ? 0 : undefined;
     this.al.cool(recoveredExtents);
     await this.al.flush();
     return this.current.count;
@@ -85,6 +114,7 @@ export class ChangeLog {
     if (this.old && this.copier && this.old.anySet(firstBlock, blockCount)) {
       await this.copier(firstBlock, blockCount);
     }
+    this.firstWriteMs ??= this.now();
     this.modifiedBytes += this.current.setRange(firstBlock, blockCount) * this.blockBytes;
     const extents: number[] = [];
     const firstExtent = Math.floor(firstBlock / this.extentBlocks);
@@ -109,6 +139,8 @@ export class ChangeLog {
     assert(this.old === undefined, 'tables switched while the previous delta set is still being built');
     this.old = this.current;
     this.current = new PagedBitmap(this.old.bitCount);
+    this.oldFirstWriteMs = this.firstWriteMs;
+    this.firstWriteMs = undefined;
     this.modifiedBytes = 0;
     return this.old;
   }
@@ -121,6 +153,7 @@ export class ChangeLog {
   async sealed(): Promise<void> {
     assert(this.old !== undefined && this.old.count === 0, 'delta set sealed before every block of the old table was copied');
     this.old = undefined;
+    this.oldFirstWriteMs = undefined;
     // Power loss: the blocks about to leave tracking must be on disk first. A write
     // during the flush marks the new table, which is what gets persisted.
     await this.flushData();
@@ -135,6 +168,7 @@ export class ChangeLog {
   async handOff(): Promise<void> {
     assert(this.old !== undefined, 'hand-off without an old table');
     this.old = undefined;
+    this.oldFirstWriteMs = undefined;
     await this.persistCurrent();
   }
 
@@ -146,7 +180,10 @@ export class ChangeLog {
     if (!this.old) return;
     this.current.or(this.old);
     if (copied) this.current.or(copied);
+    // The old table's writes came first (an unknown time, 0, is the earliest).
+    this.firstWriteMs = this.oldFirstWriteMs ?? this.firstWriteMs;
     this.old = undefined;
+    this.oldFirstWriteMs = undefined;
     await this.persistCurrent();
   }
 

@@ -440,6 +440,11 @@ test('pause and resume: Suspend (command), changes tracked, Duplex-Pending catch
     assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '200ms', '--wait'])).code, 0);
     const paused = await a.cli(['replicate', 'pause', 'v', '--json']);
     assert.equal(JSON.parse(paused.stdout).state, 'suspended');
+    // Quiet for 3 s: the replica is still exact, so lag starts at the first write, not
+    // at the last cut.
+    await new Promise((r) => setTimeout(r, 3000));
+    assert.equal((await pairStatus(a, 'v')).lagSeconds, 0);
+    const firstWriteAt = Date.now();
     for (let i = 0; i < 10; i++) {
       const w = model.randomWrite();
       model.apply(w.offset, w.data);
@@ -450,6 +455,8 @@ test('pause and resume: Suspend (command), changes tracked, Duplex-Pending catch
     assert.equal(s.state, 'suspended');
     assert.match(s.reason, /command/);
     assert.ok(s.lagBlocks > 0);
+    const sinceFirstWrite = (Date.now() - firstWriteAt) / 1000;
+    assert.ok(s.lagSeconds >= 0.5 && s.lagSeconds <= sinceFirstWrite + 0.2, `lag ${s.lagSeconds} s, ${sinceFirstWrite} s since the first write`);
     assert.equal((await pairStatus(b, 'v')).deltaSetPlayedBack, 0);
     const resumed = await a.cli(['replicate', 'resume', 'v', '--json']);
     assert.match(JSON.parse(resumed.stdout).state, /duplex/);

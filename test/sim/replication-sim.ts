@@ -452,7 +452,7 @@ export async function simulate(options: SimOptions): Promise<SimReport> {
 
   async function openSource(life: number): Promise<void> {
     const { log: al, recovered } = await ActivityLog.open(alStore, alExtentsMax);
-    const changeLog = new ChangeLog(blockBytes, bitmapFile(), al, async () => flushSource(), extentBlocks * blockBytes);
+    const changeLog = new ChangeLog(blockBytes, bitmapFile(), al, async () => flushSource(), { extentBytes: extentBlocks * blockBytes, now: () => sched.now });
     await changeLog.recover(recovered);
     if (srcLife !== life) return;
     const rows = sourceDisk.rows;

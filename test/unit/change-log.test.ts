@@ -12,13 +12,15 @@ const blockBytes = 8192;
 const blocks = 4096;
 const extentBytes = 64 * blockBytes; // 64 blocks per extent
 const alExtents = 6; // tiny, so evictions happen
+/** The change log's clock in these tests. */
+let clockMs = 0;
 
 async function openLog(dir: string, create: boolean, flushData: (al: ActivityLog) => Promise<void> = async () => undefined): Promise<{ log: ChangeLog; al: ActivityLog; stores: { close(): Promise<void> }[] }> {
   const path = join(dir, 'dirty.bitmap');
   const bitmap = create ? await BitmapFile.create(path, blocks) : (await BitmapFile.open(path, 'fill')).file;
   const store = await FileActivityLogStore.open(join(dir, 'al'), alExtents);
   const { log: al, recovered } = await ActivityLog.open(store, alExtents);
-  const log = new ChangeLog(blockBytes, bitmap, al, () => flushData(al), extentBytes);
+  const log = new ChangeLog(blockBytes, bitmap, al, () => flushData(al), { extentBytes, now: () => clockMs });
   await log.recover(recovered);
   return { log, al, stores: [bitmap, store] };
 }
@@ -114,6 +116,43 @@ test('power loss: an extent leaves the activity log only once the volume is flus
     assert.ok(recovered.current.get(65), 'the block written during the flush is lost from tracking');
     assert.ok(!recovered.current.get(0), 'the sealed block is no longer dirty');
     for (const s of stores) await s.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('the change log knows when the oldest write not yet in a delta set was made (lag runs from it)', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-changelog-'));
+  try {
+    clockMs = 1_000;
+    const { log, stores } = await openLog(dir, true);
+    assert.equal(log.oldestUnsentWriteMs, undefined, 'nothing written');
+    clockMs = 5_000;
+    await log.mark(10, 1);
+    clockMs = 6_000;
+    await log.mark(20, 1);
+    assert.equal(log.oldestUnsentWriteMs, 5_000, 'the first write, not a later one');
+    // The cut: the old table's writes stay the oldest until its delta set is sealed.
+    log.switchTables();
+    assert.equal(log.oldFirstWriteMs, 5_000);
+    clockMs = 9_000;
+    await log.mark(30, 1);
+    assert.equal(log.firstWriteMs, 9_000);
+    assert.equal(log.oldestUnsentWriteMs, 5_000);
+    log.old!.clearAll();
+    await log.sealed();
+    assert.equal(log.oldestUnsentWriteMs, 9_000, 'sealed: the new table\'s first write');
+    // A delta set that could not be built goes back with its time.
+    log.switchTables();
+    clockMs = 12_000;
+    await log.mark(40, 1);
+    await log.mergeOldBack();
+    assert.equal(log.oldestUnsentWriteMs, 9_000);
+    // After a restart, when the recovered blocks were written is not known: 0.
+    for (const store of stores) await store.close();
+    const reopened = await openLog(dir, false);
+    assert.equal(reopened.log.oldestUnsentWriteMs, 0);
+    for (const store of reopened.stores) await store.close();
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

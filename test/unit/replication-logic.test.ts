@@ -6,7 +6,7 @@ import { DeltaSetTrigger } from '../../src/replication/triggers.js';
 import { initialPairStatus, nextPairStatus, type PairEvent, type PairStatus } from '../../src/replication/pair-state.js';
 import { decodeChunk, encodeChunk } from '../../src/replication/chunk.js';
 import { isFerryError, FerryError } from '../../src/lib/errors.js';
-import { infoView, type LiveFigures } from '../../src/replication/status.js';
+import { infoView, pairStatusView, type LiveFigures } from '../../src/replication/status.js';
 import type { DeltaSetRecord, PairRecord } from '../../src/storage/replication-catalog.js';
 
 test('ring space never hands out overlapping or straddling space, and refuses when full', () => {
@@ -120,7 +120,7 @@ test('ferry info tells when building a delta set takes longer than the interval 
     volume: 'v', generation: 1, n, state: 'acked', startLsn: 0, endLsn: 0, chunks: 1, blocks: 100 * n, dataBytes: 0, dataCrc: 0, createdAtMs, previousCutMs: createdAtMs - 5000, sealedAtMs,
   });
   const live: LiveFigures = {
-    nowMs: 30_000, dirtyBlocks: 0, sourceNowMs: 30_000, rates: { current: 0, average: 0 }, saveVolume: { usedBytes: 0, capacityBytes: 1, full: false },
+    nowMs: 30_000, dirtyBlocks: 0, oldestUnsentWriteMs: undefined, sourceNowMs: 30_000, rates: { current: 0, average: 0 }, saveVolume: { usedBytes: 0, capacityBytes: 1, full: false },
     connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', currentDeltaSet: 2, currentChunk: 0,
   };
   const quick = infoView(pair, [row(1, 10_000, 10_400), row(2, 15_000, 16_000)], live);
@@ -130,4 +130,41 @@ test('ferry info tells when building a delta set takes longer than the interval 
   assert.deepEqual(slow.lastBuild, { deltaSet: 2, blocks: 200, buildMs: 7500, slowerThanInterval: true });
   // A target builds nothing: no build figures.
   assert.equal(infoView({ ...pair, role: 'target' }, [row(1, 10_000, 10_400)], live).lastBuild, null);
+});
+
+test('lag runs from the first write the replica does not have, not from the last cut', () => {
+  const hour = 3_600_000;
+  const pair: PairRecord = {
+    volume: 'v', pairId: 'p', role: 'source', mode: 'async', peerUrl: 'http://b', peerSiteId: 'b', peerSiteName: 'b', peerVolume: 'v',
+    state: 'duplex', stateReason: '', generation: 1, intervalMs: 5000, highWaterBytes: 64 << 20, saveVolumeBytes: 1 << 30, createdAt: '2026-01-01T00:00:00.000Z',
+    initialCopy: { cursorBlock: 10, totalBlocks: 10, stampedDeltaSet: 0, startedAt: '2026-01-01T00:00:00.000Z', doneAt: '2026-01-01T00:00:01.000Z', bytes: 0 },
+    deltaSetCreated: 1, deltaSetSent: 1, deltaSetAcked: 1, deltaSetReceived: 0, deltaSetPlayedBack: 1, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 10_000,
+  };
+  const now = 10_000 + hour;
+  const live = (oldestUnsentWriteMs: number | undefined, dirtyBlocks: number): LiveFigures => ({
+    nowMs: now, dirtyBlocks, oldestUnsentWriteMs, sourceNowMs: now, rates: { current: 0, average: 0 }, saveVolume: { usedBytes: 0, capacityBytes: 1, full: false },
+    connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', currentDeltaSet: 1, currentChunk: 0,
+  });
+  const row = (n: number, createdAtMs: number, firstWriteMs?: number): DeltaSetRecord => ({
+    volume: 'v', generation: 1, n, state: 'acked', startLsn: 0, endLsn: 0, chunks: 1, blocks: 5, dataBytes: 0, dataCrc: 0, createdAtMs, previousCutMs: 10_000, sealedAtMs: createdAtMs,
+    ...(firstWriteMs !== undefined ? { firstWriteMs } : {}),
+  });
+  // In sync: no lag, however long ago the last cut.
+  assert.equal(pairStatusView(pair, [], live(undefined, 0)).lagSeconds, 0);
+  // Quiet for an hour, then a write 2 s ago: 2 s behind, not an hour.
+  assert.equal(pairStatusView(pair, [], live(now - 2_000, 3)).lagSeconds, 2);
+  // When the write was made is not known (after a restart): from the cut, as before.
+  assert.equal(pairStatusView(pair, [], live(0, 3)).lagSeconds, hour / 1000);
+  // A delta set not played back yet: from its first write; the unsent writes are newer.
+  assert.equal(pairStatusView(pair, [row(2, now - 1_000, now - 4_000)], live(now - 500, 3)).lagSeconds, 4);
+  assert.equal(pairStatusView(pair, [row(3, now - 500, now - 900), row(2, now - 1_000, now - 4_000)], live(undefined, 0)).lagSeconds, 4, 'the oldest delta set counts');
+  assert.equal(pairStatusView(pair, [row(2, now - 1_000)], live(undefined, 0)).lagSeconds, hour / 1000, 'a delta set of unknown first write: from the cut');
+  // Never earlier than the cut played back (a first write cannot precede it).
+  assert.equal(pairStatusView(pair, [], live(5_000, 3)).lagSeconds, hour / 1000);
+  // A catch-up copy is not an image until it is complete: from the cut.
+  const catchingUp: PairRecord = { ...pair, initialCopy: { ...pair.initialCopy, catchUp: true } };
+  assert.equal(pairStatusView(catchingUp, [], live(now - 2_000, 3)).lagSeconds, hour / 1000);
+  // The target sees the same from what it received and what the source last said.
+  const target: PairRecord = { ...pair, role: 'target', deltaSetReceived: 2 };
+  assert.equal(pairStatusView(target, [row(2, now - 1_000, now - 4_000)], live(now - 500, 3)).lagSeconds, 4);
 });
