@@ -13,6 +13,12 @@ const zeroExtentBlocksMax = 1 << 24;
 const pooledReadBytesMin = 256 * 1024;
 /** Reused read buffers: a chunk's data, for the chunks being written and the one being filled. */
 const readBuffers = new BufferPool(chunkDataBytesMax, 8);
+/**
+ * Runs of the old table at most this far apart are read together, in one read of their
+ * span, the blocks between read and left out: after random writes most blocks of a
+ * region can be dirty, and a read through the thread pool costs more than 64 KiB copied.
+ */
+const spanGapBytesMax = 64 * 1024;
 
 /**
  * A buffer the builder read blocks into, shared by the chunks holding its parts: it
@@ -89,24 +95,45 @@ export class DeltaSetBuilder {
     this.copied = new PagedBitmap(old.bitCount);
   }
 
-  /** Copies every block still set in the old table, in block order. */
+  /**
+   * Copies every block still set in the old table, in block order, a chunk's span at a
+   * time: a long run, or runs close together (`spanGapBytesMax`), read at once.
+   */
   async copyAll(): Promise<void> {
-    const chunkBlocks = Math.max(1, Math.floor(chunkDataBytesMax / this.volume.blockBytes));
+    const bs = this.volume.blockBytes;
+    const chunkBlocks = Math.max(1, Math.floor(chunkDataBytesMax / bs));
+    const gapBlocks = Math.floor(spanGapBytesMax / bs);
     let cursor = 0;
     for (;;) {
-      const next = this.old.runs(cursor).next();
-      if (next.done) break;
-      const [start, length] = next.value;
-      const count = Math.min(length, chunkBlocks);
-      await this.volume.withBlocksLocked(start, count, () => this.copyRange(start, count));
-      cursor = start + count;
+      let start = -1;
+      let end = 0;
+      for (const [s, n] of this.old.runs(cursor)) {
+        if (start < 0) {
+          start = s;
+          end = s + Math.min(n, chunkBlocks);
+          if (n >= chunkBlocks) break;
+          continue;
+        }
+        if (s - end > gapBlocks || s + n - start > chunkBlocks) break;
+        end = s + n;
+      }
+      if (start < 0) break;
+      await this.volume.withBlocksLocked(start, end - start, () => this.copyRange(start, end - start));
+      cursor = end;
     }
   }
 
   /** Copies the blocks of [first, first+count) still set in the old table; the caller holds their lock. */
   async copyRange(first: number, count: number): Promise<void> {
+    const runs = [...this.old.runs(first, first + count)];
     const bs = this.volume.blockBytes;
-    for (const [s, n] of [...this.old.runs(first, first + count)]) {
+    const spanStart = runs[0]?.[0] ?? 0;
+    const spanBytes = runs.length > 0 ? ((runs[runs.length - 1] as [number, number])[0] + (runs[runs.length - 1] as [number, number])[1] - spanStart) * bs : 0;
+    if (runs.length > 1 && spanBytes <= readBuffers.bufferBytes) {
+      await this.copySpan(runs, spanStart, spanBytes);
+      return;
+    }
+    for (const [s, n] of runs) {
       // Split by what the volume holds: allocated blocks carry data, holes are zero extents.
       let cursor = s;
       const end = s + n;
@@ -132,6 +159,31 @@ export class DeltaSetBuilder {
       if (cursor < end) this.addZero(cursor, end - cursor);
       this.old.clearRange(s, n);
       this.copied.setRange(s, n);
+    }
+  }
+
+  /** Copies several runs with one read of the span from the first to the end of the last. */
+  private async copySpan(runs: readonly [number, number][], spanStart: number, spanBytes: number): Promise<void> {
+    const bs = this.volume.blockBytes;
+    const buffer = readBuffers.take();
+    const owner = new SharedRead(readBuffers.releaser(buffer));
+    try {
+      await this.volume.readInto(buffer.subarray(0, spanBytes), spanStart * bs);
+      for (const [s, n] of runs) {
+        let cursor = s;
+        const end = s + n;
+        for (const [as, an] of [...this.volume.allocation.runs(s, end)]) {
+          if (as > cursor) this.addZero(cursor, as - cursor);
+          this.addData(as, an, buffer.subarray((as - spanStart) * bs, (as - spanStart + an) * bs), owner);
+          cursor = as + an;
+        }
+        if (cursor < end) this.addZero(cursor, end - cursor);
+        this.old.clearRange(s, n);
+        this.copied.setRange(s, n);
+      }
+    } finally {
+      // The builder's own hold: the read has settled, the chunks hold theirs.
+      owner.drop();
     }
   }
 
