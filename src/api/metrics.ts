@@ -55,7 +55,7 @@ export function createMetrics(site: Site): Registry {
       },
     });
   };
-  pairGauge('ferry_replication_lag_seconds', 'How far the replica is behind its source, from source-stamped delta-set times', (p) => p.lagSeconds);
+  pairGauge('ferry_replication_lag_seconds', 'How far the replica is behind its source: time since the first write it does not have (source-stamped times)', (p) => p.lagSeconds);
   pairGauge('ferry_replication_lag_blocks', 'Blocks written at the source not yet played back at the target', (p) => p.lagBlocks);
   pairGauge('ferry_replication_bytes_sent_total', 'Bytes sent for this pair (frames included)', (p) => p.bytesSent);
   pairGauge('ferry_replication_bytes_received_total', 'Bytes received for this pair', (p) => p.bytesReceived);

@@ -32,15 +32,19 @@ export interface JournalRecordHeader {
   index: number;
 }
 
-export interface JournalRecord extends JournalRecordHeader {
+/** Where a record is: its header, its position and the position just past it. */
+export interface JournalRecordPlace extends JournalRecordHeader {
+  lsn: number;
+  /** Logical position just past this record (its padding included). */
+  nextLsn: number;
+}
+
+export interface JournalRecord extends JournalRecordPlace {
   payload: Buffer;
   /** The payload's CRC32C, checked when it was read. */
   crc: number;
   /** Present when the payload was read into a pooled buffer: gives it back (once; the payload must not be used after). */
   release?: () => void;
-  lsn: number;
-  /** Logical position just past this record (its padding included). */
-  nextLsn: number;
 }
 
 export function recordSpanBytes(payloadBytes: number): number {
@@ -167,29 +171,16 @@ export class JournalFile {
    * a walk that only needs where the records are), or undefined if there is no intact
    * header there.
    */
-  async readHeader(lsn: number): Promise<(JournalRecordHeader & { lsn: number; nextLsn: number }) | undefined> {
-    const offset = lsn % this.capacityBytes;
-    const head = Buffer.alloc(journalRecordHeaderBytes);
-    const { bytesRead } = await this.fh.read(head, 0, head.length, offset);
-    if (bytesRead < head.length || head.readUInt32LE(0) !== journalRecordMagic || head.readUInt32LE(36) !== crc32c(head.subarray(0, 36))) return undefined;
-    const payloadBytes = head.readUInt32LE(28);
-    if (offset + journalRecordHeaderBytes + payloadBytes > this.capacityBytes) return undefined;
-    return {
-      type: head.readUInt16LE(4),
-      flags: head.readUInt16LE(6),
-      generation: Number(head.readBigUInt64LE(8)),
-      deltaSet: Number(head.readBigUInt64LE(16)),
-      index: head.readUInt32LE(24),
-      lsn,
-      nextLsn: lsn + recordSpanBytes(payloadBytes),
-    };
+  async readHeader(lsn: number): Promise<JournalRecordPlace | undefined> {
+    const head = await this.readHead(lsn);
+    return head.ok ? head.place : undefined;
   }
 
   /**
    * The header of the record `expect` names, at `lsn` or, when the writer skipped to the
    * next lap there, at the start of the next lap; undefined if it is at neither.
    */
-  async findHeader(lsn: number, limitLsn: number, expect: Partial<JournalRecordHeader>): Promise<(JournalRecordHeader & { lsn: number; nextLsn: number }) | undefined> {
+  async findHeader(lsn: number, limitLsn: number, expect: Partial<JournalRecordHeader>): Promise<JournalRecordPlace | undefined> {
     for (const at of [lsn, lsn + (this.capacityBytes - (lsn % this.capacityBytes))]) {
       if (at >= limitLsn) return undefined;
       const header = await this.readHeader(at);
@@ -204,34 +195,19 @@ export class JournalFile {
    * (what a torn or overwritten record looks like). `expect` checks its identity.
    */
   async read(lsn: number, expect?: Partial<JournalRecordHeader>, pool?: BufferPool): Promise<JournalRecord> {
-    const offset = lsn % this.capacityBytes;
-    const head = Buffer.alloc(journalRecordHeaderBytes);
-    const { bytesRead } = await this.fh.read(head, 0, head.length, offset);
     const bad = (why: string): FerryError => new FerryError('CORRUPT_RECORD', `save volume ${this.path}: record at ${lsn} ${why}`);
-    if (bytesRead < head.length || head.readUInt32LE(0) !== journalRecordMagic) throw bad('is missing');
-    if (head.readUInt32LE(36) !== crc32c(head.subarray(0, 36))) throw bad('has a damaged header');
-    const payloadBytes = head.readUInt32LE(28);
-    if (offset + journalRecordHeaderBytes + payloadBytes > this.capacityBytes) throw bad('claims a length past the end');
+    const head = await this.readHead(lsn);
+    if (!head.ok) throw bad(head.why);
+    const { place, payloadBytes, crc } = head;
     const pooled = pool !== undefined && payloadBytes <= pool.bufferBytes ? pool.take() : undefined;
     const payload = pooled ? pooled.subarray(0, payloadBytes) : Buffer.allocUnsafe(payloadBytes);
     const release = pool && pooled ? pool.releaser(pooled) : undefined;
-    const got = (await this.fh.read(payload, 0, payloadBytes, offset + journalRecordHeaderBytes)).bytesRead;
-    if (got < payloadBytes || crc32c(payload) !== head.readUInt32LE(32)) {
+    const got = (await this.fh.read(payload, 0, payloadBytes, (lsn % this.capacityBytes) + journalRecordHeaderBytes)).bytesRead;
+    if (got < payloadBytes || crc32c(payload) !== crc) {
       release?.();
       throw bad('failed its data checksum');
     }
-    const record: JournalRecord = {
-      type: head.readUInt16LE(4),
-      flags: head.readUInt16LE(6),
-      generation: Number(head.readBigUInt64LE(8)),
-      deltaSet: Number(head.readBigUInt64LE(16)),
-      index: head.readUInt32LE(24),
-      payload,
-      crc: head.readUInt32LE(32),
-      lsn,
-      nextLsn: lsn + recordSpanBytes(payloadBytes),
-      ...(release ? { release } : {}),
-    };
+    const record: JournalRecord = { ...place, payload, crc, ...(release ? { release } : {}) };
     if (expect) {
       for (const [key, value] of Object.entries(expect)) {
         if (record[key as keyof JournalRecordHeader] === value) continue;
@@ -269,5 +245,26 @@ export class JournalFile {
 
   async close(): Promise<void> {
     await this.fh.close().catch(() => undefined);
+  }
+
+  /** Reads and checks the header at `lsn` (magic, its own checksum, a length inside the file). */
+  private async readHead(lsn: number): Promise<{ ok: true; place: JournalRecordPlace; payloadBytes: number; crc: number } | { ok: false; why: string }> {
+    const offset = lsn % this.capacityBytes;
+    const head = Buffer.alloc(journalRecordHeaderBytes);
+    const { bytesRead } = await this.fh.read(head, 0, head.length, offset);
+    if (bytesRead < head.length || head.readUInt32LE(0) !== journalRecordMagic) return { ok: false, why: 'is missing' };
+    if (head.readUInt32LE(36) !== crc32c(head.subarray(0, 36))) return { ok: false, why: 'has a damaged header' };
+    const payloadBytes = head.readUInt32LE(28);
+    if (offset + journalRecordHeaderBytes + payloadBytes > this.capacityBytes) return { ok: false, why: 'claims a length past the end' };
+    const place: JournalRecordPlace = {
+      type: head.readUInt16LE(4),
+      flags: head.readUInt16LE(6),
+      generation: Number(head.readBigUInt64LE(8)),
+      deltaSet: Number(head.readBigUInt64LE(16)),
+      index: head.readUInt32LE(24),
+      lsn,
+      nextLsn: lsn + recordSpanBytes(payloadBytes),
+    };
+    return { ok: true, place, payloadBytes, crc: head.readUInt32LE(32) };
   }
 }
