@@ -165,7 +165,7 @@ export class Site {
       this.log.info('site stopping');
       await this.replication.close();
       this.rcp.closeAll();
-      await this.listener?.close();
+      this.listener?.close();
       // Hosts' requests in flight are answered before the volumes close.
       await this.nbdServer?.close();
       this.httpServer?.closeAllConnections();

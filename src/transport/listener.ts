@@ -45,10 +45,16 @@ export class SiteListener {
     return { host: address.address, port: address.port };
   }
 
-  /** Stops accepting; open connections are left to their owners to drain. */
-  async close(): Promise<void> {
+  /**
+   * Stops accepting (the port is free when this returns) and drops connections that have
+   * not said what they are. Those handed to HTTP or RCP are left to their owners to
+   * close: the server's own close callback would wait for every one of them, and a
+   * client polling on a keep-alive connection (a dashboard, a monitor) would hold the
+   * site's shutdown up for as long as it polls.
+   */
+  close(): void {
     for (const socket of this.sockets) socket.destroy();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    this.server.close();
   }
 
   private onConnection(socket: Socket): void {

@@ -1,5 +1,6 @@
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
+import http from 'node:http';
 import { connect } from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, writeFile, rm } from 'node:fs/promises';
@@ -201,10 +202,35 @@ test('SIGTERM drains and exits 0; the dashboard and metrics answer before that',
   assert.match(metrics, /^ferry_volumes\{site="alpha"\} \d+$/m);
   assert.match(metrics, /^ferry_volume_size_bytes\{volume="keep",site="alpha"\} 16777216$/m);
   assert.match(metrics, /^process_resident_memory_bytes/m);
-  assert.equal(await site.kill('SIGTERM'), 0);
+  // A client polling on one keep-alive connection, as a dashboard or a monitor does,
+  // does not hold the drain up: that connection is closed with the others.
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  let answered = 0;
+  const poll = setInterval(() => {
+    http.get(`${site.url}/api/v1/status`, { agent }, (res) => res.resume().on('end', () => answered++)).on('error', () => undefined);
+  }, 100);
+  try {
+    await waitUntil(() => answered >= 3);
+    const stopping = Date.now();
+    const exited = await Promise.race([site.kill('SIGTERM'), new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 10_000))]);
+    assert.equal(exited, 0, 'clean exit while the connection was busy');
+    assert.ok(Date.now() - stopping < 5_000, `stopped in ${Date.now() - stopping} ms`);
+  } finally {
+    clearInterval(poll);
+    agent.destroy();
+    if (site.exitCode === null) await site.kill('SIGKILL');
+  }
   assert.ok(site.logs.some((l) => l.msg === 'site stopped'));
   await site.start();
 });
+
+async function waitUntil(ok: () => boolean, timeoutMs = 5_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!ok()) {
+    if (Date.now() > deadline) throw new Error('timed out');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
 
 /**
  * POSTs a body over a raw socket and resolves with what the server answered. Like curl,
