@@ -197,6 +197,39 @@ test('a copy of 512 MiB does not keep the target in full collections (heap limit
   }
 });
 
+test('SIGTERM of either site during the initial copy: a prompt clean exit, and the copy resumes where it stood', async () => {
+  const [a, b] = await pair('term');
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-term-'));
+  try {
+    const size = 512 * MiB;
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    const file = join(dir, 'data.raw');
+    await writeFile(file, randomBytes(size));
+    await execFileP('nbdcopy', [file, `nbd://127.0.0.1:${a.nbdPort}/v`]);
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url]);
+    assert.equal(start.code, 0, start.stderr);
+    for (const site of [a, b]) {
+      const percent = (await pairStatus(a, 'v')).initialCopy.percent;
+      await waitFor('the copy to move on', async () => ((await pairStatus(a, 'v')).initialCopy.percent >= percent + 10 ? true : undefined), 60_000, 10);
+      const stopping = Date.now();
+      assert.equal(await site.kill('SIGTERM'), 0, `${site.name}: clean exit`);
+      assert.ok(Date.now() - stopping < 5_000, `${site.name} stopped in ${Date.now() - stopping} ms`);
+      assert.ok(site.logs.some((l) => l.msg === 'site stopped'));
+      await site.start();
+    }
+    await waitInSync(a, b, 'v', 'v', 120_000);
+    assert.equal(await b.digest('v'), await a.digest('v'));
+    // After each restart the copy went on from the target's cursor, not from the start.
+    const resumedAt = a.logs.filter((l) => l.msg === 'copy session open').map((l) => Number(l.targetCursor));
+    assert.ok(resumedAt.length >= 1 && resumedAt.every((c) => c > 0), `copy sessions opened at target cursors ${resumedAt.join(', ')}`);
+    const s = await pairStatus(a, 'v');
+    assert.ok(s.initialCopy.bytes < 1.5 * size, `${s.initialCopy.bytes} bytes sent for ${size}`);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 test('bad replicate requests get clear errors and change nothing', async () => {
   const [a, b] = await pair('bad');
   try {
