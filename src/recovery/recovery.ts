@@ -858,7 +858,7 @@ export class Recovery {
           for (let index = 0; index < ds.chunks; index++) {
             const record = await journal.readNext(lsn, ds.endLsn, undoReadBuffers, { type: JournalRecordType.Chunk, generation: ds.generation, deltaSet: n, index }).catch(() => undefined);
             try {
-              if (!record || record.deltaSet !== n || record.index !== index || record.generation !== ds.generation) {
+              if (!record) {
                 return full(`delta set ${n} is damaged in the save volume (chunk ${index})`);
               }
               for (const e of decodeChunk(record.payload, volume.blockBytes, volume.blockCount).extents) bits.setRange(e.block, e.count);

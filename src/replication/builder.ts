@@ -127,38 +127,29 @@ export class DeltaSetBuilder {
   async copyRange(first: number, count: number): Promise<void> {
     const runs = [...this.old.runs(first, first + count)];
     const bs = this.volume.blockBytes;
-    const spanStart = runs[0]?.[0] ?? 0;
-    const spanBytes = runs.length > 0 ? ((runs[runs.length - 1] as [number, number])[0] + (runs[runs.length - 1] as [number, number])[1] - spanStart) * bs : 0;
-    if (runs.length > 1 && spanBytes <= readBuffers.bufferBytes) {
-      await this.copySpan(runs, spanStart, spanBytes);
+    const head = runs[0];
+    const tail = runs[runs.length - 1];
+    if (runs.length > 1 && head && tail && (tail[0] + tail[1] - head[0]) * bs <= readBuffers.bufferBytes) {
+      await this.copySpan(runs, head[0], (tail[0] + tail[1] - head[0]) * bs);
       return;
     }
     for (const [s, n] of runs) {
-      // Split by what the volume holds: allocated blocks carry data, holes are zero extents.
-      let cursor = s;
-      const end = s + n;
-      const allocated = [...this.volume.allocation.runs(s, end)];
-      for (const [as, an] of allocated) {
-        if (as > cursor) this.addZero(cursor, as - cursor);
+      await this.takeRun(s, n, async (as, an) => {
         const bytes = an * bs;
-        if (bytes >= pooledReadBytesMin && bytes <= readBuffers.bufferBytes) {
-          const buffer = readBuffers.take();
-          const owner = new SharedRead(readBuffers.releaser(buffer));
-          try {
-            await this.volume.readInto(buffer.subarray(0, bytes), as * bs);
-            this.addData(as, an, buffer.subarray(0, bytes), owner);
-          } finally {
-            // The builder's own hold: the read has settled, the chunks hold theirs.
-            owner.drop();
-          }
-        } else {
+        if (bytes < pooledReadBytesMin || bytes > readBuffers.bufferBytes) {
           this.addData(as, an, await this.volume.read(as * bs, bytes));
+          return;
         }
-        cursor = as + an;
-      }
-      if (cursor < end) this.addZero(cursor, end - cursor);
-      this.old.clearRange(s, n);
-      this.copied.setRange(s, n);
+        const buffer = readBuffers.take();
+        const owner = new SharedRead(readBuffers.releaser(buffer));
+        try {
+          await this.volume.readInto(buffer.subarray(0, bytes), as * bs);
+          this.addData(as, an, buffer.subarray(0, bytes), owner);
+        } finally {
+          // The builder's own hold: the read has settled, the chunks hold theirs.
+          owner.drop();
+        }
+      });
     }
   }
 
@@ -170,21 +161,29 @@ export class DeltaSetBuilder {
     try {
       await this.volume.readInto(buffer.subarray(0, spanBytes), spanStart * bs);
       for (const [s, n] of runs) {
-        let cursor = s;
-        const end = s + n;
-        for (const [as, an] of [...this.volume.allocation.runs(s, end)]) {
-          if (as > cursor) this.addZero(cursor, as - cursor);
-          this.addData(as, an, buffer.subarray((as - spanStart) * bs, (as - spanStart + an) * bs), owner);
-          cursor = as + an;
-        }
-        if (cursor < end) this.addZero(cursor, end - cursor);
-        this.old.clearRange(s, n);
-        this.copied.setRange(s, n);
+        await this.takeRun(s, n, (as, an) => this.addData(as, an, buffer.subarray((as - spanStart) * bs, (as - spanStart + an) * bs), owner));
       }
     } finally {
       // The builder's own hold: the read has settled, the chunks hold theirs.
       owner.drop();
     }
+  }
+
+  /**
+   * Puts run [s, s+n) of the old table into the delta set and takes it out of the table:
+   * what the volume holds no data for as zero extents, the rest through `addAllocated`.
+   */
+  private async takeRun(s: number, n: number, addAllocated: (block: number, count: number) => Promise<void> | void): Promise<void> {
+    let cursor = s;
+    const end = s + n;
+    for (const [as, an] of [...this.volume.allocation.runs(s, end)]) {
+      if (as > cursor) this.addZero(cursor, as - cursor);
+      await addAllocated(as, an);
+      cursor = as + an;
+    }
+    if (cursor < end) this.addZero(cursor, end - cursor);
+    this.old.clearRange(s, n);
+    this.copied.setRange(s, n);
   }
 
   /** Writes the last chunk and makes the delta set durable in the save volume. */

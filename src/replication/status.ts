@@ -94,13 +94,6 @@ export interface LiveFigures {
 }
 
 /**
- * Lag as the target sees the source, from source-stamped times only (so the two
- * clocks need not agree): the replica reflects the source as of the cut of the last
- * delta set played back, and stays exact until the first write after that cut; lag is
- * the time since that write (since the cut when it is not known). A pair quiet for an
- * hour that takes a write does not report an hour of lag.
- */
-/**
  * When the replica stopped being exact (source clock, ms): the first write of the
  * oldest delta set not played back, else the oldest write not yet in a delta set; 0
  * when not known, undefined when there is none.
@@ -110,6 +103,13 @@ function firstMissingWriteMs(unplayed: readonly DeltaSetRecord[], live: LiveFigu
   return oldest ? (oldest.firstWriteMs ?? 0) : live.oldestUnsentWriteMs;
 }
 
+/**
+ * Lag as the target sees the source, from source-stamped times only (so the two
+ * clocks need not agree): the replica reflects the source as of the cut of the last
+ * delta set played back, and stays exact until the first write after that cut; lag is
+ * the time since that write (since the cut when it is not known). A pair quiet for an
+ * hour that takes a write does not report an hour of lag.
+ */
 export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: LiveFigures): PairStatusView {
   const unplayed = rows.filter((d) => d.generation === pair.generation && d.n > pair.deltaSetPlayedBack);
   const copyDone = pair.initialCopy.doneAt !== undefined;

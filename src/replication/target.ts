@@ -792,7 +792,7 @@ export class TargetReplica {
     for (let index = 0; index < ds.chunks; index++) {
       const record = await journal.readNext(lsn, ds.endLsn, playbackBuffers, { type: JournalRecordType.Chunk, generation: ds.generation, deltaSet: ds.n, index });
       try {
-        if (!record || record.deltaSet !== ds.n || record.index !== index || record.generation !== ds.generation) {
+        if (!record) {
           throw new FerryError('CORRUPT_RECORD', `save volume: chunk ${index} of delta set ${ds.n} is missing or damaged`);
         }
         const chunk = decodeChunk(record.payload, volume.blockBytes, volume.blockCount);
@@ -875,7 +875,7 @@ export class TargetReplica {
     for (let index = 0; ; index++) {
       const limit = this.ring.tail + this.ring.capacityBytes;
       const record = await journal.readNext(lsn, limit, undefined, { type: JournalRecordType.Chunk, generation: pair.generation, deltaSet: n, index });
-      if (!record || record.deltaSet !== n || record.index !== index || record.generation !== pair.generation) break;
+      if (!record) break;
       const chunk = decodeChunk(record.payload, this.deps.volume.blockBytes, this.deps.volume.blockCount);
       this.ring.head = record.nextLsn;
       this.receiving.stored({ lsn: record.lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length }, crc32c(chunk.data));

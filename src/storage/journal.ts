@@ -181,11 +181,9 @@ export class JournalFile {
    * next lap there, at the start of the next lap; undefined if it is at neither.
    */
   async findHeader(lsn: number, limitLsn: number, expect: Partial<JournalRecordHeader>): Promise<JournalRecordPlace | undefined> {
-    for (const at of [lsn, lsn + (this.capacityBytes - (lsn % this.capacityBytes))]) {
-      if (at >= limitLsn) return undefined;
+    for (const at of this.placesOfNext(lsn, limitLsn)) {
       const header = await this.readHeader(at);
       if (header && Object.entries(expect).every(([key, value]) => header[key as keyof JournalRecordHeader] === value)) return header;
-      if (lsn % this.capacityBytes === 0) return undefined;
     }
     return undefined;
   }
@@ -225,12 +223,11 @@ export class JournalFile {
    * left where the writer skipped) counts as no record.
    */
   async readNext(lsn: number, limitLsn: number, pool?: BufferPool, expect?: Partial<JournalRecordHeader>): Promise<JournalRecord | undefined> {
-    for (const at of [lsn, lsn + (this.capacityBytes - (lsn % this.capacityBytes))]) {
-      if (at >= limitLsn) return undefined;
+    for (const at of this.placesOfNext(lsn, limitLsn)) {
       try {
         return await this.read(at, expect, pool);
       } catch {
-        if (at !== lsn || lsn % this.capacityBytes === 0) return undefined;
+        // Not there: perhaps the writer skipped to the next lap.
       }
     }
     return undefined;
@@ -245,6 +242,15 @@ export class JournalFile {
 
   async close(): Promise<void> {
     await this.fh.close().catch(() => undefined);
+  }
+
+  /**
+   * Where the record after `lsn` can be, before `limitLsn`: at `lsn`, or at the start of
+   * the next lap if the writer skipped the end of this one (not when `lsn` starts a lap).
+   */
+  private placesOfNext(lsn: number, limitLsn: number): number[] {
+    const offset = lsn % this.capacityBytes;
+    return (offset === 0 ? [lsn] : [lsn, lsn + this.capacityBytes - offset]).filter((at) => at < limitLsn);
   }
 
   /** Reads and checks the header at `lsn` (magic, its own checksum, a length inside the file). */

@@ -166,6 +166,19 @@ test('a volume larger than one I/O request (256 MiB, data past 64 MiB) is copied
   }
 });
 
+/** Creates a volume at `site` and fills every byte of it with random data through NBD (nbdcopy). */
+async function createFilledVolume(site: TestSite, name: string, size: number): Promise<void> {
+  await site.api('POST', '/api/v1/volumes', { name, size });
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-fill-'));
+  try {
+    const file = join(dir, 'data.raw');
+    await writeFile(file, randomBytes(size));
+    await execFileP('nbdcopy', [file, `nbd://127.0.0.1:${site.nbdPort}/${name}`]);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
 /** Full (mark-compact) collections a daemon has run, from its Prometheus metrics. */
 async function majorCollections(site: TestSite): Promise<number> {
   const metrics = await (await fetch(`${site.url}/metrics`)).text();
@@ -174,13 +187,8 @@ async function majorCollections(site: TestSite): Promise<number> {
 
 test('a copy of 512 MiB does not keep the target in full collections (heap limit leaves room for socket buffers)', async () => {
   const [a, b] = await pair('gc');
-  const dir = await mkdtemp(join(tmpdir(), 'ferry-gc-'));
   try {
-    const size = 512 * MiB;
-    await a.api('POST', '/api/v1/volumes', { name: 'big', size });
-    const file = join(dir, 'data.raw');
-    await writeFile(file, randomBytes(size));
-    await execFileP('nbdcopy', [file, `nbd://127.0.0.1:${a.nbdPort}/big`]);
+    await createFilledVolume(a, 'big', 512 * MiB);
     const before = await majorCollections(b);
     const start = await a.cli(['replicate', 'start', 'big', '--to', b.url, '--wait']);
     assert.equal(start.code, 0, start.stderr);
@@ -193,19 +201,14 @@ test('a copy of 512 MiB does not keep the target in full collections (heap limit
     assert.ok(during <= 4, `${during} full collections at the target during the copy`);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
-    await rm(dir, { recursive: true, force: true });
   }
 });
 
 test('SIGTERM of either site during the initial copy: a prompt clean exit, and the copy resumes where it stood', async () => {
   const [a, b] = await pair('term');
-  const dir = await mkdtemp(join(tmpdir(), 'ferry-term-'));
   try {
     const size = 512 * MiB;
-    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
-    const file = join(dir, 'data.raw');
-    await writeFile(file, randomBytes(size));
-    await execFileP('nbdcopy', [file, `nbd://127.0.0.1:${a.nbdPort}/v`]);
+    await createFilledVolume(a, 'v', size);
     const start = await a.cli(['replicate', 'start', 'v', '--to', b.url]);
     assert.equal(start.code, 0, start.stderr);
     for (const site of [a, b]) {
@@ -226,7 +229,6 @@ test('SIGTERM of either site during the initial copy: a prompt clean exit, and t
     assert.ok(s.initialCopy.bytes < 1.5 * size, `${s.initialCopy.bytes} bytes sent for ${size}`);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
-    await rm(dir, { recursive: true, force: true });
   }
 });
 
