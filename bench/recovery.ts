@@ -28,7 +28,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
 import { TestSite } from '../test/helpers/site.js';
-import { MemoryOccupier, table, timed } from './report.js';
+import { CpuMeter, MemoryOccupier, describeCpu, table, timed } from './report.js';
 import { pairStatus, waitFor, waitInSync } from '../test/helpers/replication.js';
 
 const run = promisify(execFile);
@@ -91,7 +91,12 @@ async function main(): Promise<void> {
     await fh.close();
     await run('nbdcopy', [fill, `nbd://127.0.0.1:${a.nbdPort}/db`]);
     // The fill file stays until the end: removing it would free memory mid-run.
+    // Timed from a quiet disk, as the resync is: the fill's writeback is not the copy's.
+    await run('sync');
+    const pids = { A: a.proc?.pid, B: b.proc?.pid };
+    const fullCopyMeter = await CpuMeter.start(pids);
     const [fullCopySeconds, started] = await timed(() => a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '2s', '--wait']));
+    const fullCopyCpu = await fullCopyMeter.stop();
     if (started.code !== 0) throw new Error(started.stderr);
     await waitInSync(a, b, 'db', 'db', 600_000);
     const first = (await pairStatus(a, 'db')).initialCopy;
@@ -109,6 +114,7 @@ async function main(): Promise<void> {
     // Timed from a quiet disk: writeback of the comparison's files is not the resync's.
     await run('sync');
 
+    const resyncMeter = await CpuMeter.start(pids);
     const [resyncSeconds, rs] = await timed(async () => {
       const r = await b.cli(['resync', 'db']);
       if (r.code !== 0) throw new Error(r.stderr);
@@ -116,6 +122,7 @@ async function main(): Promise<void> {
       await waitInSync(b, a, 'db', 'db', 600_000);
       return pairStatus(b, 'db');
     });
+    const resyncCpu = await resyncMeter.stop();
     const resyncDaemonSeconds = (Date.parse(rs.recovery?.resyncDoneAt ?? '') - Date.parse(rs.recovery?.resyncStartedAt ?? '')) / 1000;
     const same = (await a.digest('db')) === (await b.digest('db'));
     const [failbackSeconds, fb] = await timed(() => b.cli(['failback', 'db']));
@@ -127,6 +134,13 @@ async function main(): Promise<void> {
       ['resync bytes on the wire / changed bytes', `${(wire / MiB).toFixed(1)} MiB`, `${(changedBytes / MiB).toFixed(1)} MiB (${differ} blocks differ)`, (wire / changedBytes).toFixed(3), `<= 1.1; full copy: ${rs.recovery?.fullCopy ? 'YES' : 'no'}; digests ${same ? 'equal' : 'DIFFER'}`],
       ['resync time / full-copy time (daemon)', `${resyncDaemonSeconds.toFixed(2)} s`, `${fullCopyDaemonSeconds.toFixed(2)} s`, (resyncDaemonSeconds / fullCopyDaemonSeconds).toFixed(3), '<= 0.05; command accepted to copy complete, both'],
       ['resync time / full-copy time (CLI wall)', `${resyncSeconds.toFixed(2)} s`, `${fullCopySeconds.toFixed(2)} s`, (resyncSeconds / fullCopySeconds).toFixed(3), 'CLI start and status polling included'],
+      [
+        'resync CPU / full-copy CPU (CLI wall)',
+        describeCpu(resyncCpu),
+        describeCpu(fullCopyCpu),
+        (resyncCpu.machineSeconds / fullCopyCpu.machineSeconds).toFixed(3),
+        `machine CPU per block: resync ${((resyncCpu.machineSeconds / differ) * 1e6).toFixed(0)} µs, full copy ${((fullCopyCpu.machineSeconds / (volumeBytes / bs)) * 1e6).toFixed(0)} µs`,
+      ],
       ['failover: command to read/write', `${failover.tookMs} ms (daemon)`, `${(failoverCliSeconds * 1000).toFixed(0)} ms (CLI wall)`, '-', `< 1 s; source fenced: ${failover.sourceFenced}`],
       ['failback (swap roles, no copy)', `${failbackSeconds.toFixed(2)} s`, '-', '-', ''],
     ];

@@ -25,7 +25,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
 import { TestSite } from '../test/helpers/site.js';
-import { MemoryOccupier, table, timed } from './report.js';
+import { CpuMeter, MemoryOccupier, describeCpu, table, timed, type CpuUse } from './report.js';
 import { pairStatus, waitInSync } from '../test/helpers/replication.js';
 
 const run = promisify(execFile);
@@ -65,7 +65,7 @@ async function waitPort(port: number): Promise<void> {
 }
 
 /** nbdcopy between two qemu-nbd exports of raw files on the same disk; `flush`: the copy ends with the data on disk. */
-async function nbdcopyReference(src: string, dst: string, flush: boolean, memory: MemoryOccupier): Promise<number> {
+async function nbdcopyReference(src: string, dst: string, flush: boolean, memory: MemoryOccupier): Promise<{ seconds: number; cpu: CpuUse }> {
   await rm(dst, { force: true });
   await memory.fill();
   const dstFh = await open(dst, 'w');
@@ -77,8 +77,9 @@ async function nbdcopyReference(src: string, dst: string, flush: boolean, memory
   try {
     await waitPort(10901);
     await waitPort(10902);
+    const meter = await CpuMeter.start();
     const [seconds] = await timed(() => run('nbdcopy', [...(flush ? ['--flush'] : []), 'nbd://127.0.0.1:10901/disk', 'nbd://127.0.0.1:10902/disk']));
-    return seconds;
+    return { seconds, cpu: await meter.stop() };
   } finally {
     // The next round binds the same ports.
     await Promise.all([stop(q1), stop(q2)]);
@@ -93,18 +94,20 @@ async function stop(child: ChildProcess): Promise<void> {
 }
 
 /** One new remote copy by ferry between two fresh sites; the target's digest is checked. */
-async function ferryCopy(src: string, memory: MemoryOccupier): Promise<{ seconds: number; wireBytes: number; same: boolean }> {
+async function ferryCopy(src: string, memory: MemoryOccupier): Promise<{ seconds: number; cpu: CpuUse; wireBytes: number; same: boolean }> {
   await memory.fill();
   const [a, b] = await Promise.all([TestSite.create('bench-a'), TestSite.create('bench-b')]);
   try {
     await a.api('POST', '/api/v1/volumes', { name: 'big', size: volumeBytes });
     await run('nbdcopy', [src, `nbd://127.0.0.1:${a.nbdPort}/big`]);
     await run('sync');
+    const meter = await CpuMeter.start({ A: a.proc?.pid, B: b.proc?.pid });
     const [seconds, r] = await timed(() => a.cli(['replicate', 'start', 'big', '--to', b.url, '--wait']));
+    const cpu = await meter.stop();
     if (r.code !== 0) throw new Error(r.stderr);
     const s = await pairStatus(a, 'big');
     const same = (await a.digest('big')) === (await b.digest('big'));
-    return { seconds, wireBytes: s.bytesSent, same };
+    return { seconds, cpu, wireBytes: s.bytesSent, same };
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
@@ -128,24 +131,40 @@ async function benchCopy(dir: string, memory: MemoryOccupier): Promise<string[][
   const plain: number[] = [];
   const flushed: number[] = [];
   const ferry: number[] = [];
+  const cpu: Record<'plain' | 'flushed' | 'ferry', CpuUse[]> = { plain: [], flushed: [], ferry: [] };
   let wire = 0;
   let allSame = true;
   for (let round = 0; round < copyRounds; round++) {
-    plain.push(await nbdcopyReference(src, dst, false, memory));
-    flushed.push(await nbdcopyReference(src, dst, true, memory));
+    const p = await nbdcopyReference(src, dst, false, memory);
+    const fl = await nbdcopyReference(src, dst, true, memory);
     await rm(dst, { force: true });
     const f = await ferryCopy(src, memory);
+    plain.push(p.seconds);
+    flushed.push(fl.seconds);
     ferry.push(f.seconds);
+    cpu.plain.push(p.cpu);
+    cpu.flushed.push(fl.cpu);
+    cpu.ferry.push(f.cpu);
     wire = f.wireBytes;
     allSame &&= f.same;
-    process.stdout.write(`(a) round ${round + 1}: nbdcopy ${plain[round]?.toFixed(2)} s, nbdcopy --flush ${flushed[round]?.toFixed(2)} s, ferry ${f.seconds.toFixed(2)} s\n`);
+    process.stdout.write(`(a) round ${round + 1}: nbdcopy ${p.seconds.toFixed(2)} s (${describeCpu(p.cpu)}), nbdcopy --flush ${fl.seconds.toFixed(2)} s (${describeCpu(fl.cpu)}), ferry ${f.seconds.toFixed(2)} s (${describeCpu(f.cpu)})\n`);
   }
   const range = (xs: number[]): string => `${Math.min(...xs).toFixed(2)}-${Math.max(...xs).toFixed(2)} s`;
   const workload = `${(dataBytes / GiB).toFixed(1)} GiB of ${(volumeBytes / GiB).toFixed(0)} GiB, median of ${copyRounds}`;
   const ferryCell = `${median(ferry).toFixed(2)} s (${range(ferry)})`;
+  const cpuOf = (uses: CpuUse[]): number => median(uses.map((u) => u.machineSeconds));
+  const busyOf = (uses: CpuUse[]): string => `${(median(uses.map((u) => u.busy)) * 100).toFixed(0)}% busy`;
   return [
     ['(a) new remote copy vs nbdcopy', workload, ferryCell, `${median(plain).toFixed(2)} s (${range(plain)})`, (median(ferry) / median(plain)).toFixed(2), `<= 1.0; ${(wire / GiB).toFixed(2)} GiB on the wire; digests ${allSame ? 'equal' : 'DIFFER'}`],
     ['(a) new remote copy vs nbdcopy --flush', workload, ferryCell, `${median(flushed).toFixed(2)} s (${range(flushed)})`, (median(ferry) / median(flushed)).toFixed(2), 'both end with the copy on disk (ferry flushes before it reports the copy done)'],
+    [
+      '(a) machine CPU during the copy',
+      workload,
+      `${cpuOf(cpu.ferry).toFixed(1)} CPU-s, ${busyOf(cpu.ferry)}`,
+      `${cpuOf(cpu.plain).toFixed(1)} CPU-s, ${busyOf(cpu.plain)}`,
+      (cpuOf(cpu.ferry) / cpuOf(cpu.plain)).toFixed(2),
+      `all processes and kernel threads; nbdcopy --flush ${cpuOf(cpu.flushed).toFixed(1)} CPU-s, ${busyOf(cpu.flushed)}`,
+    ],
   ];
 }
 
@@ -154,14 +173,22 @@ interface FioResult {
   mibps: number;
 }
 
-async function fio(port: number, name: string, rw: string, bs: string, depth: number): Promise<FioResult> {
+/** "36 µs of CPU per write, 99% busy; disk wrote 0.00 GiB" */
+function cpuPerWrite(r: FioResult & { cpu: CpuUse }): string {
+  const writes = r.iops * r.cpu.seconds;
+  return `${((r.cpu.machineSeconds / writes) * 1e6).toFixed(0)} µs of machine CPU per write, ${(r.cpu.busy * 100).toFixed(0)}% busy; disk wrote ${(r.cpu.diskWrittenBytes / GiB).toFixed(1)} GiB`;
+}
+
+async function fio(port: number, name: string, rw: string, bs: string, depth: number, pids: Record<string, number | undefined>): Promise<FioResult & { cpu: CpuUse }> {
+  const meter = await CpuMeter.start(pids);
   const { stdout } = await run('fio', [
     '--name=bench', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${port}/${name}`, `--rw=${rw}`, `--bs=${bs}`, `--iodepth=${depth}`,
     '--size=1G', '--time_based', `--runtime=${fioSeconds}`, '--output-format=json',
   ], { maxBuffer: 64 * 1024 * 1024 });
   // fio may print notices before its JSON.
+  const cpu = await meter.stop();
   const job = (JSON.parse(stdout.slice(stdout.indexOf('{'))) as { jobs: { write: { iops: number; bw_bytes: number } }[] }).jobs[0]!;
-  return { iops: job.write.iops, mibps: job.write.bw_bytes / 1024 / 1024 };
+  return { iops: job.write.iops, mibps: job.write.bw_bytes / 1024 / 1024, cpu };
 }
 
 async function benchWrites(memory: MemoryOccupier): Promise<string[][]> {
@@ -173,12 +200,13 @@ async function benchWrites(memory: MemoryOccupier): Promise<string[][]> {
     const start = await a.cli(['replicate', 'start', 'repl', '--to', b.url, '--interval', '5s', '--save-volume', saveVolume, '--wait']);
     if (start.code !== 0) throw new Error(start.stderr);
     for (const [label, rw, bs, depth] of [['4k random write QD32', 'randwrite', '4k', 32], ['1M sequential write QD8', 'write', '1M', 8]] as const) {
-      const plain = await fio(a.nbdPort, 'plain', rw, bs, depth);
+      const pids = { A: a.proc?.pid, B: b.proc?.pid };
+      const plain = await fio(a.nbdPort, 'plain', rw, bs, depth, pids);
       let maxLag = 0;
       const watcher = setInterval(() => {
         void pairStatus(a, 'repl').then((s) => (maxLag = Math.max(maxLag, s.lagSeconds)), () => undefined);
       }, 500);
-      const repl = await fio(a.nbdPort, 'repl', rw, bs, depth);
+      const repl = await fio(a.nbdPort, 'repl', rw, bs, depth, pids);
       clearInterval(watcher);
       const [syncSeconds, synced] = await timed(() => waitInSync(a, b, 'repl', 'repl', syncWaitMs).then(() => true, () => false));
       const after = await pairStatus(a, 'repl');
@@ -189,8 +217,9 @@ async function benchWrites(memory: MemoryOccupier): Promise<string[][]> {
         (repl.iops / plain.iops).toFixed(2),
         `>= 0.9; max lag during the run ${maxLag.toFixed(1)} s (interval 5 s); ${synced ? `in sync ${syncSeconds.toFixed(1)} s after fio` : `NOT in sync ${syncSeconds.toFixed(0)} s after fio (${after.lagBlocks} blocks behind)`}`,
       ];
-      process.stdout.write(`${row.join(' | ')}\n`);
-      rows.push(row);
+      const cpuRow = [`(b) ${label}: CPU and disk`, `replicated: ${cpuPerWrite(repl)}; A ${repl.cpu.byProcess.A?.toFixed(1)} + B ${repl.cpu.byProcess.B?.toFixed(1)} CPU-s`, `plain: ${cpuPerWrite(plain)}`, '', 'during fio only (the catch-up after it is not counted)'];
+      process.stdout.write(`${row.join(' | ')}\n${cpuRow.join(' | ')}\n`);
+      rows.push(row, cpuRow);
       if (!synced) break;
     }
   } finally {
