@@ -337,8 +337,10 @@ program
         ['errors', `${info.retries} retries, ${info.corruptFrames} damaged frames, ${info.ioErrors} storage errors${info.lastError ? `, last: ${info.lastError}` : ''}`],
       ]);
       if (!opts.verbose) return lines;
-      const rows = info.outstanding.map((d) => [String(d.n), d.state, d.createdAt, formatDuration(d.durationMs), String(d.blocks), d.buildMs === null ? '-' : formatDuration(d.buildMs), d.playbackMs === null ? '-' : formatDuration(d.playbackMs)]);
-      return `${lines}\n\n${rows.length === 0 ? 'no outstanding delta sets' : table(['DELTA SET', 'STATE', 'CREATED', 'DURATION', 'BLOCKS', 'BUILD', 'PLAYBACK'], rows)}`;
+      const ms = (v: number | null): string => (v === null ? '-' : formatDuration(v));
+      // Where a delta set's time went: built at the source, sent and acknowledged, queued and played back at the target.
+      const rows = info.outstanding.map((d) => [String(d.n), d.state, d.createdAt, formatDuration(d.durationMs), String(d.blocks), ms(d.buildMs), ms(d.sendMs), ms(d.queuedMs), ms(d.playbackMs)]);
+      return `${lines}\n\n${rows.length === 0 ? 'no outstanding delta sets' : table(['DELTA SET', 'STATE', 'CREATED', 'DURATION', 'BLOCKS', 'BUILD', 'SEND', 'QUEUED', 'PLAYBACK'], rows)}`;
     });
   });
 

@@ -50,6 +50,10 @@ export interface OutstandingDeltaSet {
   dataBytes: number;
   /** Source: from its cut until it was ready in the save volume (copying the old table's blocks). */
   buildMs: number | null;
+  /** Source: from ready until the target acknowledged it, waiting behind earlier delta sets included; null until then. */
+  sendMs: number | null;
+  /** Target: from received until its playback started (waiting for earlier ones, or a batching policy); null until then. */
+  queuedMs: number | null;
   playbackMs: number | null;
 }
 
@@ -181,6 +185,8 @@ export function infoView(pair: PairRecord, rows: DeltaSetRecord[], live: LiveFig
       blocks: d.blocks,
       dataBytes: d.dataBytes,
       buildMs: pair.role === 'source' ? d.sealedAtMs - d.createdAtMs : null,
+      sendMs: pair.role === 'source' && d.ackedAtMs !== undefined ? d.ackedAtMs - d.sealedAtMs : null,
+      queuedMs: pair.role === 'target' && d.receivedAtMs !== undefined && d.playbackStartedAtMs !== undefined ? d.playbackStartedAtMs - d.receivedAtMs : null,
       playbackMs: d.playbackMs ?? null,
     }));
   return {

@@ -132,6 +132,31 @@ test('ferry info tells when building a delta set takes longer than the interval 
   assert.equal(infoView({ ...pair, role: 'target' }, [row(1, 10_000, 10_400)], live).lastBuild, null);
 });
 
+test('ferry info says where each outstanding delta set spent its time: build, send, queue, playback', () => {
+  const pair: PairRecord = {
+    volume: 'v', pairId: 'p', role: 'source', mode: 'async', peerUrl: 'http://b', peerSiteId: 'b', peerSiteName: 'b', peerVolume: 'v',
+    state: 'duplex', stateReason: '', generation: 1, intervalMs: 5000, highWaterBytes: 64 << 20, saveVolumeBytes: 1 << 30, createdAt: '2026-01-01T00:00:00.000Z',
+    initialCopy: { cursorBlock: 10, totalBlocks: 10, stampedDeltaSet: 0, startedAt: '2026-01-01T00:00:00.000Z', doneAt: '2026-01-01T00:00:01.000Z', bytes: 0 },
+    deltaSetCreated: 3, deltaSetSent: 3, deltaSetAcked: 2, deltaSetReceived: 2, deltaSetPlayedBack: 0, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 5_000,
+  };
+  const base = (n: number): DeltaSetRecord => ({
+    volume: 'v', generation: 1, n, state: 'ready', startLsn: 0, endLsn: 0, chunks: 1, blocks: 10, dataBytes: 0, dataCrc: 0, createdAtMs: n * 5000, previousCutMs: (n - 1) * 5000, sealedAtMs: n * 5000 + 800,
+  });
+  const live: LiveFigures = {
+    nowMs: 30_000, dirtyBlocks: 0, oldestUnsentWriteMs: undefined, sourceNowMs: 30_000, rates: { current: 0, average: 0 }, saveVolume: { usedBytes: 0, capacityBytes: 1, full: false },
+    connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', currentDeltaSet: 3, currentChunk: 0,
+  };
+  // Source: 1 and 2 acknowledged (2 waited behind 1), 3 not yet.
+  const source = infoView(pair, [{ ...base(1), state: 'acked', ackedAtMs: 9_000 }, { ...base(2), state: 'acked', ackedAtMs: 14_000 }, base(3)], live);
+  assert.deepEqual(source.outstanding.map((d) => [d.n, d.buildMs, d.sendMs, d.queuedMs]), [[1, 800, 3200, null], [2, 800, 3200, null], [3, 800, null, null]]);
+  // Target: 1 played back after waiting 500 ms, 2 received and not started; nothing is built or sent here.
+  const target = infoView({ ...pair, role: 'target' }, [
+    { ...base(1), state: 'playing', receivedAtMs: 9_000, playbackStartedAtMs: 9_500 },
+    { ...base(2), state: 'received', receivedAtMs: 14_000 },
+  ], live);
+  assert.deepEqual(target.outstanding.map((d) => [d.n, d.buildMs, d.sendMs, d.queuedMs]), [[1, null, null, 500], [2, null, null, null]]);
+});
+
 test('lag runs from the first write the replica does not have, not from the last cut', () => {
   const hour = 3_600_000;
   const pair: PairRecord = {
