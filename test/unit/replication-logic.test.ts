@@ -109,20 +109,31 @@ test('chunks round-trip, and malformed chunks are refused with a typed error', (
   );
 });
 
-test('ferry info tells when building a delta set takes longer than the interval (the next cut waits)', () => {
-  const pair: PairRecord = {
+/** A duplex async source pair of volume v with a complete initial copy; `counters` set its delta-set numbers. */
+function sourcePair(counters: Partial<PairRecord>): PairRecord {
+  return {
     volume: 'v', pairId: 'p', role: 'source', mode: 'async', peerUrl: 'http://b', peerSiteId: 'b', peerSiteName: 'b', peerVolume: 'v',
     state: 'duplex', stateReason: '', generation: 1, intervalMs: 5000, highWaterBytes: 64 << 20, saveVolumeBytes: 1 << 30, createdAt: '2026-01-01T00:00:00.000Z',
     initialCopy: { cursorBlock: 10, totalBlocks: 10, stampedDeltaSet: 0, startedAt: '2026-01-01T00:00:00.000Z', doneAt: '2026-01-01T00:00:01.000Z', bytes: 0 },
-    deltaSetCreated: 2, deltaSetSent: 2, deltaSetAcked: 1, deltaSetReceived: 0, deltaSetPlayedBack: 1, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 10_000,
+    deltaSetCreated: 0, deltaSetSent: 0, deltaSetAcked: 0, deltaSetReceived: 0, deltaSetPlayedBack: 0, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 0,
+    ...counters,
   };
+}
+
+/** A connected pair's live figures with nothing dirty, at `nowMs` on both clocks. */
+function liveFigures(f: { nowMs: number; currentDeltaSet: number; dirtyBlocks?: number; oldestUnsentWriteMs?: number | undefined }): LiveFigures {
+  return {
+    nowMs: f.nowMs, dirtyBlocks: f.dirtyBlocks ?? 0, oldestUnsentWriteMs: f.oldestUnsentWriteMs, sourceNowMs: f.nowMs, rates: { current: 0, average: 0 },
+    saveVolume: { usedBytes: 0, capacityBytes: 1, full: false }, connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', currentDeltaSet: f.currentDeltaSet, currentChunk: 0,
+  };
+}
+
+test('ferry info tells when building a delta set takes longer than the interval (the next cut waits)', () => {
+  const pair = sourcePair({ deltaSetCreated: 2, deltaSetSent: 2, deltaSetAcked: 1, deltaSetReceived: 0, deltaSetPlayedBack: 1, playedBackCutMs: 10_000 });
   const row = (n: number, createdAtMs: number, sealedAtMs: number): DeltaSetRecord => ({
     volume: 'v', generation: 1, n, state: 'acked', startLsn: 0, endLsn: 0, chunks: 1, blocks: 100 * n, dataBytes: 0, dataCrc: 0, createdAtMs, previousCutMs: createdAtMs - 5000, sealedAtMs,
   });
-  const live: LiveFigures = {
-    nowMs: 30_000, dirtyBlocks: 0, oldestUnsentWriteMs: undefined, sourceNowMs: 30_000, rates: { current: 0, average: 0 }, saveVolume: { usedBytes: 0, capacityBytes: 1, full: false },
-    connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', currentDeltaSet: 2, currentChunk: 0,
-  };
+  const live = liveFigures({ nowMs: 30_000, currentDeltaSet: 2 });
   const quick = infoView(pair, [row(1, 10_000, 10_400), row(2, 15_000, 16_000)], live);
   assert.deepEqual(quick.lastBuild, { deltaSet: 2, blocks: 200, buildMs: 1000, slowerThanInterval: false });
   assert.deepEqual(quick.outstanding.map((d) => d.buildMs), [1000]);
@@ -133,19 +144,11 @@ test('ferry info tells when building a delta set takes longer than the interval 
 });
 
 test('ferry info says where each outstanding delta set spent its time: build, send, queue, playback', () => {
-  const pair: PairRecord = {
-    volume: 'v', pairId: 'p', role: 'source', mode: 'async', peerUrl: 'http://b', peerSiteId: 'b', peerSiteName: 'b', peerVolume: 'v',
-    state: 'duplex', stateReason: '', generation: 1, intervalMs: 5000, highWaterBytes: 64 << 20, saveVolumeBytes: 1 << 30, createdAt: '2026-01-01T00:00:00.000Z',
-    initialCopy: { cursorBlock: 10, totalBlocks: 10, stampedDeltaSet: 0, startedAt: '2026-01-01T00:00:00.000Z', doneAt: '2026-01-01T00:00:01.000Z', bytes: 0 },
-    deltaSetCreated: 3, deltaSetSent: 3, deltaSetAcked: 2, deltaSetReceived: 2, deltaSetPlayedBack: 0, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 5_000,
-  };
+  const pair = sourcePair({ deltaSetCreated: 3, deltaSetSent: 3, deltaSetAcked: 2, deltaSetReceived: 2, deltaSetPlayedBack: 0, playedBackCutMs: 5_000 });
   const base = (n: number): DeltaSetRecord => ({
     volume: 'v', generation: 1, n, state: 'ready', startLsn: 0, endLsn: 0, chunks: 1, blocks: 10, dataBytes: 0, dataCrc: 0, createdAtMs: n * 5000, previousCutMs: (n - 1) * 5000, sealedAtMs: n * 5000 + 800,
   });
-  const live: LiveFigures = {
-    nowMs: 30_000, dirtyBlocks: 0, oldestUnsentWriteMs: undefined, sourceNowMs: 30_000, rates: { current: 0, average: 0 }, saveVolume: { usedBytes: 0, capacityBytes: 1, full: false },
-    connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', currentDeltaSet: 3, currentChunk: 0,
-  };
+  const live = liveFigures({ nowMs: 30_000, currentDeltaSet: 3 });
   // Source: 1 and 2 acknowledged (2 waited behind 1), 3 not yet.
   const source = infoView(pair, [{ ...base(1), state: 'acked', ackedAtMs: 9_000 }, { ...base(2), state: 'acked', ackedAtMs: 14_000 }, base(3)], live);
   assert.deepEqual(source.outstanding.map((d) => [d.n, d.buildMs, d.sendMs, d.queuedMs]), [[1, 800, 3200, null], [2, 800, 3200, null], [3, 800, null, null]]);
@@ -159,17 +162,9 @@ test('ferry info says where each outstanding delta set spent its time: build, se
 
 test('lag runs from the first write the replica does not have, not from the last cut', () => {
   const hour = 3_600_000;
-  const pair: PairRecord = {
-    volume: 'v', pairId: 'p', role: 'source', mode: 'async', peerUrl: 'http://b', peerSiteId: 'b', peerSiteName: 'b', peerVolume: 'v',
-    state: 'duplex', stateReason: '', generation: 1, intervalMs: 5000, highWaterBytes: 64 << 20, saveVolumeBytes: 1 << 30, createdAt: '2026-01-01T00:00:00.000Z',
-    initialCopy: { cursorBlock: 10, totalBlocks: 10, stampedDeltaSet: 0, startedAt: '2026-01-01T00:00:00.000Z', doneAt: '2026-01-01T00:00:01.000Z', bytes: 0 },
-    deltaSetCreated: 1, deltaSetSent: 1, deltaSetAcked: 1, deltaSetReceived: 0, deltaSetPlayedBack: 1, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 10_000,
-  };
+  const pair = sourcePair({ deltaSetCreated: 1, deltaSetSent: 1, deltaSetAcked: 1, deltaSetReceived: 0, deltaSetPlayedBack: 1, playedBackCutMs: 10_000 });
   const now = 10_000 + hour;
-  const live = (oldestUnsentWriteMs: number | undefined, dirtyBlocks: number): LiveFigures => ({
-    nowMs: now, dirtyBlocks, oldestUnsentWriteMs, sourceNowMs: now, rates: { current: 0, average: 0 }, saveVolume: { usedBytes: 0, capacityBytes: 1, full: false },
-    connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', currentDeltaSet: 1, currentChunk: 0,
-  });
+  const live = (oldestUnsentWriteMs: number | undefined, dirtyBlocks: number): LiveFigures => liveFigures({ nowMs: now, dirtyBlocks, oldestUnsentWriteMs, currentDeltaSet: 1 });
   const row = (n: number, createdAtMs: number, firstWriteMs?: number): DeltaSetRecord => ({
     volume: 'v', generation: 1, n, state: 'acked', startLsn: 0, endLsn: 0, chunks: 1, blocks: 5, dataBytes: 0, dataCrc: 0, createdAtMs, previousCutMs: 10_000, sealedAtMs: createdAtMs,
     ...(firstWriteMs !== undefined ? { firstWriteMs } : {}),
