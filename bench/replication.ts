@@ -173,7 +173,7 @@ interface FioResult {
   mibps: number;
 }
 
-/** "36 µs of CPU per write, 99% busy; disk wrote 0.00 GiB" */
+/** "36 µs of machine CPU per write, 99% busy; disk wrote 0.3 GiB" */
 function cpuPerWrite(r: FioResult & { cpu: CpuUse }): string {
   const writes = r.iops * r.cpu.seconds;
   return `${((r.cpu.machineSeconds / writes) * 1e6).toFixed(0)} µs of machine CPU per write, ${(r.cpu.busy * 100).toFixed(0)}% busy; disk wrote ${(r.cpu.diskWrittenBytes / GiB).toFixed(1)} GiB`;
@@ -185,8 +185,8 @@ async function fio(port: number, name: string, rw: string, bs: string, depth: nu
     '--name=bench', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${port}/${name}`, `--rw=${rw}`, `--bs=${bs}`, `--iodepth=${depth}`,
     '--size=1G', '--time_based', `--runtime=${fioSeconds}`, '--output-format=json',
   ], { maxBuffer: 64 * 1024 * 1024 });
-  // fio may print notices before its JSON.
   const cpu = await meter.stop();
+  // fio may print notices before its JSON.
   const job = (JSON.parse(stdout.slice(stdout.indexOf('{'))) as { jobs: { write: { iops: number; bw_bytes: number } }[] }).jobs[0]!;
   return { iops: job.write.iops, mibps: job.write.bw_bytes / 1024 / 1024, cpu };
 }
@@ -199,8 +199,8 @@ async function benchWrites(memory: MemoryOccupier): Promise<string[][]> {
     for (const v of ['plain', 'repl']) await a.api('POST', '/api/v1/volumes', { name: v, size: 2 * GiB });
     const start = await a.cli(['replicate', 'start', 'repl', '--to', b.url, '--interval', '5s', '--save-volume', saveVolume, '--wait']);
     if (start.code !== 0) throw new Error(start.stderr);
+    const pids = { A: a.proc?.pid, B: b.proc?.pid };
     for (const [label, rw, bs, depth] of [['4k random write QD32', 'randwrite', '4k', 32], ['1M sequential write QD8', 'write', '1M', 8]] as const) {
-      const pids = { A: a.proc?.pid, B: b.proc?.pid };
       const plain = await fio(a.nbdPort, 'plain', rw, bs, depth, pids);
       let maxLag = 0;
       const watcher = setInterval(() => {

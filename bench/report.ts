@@ -107,12 +107,12 @@ export class CpuMeter {
 
   static async start(pids: Record<string, number | undefined> = {}): Promise<CpuMeter> {
     const watched = Object.fromEntries(Object.entries(pids).filter((e): e is [string, number] => e[1] !== undefined));
-    const [machine, processes] = await Promise.all([machineTicks(), processTicks(watched)]);
+    const [machine, processes] = await Promise.all([machineCounters(), processTicks(watched)]);
     return new CpuMeter(watched, process.hrtime.bigint(), machine, processes);
   }
 
   async stop(): Promise<CpuUse> {
-    const [machine, processes] = await Promise.all([machineTicks(), processTicks(this.pids)]);
+    const [machine, processes] = await Promise.all([machineCounters(), processTicks(this.pids)]);
     const seconds = Number(process.hrtime.bigint() - this.startedAt) / 1e9;
     const busyTicks = machine.busy - this.machineAtStart.busy;
     const totalTicks = machine.total - this.machineAtStart.total;
@@ -142,7 +142,7 @@ interface MachineCounters {
  * busy), and the bytes its disks have written: whole disks only, not partitions,
  * loop or memory devices.
  */
-async function machineTicks(): Promise<MachineCounters> {
+async function machineCounters(): Promise<MachineCounters> {
   const [stat, disks, blocks] = await Promise.all([readFile('/proc/stat', 'utf8'), readFile('/proc/diskstats', 'utf8').catch(() => ''), readdir('/sys/block').catch(() => [] as string[])]);
   const fields = (stat.split('\n')[0] ?? '').trim().split(/\s+/).slice(1, 9).map(Number);
   const total = fields.reduce((s, v) => s + v, 0);
