@@ -1,4 +1,4 @@
-/** Shared by the benchmarks: aligned text tables, wall-clock timing, the memory condition. */
+/** Shared by the benchmarks: aligned text tables, wall-clock timing, the memory condition, CPU and disk use over a run. */
 import { mkdir, open, readFile, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 
