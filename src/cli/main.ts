@@ -205,6 +205,12 @@ replicate
     }
   });
 
+/** A stop that leaves the volume read-only says why, and how to make it writable. */
+function stopped(volume: string, access: string): string {
+  if (access === 'read-write') return `replication of ${volume} stopped`;
+  return `replication of ${volume} stopped; the volume stays ${access}, as the role change in progress left it (the other site may be its source now). To write to this copy anyway: ferry volume access ${volume} read-write`;
+}
+
 for (const [name, description] of [
   ['stop', 'end the replication relationship (at the target: after the delta set being played back)'],
   ['pause', 'suspend sending (changes keep being tracked)'],
@@ -217,7 +223,7 @@ for (const [name, description] of [
     .action(async (volume: string, _opts: unknown, cmd: Command) => {
       const result = await client(cmd).post<Record<string, unknown>>(`/api/v1/replication/${encodeURIComponent(volume)}/${name}`);
       print(cmd, result, () =>
-        name === 'delta' ? `delta set ${String(result.deltaSet)} of ${volume} is ready` : name === 'stop' ? `replication of ${volume} stopped` : `${volume}: ${String(result.state)}`,
+        name === 'delta' ? `delta set ${String(result.deltaSet)} of ${volume} is ready` : name === 'stop' ? stopped(volume, String(result.access)) : `${volume}: ${String(result.state)}`,
       );
     });
 }

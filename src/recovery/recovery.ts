@@ -56,6 +56,8 @@ type RecoveryRequest =
       intervalMs: number;
       highWaterBytes: number;
       saveVolumeBytes: number;
+      /** Only ask whether the takeover would be accepted now; nothing changes. */
+      check?: boolean;
     };
 
 interface FenceReply {
@@ -596,6 +598,8 @@ export class Recovery {
         if (pair.state !== 'duplex' && pair.state !== 'duplex-pending') {
           throw new FerryError('BAD_REQUEST', `volume ${volume} is ${pair.state}${pair.stateReason ? ` (${pair.stateReason})` : ''}; failback needs a pair in duplex`);
         }
+        // Hosts are held only once the other site says it would take over: a refusal changes nothing here.
+        await this.request(pair.peerUrl, this.takeoverRequest(pair, true), requestTimeoutMs);
         const within = Math.max(1, Math.floor(failbackWithinBytes / this.m.deps.volumes.get(volume).blockBytes));
         await source.drain({ withinBlocks: within, playedBack: false, timeoutMs: syncTimeoutMs });
         await this.m.deps.setAccess(volume, 'read-only');
@@ -632,25 +636,31 @@ export class Recovery {
     });
   }
 
+  /** What the other site is asked at failback: to take over, or (check) whether it would now. */
+  private takeoverRequest(pair: PairRecord, check: boolean): RecoveryRequest {
+    return {
+      op: 'takeover',
+      pairId: pair.pairId,
+      volume: pair.peerVolume,
+      generation: pair.generation + 1,
+      fromGeneration: pair.generation,
+      lastDeltaSet: pair.deltaSetCreated,
+      targetUrl: this.m.deps.selfUrl(),
+      targetVolume: pair.volume,
+      intervalMs: pair.intervalMs,
+      highWaterBytes: pair.highWaterBytes,
+      saveVolumeBytes: pair.saveVolumeBytes,
+      check,
+    };
+  }
+
   /** The swap itself, once this side is read-only and the other has everything (idempotent). */
   private async handOver(volume: string): Promise<void> {
     const { volumes, setAccess } = this.m.deps;
     const source = this.m.sources.get(volume);
     const pair = source?.pair ?? this.m.requirePair(volume);
     const next = pair.generation + 1;
-    await this.request(pair.peerUrl, {
-      op: 'takeover',
-      pairId: pair.pairId,
-      volume: pair.peerVolume,
-      generation: next,
-      fromGeneration: pair.generation,
-      lastDeltaSet: pair.deltaSetCreated,
-      targetUrl: this.m.deps.selfUrl(),
-      targetVolume: volume,
-      intervalMs: pair.intervalMs,
-      highWaterBytes: pair.highWaterBytes,
-      saveVolumeBytes: pair.saveVolumeBytes,
-    }, requestTimeoutMs);
+    await this.request(pair.peerUrl, this.takeoverRequest(pair, false), requestTimeoutMs);
     this.m.sources.delete(volume);
     await source?.close();
     const blockCount = volumes.get(volume).blockCount;
@@ -883,11 +893,20 @@ export class Recovery {
         throw new FerryError('STALE_GENERATION', `volume ${pair.volume} here is the ${pair.role} at generation ${pair.generation}; a takeover from generation ${body.fromGeneration} is refused`);
       }
       if (this.busy.has(pair.volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${pair.volume} is already in progress`);
+      const ready = this.m.targets.get(pair.volume);
+      if (!ready) throw new FerryError('UNAVAILABLE', `the target of ${pair.volume} is not open`);
+      if (!ready.copyDone) throw new FerryError('BAD_REQUEST', `volume ${pair.volume} here is still being rebuilt`);
+    }
+    if (body.check) {
+      connection.sendJson(ReplFrame.RecoveryReply as number, {});
+      connection.close();
+      return;
+    }
+    if (!(pair.role === 'source' && pair.generation === body.generation)) {
       this.busy.add(pair.volume);
       try {
         const target = this.m.targets.get(pair.volume);
         if (!target) throw new FerryError('UNAVAILABLE', `the target of ${pair.volume} is not open`);
-        if (!target.copyDone) throw new FerryError('BAD_REQUEST', `volume ${pair.volume} here is still being rebuilt`);
         await target.finishPlayback(playbackTimeoutMs);
         if (target.pair.deltaSetPlayedBack < body.lastDeltaSet) {
           throw new FerryError('UNAVAILABLE', `volume ${pair.volume} here has played back delta set ${target.pair.deltaSetPlayedBack}, not ${body.lastDeltaSet}; try again`);

@@ -210,7 +210,12 @@ export class ReplicationManager {
     }
   }
 
-  async stop(volumeName: string): Promise<void> {
+  /**
+   * Ends the pair here; returns the volume's access afterwards. A source the pair held
+   * read-only for a role change (fenced, or failing back) stays read-only: the other
+   * site may be its source now, and only the operator can say otherwise.
+   */
+  async stop(volumeName: string): Promise<VolumeAccess> {
     const pair = this.requirePair(volumeName);
     const record = this.deps.volumes.record(volumeName);
     if (pair.role === 'source') {
@@ -229,7 +234,9 @@ export class ReplicationManager {
       await this.deps.setAccess(volumeName, 'read-write');
     }
     await this.removeFiles(record.id);
-    this.deps.log.info({ volume: volumeName, role: pair.role }, 'replication stopped');
+    const access = this.deps.volumes.record(volumeName).access;
+    this.deps.log.info({ volume: volumeName, role: pair.role, access }, 'replication stopped');
+    return access;
   }
 
   pause(volumeName: string): void {

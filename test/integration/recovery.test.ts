@@ -243,6 +243,38 @@ test('failover --sync loses nothing; --now skips the received delta sets; failba
     assert.equal(res.restartPoint, played);
     assert.equal(res.sourceFenced, true);
     assert.equal(await b.digest('db'), sha(image));
+
+    // Ending the pair at the fenced old source keeps its volume read-only and says how to write to it anyway.
+    const stop = await a.cli(['replicate', 'stop', 'db']);
+    assert.equal(stop.code, 0, stop.stderr);
+    assert.match(stop.stdout, /stays read-only/);
+    assert.equal((await a.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-only');
+    assert.equal((await a.cli(['volume', 'access', 'db', 'read-write'])).code, 0);
+    await a.writeData('db', 0, Buffer.alloc(bs, 7));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a failback the other site would refuse changes nothing here: hosts keep writing', async () => {
+  const [a, b] = await sites('refused');
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    // The pair is ended at the target; the source has not noticed yet (still duplex).
+    assert.equal((await b.cli(['replicate', 'stop', 'db'])).code, 0);
+    assert.equal((await pairStatus(a, 'db')).state, 'duplex');
+    const fb = await a.cli(['failback', 'db']);
+    assert.notEqual(fb.code, 0);
+    assert.match(fb.stderr, /no replication pair/);
+    const st = await pairStatus(a, 'db');
+    assert.equal(st.role, 'source');
+    assert.equal(st.recovery?.phase, undefined, 'no failback is left in progress');
+    const vol = await a.api<{ access: string }>('GET', '/api/v1/volumes/db');
+    assert.equal(vol.body.access, 'read-write');
+    await writeApi(a, image, 5);
+    assert.equal(await a.digest('db'), sha(image));
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
