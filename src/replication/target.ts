@@ -897,6 +897,13 @@ export class TargetReplica {
     this.playbackWaker.signal();
     this.spaceWaker.signal();
     await this.playbackLoopDone;
+    // An orderly stop keeps the copy's place: the pieces written so far are flushed and
+    // the cursor recorded, so the next start resumes here, not a second back.
+    await this.copySessionDone.catch(() => undefined);
+    await this.copyFlushing;
+    if (!this.copyDone && this.copyApplied > this.deps.pair.initialCopy.cursorBlock) {
+      await this.persistCopy(true).catch((err: Error) => this.deps.log.warn({ volume: this.pair.volume, err: err.message }, 'the copy\'s place could not be recorded at stop; it resumes from its last durable point'));
+    }
     this.deps.catalog.putPair(this.deps.pair);
   }
 

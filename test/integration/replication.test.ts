@@ -211,9 +211,11 @@ test('SIGTERM of either site during the initial copy: a prompt clean exit, and t
     await createFilledVolume(a, 'v', size);
     const start = await a.cli(['replicate', 'start', 'v', '--to', b.url]);
     assert.equal(start.code, 0, start.stderr);
+    const ackedAtStop: number[] = [];
     for (const site of [a, b]) {
       const percent = (await pairStatus(a, 'v')).initialCopy.percent;
       await waitFor('the copy to move on', async () => ((await pairStatus(a, 'v')).initialCopy.percent >= percent + 10 ? true : undefined), 60_000, 10);
+      ackedAtStop.push((await pairStatus(a, 'v')).initialCopy.copiedBlocks);
       const stopping = Date.now();
       assert.equal(await site.kill('SIGTERM'), 0, `${site.name}: clean exit`);
       assert.ok(Date.now() - stopping < 5_000, `${site.name} stopped in ${Date.now() - stopping} ms`);
@@ -222,9 +224,12 @@ test('SIGTERM of either site during the initial copy: a prompt clean exit, and t
     }
     await waitInSync(a, b, 'v', 'v', 120_000);
     assert.equal(await b.digest('v'), await a.digest('v'));
-    // After each restart the copy went on from the target's cursor, not from the start.
+    // After each restart the copy went on from where the target stood when it stopped (all
+    // it had acknowledged), not from the start nor from an older durable point.
     const resumedAt = a.logs.filter((l) => l.msg === 'copy session open').map((l) => Number(l.targetCursor));
-    assert.ok(resumedAt.length >= 1 && resumedAt.every((c) => c > 0), `copy sessions opened at target cursors ${resumedAt.join(', ')}`);
+    const where = `copy sessions opened at target cursors ${resumedAt.join(', ')}; acknowledged at the stops: ${ackedAtStop.join(', ')}`;
+    assert.ok(resumedAt.length >= 2 && resumedAt.every((c) => c >= (ackedAtStop[0] as number)), where);
+    assert.ok((resumedAt.at(-1) as number) >= (ackedAtStop[1] as number), where);
     const s = await pairStatus(a, 'v');
     assert.ok(s.initialCopy.bytes < 1.5 * size, `${s.initialCopy.bytes} bytes sent for ${size}`);
   } finally {
