@@ -291,6 +291,7 @@ export class ReplicationManager {
         corruptFrames: st.corruptFramesResent + (copy?.rewinds ?? 0),
         ioErrors: st.ioErrors,
         lastError: st.lastError || copy?.lastError || '',
+        failing: '',
         currentDeltaSet: st.currentDeltaSet,
         currentChunk: st.currentChunk,
       };
@@ -311,6 +312,7 @@ export class ReplicationManager {
       corruptFrames: st?.corruptFramesRejected ?? 0,
       ioErrors: st?.ioErrors ?? 0,
       lastError: st?.lastError ?? '',
+      failing: st ? [st.failing.receive, st.failing.playback].filter((f) => f !== '').join('; ') : '',
       currentDeltaSet: st?.sourceDeltaSetCreated ?? 0,
       currentChunk: 0,
     };

@@ -475,9 +475,12 @@ export class SourceReplicator {
         const { delayMs, suspend } = retries.failed();
         this.stats.retries++;
         this.stats.lastError = (err as Error).message;
-        if (suspend && this.status.state !== 'suspended' && isActive(this.status)) {
-          this.apply({ type: 'failure', reason: `target unreachable: ${(err as Error).message}` });
-        }
+        // An error the target sent says what failed there; anything else is the link. A
+        // pair already suspended by failure shows the newest reason (the cause may change).
+        const message = (err as Error).message;
+        const reason = message.startsWith('target: ') ? message : `target unreachable: ${message}`;
+        const failed = this.status.state === 'suspended' && this.status.cause === 'failure';
+        if (suspend && (isActive(this.status) || (failed && this.status.reason !== reason))) this.apply({ type: 'failure', reason });
         this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message, failures: retries.failures }, 'replication session failed; retrying');
         await this.sendWaker.wait(this.deps.clock, delayMs);
       } finally {

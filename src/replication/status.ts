@@ -93,6 +93,8 @@ export interface LiveFigures {
   corruptFrames: number;
   ioErrors: number;
   lastError: string;
+  /** A storage failure going on now (target: storing received chunks, playing back), '' when none. */
+  failing: string;
   currentDeltaSet: number;
   currentChunk: number;
 }
@@ -138,7 +140,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     peerVolume: pair.peerVolume,
     mode: pair.mode,
     state: pair.state,
-    reason: pair.stateReason,
+    reason: [pair.stateReason, live.failing].filter((r) => r !== '').join('; '),
     generation: pair.generation,
     deltaSetCreated: pair.role === 'source' ? pair.deltaSetCreated : Math.max(pair.deltaSetReceived, live.currentDeltaSet),
     deltaSetSent: pair.deltaSetSent,

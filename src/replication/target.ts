@@ -142,6 +142,8 @@ export interface TargetStats {
   /** I/O errors met here (storing a chunk, flushing a copy, playing back), and the last one, for status. */
   ioErrors: number;
   lastError: string;
+  /** A storage failure not yet cleared by a success of the same kind ('' when none): shown with the state. */
+  failing: { receive: string; playback: string };
 }
 
 /**
@@ -165,6 +167,7 @@ export class TargetReplica {
     playing: 0,
     ioErrors: 0,
     lastError: '',
+    failing: { receive: '', playback: '' },
   };
   private ring: RingSpace;
   private receiving: ReceiveLedger;
@@ -386,10 +389,16 @@ export class TargetReplica {
         }
       }
     } catch (err) {
-      if (!connection.isClosed) this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message }, `${what} ended`);
+      if (!connection.isClosed) {
+        this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message }, `${what} ended`);
+        // The source reports why, instead of a connection that merely closed.
+        const storage = (err as NodeJS.ErrnoException).code !== undefined && !(err instanceof FerryError) && this.stats.lastError.endsWith((err as Error).message);
+        connection.sendError(err instanceof FerryError ? err.code : 'UNAVAILABLE', storage ? this.stats.lastError : (err as Error).message);
+        connection.closeGracefully();
+      }
     } finally {
       inbox.close();
-      connection.destroy();
+      if (!connection.isClosed) connection.closeGracefully();
     }
   }
 
@@ -661,7 +670,7 @@ export class TargetReplica {
       await journal.write(lsn, encoded);
     } catch (err) {
       this.stats.ioErrors++;
-      this.stats.lastError = `chunk ${index} of delta set ${deltaSet} could not be stored in the save volume: ${(err as Error).message}`;
+      this.stats.lastError = this.stats.failing.receive = `chunk ${index} of delta set ${deltaSet} could not be stored in the save volume: ${(err as Error).message}`;
       // Chunks are written one at a time (a newer session waits for this one): this is
       // the last allocation, and its space goes back, so the delta set's records stay
       // one after another. The chunks written before it are synced when the session ends.
@@ -694,9 +703,10 @@ export class TargetReplica {
       for (const { lsn, span, previousHead } of this.unsyncedSpace.reverse()) this.ring.giveBack(lsn, span, previousHead);
       this.unsyncedSpace = [];
       this.stats.ioErrors++;
-      this.stats.lastError = `${last > first ? `chunks ${first}-${last}` : `chunk ${first}`} of delta set ${this.receiving.n} could not be stored in the save volume: ${(err as Error).message}`;
+      this.stats.lastError = this.stats.failing.receive = `${last > first ? `chunks ${first}-${last}` : `chunk ${first}`} of delta set ${this.receiving.n} could not be stored in the save volume: ${(err as Error).message}`;
       throw err;
     }
+    this.stats.failing.receive = '';
     this.receiving.synced();
     this.unsyncedSpace = [];
     if (!connection.isClosed) this.ack(connection, this.receiving.n, this.receiving.chunksStored, false);
@@ -766,9 +776,10 @@ export class TargetReplica {
       if (next) {
         try {
           await this.playOne(next);
+          this.stats.failing.playback = '';
         } catch (err) {
           this.stats.ioErrors++;
-          this.stats.lastError = `playback of delta set ${next.n} failed (it is tried again; readers keep a consistent image): ${(err as Error).message}`;
+          this.stats.lastError = this.stats.failing.playback = `playback of delta set ${next.n} failed (it is tried again; readers keep a consistent image): ${(err as Error).message}`;
           this.playbackFailedAtMs = this.deps.clock.now();
           this.deps.log.error({ err, volume: this.pair.volume, deltaSet: next.n }, 'playback failed; the replica keeps its last consistent image');
           await this.playbackWaker.wait(this.deps.clock, playbackRetryMs);

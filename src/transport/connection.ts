@@ -141,6 +141,17 @@ export class RcpConnection extends EventEmitter {
     this.socket.destroy();
   }
 
+  /**
+   * Ends the connection after what was sent (an error frame) and lets the peer close
+   * it: destroying at once, with the peer's frames still unread here, resets the
+   * connection, and the peer may lose that last frame. Destroyed after `graceMs` anyway.
+   */
+  closeGracefully(graceMs = 2_000): void {
+    if (this.closed) return;
+    this.socket.end();
+    setTimeout(() => this.destroy(), graceMs).unref();
+  }
+
   private onData(chunk: Buffer): void {
     this.bytesIn += chunk.length;
     if (this.preambleSeen < preambleBytes) {

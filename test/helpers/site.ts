@@ -47,6 +47,8 @@ export class TestSite {
   nbdPort = 0;
   logs: LogLine[] = [];
   exitCode: number | null = null;
+  /** If set, the daemon runs with this file size limit (RLIMIT_FSIZE): writes past it fail with EFBIG, as on a full disk. */
+  fileSizeLimit: number | undefined;
   private exited: Promise<void> = Promise.resolve();
 
   private constructor(
@@ -74,7 +76,9 @@ export class TestSite {
     if (this.nbdPort > 0) listen.push('--nbd', `${this.host}:${this.nbdPort}`);
     // FERRY_CPU_PROF_DIR (benchmarks): each daemon writes a V8 CPU profile there when stopped by destroy().
     const profile = process.env.FERRY_CPU_PROF_DIR ? ['--cpu-prof', `--cpu-prof-dir=${process.env.FERRY_CPU_PROF_DIR}`] : [];
-    const proc = spawn(process.execPath, [...profile, ferryBin, 'site', 'start', '--dir', this.dir, ...listen], {
+    const daemon = [process.execPath, ...profile, ferryBin, 'site', 'start', '--dir', this.dir, ...listen];
+    const argv = this.fileSizeLimit !== undefined ? ['prlimit', `--fsize=${this.fileSizeLimit}`, '--', ...daemon] : daemon;
+    const proc = spawn(argv[0] as string, argv.slice(1), {
       env: { ...process.env, FERRY_LOG_LEVEL: 'debug', ...this.env },
       stdio: ['ignore', 'pipe', 'pipe'],
     });

@@ -543,6 +543,48 @@ test('full source save volume: host writes go on, no write lost, target consiste
   }
 });
 
+test('storage failing at the target: nothing acknowledged or applied, both sites say why, it resumes once the cause is cleared', async () => {
+  const [a, b] = await pair('disk');
+  try {
+    const size = 4 * MiB;
+    const model = new VolumeModel(size);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '200ms', '--wait'])).code, 0);
+    // B's files may not grow past 8 MiB: the volume fits, but its save volume cannot store
+    // the delta sets that go past that point, as on a full disk.
+    b.fileSizeLimit = 8 * MiB;
+    await b.restart();
+    // The whole volume, four times over in four delta sets: 16 MiB into B's save volume.
+    for (let round = 0; round < 4; round++) {
+      for (let i = 0; i < 16; i++) {
+        const data = randomBytes(256 * 1024);
+        model.apply(i * 256 * 1024, data);
+        await a.writeData('v', i * 256 * 1024, data);
+      }
+      assert.equal((await a.cli(['replicate', 'delta', 'v'])).code, 0);
+    }
+    const failing = /could not be stored in the save volume: EFBIG/;
+    const sourceView = await waitFor('the source to report the target failing', async () => {
+      const s = await pairStatus(a, 'v');
+      return s.state === 'suspended' && failing.test(s.reason) ? s : undefined;
+    }, 60_000, 200);
+    assert.ok(sourceView.lagBlocks > 0);
+    const targetView = await pairStatus(b, 'v');
+    assert.match(targetView.reason, failing);
+    assert.ok(targetView.ioErrors > 0);
+    assert.ok(targetView.deltaSetPlayedBack < sourceView.deltaSetCreated);
+    // The cause is cleared: B resumes from the first chunk it did not store, and catches up.
+    b.fileSizeLimit = undefined;
+    await b.restart();
+    await waitInSync(a, b, 'v', 'v', 60_000);
+    assert.equal(await b.digest('v'), model.digest());
+    assert.equal((await pairStatus(b, 'v')).reason, '');
+    assert.equal((await pairStatus(a, 'v')).state, 'duplex');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('a frame from an older generation is refused', async () => {
   const [a, b] = await pair('gen');
   try {

@@ -124,7 +124,7 @@ function sourcePair(counters: Partial<PairRecord>): PairRecord {
 function liveFigures(f: { nowMs: number; currentDeltaSet: number; dirtyBlocks?: number; oldestUnsentWriteMs?: number | undefined }): LiveFigures {
   return {
     nowMs: f.nowMs, dirtyBlocks: f.dirtyBlocks ?? 0, oldestUnsentWriteMs: f.oldestUnsentWriteMs, sourceNowMs: f.nowMs, rates: { current: 0, average: 0 },
-    saveVolume: { usedBytes: 0, capacityBytes: 1, full: false }, connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', currentDeltaSet: f.currentDeltaSet, currentChunk: 0,
+    saveVolume: { usedBytes: 0, capacityBytes: 1, full: false }, connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', failing: '', currentDeltaSet: f.currentDeltaSet, currentChunk: 0,
   };
 }
 
