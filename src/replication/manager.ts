@@ -291,7 +291,7 @@ export class ReplicationManager {
         corruptFrames: st.corruptFramesResent + (copy?.rewinds ?? 0),
         ioErrors: st.ioErrors,
         lastError: st.lastError || copy?.lastError || '',
-        failing: '',
+        failing: st.failing,
         currentDeltaSet: st.currentDeltaSet,
         currentChunk: st.currentChunk,
       };

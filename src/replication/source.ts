@@ -74,6 +74,8 @@ export interface SourceStats {
   /** Storage errors met building delta sets (writing the save volume) or releasing their blocks from tracking. */
   ioErrors: number;
   lastError: string;
+  /** Delta sets cannot be built now (the last attempt failed), '' once one is: shown with the state. */
+  failing: string;
   currentDeltaSet: number;
   currentChunk: number;
   rateBytesPerSec: number;
@@ -96,6 +98,7 @@ export class SourceReplicator {
     corruptFramesResent: 0,
     ioErrors: 0,
     lastError: '',
+    failing: '',
     currentDeltaSet: 0,
     currentChunk: 0,
     rateBytesPerSec: 0,
@@ -105,6 +108,8 @@ export class SourceReplicator {
     connected: false,
   };
   private status: PairStatus;
+  /** Cuts that failed since start (a demanded cut reports the next failure). */
+  private cutFailures = 0;
   private readonly ring: RingSpace;
   private readonly trigger: DeltaSetTrigger;
   private readonly cutWaker = new Waker();
@@ -184,7 +189,9 @@ export class SourceReplicator {
     this.trigger.demand();
     this.cutWaker.signal();
     const before = this.pair.deltaSetCreated;
+    const failuresBefore = this.cutFailures;
     while (!this.closed && this.pair.deltaSetCreated === before) {
+      if (this.cutFailures > failuresBefore) throw new FerryError('UNAVAILABLE', this.stats.failing);
       if (this.stats.saveVolumeFull) {
         throw new FerryError(
           'UNAVAILABLE',
@@ -298,7 +305,8 @@ export class SourceReplicator {
           // Its blocks went back to the change log: they go out with the next one.
           this.deps.log.error({ err, volume: this.pair.volume }, 'delta set could not be created');
           this.stats.ioErrors++;
-          this.stats.lastError = `a delta set could not be created (its blocks stay tracked): ${(err as Error).message}`;
+          this.cutFailures++;
+          this.stats.lastError = this.stats.failing = `a delta set could not be created (its blocks stay tracked): ${(err as Error).message}`;
         }
       } else if (reason === 'on-demand' && this.dirtyBlocks === 0) {
         this.trigger.rearm(now);
@@ -348,6 +356,7 @@ export class SourceReplicator {
     }
     this.stats.lastCut = { reason, pauseMs: clock.now() - pauseStart, atMs: createdAtMs };
     this.trigger.rearm(createdAtMs);
+    const headBefore = this.ring.head;
     const builder = new DeltaSetBuilder(volume, old, this.deps.journal, this.ring, this.pair.generation, n);
     changeLog.setCopier((first, count) => builder.copyRange(first, count));
     this.building = (async () => {
@@ -375,6 +384,7 @@ export class SourceReplicator {
           this.deps.catalog.putPair(this.pair);
         });
         this.buildingBlocks = 0;
+        this.stats.failing = '';
         this.previousCutMs = createdAtMs;
         await changeLog.sealed().catch((err: Error) => {
           // The delta set is ready; its extents just stay in the activity log (a crash
@@ -388,6 +398,9 @@ export class SourceReplicator {
         this.sendWaker.signal();
       } catch (err) {
         changeLog.setCopier(undefined);
+        // The records written for it are abandoned: their space goes back, or every
+        // failed attempt would leave the save volume fuller until it looked full for good.
+        this.ring.rollBack(headBefore);
         await changeLog.mergeOldBack(builder.copied);
         this.buildingBlocks = 0;
         throw err;

@@ -109,6 +109,12 @@ export class RingSpace {
     assert(this.head === at + spanBytes, `ring give-back of ${at}+${spanBytes}: it is not the last allocation (head ${this.head})`);
     this.head = Math.max(previousHead, this.tail);
   }
+
+  /** Gives back every allocation made since the head was `previousHead` (records abandoned together). */
+  rollBack(previousHead: number): void {
+    assert(previousHead <= this.head, `ring roll-back to ${previousHead} past the head ${this.head}`);
+    this.head = Math.max(previousHead, this.tail);
+  }
 }
 
 export class JournalFile {

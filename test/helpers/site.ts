@@ -77,7 +77,7 @@ export class TestSite {
     // FERRY_CPU_PROF_DIR (benchmarks): each daemon writes a V8 CPU profile there when stopped by destroy().
     const profile = process.env.FERRY_CPU_PROF_DIR ? ['--cpu-prof', `--cpu-prof-dir=${process.env.FERRY_CPU_PROF_DIR}`] : [];
     const daemon = [process.execPath, ...profile, ferryBin, 'site', 'start', '--dir', this.dir, ...listen];
-    const argv = this.fileSizeLimit !== undefined ? ['prlimit', `--fsize=${this.fileSizeLimit}`, '--', ...daemon] : daemon;
+    const argv = this.fileSizeLimit !== undefined ? ['prlimit', `--fsize=${this.fileSizeLimit}:unlimited`, '--', ...daemon] : daemon;
     const proc = spawn(argv[0] as string, argv.slice(1), {
       env: { ...process.env, FERRY_LOG_LEVEL: 'debug', ...this.env },
       stdio: ['ignore', 'pipe', 'pipe'],

@@ -585,6 +585,47 @@ test('storage failing at the target: nothing acknowledged or applied, both sites
   }
 });
 
+test('storage failing at the source: host writes go on, failed delta sets give their space back, it catches up once the cause is cleared', async () => {
+  const [a, b] = await pair('sdisk');
+  try {
+    const size = 4 * MiB;
+    const model = new VolumeModel(size);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '200ms', '--save-volume', '32M', '--wait'])).code, 0);
+    // A's files may not grow past 8 MiB: its volume fits, but building delta sets past
+    // that point of its save volume fails, attempt after attempt.
+    a.fileSizeLimit = 8 * MiB;
+    await a.restart();
+    for (let round = 0; round < 4; round++) {
+      for (let i = 0; i < 16; i++) {
+        const data = randomBytes(256 * 1024);
+        model.apply(i * 256 * 1024, data);
+        await a.writeData('v', i * 256 * 1024, data);
+      }
+      await a.cli(['replicate', 'delta', 'v']);
+    }
+    // More failed attempts than a 32 MiB save volume could hold if each kept its space.
+    const failing = await waitFor('delta sets to fail to build again and again', async () => {
+      const s = await pairStatus(a, 'v');
+      return s.ioErrors >= 10 ? s : undefined;
+    }, 60_000, 200);
+    assert.match(failing.reason, /a delta set could not be created .*EFBIG/);
+    assert.ok(failing.lagBlocks > 0);
+    const w = model.randomWrite();
+    model.apply(w.offset, w.data);
+    await a.writeData('v', w.offset, w.data);
+    // The cause is cleared while the daemon runs: the next cut succeeds and the pair catches up.
+    await execFileP('prlimit', ['--pid', String(a.proc?.pid), '--fsize=unlimited:unlimited']);
+    await waitInSync(a, b, 'v', 'v', 60_000);
+    assert.equal(await b.digest('v'), model.digest());
+    const after = await pairStatus(a, 'v');
+    assert.equal(after.reason, '');
+    assert.equal(after.saveVolume.full, false);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('a frame from an older generation is refused', async () => {
   const [a, b] = await pair('gen');
   try {

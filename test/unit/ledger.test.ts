@@ -156,6 +156,15 @@ test('resume point, the row to send, what playback takes next, what may be freed
   target.giveBack(at, 512, before);
   assert.equal(target.head, before);
   assert.equal(target.allocate(512), at, 'the next chunk goes where the failed one was to go');
+  // A source delta set whose build failed gives back all its records at once.
+  const source2 = new RingSpace(8 * 512, 2 * 512, 512);
+  const headBefore = source2.head;
+  source2.allocate(512);
+  source2.allocate(1024);
+  assert.throws(() => source2.rollBack(source2.head + 512), /past the head/);
+  source2.rollBack(headBefore);
+  assert.equal(source2.usedBytes, 512);
+  assert.equal(source2.allocate(512), headBefore);
 });
 
 test('copies: where a session starts, the window of pieces with rewinds, what the target makes of a piece and of CopyDone', () => {
