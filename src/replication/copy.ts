@@ -130,6 +130,8 @@ export interface CopyStats {
   retries: number;
   rewinds: number;
   lastError: string;
+  /** Sessions keep failing without progress (as many as suspend a pair's sender): why, for status; '' otherwise. */
+  failing: string;
 }
 
 /**
@@ -137,7 +139,7 @@ export interface CopyStats {
  * resuming from the target's cursor after any failure or restart of either side.
  */
 export class CopyRunner {
-  readonly stats: CopyStats = { connected: false, retries: 0, rewinds: 0, lastError: '' };
+  readonly stats: CopyStats = { connected: false, retries: 0, rewinds: 0, lastError: '', failing: '' };
   private closed = false;
   private readonly waker = new Waker();
   private connection: RcpConnection | undefined;
@@ -164,13 +166,17 @@ export class CopyRunner {
           await this.session(connection, plan, position);
           return true;
         } finally {
-          if (copy.cursorBlock > before) retries.progressed();
+          if (copy.cursorBlock > before) {
+            retries.progressed();
+            this.stats.failing = '';
+          }
         }
       } catch (err) {
         if (this.closed) break;
-        const { delayMs } = retries.failed();
+        const { delayMs, suspend } = retries.failed();
         this.stats.retries++;
         this.stats.lastError = (err as Error).message;
+        if (suspend) this.stats.failing = `the copy is not moving: ${this.stats.lastError}`;
         this.deps.log.warn({ volume: this.deps.pair.volume, err: (err as Error).message, failures: retries.failures }, 'copy session failed; retrying');
         await this.waker.wait(this.deps.clock, delayMs);
       } finally {

@@ -291,7 +291,7 @@ export class ReplicationManager {
         corruptFrames: st.corruptFramesResent + (copy?.rewinds ?? 0),
         ioErrors: st.ioErrors,
         lastError: st.lastError || copy?.lastError || '',
-        failing: st.failing,
+        failing: [st.failing, copy?.failing ?? ''].filter((f) => f !== '').join('; '),
         currentDeltaSet: st.currentDeltaSet,
         currentChunk: st.currentChunk,
       };
@@ -312,7 +312,7 @@ export class ReplicationManager {
       corruptFrames: st?.corruptFramesRejected ?? 0,
       ioErrors: st?.ioErrors ?? 0,
       lastError: st?.lastError ?? '',
-      failing: st ? [st.failing.receive, st.failing.playback].filter((f) => f !== '').join('; ') : '',
+      failing: st ? [st.failing.receive, st.failing.copy, st.failing.playback].filter((f) => f !== '').join('; ') : '',
       currentDeltaSet: st?.sourceDeltaSetCreated ?? 0,
       currentChunk: 0,
     };

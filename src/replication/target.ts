@@ -143,7 +143,7 @@ export interface TargetStats {
   ioErrors: number;
   lastError: string;
   /** A storage failure not yet cleared by a success of the same kind ('' when none): shown with the state. */
-  failing: { receive: string; playback: string };
+  failing: { receive: string; playback: string; copy: string };
 }
 
 /**
@@ -167,7 +167,7 @@ export class TargetReplica {
     playing: 0,
     ioErrors: 0,
     lastError: '',
-    failing: { receive: '', playback: '' },
+    failing: { receive: '', playback: '', copy: '' },
   };
   private ring: RingSpace;
   private receiving: ReceiveLedger;
@@ -517,7 +517,13 @@ export class TargetReplica {
       return false;
     }
     // Every write of the piece has settled before it gives its buffer back.
-    pipeline.add(this.applyChunk(chunk).finally(release), toBlock, async () => {
+    const written = this.applyChunk(chunk).catch((err: Error) => {
+      this.stats.ioErrors++;
+      this.stats.lastError = this.stats.failing.copy = `the copy's blocks ${fromBlock}-${toBlock - 1} could not be written (they are sent again): ${err.message}`;
+      throw err;
+    });
+    pipeline.add(written.finally(release), toBlock, async () => {
+      this.stats.failing.copy = '';
       this.copyApplied = toBlock;
       pair.initialCopy.copiedBlocks = toBlock; // progress for status; the cursor is made durable below
       pair.initialCopy.totalBlocks = volume.blockCount;
@@ -529,7 +535,7 @@ export class TargetReplica {
         this.copyFlushing = this.persistCopy()
           .catch((err: Error) => {
             this.stats.ioErrors++;
-            this.stats.lastError = `the copy's data could not be flushed (it is sent again from its last durable point): ${err.message}`;
+            this.stats.lastError = this.stats.failing.copy = `the copy's data could not be flushed (it is sent again from its last durable point): ${err.message}`;
             this.deps.log.error({ volume: pair.volume, err: err.message }, 'the copy\'s data could not be flushed: the session ends and the copy is sent again from its last durable point');
             connection.destroy();
           })

@@ -585,6 +585,42 @@ test('storage failing at the target: nothing acknowledged or applied, both sites
   }
 });
 
+test('storage failing at the target during the initial copy: both sites say why, the copy resumes once the cause is cleared', async () => {
+  const [a, b] = await pair('cdisk');
+  try {
+    const size = 48 * MiB;
+    const model = new VolumeModel(size);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    for (let i = 0; i < 12; i++) {
+      const data = randomBytes(4 * MiB);
+      model.apply(i * 4 * MiB, data);
+      await a.writeData('v', i * 4 * MiB, data);
+    }
+    // B's volume exists already; from now on B's writes past 24 MiB into any file fail, as on a full disk.
+    b.fileSizeLimit = 64 * MiB;
+    await b.restart();
+    await b.api('POST', '/api/v1/volumes', { name: 'v', size });
+    await execFileP('prlimit', ['--pid', String(b.proc?.pid), `--fsize=${24 * MiB}:unlimited`]);
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--save-volume', '16M', '--target-save-volume', '16M']);
+    assert.equal(start.code, 0, start.stderr);
+    const notMoving = /could not be written .*EFBIG/;
+    const sourceView = await waitFor('the source to say the copy is not moving and why', async () => {
+      const s = await pairStatus(a, 'v');
+      return /the copy is not moving/.test(s.reason) && notMoving.test(s.reason) ? s : undefined;
+    }, 60_000, 200);
+    assert.equal(sourceView.state, 'initial-copying');
+    assert.ok(sourceView.initialCopy.percent < 100);
+    assert.match((await pairStatus(b, 'v')).reason, notMoving);
+    await execFileP('prlimit', ['--pid', String(b.proc?.pid), '--fsize=unlimited:unlimited']);
+    await waitInSync(a, b, 'v', 'v', 60_000);
+    assert.equal(await b.digest('v'), model.digest());
+    assert.equal((await pairStatus(a, 'v')).reason, '');
+    assert.equal((await pairStatus(b, 'v')).reason, '');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('storage failing at the source: host writes go on, failed delta sets give their space back, it catches up once the cause is cleared', async () => {
   const [a, b] = await pair('sdisk');
   try {
