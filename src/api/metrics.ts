@@ -1,5 +1,6 @@
 import { Registry, Gauge, collectDefaultMetrics } from 'prom-client';
 import type { Site } from '../site/site.js';
+import { pairStates } from '../replication/pair-state.js';
 import type { PairStatusView } from '../replication/status.js';
 
 /** A Prometheus registry per site (not the global one), so several sites can share a process in tests. */
@@ -69,6 +70,19 @@ export function createMetrics(site: Site): Registry {
   pairGauge('ferry_replication_initial_copy_ratio', 'Progress of the copy that makes the target whole (initial copy, resync or catch-up), 0 to 1', (p) => p.initialCopy.percent / 100);
   pairGauge('ferry_replication_catch_up', '1 while a catch-up copy runs (the backlog outgrew the save volume; the target serves a protective snapshot)', (p) => (p.initialCopy.catchUp && !p.initialCopy.done ? 1 : 0));
   pairGauge('ferry_replication_last_build_seconds', 'Time the newest delta set took to build at the source; above the interval, cuts come late and lag grows', (p) => (p.lastBuild ? p.lastBuild.buildMs / 1000 : 0));
+  pairGauge('ferry_replication_failing', '1 while this end of the pair is failing (a storage error, or a copy not moving); the reason is in status', (p) => (p.failing !== '' ? 1 : 0));
+  new Gauge({
+    name: 'ferry_replication_state',
+    help: 'The pair state: 1 for the current one, 0 for the others',
+    labelNames: ['volume', 'role', 'peer', 'state'],
+    registers: [register],
+    collect() {
+      this.reset();
+      for (const p of site.replication.status()) {
+        for (const state of pairStates) this.set({ volume: p.volume, role: p.role, peer: p.peerSite, state }, p.state === state ? 1 : 0);
+      }
+    },
+  });
   pairGauge('ferry_replication_generation', 'Generation of the pair (incremented by every failover and failback)', (p) => p.generation);
   pairGauge('ferry_recovery_full_copy', '1 if the last resync had to copy the whole volume', (p) => (p.recovery?.fullCopy ? 1 : 0));
   pairGauge('ferry_recovery_discarded_blocks', 'Blocks written at the old source after the restart point, overwritten by the resync (kept in a snapshot)', (p) => p.recovery?.discardedBlocks ?? 0);

@@ -12,7 +12,8 @@ import { FerryError } from '../lib/errors.js';
  *   suspended(failure, initial copy unfinished) ──resume──▶ initial-copying
  *   any ──stop──▶ simplex
  */
-export type PairState = 'simplex' | 'initial-copying' | 'duplex' | 'suspending' | 'suspended' | 'duplex-pending';
+export const pairStates = ['simplex', 'initial-copying', 'duplex', 'suspending', 'suspended', 'duplex-pending'] as const;
+export type PairState = (typeof pairStates)[number];
 export type SuspendCause = 'command' | 'failure';
 
 export interface PairStatus {

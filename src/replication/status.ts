@@ -24,8 +24,7 @@ export interface PairStatusView {
   /** Bytes per second over the last few seconds. */
   transferRate: number;
   averageTransferRate: number;
-  /** The pair's current copy: the new remote copy, a resync's blocks, or a catch-up (`catchUp`, rule 8). */
-  /** The last copy (initial, resync or catch-up): progress, and when it started and ended (ISO 8601). */
+  /** The pair's current or last copy (the new remote copy, a resync's blocks, or a catch-up, rule 8): progress, and when it started and ended (ISO 8601). */
   initialCopy: { done: boolean; percent: number; copiedBlocks: number; totalBlocks: number; bytes: number; etaSeconds: number | null; catchUp: boolean; startedAt: string; doneAt: string | null };
   saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
   connected: boolean;
@@ -33,6 +32,8 @@ export interface PairStatusView {
   corruptFrames: number;
   /** Storage errors met by this end of the pair (save-volume writes, volume flushes, playbacks). */
   ioErrors: number;
+  /** A failure going on now at this end (storage, or a copy not moving), '' when none; also shown in `reason`. */
+  failing: string;
   lastError: string;
   /** Failover / resync / failback: phase, restart point, whether a full copy was needed, what was discarded. */
   recovery: RecoveryRecord | null;
@@ -169,6 +170,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     retries: live.retries,
     corruptFrames: live.corruptFrames,
     ioErrors: live.ioErrors,
+    failing: live.failing,
     lastError: live.lastError,
     recovery: pair.recovery ?? null,
     lastBuild: newest ? { deltaSet: newest.n, blocks: newest.blocks, buildMs, slowerThanInterval: buildMs > pair.intervalMs } : null,

@@ -569,6 +569,10 @@ test('storage failing at the target: nothing acknowledged or applied, both sites
       return s.state === 'suspended' && failing.test(s.reason) ? s : undefined;
     }, 60_000, 200);
     assert.ok(sourceView.lagBlocks > 0);
+    const sourceMetrics = await (await fetch(`${a.url}/metrics`)).text();
+    assert.match(sourceMetrics, /^ferry_replication_state\{volume="v",role="source",[^}]*state="suspended"[^}]*\} 1$/m);
+    assert.match(sourceMetrics, /^ferry_replication_state\{volume="v",role="source",[^}]*state="duplex"[^}]*\} 0$/m);
+    assert.match(await (await fetch(`${b.url}/metrics`)).text(), /^ferry_replication_failing\{volume="v",role="target"[^}]*\} 1$/m);
     const targetView = await pairStatus(b, 'v');
     assert.match(targetView.reason, failing);
     assert.ok(targetView.ioErrors > 0);
@@ -647,6 +651,7 @@ test('storage failing at the source: host writes go on, failed delta sets give t
     }, 60_000, 200);
     assert.match(failing.reason, /a delta set could not be created .*EFBIG/);
     assert.ok(failing.lagBlocks > 0);
+    assert.match(await (await fetch(`${a.url}/metrics`)).text(), /^ferry_replication_failing\{volume="v",role="source"[^}]*\} 1$/m);
     const w = model.randomWrite();
     model.apply(w.offset, w.data);
     await a.writeData('v', w.offset, w.data);
@@ -657,6 +662,7 @@ test('storage failing at the source: host writes go on, failed delta sets give t
     const after = await pairStatus(a, 'v');
     assert.equal(after.reason, '');
     assert.equal(after.saveVolume.full, false);
+    assert.match(await (await fetch(`${a.url}/metrics`)).text(), /^ferry_replication_failing\{volume="v",role="source"[^}]*\} 0$/m);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
