@@ -73,6 +73,7 @@ export function describeRecovery(pair: PairRecord): string {
     case 'resync':
       return `resync: copying ${r.resyncBlocks ?? '?'} blocks that differ${r.fullCopy ? ' (after a full copy)' : ''}`;
     case 'resync-target':
+      if (pair.initialCopy.doneAt !== undefined && pair.deltaSetPlayedBack >= pair.initialCopy.stampedDeltaSet) return '';
       return `being rebuilt from ${pair.peerSiteName}: no host access until the resync is complete`;
     case 'resynced':
       return '';

@@ -799,10 +799,14 @@ export class Recovery {
       };
       targetPair.stateReason = describeRecovery(targetPair);
       this.replacePair(targetPair);
-      const target = await this.m.openTarget(targetPair);
+      this.log.warn({ volume: pair.volume, from: peer.siteName, fullCopy: record.fullCopy, discarded: record.discardedBlocks, snapshot: record.discardSnapshot }, 'resync: this volume is being rebuilt from the other site (raw until done)');
+    }
+    if (!this.m.targets.has(pair.volume)) {
+      // Also when a request before this one changed the role but could not open the
+      // replica (its save volume could not be created): a re-issued resync opens it.
+      const target = await this.m.openTarget(this.m.catalog.getPair(pair.volume) as PairRecord);
       this.m.targets.set(pair.volume, target);
       target.start();
-      this.log.warn({ volume: pair.volume, from: peer.siteName, fullCopy: record.fullCopy, discarded: record.discardedBlocks, snapshot: record.discardSnapshot }, 'resync: this volume is being rebuilt from the other site (raw until done)');
     }
     const { body: record } = await readChecksummedJson<UndoRecord>(recordPath, undoMagic, 1);
     const undo = await readBitmapFile(undoPath);

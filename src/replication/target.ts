@@ -582,6 +582,11 @@ export class TargetReplica {
     if (!this.copyDone || this.hostsAllowed || pair.deltaSetPlayedBack < pair.initialCopy.stampedDeltaSet) return;
     this.hostsAllowed = true;
     await this.deps.setAccess('read-only');
+    if (pair.recovery?.phase === 'resync-target' && pair.stateReason !== '') {
+      // Rebuilt: no longer "no host access until the resync is complete".
+      pair.stateReason = '';
+      this.deps.catalog.putPair(pair);
+    }
     this.deps.log.info({ volume: pair.volume }, 'the replica holds a consistent image; read-only access for hosts');
   }
 

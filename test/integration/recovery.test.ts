@@ -81,6 +81,10 @@ async function waitResynced(b: TestSite, a: TestSite): Promise<PairStatus> {
     return last.recovery?.phase === 'resynced';
   }, 120_000, 200);
   await waitInSync(b, a, 'db', 'db', 120_000);
+  // The rebuilt old source is a read-only replica again, and its status no longer says it is being rebuilt.
+  const rebuilt = await pairStatus(a, 'db');
+  assert.equal(rebuilt.reason, '', `the rebuilt old source says: ${rebuilt.reason}`);
+  assert.equal((await a.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-only');
   return pairStatus(b, 'db');
 }
 
@@ -274,6 +278,33 @@ test('a failback the other site would refuse changes nothing here: hosts keep wr
     const vol = await a.api<{ access: string }>('GET', '/api/v1/volumes/db');
     assert.equal(vol.body.access, 'read-write');
     await writeApi(a, image, 5);
+    assert.equal(await a.digest('db'), sha(image));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a resync the old source could not start (its disk failing) is re-issued once the cause is cleared, and completes', async () => {
+  const [a, b] = await sites('rsdisk');
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    a.fileSizeLimit = 4096 * MiB;
+    await a.restart();
+    await startPair(a, b, size, image);
+    const fo = await b.cli(['failover', 'db']);
+    assert.equal(fo.code, 0, fo.stderr);
+    await writeApi(b, image, 10);
+    // A cannot create the save volume of its new role (1 GiB) while its files may not grow past 24 MiB.
+    await execFileP('prlimit', ['--pid', String(a.proc?.pid), `--fsize=${24 * MiB}:unlimited`]);
+    const refused = await b.cli(['resync', 'db']);
+    assert.notEqual(refused.code, 0);
+    assert.match(refused.stderr, /EFBIG/);
+    await execFileP('prlimit', ['--pid', String(a.proc?.pid), '--fsize=unlimited:unlimited']);
+    const again = await b.cli(['resync', 'db']);
+    assert.equal(again.code, 0, again.stderr);
+    const sb = await waitResynced(b, a);
+    assert.equal(sb.recovery?.fullCopy, false);
     assert.equal(await a.digest('db'), sha(image));
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
