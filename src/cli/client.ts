@@ -1,3 +1,5 @@
+import { request as httpRequest } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { FerryError, type ErrorCode } from '../lib/errors.js';
 
 export const defaultSiteUrl = 'http://127.0.0.1:7370';
@@ -22,18 +24,20 @@ export class ApiClient {
     return this.request<T>('DELETE', path);
   }
 
+  /**
+   * node:http rather than fetch: a role change or a stop may keep the site working on
+   * the request for longer than fetch waits for an answer (5 minutes), and the site
+   * bounds each of its waits itself.
+   */
   async request<T>(method: string, path: string, body?: unknown): Promise<T> {
-    let res: Response;
+    let res: { ok: boolean; status: number; text: string };
     try {
-      res = await fetch(`${this.baseUrl}${path}`, {
-        method,
-        ...(body !== undefined ? { body: JSON.stringify(body), headers: { 'content-type': 'application/json' } } : {}),
-      });
+      res = await send(method, `${this.baseUrl}${path}`, body === undefined ? undefined : JSON.stringify(body));
     } catch (err) {
-      const cause = (err as { cause?: { code?: string; message?: string } }).cause;
-      throw new FerryError('UNAVAILABLE', `cannot reach the site at ${this.baseUrl} (${cause?.code ?? cause?.message ?? (err as Error).message}); is "ferry site start" running there?`);
+      const e = err as NodeJS.ErrnoException;
+      throw new FerryError('UNAVAILABLE', `cannot reach the site at ${this.baseUrl} (${e.code ?? e.message}); is "ferry site start" running there?`);
     }
-    const text = await res.text();
+    const text = res.text;
     let parsed: unknown = undefined;
     if (text.length > 0) {
       try {
@@ -49,6 +53,23 @@ export class ApiClient {
     }
     return parsed as T;
   }
+}
+
+function send(method: string, url: string, body: string | undefined): Promise<{ ok: boolean; status: number; text: string }> {
+  return new Promise((resolve, reject) => {
+    const headers = body === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) };
+    const req = (url.startsWith('https:') ? httpsRequest : httpRequest)(url, { method, headers }, (res) => {
+      const parts: Buffer[] = [];
+      res.on('data', (b: Buffer) => parts.push(b));
+      res.on('error', reject);
+      res.on('end', () => {
+        const status = res.statusCode ?? 0;
+        resolve({ ok: status >= 200 && status < 300, status, text: Buffer.concat(parts).toString('utf8') });
+      });
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
 }
 
 export function volumePath(name: string, suffix = ''): string {

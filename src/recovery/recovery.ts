@@ -176,8 +176,31 @@ export class Recovery {
         } finally {
           this.awaitingLastDeltaSet.delete(volume);
         }
+      }
+      let skipped = 0;
+      if (mode === 'now') {
+        await target.close();
+        skipped = target.unplayedDeltaSets();
       } else {
-        // E FIG. 32 step 561: if possible, the source is made read-only (told, not waited for long).
+        try {
+          await target.finishPlayback(playbackTimeoutMs);
+        } catch (err) {
+          const unplayed = target.unplayedDeltaSets();
+          const changed = sourceFenced ? `the source site's volume is read-only now and stays so; this site is still its target` : 'nothing was changed';
+          throw new FerryError(
+            'UNAVAILABLE',
+            `failover of ${volume} stopped, ${changed}: ${(err as Error).message}. Fix the cause and run it again, or run "ferry failover ${volume} --now" to take over at delta set ${pair.deltaSetPlayedBack} without the ${unplayed} received delta set(s) not played back`,
+          );
+        }
+        await target.close();
+        // Delta sets cut during a catch-up copy this side never got (the source was lost
+        // before sending it) cannot be played back: they are skipped, and said so.
+        skipped = target.unplayedDeltaSets();
+        if (skipped > 0) this.log.warn({ volume, skipped }, 'failover: received delta sets that need a catch-up copy this site never got are skipped');
+      }
+      if (mode !== 'sync') {
+        // E FIG. 32 step 561: if possible, the source is made read-only (told, not waited
+        // for long) - once nothing can stop this failover any more.
         notice = this.request<FenceReply>(pair.peerUrl, { op: 'fence', pairId: pair.pairId, volume: pair.peerVolume, generation: next, sync: false }, fenceNoticeTimeoutMs).then(
           () => true,
           (err: Error) => {
@@ -185,18 +208,6 @@ export class Recovery {
             return false;
           },
         );
-      }
-      let skipped = 0;
-      if (mode === 'now') {
-        await target.close();
-        skipped = target.unplayedDeltaSets();
-      } else {
-        await target.finishPlayback(playbackTimeoutMs);
-        await target.close();
-        // Delta sets cut during a catch-up copy this side never got (the source was lost
-        // before sending it) cannot be played back: they are skipped, and said so.
-        skipped = target.unplayedDeltaSets();
-        if (skipped > 0) this.log.warn({ volume, skipped }, 'failover: received delta sets that need a catch-up copy this site never got are skipped');
       }
       const protectiveSnapshot = pair.initialCopy.doneAt === undefined ? pair.initialCopy.protectiveSnapshot : undefined;
       if (protectiveSnapshot) {
@@ -900,6 +911,9 @@ export class Recovery {
       const ready = this.m.targets.get(pair.volume);
       if (!ready) throw new FerryError('UNAVAILABLE', `the target of ${pair.volume} is not open`);
       if (!ready.copyDone) throw new FerryError('BAD_REQUEST', `volume ${pair.volume} here is still being rebuilt`);
+      // A replica that cannot store or play back what it receives would keep the source's hosts waiting.
+      const failing = [ready.stats.failing.receive, ready.stats.failing.playback].filter((r) => r !== '').join('; ');
+      if (failing) throw new FerryError('UNAVAILABLE', `volume ${pair.volume} here cannot take over now: ${failing}`);
     }
     if (body.check) {
       connection.sendJson(ReplFrame.RecoveryReply as number, {});

@@ -939,13 +939,20 @@ export class TargetReplica {
    * Ends both sessions and plays back every delta set already received that can be
    * (failover, failback). One cut while a copy ran that this side never got whole
    * cannot be: it stays unplayed (`unplayedDeltaSets`). The caller keeps new sessions out.
+   * Fails as soon as a playback attempt fails meanwhile, with the playback's reason.
    */
   async finishPlayback(timeoutMs: number): Promise<void> {
     this.session?.destroy();
     this.copySession?.destroy();
-    const deadline = this.deps.clock.now() + timeoutMs;
+    const calledAt = this.deps.clock.now();
+    const deadline = calledAt + timeoutMs;
     // An interrupted playback ('playing') is playable too: it is redone.
     while (!this.closed && this.playable() !== undefined) {
+      // A playback that fails while the caller waits (a disk full or failing here) would
+      // fail again and again: the caller hears of it now rather than at the deadline.
+      if (this.playbackFailedAtMs >= calledAt) {
+        throw new FerryError('UNAVAILABLE', this.stats.failing.playback || `playback of delta set ${this.pair.deltaSetPlayedBack + 1} failed`);
+      }
       if (this.deps.clock.now() > deadline) {
         throw new FerryError('UNAVAILABLE', `playback of the received delta sets did not finish within ${Math.round(timeoutMs / 1000)} s${this.stats.lastError ? ` (${this.stats.lastError})` : ''}`);
       }

@@ -311,6 +311,55 @@ test('a resync the old source could not start (its disk failing) is re-issued on
   }
 });
 
+test('a replica whose playback fails: a failback to it and a failover at it stop at once and change nothing; run again once the cause is cleared, the failover loses nothing', async () => {
+  const [a, b] = await sites('fodisk');
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    b.fileSizeLimit = 4096 * MiB;
+    await b.restart();
+    await startPair(a, b, size, image);
+    // B receives a delta set into its save volume but cannot write it into the volume's last MiBs.
+    await execFileP('prlimit', ['--pid', String(b.proc?.pid), `--fsize=${10 * MiB}:unlimited`]);
+    const data = randomBytes(512 * 1024);
+    await a.writeData('db', 14 * MiB, data);
+    data.copy(image, 14 * MiB);
+    await a.api('POST', '/api/v1/replication/db/delta');
+    const created = (await pairStatus(a, 'db')).deltaSetCreated;
+    await waitFor('delta set received, playback failing', async () => {
+      const s = await pairStatus(b, 'db');
+      return s.deltaSetReceived >= created && /playback of delta set .* failed/.test(s.failing);
+    }, 30_000);
+    // A failback to B is refused before A's hosts are held.
+    const fb = await a.cli(['failback', 'db']);
+    assert.notEqual(fb.code, 0);
+    assert.match(fb.stderr, /cannot take over now: playback of delta set \d+ failed.*EFBIG/);
+    const started = Date.now();
+    const fo = await b.cli(['failover', 'db']);
+    assert.notEqual(fo.code, 0);
+    assert.ok(Date.now() - started < 30_000, `the failover took ${Date.now() - started} ms to fail`);
+    assert.match(fo.stderr, /nothing was changed: playback of delta set \d+ failed.*EFBIG/);
+    assert.match(fo.stderr, /ferry failover db --now/);
+    // Nothing changed at either site: B is still the read-only target, A the writable source, not fenced.
+    const sb = await pairStatus(b, 'db');
+    assert.equal(sb.role, 'target');
+    assert.equal(sb.recovery?.phase, undefined);
+    assert.equal((await b.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-only');
+    const sa = await pairStatus(a, 'db');
+    assert.equal(sa.role, 'source');
+    assert.equal(sa.recovery?.phase, undefined, 'the source was not fenced');
+    assert.equal((await a.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-write');
+    // Once B's files may grow again, the same failover completes with every received write.
+    await execFileP('prlimit', ['--pid', String(b.proc?.pid), '--fsize=unlimited:unlimited']);
+    const again = await b.cli(['failover', 'db', '--json']);
+    assert.equal(again.code, 0, again.stderr);
+    assert.equal(JSON.parse(again.stdout).skippedDeltaSets, 0);
+    assert.equal(await b.digest('db'), sha(image));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('resync falls back to a full copy, with a warning and a status flag, when the old save volume is gone', async () => {
   const [a, b] = await sites('fallback');
   try {
