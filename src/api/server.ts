@@ -252,8 +252,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
   });
   app.post('/api/v1/replication/:volume/delta', { schema: { params: volumeParams } }, async (req) => {
     const volume = (req.params as { volume: string }).volume;
-    const deltaSet = await site.replication.delta(volume);
-    return { volume, deltaSet };
+    return { volume, ...(await site.replication.delta(volume)) };
   });
   // ---- disaster recovery (E FIG. 21-33) ------------------------------------------------
   app.post(

@@ -211,6 +211,12 @@ function stopped(volume: string, access: string): string {
   return `replication of ${volume} stopped; the volume stays ${access}, as the role change in progress left it (the other site may be its source now). To write to this copy anyway: ferry volume access ${volume} read-write`;
 }
 
+function cutDescription(volume: string, result: Record<string, unknown>): string {
+  const blocks = Number(result.catchUpBlocks ?? 0);
+  if (blocks > 0) return `the backlog of ${volume} (${blocks} blocks) is larger than the save volume: it goes to the other site as a catch-up copy (see ferry status)`;
+  return `delta set ${String(result.deltaSet)} of ${volume} is ready`;
+}
+
 for (const [name, description] of [
   ['stop', 'end the replication relationship (at the target: after the delta set being played back)'],
   ['pause', 'suspend sending (changes keep being tracked)'],
@@ -223,7 +229,7 @@ for (const [name, description] of [
     .action(async (volume: string, _opts: unknown, cmd: Command) => {
       const result = await client(cmd).post<Record<string, unknown>>(`/api/v1/replication/${encodeURIComponent(volume)}/${name}`);
       print(cmd, result, () =>
-        name === 'delta' ? `delta set ${String(result.deltaSet)} of ${volume} is ready` : name === 'stop' ? stopped(volume, String(result.access)) : `${volume}: ${String(result.state)}`,
+        name === 'delta' ? cutDescription(volume, result) : name === 'stop' ? stopped(volume, String(result.access)) : `${volume}: ${String(result.state)}`,
       );
     });
 }

@@ -247,8 +247,12 @@ export class ReplicationManager {
     this.requireSource(volumeName).resume();
   }
 
-  async delta(volumeName: string): Promise<number> {
-    return this.requireSource(volumeName).cutNow();
+  /** Cuts a delta set now; a backlog larger than the save volume goes as a catch-up copy instead (its blocks). */
+  async delta(volumeName: string): Promise<{ deltaSet: number; catchUpBlocks: number }> {
+    const source = this.requireSource(volumeName);
+    const catchingUpBefore = source.catchUpBlocks > 0;
+    const deltaSet = await source.cutNow();
+    return { deltaSet, catchUpBlocks: catchingUpBefore ? 0 : source.catchUpBlocks };
   }
 
   failover(volumeName: string, mode: FailoverMode): Promise<FailoverResult> {

@@ -422,6 +422,10 @@ export class SourceReplicator {
     let backlog: PagedBitmap;
     try {
       backlog = changeLog.switchTables();
+      // Until the copy is recorded these blocks are in neither the change log's current
+      // table nor a copy: they count as dirty, or a drain or a cut on demand would
+      // think everything shipped.
+      this.buildingBlocks = backlog.count;
     } finally {
       resume();
     }
@@ -429,12 +433,14 @@ export class SourceReplicator {
       await this.deps.catchUp(this.pair, backlog);
     } catch (err) {
       await changeLog.mergeOldBack();
+      this.buildingBlocks = 0;
       throw err;
     }
     // The copy's bitmap is durable: the change log may forget these blocks.
     await changeLog.handOff();
     this.stats.saveVolumeFull = false;
     this.apply({ type: 'catch-up' });
+    this.buildingBlocks = 0;
     this.loops.push(this.copyLoop());
   }
 

@@ -44,6 +44,7 @@ async function backlogPastSaveVolume(a: TestSite, b: TestSite, proxy: FaultProxy
   await write(a, model, 8 * MiB, backlogMiB * MiB);
   const cut = await a.cli(['replicate', 'delta', 'v']);
   assert.equal(cut.code, 0, cut.stderr);
+  assert.match(cut.stdout, new RegExp(`backlog of v \\(${(backlogMiB * MiB) / 8192} blocks\\) is larger than the save volume: it goes to the other site as a catch-up copy`));
   const s = await pairStatus(a, 'v');
   assert.equal(s.initialCopy.catchUp, true, 'the backlog goes as a copy');
   assert.equal(s.initialCopy.done, false);

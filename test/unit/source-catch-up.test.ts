@@ -1,0 +1,119 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pino } from 'pino';
+import { systemClock } from '../../src/lib/clock.js';
+import { FerryError } from '../../src/lib/errors.js';
+import type { PagedBitmap } from '../../src/lib/paged-bitmap.js';
+import { BitmapFile } from '../../src/storage/bitmap-file.js';
+import { Catalog } from '../../src/storage/catalog.js';
+import { JournalFile } from '../../src/storage/journal.js';
+import { ReplicationCatalog, type PairRecord } from '../../src/storage/replication-catalog.js';
+import { VolumeStore } from '../../src/storage/volume-store.js';
+import { ActivityLog, FileActivityLogStore } from '../../src/tracking/activity-log.js';
+import { ChangeLog } from '../../src/tracking/change-log.js';
+import { freshCounters } from '../../src/replication/manager.js';
+import { SourceReplicator } from '../../src/replication/source.js';
+
+const log = pino({ level: 'silent' });
+const bb = 4096;
+const blocks = 1024;
+
+/**
+ * Rule 8 at the source: a backlog larger than the save volume becomes a catch-up copy.
+ * Between the switch of the change log's tables and the copy's record, its blocks are
+ * in neither; nothing may take them for shipped meanwhile.
+ */
+test('while a catch-up copy is being recorded its blocks still count: a cut on demand waits for it, a drain does not see an empty backlog', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-source-'));
+  await mkdir(join(dir, 'volumes'));
+  const catalog = new Catalog(join(dir, 'catalog.db'));
+  const store = new VolumeStore(catalog, join(dir, 'volumes'), bb, log);
+  await store.load();
+  await store.create('v', blocks * bb);
+  const volume = store.get('v');
+  const replication = new ReplicationCatalog(catalog);
+  const now = new Date().toISOString();
+  const pair: PairRecord = {
+    volume: 'v',
+    pairId: 'p1',
+    role: 'source',
+    mode: 'async',
+    peerUrl: 'http://127.0.0.1:1',
+    peerSiteId: 's',
+    peerSiteName: 'b',
+    peerVolume: 'v',
+    state: 'duplex',
+    stateReason: '',
+    generation: 1,
+    intervalMs: 3_600_000,
+    highWaterBytes: 1 << 30,
+    saveVolumeBytes: 256 * 1024,
+    createdAt: now,
+    initialCopy: { cursorBlock: blocks, totalBlocks: blocks, stampedDeltaSet: 0, startedAt: now, doneAt: now, bytes: 0, copyId: 1 },
+    ...freshCounters(),
+  };
+  replication.putPair(pair);
+  const bitmap = await BitmapFile.create(join(dir, 'dirty.bitmap'), blocks);
+  const { log: al } = await ActivityLog.open(await FileActivityLogStore.open(join(dir, 'activity.log'), 64));
+  const changeLog = new ChangeLog(bb, bitmap, al, () => volume.flush());
+  const journal = await JournalFile.open(join(dir, 'save.journal'), pair.saveVolumeBytes);
+  let recording: () => void = () => undefined;
+  const recorded = new Promise<void>((resolve) => (recording = resolve));
+  let release: () => void = () => undefined;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  const source = new SourceReplicator({
+    volume,
+    pair,
+    catalog: replication,
+    changeLog,
+    journal,
+    clock: systemClock,
+    log,
+    copyPlan: () => Promise.reject(new FerryError('UNAVAILABLE', 'no copy in this test')),
+    copied: async () => undefined,
+    catchUp: async (p: PairRecord, backlog: PagedBitmap) => {
+      recording();
+      await released;
+      p.initialCopy = { ...p.initialCopy, doneAt: undefined, cursorBlock: 0, stampedDeltaSet: p.deltaSetCreated, plannedBlocks: backlog.count, copiedBlocks: 0, catchUp: true, copyId: 2 };
+      delete p.initialCopy.doneAt;
+      replication.putPair(p);
+    },
+    fenced: () => undefined,
+    openSession: () => Promise.reject(new FerryError('UNAVAILABLE', 'the target is away in this test')),
+  });
+  try {
+    source.start();
+    // 1 MiB written: more than the whole 256 KiB save volume can hold as one delta set.
+    const written = 256;
+    await volume.write(0, randomBytes(written * bb));
+    assert.equal(source.outstandingBlocks(), written);
+    let cutDone = false;
+    const cut = source.cutNow().then((n) => {
+      cutDone = true;
+      return n;
+    });
+    await recorded;
+    // The tables have switched; the copy is not recorded yet.
+    assert.equal(changeLog.current.count, 0);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal(cutDone, false, 'the cut on demand returned before the catch-up was recorded');
+    assert.equal(source.outstandingBlocks(), written, 'the backlog being recorded is outstanding');
+    assert.equal(source.dirtyBlocks, written);
+    release();
+    assert.equal(await cut, 0, 'no delta set was cut: the backlog went as a copy');
+    assert.equal(pair.initialCopy.catchUp, true);
+    assert.equal(source.dirtyBlocks, 0);
+    assert.equal(source.outstandingBlocks(), written, 'the catch-up copy holds the backlog now');
+  } finally {
+    release();
+    await source.close();
+    await journal.close();
+    await store.close();
+    catalog.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+});
