@@ -285,6 +285,7 @@ export class ReplicationManager {
       const copy = source.copyStats;
       return {
         nowMs: now,
+        sourceHeardMs: undefined,
         dirtyBlocks: source.dirtyBlocks,
         oldestUnsentWriteMs: source.changeLog.oldestUnsentWriteMs,
         sourceNowMs: now,
@@ -305,6 +306,7 @@ export class ReplicationManager {
     const heard = st && st.lastSourceHeardLocalMs > 0;
     return {
       nowMs: now,
+      sourceHeardMs: heard ? st.lastSourceHeardLocalMs : pair.sourceHeardAtMs,
       dirtyBlocks: st?.sourceDirtyBlocks ?? 0,
       // Delta sets cut but not yet here hold older writes, of a time not known here.
       oldestUnsentWriteMs: st && st.sourceDeltaSetCreated > pair.deltaSetReceived ? 0 : st?.sourceOldestUnsentWriteMs,
@@ -677,6 +679,6 @@ function refuse(connection: RcpConnection, err: unknown): void {
 }
 
 /** The progress fields of a pair that has not moved yet. */
-export function freshCounters(): Pick<PairRecord, 'deltaSetCreated' | 'deltaSetSent' | 'deltaSetAcked' | 'deltaSetReceived' | 'deltaSetPlayedBack' | 'bytesSent' | 'bytesReceived' | 'paused' | 'playedBackCutMs'> {
-  return { deltaSetCreated: 0, deltaSetSent: 0, deltaSetAcked: 0, deltaSetReceived: 0, deltaSetPlayedBack: 0, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 0 };
+export function freshCounters(): Pick<PairRecord, 'deltaSetCreated' | 'deltaSetSent' | 'deltaSetAcked' | 'deltaSetReceived' | 'deltaSetPlayedBack' | 'bytesSent' | 'bytesReceived' | 'paused' | 'playedBackCutMs' | 'sourceHeardAtMs'> {
+  return { deltaSetCreated: 0, deltaSetSent: 0, deltaSetAcked: 0, deltaSetReceived: 0, deltaSetPlayedBack: 0, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 0, sourceHeardAtMs: undefined };
 }

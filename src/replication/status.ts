@@ -1,4 +1,8 @@
+import { formatDuration } from '../lib/units.js';
 import type { DeltaSetRecord, PairRecord, RecoveryRecord } from '../storage/replication-catalog.js';
+
+/** A target's source silent for longer (5 heartbeats) is reported, and lag counts the silence. */
+export const sourceSilentMs = 5_000;
 
 /** One line of `ferry status --json` (SPEC §5 names the fields). */
 export interface PairStatusView {
@@ -28,6 +32,8 @@ export interface PairStatusView {
   initialCopy: { done: boolean; percent: number; copiedBlocks: number; totalBlocks: number; bytes: number; etaSeconds: number | null; catchUp: boolean; startedAt: string; doneAt: string | null };
   saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
   connected: boolean;
+  /** Target: when the source was last heard from (ISO 8601; it heartbeats every second while a session is up); null at the source. */
+  sourceLastHeard: string | null;
   retries: number;
   corruptFrames: number;
   /** Storage errors met by this end of the pair (save-volume writes, volume flushes, playbacks). */
@@ -78,6 +84,8 @@ export interface InfoView extends PairStatusView {
 
 export interface LiveFigures {
   nowMs: number;
+  /** Target, this site's clock: when the source was last heard from (undefined: never, or at the source). */
+  sourceHeardMs: number | undefined;
   /** Source: dirty blocks not yet in a delta set. Target: as the source last said. */
   dirtyBlocks: number;
   /**
@@ -129,6 +137,10 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
   const cut = pair.playedBackCutMs > 0 ? pair.playedBackCutMs : Date.parse(pair.initialCopy.startedAt);
   const reference = copyDone && !catchUp ? Math.max(cut, firstMissingWriteMs(unplayed, live) ?? cut) : cut;
   const lagSeconds = lagBlocks === 0 && copyDone && (pair.role === 'target' || pair.deltaSetPlayedBack >= pair.deltaSetCreated) ? 0 : Math.max(0, (live.sourceNowMs - reference) / 1000);
+  // A target that cannot hear its source does not know what was written there since:
+  // the replica may be as far behind as the silence is long, and status says so.
+  const silentMs = pair.role === 'target' && copyDone && !live.connected && live.sourceHeardMs !== undefined ? live.nowMs - live.sourceHeardMs : 0;
+  const silence = silentMs > sourceSilentMs ? `the source has not been heard from for ${formatDuration(silentMs)} (since ${new Date(live.sourceHeardMs ?? 0).toISOString()}); writes made there since are not known here` : '';
   const remainingBytes = (total - copied) * (total > 0 ? pair.initialCopy.bytes / Math.max(1, copied) : 0);
   const newest = pair.role === 'source' ? rows.filter((d) => d.generation === pair.generation).reduce<DeltaSetRecord | undefined>((a, d) => (a && a.n > d.n ? a : d), undefined) : undefined;
   const buildMs = newest ? newest.sealedAtMs - newest.createdAtMs : 0;
@@ -141,7 +153,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     peerVolume: pair.peerVolume,
     mode: pair.mode,
     state: pair.state,
-    reason: [pair.stateReason, live.failing].filter((r) => r !== '').join('; '),
+    reason: [pair.stateReason, live.failing, silence].filter((r) => r !== '').join('; '),
     generation: pair.generation,
     deltaSetCreated: pair.role === 'source' ? pair.deltaSetCreated : Math.max(pair.deltaSetReceived, live.currentDeltaSet),
     deltaSetSent: pair.deltaSetSent,
@@ -149,7 +161,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     deltaSetReceived: pair.deltaSetReceived,
     deltaSetPlayedBack: pair.deltaSetPlayedBack,
     lagBlocks,
-    lagSeconds: Math.round(lagSeconds * 10) / 10,
+    lagSeconds: Math.round(Math.max(lagSeconds, silence ? silentMs / 1000 : 0) * 10) / 10,
     bytesSent: pair.bytesSent,
     bytesReceived: pair.bytesReceived,
     transferRate: Math.round(live.rates.current),
@@ -167,6 +179,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     },
     saveVolume: live.saveVolume,
     connected: live.connected,
+    sourceLastHeard: pair.role === 'target' && live.sourceHeardMs !== undefined ? new Date(live.sourceHeardMs).toISOString() : null,
     retries: live.retries,
     corruptFrames: live.corruptFrames,
     ioErrors: live.ioErrors,

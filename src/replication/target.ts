@@ -442,7 +442,7 @@ export class TargetReplica {
       case ReplFrame.Heartbeat: {
         const hb = json<HeartbeatBody>(frame);
         this.stats.lastSourceNowMs = hb.sourceNowMs;
-        this.stats.lastSourceHeardLocalMs = this.deps.clock.now();
+        this.stats.lastSourceHeardLocalMs = this.deps.pair.sourceHeardAtMs = this.deps.clock.now();
         this.stats.sourceDirtyBlocks = hb.dirtyBlocks;
         this.stats.sourceDeltaSetCreated = hb.deltaSetCreated;
         this.stats.sourceOldestUnsentWriteMs = hb.oldestUnsentWriteMs;

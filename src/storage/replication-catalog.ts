@@ -62,6 +62,12 @@ export interface PairRecord {
   paused: boolean;
   /** Source clock, ms: the cut of the delta set last played back at the target (what the replica reflects). */
   playedBackCutMs: number;
+  /**
+   * Target, this site's clock, ms: when the source was last heard from. Recorded with
+   * the pair's other changes and at stop, so after a restart it may be older than the
+   * truth (lag then reads higher, never lower).
+   */
+  sourceHeardAtMs?: number;
   /** Failover, resync and failback (E FIG. 21-33): where the pair stands, what was lost or kept. */
   recovery?: RecoveryRecord;
 }

@@ -106,6 +106,16 @@ test('failover, resync and failback: the whole cycle through NBD, digests at eve
     const aImage = Buffer.from(image);
     await a.kill('SIGKILL');
 
+    // B cannot hear A: it says since when, and counts the silence as lag, also after B is
+    // killed and restarted (then from when it last recorded hearing A: no later than the truth).
+    const heard = (await pairStatus(b, 'db')).sourceLastHeard;
+    assert.ok(heard !== null);
+    await b.restart();
+    await waitFor('B to report the silence', async () => /^the source has not been heard from for .* writes made there since are not known here$/.test((await pairStatus(b, 'db')).reason), 20_000);
+    const silent = await pairStatus(b, 'db');
+    assert.ok(silent.sourceLastHeard !== null && silent.sourceLastHeard <= heard, `last heard ${silent.sourceLastHeard}, in fact ${heard}`);
+    assert.ok(silent.lagSeconds >= (Date.now() - Date.parse(heard)) / 1000 - 1, `lag ${silent.lagSeconds}s counts the silence since ${heard}`);
+
     // Failover at B with A down: B holds the restart point and becomes read/write.
     const fo = await b.cli(['failover', 'db', '--json']);
     assert.equal(fo.code, 0, fo.stderr);

@@ -123,7 +123,7 @@ function sourcePair(counters: Partial<PairRecord>): PairRecord {
 /** A connected pair's live figures with nothing dirty, at `nowMs` on both clocks. */
 function liveFigures(f: { nowMs: number; currentDeltaSet: number; dirtyBlocks?: number; oldestUnsentWriteMs?: number | undefined }): LiveFigures {
   return {
-    nowMs: f.nowMs, dirtyBlocks: f.dirtyBlocks ?? 0, oldestUnsentWriteMs: f.oldestUnsentWriteMs, sourceNowMs: f.nowMs, rates: { current: 0, average: 0 },
+    nowMs: f.nowMs, sourceHeardMs: undefined, dirtyBlocks: f.dirtyBlocks ?? 0, oldestUnsentWriteMs: f.oldestUnsentWriteMs, sourceNowMs: f.nowMs, rates: { current: 0, average: 0 },
     saveVolume: { usedBytes: 0, capacityBytes: 1, full: false }, connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', failing: '', currentDeltaSet: f.currentDeltaSet, currentChunk: 0,
   };
 }
@@ -158,6 +158,30 @@ test('ferry info says where each outstanding delta set spent its time: build, se
     { ...base(2), state: 'received', receivedAtMs: 14_000 },
   ], live);
   assert.deepEqual(target.outstanding.map((d) => [d.n, d.buildMs, d.sendMs, d.queuedMs]), [[1, null, null, 500], [2, null, null, null]]);
+});
+
+test('a target that cannot hear its source says so, and counts the silence as lag: writes may have been made there since', () => {
+  const now = 1_000_000;
+  const target = { ...sourcePair({ deltaSetCreated: 4, deltaSetReceived: 4, deltaSetPlayedBack: 4, playedBackCutMs: now - 30_000 }), role: 'target' as const };
+  const heard = (sourceHeardMs: number | undefined, connected: boolean): LiveFigures => ({ ...liveFigures({ nowMs: now, currentDeltaSet: 4 }), sourceHeardMs, connected });
+  // Connected and current: no lag however long ago the last cut; the last heartbeat is shown.
+  const up = pairStatusView(target, [], heard(now - 400, true));
+  assert.equal(up.lagSeconds, 0);
+  assert.equal(up.reason, '');
+  assert.equal(up.sourceLastHeard, new Date(now - 400).toISOString());
+  // A session down for a moment (a reconnect) is not yet silence.
+  assert.equal(pairStatusView(target, [], heard(now - 3_000, false)).lagSeconds, 0);
+  // Silent for 2 minutes: lag is at least that, and the reason says since when.
+  const silent = pairStatusView(target, [], heard(now - 120_000, false));
+  assert.equal(silent.lagSeconds, 120);
+  assert.equal(silent.state, 'duplex');
+  assert.match(silent.reason, /^the source has not been heard from for 2m0s \(since .+\); writes made there since are not known here$/);
+  // Lag already larger (delta sets received but not played back) stays as it is.
+  const row: DeltaSetRecord = { volume: 'v', generation: 1, n: 5, state: 'received', startLsn: 0, endLsn: 0, chunks: 1, blocks: 5, dataBytes: 0, dataCrc: 0, createdAtMs: now - 20_000, previousCutMs: now - 30_000, sealedAtMs: now - 20_000, firstWriteMs: now - 25_000 };
+  assert.equal(pairStatusView({ ...target, deltaSetReceived: 5 }, [row], heard(now - 10_000, false)).lagSeconds, 25);
+  // Never heard from since the pair was made here: nothing to say yet; the source says nothing of this.
+  assert.equal(pairStatusView(target, [], heard(undefined, false)).reason, '');
+  assert.equal(pairStatusView(sourcePair({ deltaSetCreated: 4, deltaSetAcked: 4, deltaSetPlayedBack: 4 }), [], heard(undefined, false)).sourceLastHeard, null);
 });
 
 test('lag runs from the first write the replica does not have, not from the last cut', () => {
