@@ -237,8 +237,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
 
   app.post('/api/v1/replication/:volume/stop', { schema: { params: volumeParams } }, async (req) => {
     const volume = (req.params as { volume: string }).volume;
-    const access = await site.replication.stop(volume);
-    return { volume, stopped: true, access };
+    return { volume, stopped: true, ...(await site.replication.stop(volume)) };
   });
   app.post('/api/v1/replication/:volume/pause', { schema: { params: volumeParams } }, async (req) => {
     const volume = (req.params as { volume: string }).volume;

@@ -4,6 +4,7 @@ import { Command, Option } from 'commander';
 import { FerryError } from '../lib/errors.js';
 import { formatDuration, formatSize, parseDuration, parseSize, parseHostPort } from '../lib/units.js';
 import type { InfoView, LastBuild, PairStatusView } from '../replication/status.js';
+import type { StopResult } from '../replication/manager.js';
 import type { VolumeInfo } from '../storage/volume-store.js';
 import type { SnapshotInfo } from '../snapshot/manager.js';
 import { ApiClient, defaultSiteUrl, volumePath } from './client.js';
@@ -206,9 +207,20 @@ replicate
   });
 
 /** A stop that leaves the volume read-only says why, and how to make it writable. */
-function stopped(volume: string, access: string): string {
-  if (access === 'read-write') return `replication of ${volume} stopped`;
-  return `replication of ${volume} stopped; the volume stays ${access}, as the role change in progress left it (the other site may be its source now). To write to this copy anyway: ferry volume access ${volume} read-write`;
+function stopped(volume: string, result: Record<string, unknown>): string {
+  const access = String(result.access);
+  const lines = [
+    access === 'read-write'
+      ? `replication of ${volume} stopped`
+      : `replication of ${volume} stopped; the volume stays ${access}, as the role change in progress left it (the other site may be its source now). To write to this copy anyway: ferry volume access ${volume} read-write`,
+  ];
+  const target = result.targetNotTold as StopResult['targetNotTold'];
+  if (target) {
+    lines.push(
+      `WARNING: the target site ${target.site} could not be told (${target.reason}); its volume ${target.volume} stays a read-only replica of this pair until it is stopped there too: ferry --site ${target.url} replicate stop ${target.volume}`,
+    );
+  }
+  return lines.join('\n');
 }
 
 function cutDescription(volume: string, result: Record<string, unknown>): string {
@@ -229,7 +241,7 @@ for (const [name, description] of [
     .action(async (volume: string, _opts: unknown, cmd: Command) => {
       const result = await client(cmd).post<Record<string, unknown>>(`/api/v1/replication/${encodeURIComponent(volume)}/${name}`);
       print(cmd, result, () =>
-        name === 'delta' ? cutDescription(volume, result) : name === 'stop' ? stopped(volume, String(result.access)) : `${volume}: ${String(result.state)}`,
+        name === 'delta' ? cutDescription(volume, result) : name === 'stop' ? stopped(volume, result) : `${volume}: ${String(result.state)}`,
       );
     });
 }

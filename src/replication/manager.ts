@@ -215,16 +215,20 @@ export class ReplicationManager {
    * read-only for a role change (fenced, or failing back) stays read-only: the other
    * site may be its source now, and only the operator can say otherwise.
    */
-  async stop(volumeName: string): Promise<VolumeAccess> {
+  async stop(volumeName: string): Promise<StopResult> {
     const pair = this.requirePair(volumeName);
     const record = this.deps.volumes.record(volumeName);
+    let targetNotTold: string | undefined;
     if (pair.role === 'source') {
       const source = this.sources.get(volumeName);
       this.sources.delete(volumeName);
       await source?.close();
       await this.dropCopyImage(pair).catch((err: Error) => this.deps.log.warn({ volume: volumeName, err: err.message }, 'the initial-copy snapshot could not be deleted'));
       this.catalog.deletePair(volumeName);
-      await this.tellTargetToStop(pair).catch((err: Error) => this.deps.log.warn({ volume: volumeName, err: err.message }, 'the target could not be told that replication stopped; stop it there too'));
+      await this.tellTargetToStop(pair).catch((err: Error) => {
+        targetNotTold = err.message;
+        this.deps.log.warn({ volume: volumeName, err: err.message }, 'the target could not be told that replication stopped; stop it there too');
+      });
     } else {
       const target = this.targets.get(volumeName);
       this.targets.delete(volumeName);
@@ -236,7 +240,7 @@ export class ReplicationManager {
     await this.removeFiles(record.id);
     const access = this.deps.volumes.record(volumeName).access;
     this.deps.log.info({ volume: volumeName, role: pair.role, access }, 'replication stopped');
-    return access;
+    return { access, ...(targetNotTold !== undefined ? { targetNotTold: { site: pair.peerSiteName, url: pair.peerUrl, volume: pair.peerVolume, reason: targetNotTold } } : {}) };
   }
 
   pause(volumeName: string): void {
@@ -679,6 +683,12 @@ function refuse(connection: RcpConnection, err: unknown): void {
 }
 
 /** The progress fields of a pair that has not moved yet. */
+/** What `replicate stop` left: this volume's access, and a target that could not be told (it keeps its end until stopped there). */
+export interface StopResult {
+  access: VolumeAccess;
+  targetNotTold?: { site: string; url: string; volume: string; reason: string };
+}
+
 export function freshCounters(): Pick<PairRecord, 'deltaSetCreated' | 'deltaSetSent' | 'deltaSetAcked' | 'deltaSetReceived' | 'deltaSetPlayedBack' | 'bytesSent' | 'bytesReceived' | 'paused' | 'playedBackCutMs' | 'sourceHeardAtMs'> {
   return { deltaSetCreated: 0, deltaSetSent: 0, deltaSetAcked: 0, deltaSetReceived: 0, deltaSetPlayedBack: 0, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 0, sourceHeardAtMs: undefined };
 }

@@ -472,6 +472,36 @@ test('target unreachable: Suspend (failure) with the reason, then resumes by its
   }
 });
 
+test('replicate stop while the target site is down: stopped here, and it says how to finish at the target', async () => {
+  const [a, b] = await pair('stopdown');
+  try {
+    const model = new VolumeModel(8 * MiB);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
+    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '200ms', '--wait'])).code, 0);
+    for (let i = 0; i < 10; i++) {
+      const w = model.randomWrite();
+      model.apply(w.offset, w.data);
+      await a.writeData('v', w.offset, w.data);
+    }
+    await waitInSync(a, b, 'v');
+    await b.kill();
+    const stop = await a.cli(['replicate', 'stop', 'v']);
+    assert.equal(stop.code, 0, stop.stderr);
+    assert.match(stop.stdout.trim(), /^replication of v stopped\nWARNING: the target site stopdown-b could not be told \(.+\); its volume v stays a read-only replica of this pair until it is stopped there too: ferry --site http:\/\/\S+ replicate stop v$/);
+    const siteUrl = /ferry --site (\S+) replicate stop/.exec(stop.stdout)?.[1];
+    assert.equal(siteUrl, b.url);
+    assert.equal((await a.api('GET', '/api/v1/status/v')).status, 404);
+    // Once back, B still holds its end; the command printed ends it there.
+    await b.start();
+    assert.equal((await pairStatus(b, 'v')).role, 'target');
+    assert.equal((await b.cli(['replicate', 'stop', 'v'])).code, 0);
+    assert.equal((await b.api<{ access: string }>('GET', '/api/v1/volumes/v')).body.access, 'read-write');
+    assert.equal(await b.digest('v'), model.digest());
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('pause and resume: Suspend (command), changes tracked, Duplex-Pending catches up', async () => {
   const [a, b] = await pair('pause');
   try {
