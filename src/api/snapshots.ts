@@ -46,6 +46,8 @@ export function registerSnapshotRoutes(app: FastifyInstance, site: Site): void {
     },
     async (req, reply) => {
       const body = (req.body ?? {}) as { name?: string; attrs?: Record<string, string> };
+      // Failover, resync and copies find their snapshots by these names.
+      if (body.name?.startsWith('ferry-')) throw new FerryError('INVALID_NAME', `snapshot names starting with "ferry-" are kept for the snapshots ferry makes itself; choose another name than ${body.name}`);
       for (const v of Object.values(body.attrs ?? {})) if (typeof v !== 'string') throw new FerryError('BAD_REQUEST', 'attribute values must be strings');
       const info = await snapshots.create((req.params as { name: string }).name, body.name, body.attrs ?? {});
       return reply.status(201).send(info);

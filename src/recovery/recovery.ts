@@ -15,6 +15,7 @@ import { chunkBytesMax, decodeChunk } from '../replication/chunk.js';
 import { CopyRunner } from '../replication/copy.js';
 import { Inbox } from '../replication/inbox.js';
 import { ReplFrame, json } from '../replication/protocol.js';
+import { snapshotsPerVolumeMax } from '../snapshot/manager.js';
 import type { ReplicationManager } from '../replication/manager.js';
 import type { SourceReplicator } from '../replication/source.js';
 import { checkFailover, describeRecovery, discardSnapshotName, intermediateSnapshotName, planUndo, restartSnapshotName } from './plan.js';
@@ -158,10 +159,19 @@ export class Recovery {
     if (!target) throw new FerryError('UNAVAILABLE', `the target of ${volume} is not open`);
     if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is already in progress`);
     this.busy.add(volume);
+    // Until the pair is switched, a failure leaves this site the target: a target closed
+    // for the switch is opened again (unless a catch-up's image was already restored).
+    let targetClosed = false;
+    let imageRestored = false;
+    let switched = false;
     try {
       const next = pair.generation + 1;
       let sourceFenced = false;
-      let notice: Promise<boolean> | undefined;
+      const restartSnapshot = restartSnapshotName(next);
+      const snapshotCount = snapshots.list(volume).length - (pair.initialCopy.doneAt === undefined && pair.initialCopy.protectiveSnapshot ? 1 : 0);
+      if (snapshotCount >= snapshotsPerVolumeMax && !snapshots.list(volume).some((s) => s.name === restartSnapshot)) {
+        throw new FerryError('SNAPSHOT_LIMIT', `failover of ${volume} keeps a restart-point snapshot, and the volume has ${snapshotCount} snapshots, the most it may have: delete one and run it again; nothing was changed`);
+      }
       if (mode === 'sync') {
         // E FIG. 33: the source must be up; it turns read-only and ships a last delta set.
         this.awaitingLastDeltaSet.add(volume);
@@ -179,6 +189,7 @@ export class Recovery {
       }
       let skipped = 0;
       if (mode === 'now') {
+        targetClosed = true;
         await target.close();
         skipped = target.unplayedDeltaSets();
       } else {
@@ -192,27 +203,18 @@ export class Recovery {
             `failover of ${volume} stopped, ${changed}: ${(err as Error).message}. Fix the cause and run it again, or run "ferry failover ${volume} --now" to take over at delta set ${pair.deltaSetPlayedBack} without the ${unplayed} received delta set(s) not played back`,
           );
         }
+        targetClosed = true;
         await target.close();
         // Delta sets cut during a catch-up copy this side never got (the source was lost
         // before sending it) cannot be played back: they are skipped, and said so.
         skipped = target.unplayedDeltaSets();
         if (skipped > 0) this.log.warn({ volume, skipped }, 'failover: received delta sets that need a catch-up copy this site never got are skipped');
       }
-      if (mode !== 'sync') {
-        // E FIG. 32 step 561: if possible, the source is made read-only (told, not waited
-        // for long) - once nothing can stop this failover any more.
-        notice = this.request<FenceReply>(pair.peerUrl, { op: 'fence', pairId: pair.pairId, volume: pair.peerVolume, generation: next, sync: false }, fenceNoticeTimeoutMs).then(
-          () => true,
-          (err: Error) => {
-            this.log.warn({ volume, err: err.message }, 'the source site could not be told of the failover; it will learn of it when it returns');
-            return false;
-          },
-        );
-      }
       const protectiveSnapshot = pair.initialCopy.doneAt === undefined ? pair.initialCopy.protectiveSnapshot : undefined;
       if (protectiveSnapshot) {
         // Rule 8: a catch-up was half applied; the volume goes back to the consistent
         // image kept for it. The delta sets after the catch-up cannot be used without it.
+        imageRestored = true;
         const restored = await snapshots.restore(volume, protectiveSnapshot);
         skipped = target.unplayedDeltaSets();
         await snapshots.delete(volume, protectiveSnapshot);
@@ -222,8 +224,11 @@ export class Recovery {
         this.log.warn({ volume, snapshot: protectiveSnapshot, restored, skipped, restartPoint: pair.deltaSetPlayedBack }, 'failover during a catch-up: the volume is back at the consistent image kept before it');
       }
       const restartPoint = pair.deltaSetPlayedBack;
-      const restartSnapshot = restartSnapshotName(next);
-      if (!snapshots.list(volume).some((s) => s.name === restartSnapshot)) {
+      // One left by an attempt that stopped (a crash, or a failure after it) is used only
+      // if it holds this same point: the replica may have played back more since.
+      const earlier = snapshots.list(volume).find((s) => s.name === restartSnapshot);
+      if (earlier && (earlier.attrs.deltaSet !== String(restartPoint) || earlier.attrs.pairId !== pair.pairId)) await snapshots.delete(volume, restartSnapshot);
+      if (!earlier || !snapshots.list(volume).some((s) => s.name === restartSnapshot)) {
         await snapshots.create(volume, restartSnapshot, { purpose: 'restart point', deltaSet: String(restartPoint), generation: String(pair.generation), pairId: pair.pairId });
       }
       const recovery: RecoveryRecord = {
@@ -250,15 +255,41 @@ export class Recovery {
       sourcePair.stateReason = describeRecovery(sourcePair);
       this.m.targets.delete(volume);
       this.replacePair(sourcePair);
+      switched = true;
       await this.m.removeFiles(volumes.record(volume).id);
       await setAccess(volume, 'read-write');
       const tookMs = this.m.deps.clock.now() - started;
-      if (notice) sourceFenced = await notice;
+      if (mode !== 'sync') {
+        // E FIG. 32 step 561: if possible, the source is made read-only (told, not waited
+        // for long) - only now that nothing can stop this failover any more.
+        sourceFenced = await this.request<FenceReply>(pair.peerUrl, { op: 'fence', pairId: pair.pairId, volume: pair.peerVolume, generation: next, sync: false }, fenceNoticeTimeoutMs).then(
+          () => true,
+          (err: Error) => {
+            this.log.warn({ volume, err: err.message }, 'the source site could not be told of the failover; it will learn of it when it returns');
+            return false;
+          },
+        );
+      }
       this.log.warn({ volume, generation: next, restartPoint, skipped, mode, sourceFenced }, 'failover: this site is now the source');
       return { volume, generation: next, restartPoint, restartSnapshot, skippedDeltaSets: skipped, sourceFenced, tookMs };
+    } catch (err) {
+      if (targetClosed && !imageRestored && !switched) {
+        await this.reopenTarget(volume).catch((e: Error) => this.log.error({ volume, err: e.message }, 'failover failed and the replica could not be opened again; restart the site'));
+        throw new FerryError(err instanceof FerryError ? err.code : 'UNAVAILABLE', `failover of ${volume} stopped; this site is still the target, nothing was changed: ${(err as Error).message}`);
+      }
+      throw err;
     } finally {
       this.busy.delete(volume);
     }
+  }
+
+  /** Opens the replica of a pair still the target here (after a role change that did not happen). */
+  private async reopenTarget(volume: string): Promise<void> {
+    const pair = this.m.catalog.getPair(volume);
+    if (!pair || pair.role !== 'target') return;
+    const target = await this.m.openTarget(pair);
+    this.m.targets.set(volume, target);
+    target.start();
   }
 
   // ---- fencing (at the old source) ----------------------------------------------------

@@ -370,6 +370,39 @@ test('a replica whose playback fails: a failback to it and a failover at it stop
   }
 });
 
+test('a failover that cannot keep its restart point (the volume has the most snapshots it may have) changes nothing; with one deleted it completes', async () => {
+  const [a, b] = await sites('folimit');
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    // Backups taken at the replica, never pruned.
+    for (let n = 0; ; n++) {
+      const r = await b.api<{ error?: { code: string } }>('POST', '/api/v1/volumes/db/snapshots', { name: `backup-${n}` });
+      if (r.status === 201) continue;
+      assert.equal(r.body.error?.code, 'SNAPSHOT_LIMIT');
+      break;
+    }
+    const fo = await b.cli(['failover', 'db']);
+    assert.notEqual(fo.code, 0);
+    assert.match(fo.stderr, /SNAPSHOT_LIMIT: failover of db keeps a restart-point snapshot, and the volume has \d+ snapshots, the most it may have: delete one and run it again; nothing was changed/);
+    // Nothing changed: A is the writable source and replicates to B as before.
+    assert.equal((await pairStatus(a, 'db')).recovery?.phase, undefined);
+    assert.equal((await pairStatus(b, 'db')).role, 'target');
+    await writeApi(a, image, 10);
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(image));
+    assert.equal((await b.cli(['snapshot', 'delete', 'db', 'backup-0'])).code, 0);
+    const again = await b.cli(['failover', 'db', '--json']);
+    assert.equal(again.code, 0, again.stderr);
+    assert.equal(JSON.parse(again.stdout).sourceFenced, true);
+    assert.equal(await b.digest('db'), sha(image));
+    assert.equal((await a.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-only');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('resync falls back to a full copy, with a warning and a status flag, when the old save volume is gone', async () => {
   const [a, b] = await sites('fallback');
   try {

@@ -53,6 +53,8 @@ test('CLI: snapshot create, list, diff, restore, delete with --json and human ou
   assert.equal(r.stderr, 'ferry: SNAPSHOT_NOT_FOUND: snapshot cv@nope not found\n');
   r = await site.cli(['snapshot', 'create', 'cv', '--name', 'bad@name']);
   assert.match(r.stderr, /^ferry: INVALID_NAME: /);
+  r = await site.cli(['snapshot', 'create', 'cv', '--name', 'ferry-restart-point-g2']);
+  assert.match(r.stderr, /^ferry: INVALID_NAME: snapshot names starting with "ferry-" are kept for the snapshots ferry makes itself/);
   r = await site.cli(['snapshot', 'create', 'cv', '--name', 'first']);
   assert.match(r.stderr, /^ferry: SNAPSHOT_EXISTS: /);
   for (const name of ['first', second.name]) assert.equal((await site.cli(['snapshot', 'delete', 'cv', name])).code, 0);
