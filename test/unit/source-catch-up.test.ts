@@ -1,24 +1,17 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { pino } from 'pino';
 import { systemClock } from '../../src/lib/clock.js';
 import { FerryError } from '../../src/lib/errors.js';
 import type { PagedBitmap } from '../../src/lib/paged-bitmap.js';
 import { BitmapFile } from '../../src/storage/bitmap-file.js';
-import { Catalog } from '../../src/storage/catalog.js';
-import { JournalFile } from '../../src/storage/journal.js';
-import { ReplicationCatalog, type PairRecord } from '../../src/storage/replication-catalog.js';
-import { VolumeStore } from '../../src/storage/volume-store.js';
+import type { PairRecord } from '../../src/storage/replication-catalog.js';
 import { ActivityLog, FileActivityLogStore } from '../../src/tracking/activity-log.js';
 import { ChangeLog } from '../../src/tracking/change-log.js';
-import { freshCounters } from '../../src/replication/manager.js';
 import { SourceReplicator } from '../../src/replication/source.js';
+import { openPairEnv } from '../helpers/pair-env.js';
 
-const log = pino({ level: 'silent' });
 const bb = 4096;
 const blocks = 1024;
 
@@ -28,39 +21,11 @@ const blocks = 1024;
  * in neither; nothing may take them for shipped meanwhile.
  */
 test('while a catch-up copy is being recorded its blocks still count: a cut on demand waits for it, a drain does not see an empty backlog', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'ferry-source-'));
-  await mkdir(join(dir, 'volumes'));
-  const catalog = new Catalog(join(dir, 'catalog.db'));
-  const store = new VolumeStore(catalog, join(dir, 'volumes'), bb, log);
-  await store.load();
-  await store.create('v', blocks * bb);
-  const volume = store.get('v');
-  const replication = new ReplicationCatalog(catalog);
-  const now = new Date().toISOString();
-  const pair: PairRecord = {
-    volume: 'v',
-    pairId: 'p1',
-    role: 'source',
-    mode: 'async',
-    peerUrl: 'http://127.0.0.1:1',
-    peerSiteId: 's',
-    peerSiteName: 'b',
-    peerVolume: 'v',
-    state: 'duplex',
-    stateReason: '',
-    generation: 1,
-    intervalMs: 3_600_000,
-    highWaterBytes: 1 << 30,
-    saveVolumeBytes: 256 * 1024,
-    createdAt: now,
-    initialCopy: { cursorBlock: blocks, totalBlocks: blocks, stampedDeltaSet: 0, startedAt: now, doneAt: now, bytes: 0, copyId: 1 },
-    ...freshCounters(),
-  };
-  replication.putPair(pair);
+  const env = await openPairEnv({ role: 'source', blockBytes: bb, blocks, copyDone: true, pair: { intervalMs: 3_600_000, highWaterBytes: 1 << 30, saveVolumeBytes: 256 * 1024 } });
+  const { dir, volume, replication, pair, journal } = env;
   const bitmap = await BitmapFile.create(join(dir, 'dirty.bitmap'), blocks);
   const { log: al } = await ActivityLog.open(await FileActivityLogStore.open(join(dir, 'activity.log'), 64));
   const changeLog = new ChangeLog(bb, bitmap, al, () => volume.flush());
-  const journal = await JournalFile.open(join(dir, 'save.journal'), pair.saveVolumeBytes);
   let recording: () => void = () => undefined;
   const recorded = new Promise<void>((resolve) => (recording = resolve));
   let release: () => void = () => undefined;
@@ -72,7 +37,7 @@ test('while a catch-up copy is being recorded its blocks still count: a cut on d
     changeLog,
     journal,
     clock: systemClock,
-    log,
+    log: env.log,
     copyPlan: () => Promise.reject(new FerryError('UNAVAILABLE', 'no copy in this test')),
     copied: async () => undefined,
     catchUp: async (p: PairRecord, backlog: PagedBitmap) => {
@@ -111,9 +76,6 @@ test('while a catch-up copy is being recorded its blocks still count: a cut on d
   } finally {
     release();
     await source.close();
-    await journal.close();
-    await store.close();
-    catalog.close();
-    await rm(dir, { recursive: true, force: true });
+    await env.close();
   }
 });

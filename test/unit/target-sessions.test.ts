@@ -1,23 +1,17 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtemp, mkdir, rm } from 'node:fs/promises';
 import { createServer, connect, type AddressInfo, type Server } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { pino } from 'pino';
 import { crc32c } from '../../src/lib/checksum.js';
 import { systemClock } from '../../src/lib/clock.js';
-import { Catalog } from '../../src/storage/catalog.js';
-import { JournalFile } from '../../src/storage/journal.js';
-import { ReplicationCatalog, type PairRecord } from '../../src/storage/replication-catalog.js';
-import { VolumeStore } from '../../src/storage/volume-store.js';
+import type { PairRecord } from '../../src/storage/replication-catalog.js';
 import { RcpConnection } from '../../src/transport/connection.js';
 import { rcpPreamble, type Frame } from '../../src/transport/frame.js';
 import { encodeChunk, encodeChunkParts } from '../../src/replication/chunk.js';
-import { freshCounters } from '../../src/replication/manager.js';
 import { ReplFrame, copyFramePrefix, encodeChunkFrameParts, headerCrcFields, json, type AckBody, type CopyAckBody, type DeltaSetHeaderBody, type TargetPosition } from '../../src/replication/protocol.js';
 import { TargetReplica } from '../../src/replication/target.js';
+import { openPairEnv } from '../helpers/pair-env.js';
 
 /**
  * The receiver against a stalled disk, found by the simulator (test/sim/): what the
@@ -47,36 +41,8 @@ interface Env {
 }
 
 async function openEnv(options: { copyDone?: boolean } = {}): Promise<Env> {
-  const dir = await mkdtemp(join(tmpdir(), 'ferry-target-'));
-  await mkdir(join(dir, 'volumes'));
-  const catalog = new Catalog(join(dir, 'catalog.db'));
-  const store = new VolumeStore(catalog, join(dir, 'volumes'), bb, log);
-  await store.load();
-  await store.create('v', blocks * bb);
-  const volume = store.get('v');
-  const replication = new ReplicationCatalog(catalog);
-  const now = new Date().toISOString();
-  const pair: PairRecord = {
-    volume: 'v',
-    pairId: 'p1',
-    role: 'target',
-    mode: 'async',
-    peerUrl: 'http://127.0.0.1:1',
-    peerSiteId: 's',
-    peerSiteName: 'a',
-    peerVolume: 'v',
-    state: options.copyDone === false ? 'initial-copying' : 'duplex',
-    stateReason: '',
-    generation: 1,
-    intervalMs: 10_000,
-    highWaterBytes: 64 << 20,
-    saveVolumeBytes: 1 << 20,
-    createdAt: now,
-    initialCopy: options.copyDone === false ? { cursorBlock: 0, totalBlocks: blocks, stampedDeltaSet: 0, startedAt: now, bytes: 0, copyId: 1 } : { cursorBlock: blocks, totalBlocks: blocks, stampedDeltaSet: 0, startedAt: now, doneAt: now, bytes: 0, copyId: 1 },
-    ...freshCounters(),
-  };
-  replication.putPair(pair);
-  const journal = await JournalFile.open(join(dir, 'save.journal'), pair.saveVolumeBytes);
+  const env = await openPairEnv({ role: 'target', blockBytes: bb, blocks, copyDone: options.copyDone !== false });
+  const { volume, replication, pair, journal } = env;
   let gate: { held: () => void; wait: Promise<void> } | undefined;
   const sync = journal.sync.bind(journal);
   let syncFails = false;
@@ -191,10 +157,7 @@ async function openEnv(options: { copyDone?: boolean } = {}): Promise<Env> {
     async close() {
       server.close();
       await target.close();
-      await journal.close();
-      await store.close();
-      catalog.close();
-      await rm(dir, { recursive: true, force: true });
+      await env.close();
     },
   };
 }
