@@ -168,8 +168,9 @@ export class Recovery {
       const next = pair.generation + 1;
       let sourceFenced = false;
       const restartSnapshot = restartSnapshotName(next);
-      const snapshotCount = snapshots.list(volume).length - (pair.initialCopy.doneAt === undefined && pair.initialCopy.protectiveSnapshot ? 1 : 0);
-      if (snapshotCount >= snapshotsPerVolumeMax && !snapshots.list(volume).some((s) => s.name === restartSnapshot)) {
+      const existing = snapshots.list(volume);
+      const snapshotCount = existing.length - (pair.initialCopy.doneAt === undefined && pair.initialCopy.protectiveSnapshot ? 1 : 0);
+      if (snapshotCount >= snapshotsPerVolumeMax && !existing.some((s) => s.name === restartSnapshot)) {
         throw new FerryError('SNAPSHOT_LIMIT', `failover of ${volume} keeps a restart-point snapshot, and the volume has ${snapshotCount} snapshots, the most it may have: delete one and run it again; nothing was changed`);
       }
       if (mode === 'sync') {
@@ -227,8 +228,9 @@ export class Recovery {
       // One left by an attempt that stopped (a crash, or a failure after it) is used only
       // if it holds this same point: the replica may have played back more since.
       const earlier = snapshots.list(volume).find((s) => s.name === restartSnapshot);
-      if (earlier && (earlier.attrs.deltaSet !== String(restartPoint) || earlier.attrs.pairId !== pair.pairId)) await snapshots.delete(volume, restartSnapshot);
-      if (!earlier || !snapshots.list(volume).some((s) => s.name === restartSnapshot)) {
+      const reusable = earlier !== undefined && earlier.attrs.deltaSet === String(restartPoint) && earlier.attrs.pairId === pair.pairId;
+      if (earlier && !reusable) await snapshots.delete(volume, restartSnapshot);
+      if (!reusable) {
         await snapshots.create(volume, restartSnapshot, { purpose: 'restart point', deltaSet: String(restartPoint), generation: String(pair.generation), pairId: pair.pairId });
       }
       const recovery: RecoveryRecord = {

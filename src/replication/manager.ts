@@ -682,13 +682,13 @@ function refuse(connection: RcpConnection, err: unknown): void {
   }
 }
 
-/** The progress fields of a pair that has not moved yet. */
 /** What `replicate stop` left: this volume's access, and a target that could not be told (it keeps its end until stopped there). */
 export interface StopResult {
   access: VolumeAccess;
   targetNotTold?: { site: string; url: string; volume: string; reason: string };
 }
 
+/** The progress fields of a pair that has not moved yet. */
 export function freshCounters(): Pick<PairRecord, 'deltaSetCreated' | 'deltaSetSent' | 'deltaSetAcked' | 'deltaSetReceived' | 'deltaSetPlayedBack' | 'bytesSent' | 'bytesReceived' | 'paused' | 'playedBackCutMs' | 'sourceHeardAtMs'> {
   return { deltaSetCreated: 0, deltaSetSent: 0, deltaSetAcked: 0, deltaSetReceived: 0, deltaSetPlayedBack: 0, bytesSent: 0, bytesReceived: 0, paused: false, playedBackCutMs: 0, sourceHeardAtMs: undefined };
 }
