@@ -313,11 +313,12 @@ program
       list.length === 0
         ? 'no replication pairs'
         : table(
-            ['VOLUME', 'ROLE', 'PEER', 'STATE', 'GEN', 'CREATED', 'ACKED', 'PLAYED', 'LAG', 'LAG BLOCKS', 'RATE'],
+            ['VOLUME', 'ROLE', 'PEER', 'HEALTH', 'STATE', 'GEN', 'CREATED', 'ACKED', 'PLAYED', 'LAG', 'LAG BLOCKS', 'RATE'],
             list.map((p) => [
               p.volume,
               p.role,
               `${p.peerSite}:${p.peerVolume}`,
+              p.health,
               p.state === 'initial-copying'
                 ? `initial-copying ${p.initialCopy.percent}%`
                 : p.initialCopy.catchUp && !p.initialCopy.done
@@ -348,6 +349,7 @@ program
         ['volume', `${info.volume} (${info.role})`],
         ['peer', `${info.peerSite} ${info.peer} volume ${info.peerVolume}`],
         ['state', info.reason ? `${info.state}: ${info.reason}` : info.state],
+        ['health', info.health],
         ['generation', String(info.generation)],
         ['current delta set', String(info.currentDeltaSet)],
         ['current block number', String(info.currentChunk)],

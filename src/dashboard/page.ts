@@ -16,6 +16,7 @@ export const dashboardHtml = `<!doctype html>
   th { background: #f3f6f9; }
   td.num { text-align: right; font-variant-numeric: tabular-nums; }
   .err { color: #b00020; }
+  .warn { color: #8a5300; }
 </style>
 </head>
 <body>
@@ -28,8 +29,8 @@ export const dashboardHtml = `<!doctype html>
 </table>
 <h2>Replication</h2>
 <table>
-  <thead><tr><th>volume</th><th>role</th><th>other site</th><th>state</th><th>generation</th><th>delta sets created / acked / played</th><th>lag</th><th>copy</th><th>rate</th><th>last build</th><th>recovery</th></tr></thead>
-  <tbody id="pairs"><tr><td colspan="11">loading…</td></tr></tbody>
+  <thead><tr><th>volume</th><th>role</th><th>other site</th><th>health</th><th>state</th><th>generation</th><th>delta sets created / acked / played</th><th>lag</th><th>copy</th><th>rate</th><th>last build</th><th>recovery</th></tr></thead>
+  <tbody id="pairs"><tr><td colspan="12">loading…</td></tr></tbody>
 </table>
 <p class="err" id="error"></p>
 <script>
@@ -61,14 +62,15 @@ async function refresh() {
       const copy = p.initialCopy.done ? 'done' : p.initialCopy.percent + '%' + (p.initialCopy.etaSeconds === null ? '' : ', ' + p.initialCopy.etaSeconds + ' s left') + (p.initialCopy.catchUp ? ' (catch-up)' : '');
       const build = p.lastBuild ? (p.lastBuild.buildMs / 1000).toFixed(1) + ' s for ' + p.lastBuild.blocks + ' blocks' + (p.lastBuild.slowerThanInterval ? ' — LONGER than the interval' : '') : '-';
       const recovery = p.recovery ? p.recovery.phase + (p.recovery.fullCopy ? ', full copy' : '') : '-';
+      const health = p.health === 'error' ? 'err' : p.health === 'warning' ? 'warn' : '';
       tr.append(
-        cell(p.volume), cell(p.role), cell(p.peerSite + ' / ' + p.peerVolume), cell(p.reason ? p.state + ': ' + p.reason : p.state, p.state === 'suspended' ? 'err' : ''),
+        cell(p.volume), cell(p.role), cell(p.peerSite + ' / ' + p.peerVolume), cell(p.health, health), cell(p.reason ? p.state + ': ' + p.reason : p.state, health),
         cell(String(p.generation), 'num'), cell(p.deltaSetCreated + ' / ' + p.deltaSetAcked + ' / ' + p.deltaSetPlayedBack, 'num'),
         cell(p.lagSeconds + ' s, ' + p.lagBlocks + ' blocks', 'num'), cell(copy), cell(size(p.transferRate) + '/s', 'num'), cell(build, p.lastBuild && p.lastBuild.slowerThanInterval ? 'err' : ''), cell(recovery),
       );
       rows.append(tr);
     }
-    if (pairs.length === 0) rows.innerHTML = '<tr><td colspan="11">no replicated volumes</td></tr>';
+    if (pairs.length === 0) rows.innerHTML = '<tr><td colspan="12">no replicated volumes</td></tr>';
     document.getElementById('error').textContent = '';
   } catch (e) {
     document.getElementById('error').textContent = 'cannot reach the site: ' + e;

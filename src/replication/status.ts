@@ -4,6 +4,16 @@ import type { DeltaSetRecord, PairRecord, RecoveryRecord } from '../storage/repl
 /** A target's source silent for longer (5 heartbeats) is reported, and lag counts the silence. */
 export const sourceSilentMs = 5_000;
 
+/**
+ * How much a pair needs its operator, as arrays and rbd-mirror report pair health:
+ *   error   - replication stopped without being asked to, or something is failing here;
+ *   warning - the pair does not protect the volume as set up: paused, the source not
+ *             heard from, a save volume full, a catch-up or full copy running, no
+ *             replica yet after a failover, or this copy fenced until it is resynced;
+ *   ok      - everything else, copies running as planned included.
+ */
+export type PairHealth = 'ok' | 'warning' | 'error';
+
 /** One line of `ferry status --json` (SPEC §5 names the fields). */
 export interface PairStatusView {
   volume: string;
@@ -15,6 +25,8 @@ export interface PairStatusView {
   mode: string;
   state: string;
   reason: string;
+  /** Whether the pair needs its operator (see `PairHealth`); `reason` says why. */
+  health: PairHealth;
   generation: number;
   deltaSetCreated: number;
   deltaSetSent: number;
@@ -144,6 +156,19 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
   const remainingBytes = (total - copied) * (total > 0 ? pair.initialCopy.bytes / Math.max(1, copied) : 0);
   const newest = pair.role === 'source' ? rows.filter((d) => d.generation === pair.generation).reduce<DeltaSetRecord | undefined>((a, d) => (a && a.n > d.n ? a : d), undefined) : undefined;
   const buildMs = newest ? newest.sealedAtMs - newest.createdAtMs : 0;
+  const lastBuild = newest ? { deltaSet: newest.n, blocks: newest.blocks, buildMs, slowerThanInterval: buildMs > pair.intervalMs } : null;
+  const saveVolumeFull = !live.saveVolume.full
+    ? ''
+    : pair.role === 'source'
+      ? 'the save volume is full: changes wait in the change log until the target acknowledges older delta sets'
+      : 'the save volume is full: the source is held back until playback frees space';
+  const phase = pair.recovery?.phase;
+  const health: PairHealth =
+    live.failing !== '' || (pair.state === 'suspended' && !pair.paused && phase !== 'failed-over' && phase !== 'fenced')
+      ? 'error'
+      : pair.paused || pair.state === 'suspending' || phase === 'failed-over' || phase === 'fenced' || phase === 'resync-full' || silence !== '' || saveVolumeFull !== '' || (catchUp && !copyDone)
+        ? 'warning'
+        : 'ok';
   return {
     volume: pair.volume,
     pairId: pair.pairId,
@@ -153,7 +178,8 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     peerVolume: pair.peerVolume,
     mode: pair.mode,
     state: pair.state,
-    reason: [pair.stateReason, live.failing, silence].filter((r) => r !== '').join('; '),
+    reason: [pair.stateReason, live.failing, silence, saveVolumeFull].filter((r) => r !== '').join('; '),
+    health,
     generation: pair.generation,
     deltaSetCreated: pair.role === 'source' ? pair.deltaSetCreated : Math.max(pair.deltaSetReceived, live.currentDeltaSet),
     deltaSetSent: pair.deltaSetSent,
@@ -186,7 +212,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     failing: live.failing,
     lastError: live.lastError,
     recovery: pair.recovery ?? null,
-    lastBuild: newest ? { deltaSet: newest.n, blocks: newest.blocks, buildMs, slowerThanInterval: buildMs > pair.intervalMs } : null,
+    lastBuild,
   };
 }
 

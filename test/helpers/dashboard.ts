@@ -20,6 +20,8 @@ class Element {
 export interface RenderedDashboard {
   /** Rows of each table body by id, as the text of their cells. */
   tables: Record<string, string[][]>;
+  /** The same cells' classes (how they are highlighted). */
+  classes: Record<string, string[][]>;
   error: string;
 }
 
@@ -48,6 +50,11 @@ export async function renderDashboard(siteUrl: string): Promise<RenderedDashboar
     await new Promise((r) => setTimeout(r, 20));
   }
   const tables: Record<string, string[][]> = {};
-  for (const [id, e] of byId) if (e.children.length > 0) tables[id] = e.children.map((tr) => tr.children.map((td) => td.textContent));
-  return { tables, error: get('error').textContent };
+  const classes: Record<string, string[][]> = {};
+  for (const [id, e] of byId) {
+    if (e.children.length === 0) continue;
+    tables[id] = e.children.map((tr) => tr.children.map((td) => td.textContent));
+    classes[id] = e.children.map((tr) => tr.children.map((td) => td.className));
+  }
+  return { tables, classes, error: get('error').textContent };
 }

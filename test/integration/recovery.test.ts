@@ -84,6 +84,7 @@ async function waitResynced(b: TestSite, a: TestSite): Promise<PairStatus> {
   // The rebuilt old source is a read-only replica again, and its status no longer says it is being rebuilt.
   const rebuilt = await pairStatus(a, 'db');
   assert.equal(rebuilt.reason, '', `the rebuilt old source says: ${rebuilt.reason}`);
+  assert.equal(rebuilt.health, 'ok');
   assert.equal((await a.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-only');
   return pairStatus(b, 'db');
 }
@@ -113,6 +114,7 @@ test('failover, resync and failback: the whole cycle through NBD, digests at eve
     await b.restart();
     await waitFor('B to report the silence', async () => /^the source has not been heard from for .* writes made there since are not known here$/.test((await pairStatus(b, 'db')).reason), 20_000);
     const silent = await pairStatus(b, 'db');
+    assert.equal(silent.health, 'warning');
     assert.ok(silent.sourceLastHeard !== null && silent.sourceLastHeard <= heard, `last heard ${silent.sourceLastHeard}, in fact ${heard}`);
     assert.ok(silent.lagSeconds >= (Date.now() - Date.parse(heard)) / 1000 - 1, `lag ${silent.lagSeconds}s counts the silence since ${heard}`);
 
@@ -138,6 +140,8 @@ test('failover, resync and failback: the whole cycle through NBD, digests at eve
     let sb = await pairStatus(b, 'db');
     assert.equal(sb.role, 'source');
     assert.equal(sb.recovery?.phase, 'failed-over');
+    // No replica until the resync: not protected as set up.
+    assert.equal(sb.health, 'warning');
 
     // The new source takes writes through NBD.
     const bImage = Buffer.from(restart);
@@ -150,6 +154,7 @@ test('failover, resync and failback: the whole cycle through NBD, digests at eve
     await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
     const sa = await pairStatus(a, 'db');
     assert.match(sa.reason, /failed over/);
+    assert.equal(sa.health, 'warning');
     const denied = await fetch(`${a.url}/api/v1/volumes/db/data?offset=0`, { method: 'PUT', body: Buffer.alloc(bs), headers: { 'content-type': 'application/octet-stream' } });
     assert.equal(denied.status, 409);
     await assert.rejects(execFileP('qemu-io', ['-f', 'raw', '-c', 'write 0 4096', `nbd://127.0.0.1:${a.nbdPort}/db`]), /read-only|Operation not permitted|EPERM|Permission/i);

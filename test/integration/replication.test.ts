@@ -93,11 +93,12 @@ test('new remote copy while the source is written, then delta sets: digests equa
     const dashboard = await renderDashboard(a.url);
     assert.equal(dashboard.error, '');
     const [row] = dashboard.tables.pairs ?? [];
-    assert.deepEqual([row?.[0], row?.[1], row?.[3], row?.[6], row?.[7]], ['db', 'source', 'duplex', '0 s, 0 blocks', 'done']);
-    assert.equal(row?.[5], `${s.deltaSetCreated} / ${s.deltaSetAcked} / ${s.deltaSetPlayedBack}`);
-    assert.match(row?.[9] ?? '', /^[0-9.]+ s for \d+ blocks$/);
+    assert.deepEqual([row?.[0], row?.[1], row?.[3], row?.[4], row?.[7], row?.[8]], ['db', 'source', 'ok', 'duplex', '0 s, 0 blocks', 'done']);
+    assert.deepEqual([dashboard.classes.pairs?.[0]?.[3], dashboard.classes.pairs?.[0]?.[4]], ['', ''], 'nothing highlighted');
+    assert.equal(row?.[6], `${s.deltaSetCreated} / ${s.deltaSetAcked} / ${s.deltaSetPlayedBack}`);
+    assert.match(row?.[10] ?? '', /^[0-9.]+ s for \d+ blocks$/);
     const [targetRow] = (await renderDashboard(b.url)).tables.pairs ?? [];
-    assert.deepEqual([targetRow?.[0], targetRow?.[1], targetRow?.[9]], ['db', 'target', '-']);
+    assert.deepEqual([targetRow?.[0], targetRow?.[1], targetRow?.[3], targetRow?.[10]], ['db', 'target', 'ok', '-']);
 
     // Stop at the source: both sides end the relationship; the target becomes writable.
     const stop = await a.cli(['replicate', 'stop', 'db']);
@@ -450,7 +451,14 @@ test('target unreachable: Suspend (failure) with the reason, then resumes by its
       return s.state === 'suspended' ? s : undefined;
     }, 60_000);
     assert.match(suspended.reason, /target unreachable/);
+    assert.equal(suspended.health, 'error');
     assert.ok(suspended.lagBlocks > 0);
+    // Everywhere an operator looks, it stands out.
+    assert.match(/^ferry_replication_health\{[^}]*volume="v"[^}]*\} (\S+)$/m.exec(await (await fetch(`${a.url}/metrics`)).text())?.[1] ?? '', /^2$/);
+    const [row] = (await renderDashboard(a.url)).tables.pairs ?? [];
+    assert.equal(row?.[3], 'error');
+    assert.deepEqual((await renderDashboard(a.url)).classes.pairs?.[0]?.slice(3, 5), ['err', 'err']);
+    assert.match((await a.cli(['status'])).stdout, /^v\s+source\s+\S+\s+error\s+suspended \(.*target unreachable/m);
     // The peer comes back on the same address.
     const { createServer, connect } = await import('node:net');
     const relay = createServer((c) => {
@@ -462,7 +470,8 @@ test('target unreachable: Suspend (failure) with the reason, then resumes by its
     await new Promise<void>((resolve) => relay.listen(proxy.port, '127.0.0.1', resolve));
     try {
       await waitInSync(a, b, 'v', 'v', 60_000);
-      assert.equal((await pairStatus(a, 'v')).state, 'duplex');
+      const back = await pairStatus(a, 'v');
+      assert.deepEqual([back.state, back.health], ['duplex', 'ok']);
       assert.equal(await b.digest('v'), await a.digest('v'));
     } finally {
       relay.close();
@@ -524,6 +533,8 @@ test('pause and resume: Suspend (command), changes tracked, Duplex-Pending catch
     const s = await pairStatus(a, 'v');
     assert.equal(s.state, 'suspended');
     assert.match(s.reason, /command/);
+    assert.equal(s.health, 'warning');
+    assert.deepEqual((await renderDashboard(a.url)).classes.pairs?.[0]?.slice(3, 5), ['warn', 'warn']);
     assert.ok(s.lagBlocks > 0);
     const sinceFirstWrite = (Date.now() - firstWriteAt) / 1000;
     assert.ok(s.lagSeconds >= 0.5 && s.lagSeconds <= sinceFirstWrite + 0.2, `lag ${s.lagSeconds} s, ${sinceFirstWrite} s since the first write`);
@@ -532,7 +543,7 @@ test('pause and resume: Suspend (command), changes tracked, Duplex-Pending catch
     assert.match(JSON.parse(resumed.stdout).state, /duplex/);
     await waitInSync(a, b, 'v');
     assert.equal(await b.digest('v'), model.digest());
-    assert.equal((await pairStatus(a, 'v')).state, 'duplex');
+    assert.deepEqual([(await pairStatus(a, 'v')).state, (await pairStatus(a, 'v')).health], ['duplex', 'ok']);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
@@ -560,6 +571,8 @@ test('full source save volume: host writes go on, no write lost, target consiste
       return s.saveVolume.full ? s : undefined;
     }, 30_000);
     assert.ok(full.lagBlocks > 0);
+    assert.equal(full.health, 'warning');
+    assert.match(full.reason, /the save volume is full: changes wait in the change log/);
     // Host writes are still accepted while the save volume is full.
     const w = model.randomWrite();
     model.apply(w.offset, w.data);
@@ -567,7 +580,8 @@ test('full source save volume: host writes go on, no write lost, target consiste
     await a.cli(['replicate', 'resume', 'v']);
     await waitInSync(a, b, 'v', 'v', 90_000);
     assert.equal(await b.digest('v'), model.digest());
-    assert.equal((await pairStatus(a, 'v')).saveVolume.full, false);
+    const after = await pairStatus(a, 'v');
+    assert.deepEqual([after.saveVolume.full, after.health, after.reason], [false, 'ok', '']);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
@@ -605,6 +619,7 @@ test('storage failing at the target: nothing acknowledged or applied, both sites
     assert.match(await (await fetch(`${b.url}/metrics`)).text(), /^ferry_replication_failing\{volume="v",role="target"[^}]*\} 1$/m);
     const targetView = await pairStatus(b, 'v');
     assert.match(targetView.reason, failing);
+    assert.deepEqual([sourceView.health, targetView.health], ['error', 'error']);
     assert.ok(targetView.ioErrors > 0);
     assert.ok(targetView.deltaSetPlayedBack < sourceView.deltaSetCreated);
     // The cause is cleared: B resumes from the first chunk it did not store, and catches up.
@@ -680,6 +695,7 @@ test('storage failing at the source: host writes go on, failed delta sets give t
       return s.ioErrors >= 10 ? s : undefined;
     }, 60_000, 200);
     assert.match(failing.reason, /a delta set could not be created .*EFBIG/);
+    assert.equal(failing.health, 'error');
     assert.ok(failing.lagBlocks > 0);
     assert.match(await (await fetch(`${a.url}/metrics`)).text(), /^ferry_replication_failing\{volume="v",role="source"[^}]*\} 1$/m);
     const w = model.randomWrite();
@@ -691,6 +707,7 @@ test('storage failing at the source: host writes go on, failed delta sets give t
     assert.equal(await b.digest('v'), model.digest());
     const after = await pairStatus(a, 'v');
     assert.equal(after.reason, '');
+    assert.equal(after.health, 'ok');
     assert.equal(after.saveVolume.full, false);
     assert.match(await (await fetch(`${a.url}/metrics`)).text(), /^ferry_replication_failing\{volume="v",role="source"[^}]*\} 0$/m);
   } finally {

@@ -184,6 +184,36 @@ test('a target that cannot hear its source says so, and counts the silence as la
   assert.equal(pairStatusView(sourcePair({ deltaSetCreated: 4, deltaSetAcked: 4, deltaSetPlayedBack: 4 }), [], heard(undefined, false)).sourceLastHeard, null);
 });
 
+test('pair health: error when replication stopped unasked or something fails, warning when not protecting as set up', () => {
+  const now = 1_000_000;
+  const live = liveFigures({ nowMs: now, currentDeltaSet: 4 });
+  const health = (pair: Partial<PairRecord>, figures: Partial<LiveFigures> = {}): string => pairStatusView(sourcePair({ deltaSetCreated: 4, deltaSetAcked: 4, deltaSetPlayedBack: 4, ...pair }), [], { ...live, ...figures }).health;
+  const recovery = (phase: NonNullable<PairRecord['recovery']>['phase']): Partial<PairRecord> => ({ recovery: { phase, previousGeneration: 1, restartPoint: 3 } });
+  assert.equal(health({}), 'ok');
+  // Copies running as planned are fine; the rebuilt old source and a pair after a resync too.
+  assert.equal(health({ state: 'initial-copying', initialCopy: { cursorBlock: 2, totalBlocks: 10, stampedDeltaSet: 0, startedAt: '2026-01-01T00:00:00.000Z', bytes: 0 } }), 'ok');
+  assert.equal(health({ role: 'target', ...recovery('resync-target') }), 'ok');
+  assert.equal(health({ state: 'duplex', ...recovery('resync') }), 'ok');
+  assert.equal(health({ ...recovery('resynced') }), 'ok');
+  // Stopped without being asked, or failing at this end: error.
+  assert.equal(health({ state: 'suspended', stateReason: 'target unreachable' }), 'error');
+  assert.equal(health({}, { failing: 'the save volume could not be written: EIO' }), 'error');
+  assert.equal(health({ state: 'suspended', paused: true }, { failing: 'EIO' }), 'error');
+  // Not protecting as set up: warning.
+  assert.equal(health({ state: 'suspended', paused: true, stateReason: 'suspended by command' }), 'warning');
+  assert.equal(health({ state: 'suspending', paused: true }), 'warning');
+  assert.equal(health({}, { saveVolume: { usedBytes: 1, capacityBytes: 1, full: true } }), 'warning');
+  assert.equal(health({ state: 'duplex-pending', initialCopy: { cursorBlock: 2, totalBlocks: 10, stampedDeltaSet: 0, startedAt: '2026-01-01T00:00:00.000Z', bytes: 0, catchUp: true } }), 'warning');
+  assert.equal(health({ state: 'suspended', ...recovery('failed-over') }), 'warning');
+  assert.equal(health({ state: 'suspended', ...recovery('fenced') }), 'warning');
+  assert.equal(health({ ...recovery('resync-full') }), 'warning');
+  assert.equal(health({ role: 'target' }, { connected: false, sourceHeardMs: now - 60_000 }), 'warning');
+  // A full save volume is said in the reason, at either end.
+  const full = { ...live, saveVolume: { usedBytes: 1, capacityBytes: 1, full: true } };
+  assert.match(pairStatusView(sourcePair({}), [], full).reason, /^the save volume is full: changes wait in the change log/);
+  assert.match(pairStatusView({ ...sourcePair({}), role: 'target' }, [], full).reason, /^the save volume is full: the source is held back until playback frees space$/);
+});
+
 test('lag runs from the first write the replica does not have, not from the last cut', () => {
   const hour = 3_600_000;
   const pair = sourcePair({ deltaSetCreated: 1, deltaSetSent: 1, deltaSetAcked: 1, deltaSetReceived: 0, deltaSetPlayedBack: 1, playedBackCutMs: 10_000 });
