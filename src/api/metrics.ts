@@ -44,6 +44,32 @@ export function createMetrics(site: Site): Registry {
       this.set(site.rcp.handshakes);
     },
   });
+  new Gauge({
+    name: 'ferry_nbd_connections',
+    help: 'Open NBD connections of hosts, by export (a volume, or VOL@SNAP)',
+    labelNames: ['export'],
+    registers: [register],
+    collect() {
+      this.reset();
+      for (const [name, n] of site.nbd?.connectionsByExport() ?? []) this.set({ export: name }, n);
+    },
+  });
+  const nbdGauge = (name: string, help: string, value: (s: NonNullable<Site['nbd']>['stats']) => number): void => {
+    new Gauge({
+      name,
+      help,
+      registers: [register],
+      collect() {
+        const nbd = site.nbd;
+        if (nbd) this.set(value(nbd.stats));
+      },
+    });
+  };
+  nbdGauge('ferry_nbd_connections_total', 'NBD connections accepted since start', (s) => s.connections);
+  nbdGauge('ferry_nbd_requests_total', 'NBD requests served since start', (s) => s.requests);
+  nbdGauge('ferry_nbd_errors_total', 'NBD requests answered with an error since start', (s) => s.errors);
+  nbdGauge('ferry_nbd_read_bytes_total', 'Bytes read by hosts over NBD since start', (s) => s.bytesRead);
+  nbdGauge('ferry_nbd_written_bytes_total', 'Bytes written by hosts over NBD since start', (s) => s.bytesWritten);
   const pairGauge = (name: string, help: string, value: (p: PairStatusView) => number): void => {
     new Gauge({
       name,

@@ -212,6 +212,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
             highWater: sizeSchema,
             saveVolume: sizeSchema,
             targetSaveVolume: sizeSchema,
+            force: { type: 'boolean' },
           },
           required: ['volume', 'to'],
           additionalProperties: false,
@@ -219,7 +220,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
       },
     },
     async (req, reply) => {
-      const b = req.body as { volume: string; to: string; targetVolume?: string; mode?: 'async' | 'sync'; interval?: string | number; highWater?: string | number; saveVolume?: string | number; targetSaveVolume?: string | number };
+      const b = req.body as { volume: string; to: string; targetVolume?: string; mode?: 'async' | 'sync'; interval?: string | number; highWater?: string | number; saveVolume?: string | number; targetSaveVolume?: string | number; force?: boolean };
       if (b.targetVolume !== undefined) checkVolumeName(b.targetVolume);
       const pair = await site.replication.start({
         volume: b.volume,
@@ -230,6 +231,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
         highWaterBytes: b.highWater !== undefined ? parseSize(b.highWater) : highWaterBytesDefault,
         saveVolumeBytes: b.saveVolume !== undefined ? parseSize(b.saveVolume) : saveVolumeBytesDefault,
         ...(b.targetSaveVolume !== undefined ? { targetSaveVolumeBytes: parseSize(b.targetSaveVolume) } : {}),
+        ...(b.force ? { overwrite: true } : {}),
       });
       return reply.status(201).send(site.replication.status(pair.volume)[0]);
     },

@@ -57,7 +57,8 @@ async function main(): Promise<void> {
     await a.post('/api/v1/volumes', { name: 'demo', size: '1G' });
   }
   const pairs = await a.get<{ volume: string }[]>('/api/v1/status');
-  if (!pairs.some((p) => p.volume === 'demo')) await a.post('/api/v1/replication', { volume: 'demo', to: b, interval: '5s' });
+  // B's demo volume, left by an earlier run whose pair was stopped, is this demo's own replica: overwritten.
+  if (!pairs.some((p) => p.volume === 'demo')) await a.post('/api/v1/replication', { volume: 'demo', to: b, interval: '5s', force: true });
 
   const A = `http://${sites[0]!.listen}`;
   process.stdout.write(

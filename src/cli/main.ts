@@ -185,8 +185,9 @@ replicate
   .option('--high-water <size>', 'cut a delta set once this much is modified', '64M')
   .option('--save-volume <size>', 'size of the save volume buffering delta sets at the source', '1G')
   .option('--target-save-volume <size>', "size of the target's save volume (default: the larger of the source's and 1G)")
+  .option('--force', 'overwrite a target volume that already exists and holds data')
   .option('--wait', 'show the initial copy with a progress bar and return when it is complete')
-  .action(async (volume: string, opts: { to: string; targetVolume?: string; mode: string; interval: string; highWater: string; saveVolume: string; targetSaveVolume?: string; wait?: boolean }, cmd: Command) => {
+  .action(async (volume: string, opts: { to: string; targetVolume?: string; mode: string; interval: string; highWater: string; saveVolume: string; targetSaveVolume?: string; force?: boolean; wait?: boolean }, cmd: Command) => {
     const api = client(cmd);
     const status = await api.post<PairStatusView>('/api/v1/replication', {
       volume,
@@ -197,6 +198,7 @@ replicate
       highWater: parseSize(opts.highWater),
       saveVolume: parseSize(opts.saveVolume),
       ...(opts.targetSaveVolume !== undefined ? { targetSaveVolume: parseSize(opts.targetSaveVolume) } : {}),
+      ...(opts.force ? { force: true } : {}),
     });
     if (opts.wait) {
       const final = await waitForCopy(api, volume, !globals(cmd).json);

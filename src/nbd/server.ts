@@ -58,6 +58,13 @@ export class NbdServer {
     return this.sessions.size;
   }
 
+  /** Open connections by the export they use (those still negotiating are not counted). */
+  connectionsByExport(): Map<string, number> {
+    const by = new Map<string, number>();
+    for (const s of this.sessions.keys()) if (s.exportName !== undefined) by.set(s.exportName, (by.get(s.exportName) ?? 0) + 1);
+    return by;
+  }
+
   /** Counters since start, including closed connections. */
   get stats(): Readonly<SessionStats & { connections: number }> {
     const live = { ...this.totals };

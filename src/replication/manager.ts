@@ -39,6 +39,8 @@ export interface StartOptions {
   saveVolumeBytes: number;
   /** The target's save volume; default: the larger of the source's and 1 GiB. */
   targetSaveVolumeBytes?: number;
+  /** An existing target volume that holds data may be overwritten (`--force`). */
+  overwrite?: boolean;
 }
 
 export interface ManagerDeps {
@@ -55,6 +57,13 @@ export interface ManagerDeps {
   snapshots: SnapshotManager;
   /** Changes a volume's host access and drains host connections that no longer fit it. */
   setAccess(volume: string, access: VolumeAccess): Promise<unknown>;
+  /** Hosts' open connections to a volume (NBD). */
+  hostConnections(volume: string): number;
+}
+
+/** A pair needs two sites: `url` answered as this one. */
+function notAnotherSite(url: string, siteName: string): FerryError {
+  return new FerryError('BAD_REQUEST', `${url} is this site (${siteName}); replication keeps a copy at another site`);
 }
 
 /** Parses a peer URL (`http://host:port`) into where its RCP listener is. */
@@ -161,9 +170,11 @@ export class ReplicationManager {
         mode: options.mode,
         saveVolumeBytes: options.saveVolumeBytes,
         ...(targetSave !== undefined ? { targetSaveVolumeBytes: targetSave } : {}),
+        ...(options.overwrite ? { overwrite: true } : {}),
       };
       const { connection, peer } = await this.connect(options.to);
       try {
+        if (peer.siteId === self.siteId) throw notAnotherSite(options.to, self.siteName);
         connection.sendJson(ReplFrame.PairCreate as number, create);
         await expectOpenOk(connection);
       } finally {
@@ -389,14 +400,26 @@ export class ReplicationManager {
       if (body.blockBytes !== blockBytes) {
         throw new FerryError('BAD_REQUEST', `block sizes differ: the source uses ${body.blockBytes} bytes, this site ${blockBytes}`);
       }
-      if (this.catalog.getPair(body.targetVolume)) throw new FerryError('VOLUME_IN_USE', `volume ${body.targetVolume} at ${this.deps.self.siteName} is already part of a replication pair`);
+      const here = this.deps.self.siteName;
+      if (peer.siteId === this.deps.self.siteId) throw notAnotherSite(body.sourceUrl, here);
+      if (this.catalog.getPair(body.targetVolume)) throw new FerryError('VOLUME_IN_USE', `volume ${body.targetVolume} at ${here} is already part of a replication pair`);
       let record;
       if (volumes.has(body.targetVolume)) {
         record = volumes.record(body.targetVolume);
         if (record.sizeBytes !== body.sizeBytes) {
-          throw new FerryError('VOLUME_EXISTS', `volume ${body.targetVolume} exists at ${this.deps.self.siteName} with a different size (${record.sizeBytes} bytes, source ${body.sizeBytes})`);
+          throw new FerryError('VOLUME_EXISTS', `volume ${body.targetVolume} exists at ${here} with a different size (${record.sizeBytes} bytes, source ${body.sizeBytes})`);
         }
-        this.deps.log.warn({ volume: body.targetVolume }, 'an existing volume becomes a replication target; the initial copy overwrites it');
+        // The copy turns it raw and overwrites it: not under a host's feet, nor over data unasked.
+        const hosts = this.deps.hostConnections(body.targetVolume);
+        if (hosts > 0) throw new FerryError('VOLUME_IN_USE', `volume ${body.targetVolume} at ${here} is in use: ${hosts} host connection(s) (NBD) are open to it; disconnect them first`);
+        const allocated = volumes.show(body.targetVolume).allocatedBytes;
+        if (allocated > 0 && body.overwrite !== true) {
+          throw new FerryError(
+            'VOLUME_EXISTS',
+            `volume ${body.targetVolume} exists at ${here} and holds data (${allocated} bytes allocated); the initial copy would overwrite it. Repeat with --force to overwrite it, or choose another volume with --target-volume`,
+          );
+        }
+        this.deps.log.warn({ volume: body.targetVolume, allocatedBytes: allocated }, 'an existing volume becomes a replication target; the initial copy overwrites it');
       } else {
         await volumes.create(body.targetVolume, body.sizeBytes);
         record = volumes.record(body.targetVolume);

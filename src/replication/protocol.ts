@@ -43,6 +43,8 @@ export interface PairCreateBody {
   saveVolumeBytes: number;
   /** The target's save volume, if the operator chose it (at least `saveVolumeBytes`). */
   targetSaveVolumeBytes?: number;
+  /** An existing target volume holding data may be overwritten by the initial copy. */
+  overwrite?: boolean;
 }
 
 export interface PairOpenBody {

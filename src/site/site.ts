@@ -73,6 +73,7 @@ export class Site {
       clock: systemClock,
       log,
       setAccess: (volume, access) => this.setVolumeAccess(volume, access),
+      hostConnections: (volume) => this.nbdServer?.connectionsByExport().get(volume) ?? 0,
       snapshots: this.snapshots,
     });
     this.exports.add(new VolumeExportSource(this.volumes, (name) => this.replication.targets.get(name)));

@@ -212,8 +212,17 @@ test('nbdcopy in both directions, multi-connection and sparse', async () => {
   assert.ok(site.logs.some((l) => l.msg === 'nbd transmission started'), 'connections logged');
 });
 
-test('fio --ioengine=nbd: random writes then crc32c verify, zero errors', async () => {
+/** A site-wide NBD counter from /metrics. */
+async function nbdMetric(name: string): Promise<number> {
+  const text = await (await fetch(`${site.url}/metrics`)).text();
+  const value = new RegExp(`^${name}\\{[^}]*\\} (\\d+)$`, 'm').exec(text)?.[1];
+  assert.ok(value !== undefined, `${name} is in the metrics`);
+  return Number(value);
+}
+
+test('fio --ioengine=nbd: random writes then crc32c verify, zero errors; the NBD metrics count them', async () => {
   await createVolume('fio', '32M');
+  const [written, read, requests] = [await nbdMetric('ferry_nbd_written_bytes_total'), await nbdMetric('ferry_nbd_read_bytes_total'), await nbdMetric('ferry_nbd_requests_total')];
   const out = await ok('fio', [
     '--name=verify',
     '--ioengine=nbd',
@@ -232,6 +241,9 @@ test('fio --ioengine=nbd: random writes then crc32c verify, zero errors', async 
   assert.equal(job?.error, 0);
   assert.equal(job?.write.io_bytes, 32 * MiB);
   assert.equal(job?.read.io_bytes, 32 * MiB, 'everything written was read back and verified');
+  assert.equal((await nbdMetric('ferry_nbd_written_bytes_total')) - written, 32 * MiB);
+  assert.equal((await nbdMetric('ferry_nbd_read_bytes_total')) - read, 32 * MiB);
+  assert.ok((await nbdMetric('ferry_nbd_requests_total')) - requests >= 2 * (32 * MiB) / MiB, 'at least one request per MiB each way');
 });
 
 test('ext4: made with mkfs.ext4 -d, copied into a volume over NBD and back out, fsck clean and files identical', async () => {

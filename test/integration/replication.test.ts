@@ -481,6 +481,63 @@ test('target unreachable: Suspend (failure) with the reason, then resumes by its
   }
 });
 
+test('replicate start refuses what would overwrite without being asked: this site itself, a target volume with data or hosts; --force overwrites', async () => {
+  const [a, b] = await pair('refuse');
+  const { spawn } = await import('node:child_process');
+  try {
+    const size = 8 * MiB;
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    for (let at = 0; at < size; at += 2 * MiB) await a.writeData('v', at, randomBytes(2 * MiB));
+    const before = await a.digest('v');
+
+    // The peer URL is this very site: refused, nothing changed.
+    await a.api('POST', '/api/v1/volumes', { name: 'w', size });
+    const self = await a.cli(['replicate', 'start', 'v', '--to', a.url, '--target-volume', 'w']);
+    assert.notEqual(self.code, 0);
+    assert.match(self.stderr, /^ferry: BAD_REQUEST: http:\/\/\S+ is this site \(refuse-a\); replication keeps a copy at another site\n$/);
+    assert.equal((await a.api<unknown[]>('GET', '/api/v1/status')).body.length, 0);
+    for (const name of ['v', 'w']) assert.equal((await a.api<{ access: string }>('GET', `/api/v1/volumes/${name}`)).body.access, 'read-write');
+
+    // A volume at B that holds data is not overwritten unasked.
+    await b.api('POST', '/api/v1/volumes', { name: 'v', size });
+    const theirs = randomBytes(64 * 1024);
+    await b.writeData('v', MiB, theirs);
+    const kept = await b.digest('v');
+    const refused = await a.cli(['replicate', 'start', 'v', '--to', b.url]);
+    assert.notEqual(refused.code, 0);
+    assert.match(refused.stderr, /VOLUME_EXISTS: .*volume v exists at refuse-b and holds data \(\d+ bytes allocated\); the initial copy would overwrite it. Repeat with --force/);
+    assert.equal((await a.api<unknown[]>('GET', '/api/v1/status')).body.length, 0);
+    assert.equal((await b.api<unknown[]>('GET', '/api/v1/status')).body.length, 0);
+    assert.equal((await b.api<{ access: string }>('GET', '/api/v1/volumes/v')).body.access, 'read-write');
+    assert.equal(await b.digest('v'), kept);
+
+    // Nor one a host has open (its access would turn raw under it), --force or not.
+    const host = spawn('qemu-io', ['-f', 'raw', `nbd://127.0.0.1:${b.nbdPort}/v`], { stdio: ['pipe', 'pipe', 'pipe'] });
+    try {
+      await waitFor('the host to connect', async () => {
+        const m = await (await fetch(`${b.url}/metrics`)).text();
+        return /^ferry_nbd_connections\{export="v"[^}]*\} 1$/m.test(m);
+      }, 10_000);
+      const busy = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--force']);
+      assert.notEqual(busy.code, 0);
+      assert.match(busy.stderr, /VOLUME_IN_USE: .*volume v at refuse-b is in use: 1 host connection\(s\) \(NBD\) are open to it; disconnect them first/);
+      assert.equal(await b.digest('v'), kept);
+    } finally {
+      host.stdin.end('quit\n');
+      await new Promise((r) => host.once('exit', r));
+    }
+
+    // Asked: the copy overwrites it.
+    const forced = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--force', '--wait']);
+    assert.equal(forced.code, 0, forced.stderr);
+    await waitInSync(a, b, 'v');
+    assert.equal(await b.digest('v'), before);
+    assert.equal(await a.digest('v'), before);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('replicate stop while the target site is down: stopped here, and it says how to finish at the target', async () => {
   const [a, b] = await pair('stopdown');
   try {
