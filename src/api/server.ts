@@ -76,6 +76,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
     blockBytes: site.config.blockBytes,
     listen: site.config.listen,
     nbd: site.config.nbd,
+    url: site.url,
     startedAt: site.startedAt.toISOString(),
     pid: process.pid,
     version: 1,

@@ -14,7 +14,7 @@ export function createLogger(): Logger {
 }
 
 /** Opens the site in `dir`, wires the API to its listener and starts serving. */
-export async function startSite(dir: string, log: Logger, listen?: string, nbd?: string): Promise<RunningSite> {
+export async function startSite(dir: string, log: Logger, listen?: string, nbd?: string, advertise?: string): Promise<RunningSite> {
   const site = await Site.open(dir, log);
   try {
     const api = await buildApi(site);
@@ -23,6 +23,7 @@ export async function startSite(dir: string, log: Logger, listen?: string, nbd?:
       httpServer: api.server,
       ...(listen !== undefined ? { listen } : {}),
       ...(nbd !== undefined ? { nbd } : {}),
+      ...(advertise !== undefined ? { advertise } : {}),
       ...(firstBytes !== undefined ? { firstBytesTimeoutMs: Number(firstBytes) } : {}),
     });
     const host = bound.host.includes(':') ? `[${bound.host}]` : bound.host;
@@ -50,11 +51,11 @@ export async function startSite(dir: string, log: Logger, listen?: string, nbd?:
 const heapGrowingPercent = 400;
 
 /** Runs a site in the foreground until SIGTERM or SIGINT, then drains and exits 0. */
-export async function runDaemon(dir: string, listen?: string, nbd?: string): Promise<void> {
+export async function runDaemon(dir: string, listen?: string, nbd?: string, advertise?: string): Promise<void> {
   // Read by V8 each time it sets the limit, so it applies from the next collection on.
   setFlagsFromString(`--heap-growing-percent=${heapGrowingPercent}`);
   const log = createLogger();
-  const running = await startSite(dir, log, listen, nbd);
+  const running = await startSite(dir, log, listen, nbd, advertise);
   let stopping = false;
   const stop = (signal: string): void => {
     if (stopping) return;

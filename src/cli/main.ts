@@ -9,6 +9,7 @@ import type { VolumeInfo } from '../storage/volume-store.js';
 import type { SnapshotInfo } from '../snapshot/manager.js';
 import { ApiClient, defaultSiteUrl, volumePath } from './client.js';
 import { keyValues, table } from './format.js';
+import { checkAdvertisedUrl } from '../transport/peer-url.js';
 
 interface GlobalOptions {
   json?: boolean;
@@ -63,15 +64,18 @@ site
   .option('--listen <host:port>', 'HTTP API and replication listener', '127.0.0.1:7370')
   .option('--nbd <host:port>', 'NBD listener', '127.0.0.1:10809')
   .option('--block-size <size>', 'block size', '8K')
-  .action(async (opts: { dir: string; name: string; listen: string; nbd: string; blockSize: string }, cmd: Command) => {
+  .option('--advertise <url>', 'the URL other sites reach this one at, if not the listener (e.g. it listens on 0.0.0.0, or behind NAT)')
+  .action(async (opts: { dir: string; name: string; listen: string; nbd: string; blockSize: string; advertise?: string }, cmd: Command) => {
     parseHostPort(opts.listen);
     parseHostPort(opts.nbd);
+    if (opts.advertise !== undefined) checkAdvertisedUrl(opts.advertise);
     const { initSiteDir } = await import('../storage/site-dir.js');
     const config = await initSiteDir({
       dir: resolve(opts.dir),
       name: opts.name,
       listen: opts.listen,
       nbd: opts.nbd,
+      ...(opts.advertise !== undefined ? { advertise: opts.advertise } : {}),
       blockBytes: parseSize(opts.blockSize),
     });
     print(cmd, config, () => `site ${config.name} (${config.id}) initialised in ${resolve(opts.dir)}\nstart it with: ferry site start --dir ${opts.dir}`);
@@ -83,13 +87,15 @@ site
   .requiredOption('--dir <dir>', 'data directory')
   .option('--listen <host:port>', 'override the configured listener (port 0: any free port)')
   .option('--nbd <host:port>', 'override the configured NBD listener (port 0: any free port)')
-  .action(async (opts: { dir: string; listen?: string; nbd?: string }) => {
+  .option('--advertise <url>', 'override the configured URL other sites reach this one at')
+  .action(async (opts: { dir: string; listen?: string; nbd?: string; advertise?: string }) => {
     if (opts.listen !== undefined) parseHostPort(opts.listen);
     if (opts.nbd !== undefined) parseHostPort(opts.nbd);
+    if (opts.advertise !== undefined) checkAdvertisedUrl(opts.advertise);
     // Loaded here: the daemon's modules (catalog, HTTP server, metrics) would slow every
     // other command, which only talks to a daemon over HTTP.
     const { runDaemon } = await import('./daemon.js');
-    await runDaemon(resolve(opts.dir), opts.listen, opts.nbd);
+    await runDaemon(resolve(opts.dir), opts.listen, opts.nbd, opts.advertise);
   });
 
 site

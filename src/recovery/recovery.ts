@@ -11,6 +11,7 @@ import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '..
 import { extentBytesDefault } from '../tracking/change-log.js';
 import type { PeerIdentity, RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
+import { reachableUrl } from '../transport/peer-url.js';
 import { chunkBytesMax, decodeChunk } from '../replication/chunk.js';
 import { CopyRunner } from '../replication/copy.js';
 import { Inbox } from '../replication/inbox.js';
@@ -822,7 +823,7 @@ export class Recovery {
         ...pair,
         role: 'target',
         generation: body.generation,
-        peerUrl: body.sourceUrl,
+        peerUrl: reachableUrl(body.sourceUrl, connection.socket.remoteAddress),
         peerSiteId: peer.siteId,
         peerSiteName: peer.siteName,
         peerVolume: body.sourceVolume,
@@ -971,7 +972,7 @@ export class Recovery {
           ...rest,
           role: 'source',
           generation: body.generation,
-          peerUrl: body.targetUrl,
+          peerUrl: reachableUrl(body.targetUrl, connection.socket.remoteAddress),
           peerSiteId: peer.siteId,
           peerSiteName: peer.siteName,
           peerVolume: body.targetVolume,

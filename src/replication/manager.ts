@@ -15,6 +15,7 @@ import { ChangeLog } from '../tracking/change-log.js';
 import { connectRcp, type PeerIdentity, type RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import type { RcpServer } from '../transport/rcp-server.js';
+import { peerAddress, reachableUrl } from '../transport/peer-url.js';
 import { nextPairStatus, initialPairStatus } from './pair-state.js';
 import { ReplFrame, json, type PairCreateBody, type PairOpenBody, type TargetPosition } from './protocol.js';
 import { SourceReplicator } from './source.js';
@@ -66,17 +67,6 @@ function notAnotherSite(url: string, siteName: string): FerryError {
   return new FerryError('BAD_REQUEST', `${url} is this site (${siteName}); replication keeps a copy at another site`);
 }
 
-/** Parses a peer URL (`http://host:port`) into where its RCP listener is. */
-export function peerAddress(url: string): { host: string; port: number } {
-  let u: URL;
-  try {
-    u = new URL(url);
-  } catch {
-    throw new FerryError('INVALID_ADDRESS', `invalid peer URL "${url}": expected http://HOST:PORT`);
-  }
-  if (u.protocol !== 'http:' || !u.hostname) throw new FerryError('INVALID_ADDRESS', `invalid peer URL "${url}": expected http://HOST:PORT`);
-  return { host: u.hostname.replace(/^\[|\]$/g, ''), port: Number(u.port || 80) };
-}
 
 /**
  * All pairs of one site: opens them at start (recovery before anyone is let in),
@@ -370,7 +360,7 @@ export class ReplicationManager {
       if (peer.siteId !== pair.peerSiteId) {
         throw new FerryError('PROTOCOL_ERROR', `the site at ${pair.peerUrl} is ${peer.siteName} (${peer.siteId}), not the pair's target ${pair.peerSiteName} (${pair.peerSiteId})`);
       }
-      const open: PairOpenBody = { pairId: pair.pairId, targetVolume: pair.peerVolume, generation: pair.generation, channel };
+      const open: PairOpenBody = { pairId: pair.pairId, targetVolume: pair.peerVolume, generation: pair.generation, channel, sourceUrl: this.deps.selfUrl() };
       connection.sendJson(ReplFrame.PairOpen as number, open, { generation: BigInt(pair.generation) });
       const position = await expectOpenOk(connection);
       return { connection, position };
@@ -431,7 +421,7 @@ export class ReplicationManager {
         pairId: body.pairId,
         role: 'target',
         mode: body.mode,
-        peerUrl: body.sourceUrl,
+        peerUrl: reachableUrl(body.sourceUrl, connection.socket.remoteAddress),
         peerSiteId: peer.siteId,
         peerSiteName: peer.siteName,
         peerVolume: body.sourceVolume,
@@ -458,7 +448,7 @@ export class ReplicationManager {
     }
   }
 
-  private async onOpen(connection: RcpConnection, _peer: PeerIdentity, frame: Frame): Promise<void> {
+  private async onOpen(connection: RcpConnection, peer: PeerIdentity, frame: Frame): Promise<void> {
     try {
       const body = json<PairOpenBody & { stop?: boolean }>(frame);
       if (this.recovery.refusesSessions(body.targetVolume)) throw new FerryError('UNAVAILABLE', `volume ${body.targetVolume} at ${this.deps.self.siteName} is changing roles; try again shortly`);
@@ -478,6 +468,7 @@ export class ReplicationManager {
         connection.close();
         return;
       }
+      if (typeof body.sourceUrl === 'string' && peer.siteId === target.pair.peerSiteId) this.noteSourceUrl(target.pair, reachableUrl(body.sourceUrl, connection.socket.remoteAddress));
       if (body.stop) {
         await this.stop(body.targetVolume);
         connection.sendJson(ReplFrame.PairOpenOk as number, {});
@@ -489,6 +480,14 @@ export class ReplicationManager {
     } catch (err) {
       refuse(connection, err);
     }
+  }
+
+  /** A target keeps where its source is reached current: a failover or failback here asks it things. */
+  private noteSourceUrl(pair: PairRecord, url: string): void {
+    if (url === pair.peerUrl) return;
+    this.deps.log.info({ volume: pair.volume, from: pair.peerUrl, to: url }, 'the source of this replica is reached at a new address');
+    pair.peerUrl = url;
+    this.catalog.putPair(pair);
   }
 
   // ---- initial-copy snapshots ---------------------------------------------------------

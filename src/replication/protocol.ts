@@ -53,6 +53,8 @@ export interface PairOpenBody {
   generation: number;
   /** Which of the pair's two connections this is: delta sets (default) or the copy. */
   channel?: 'deltas' | 'copy';
+  /** Where the source is reached now (it may have moved since the pair was made). */
+  sourceUrl?: string;
 }
 
 /** The target's position: everything the source needs to resume. */

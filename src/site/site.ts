@@ -24,6 +24,8 @@ export interface SiteStartOptions {
   listen?: string;
   /** Overrides the configured NBD address (tests pass port 0). */
   nbd?: string;
+  /** Overrides the configured URL other sites reach this one at. */
+  advertise?: string;
   firstBytesTimeoutMs?: number;
 }
 
@@ -50,6 +52,7 @@ export class Site {
   private nbdServer: NbdServer | undefined;
   private httpServer: HttpServer | undefined;
   private addresses: SiteAddresses | undefined;
+  private advertised: string | undefined;
   private stopping: Promise<void> | undefined;
 
   private constructor(
@@ -80,8 +83,13 @@ export class Site {
     this.exports.add(new SnapshotExportSource(this.volumes, this.snapshots));
   }
 
-  /** The API URL peers reach this site at (the bound listener). */
+  /**
+   * The API URL peers reach this site at: the advertised one, else the bound listener
+   * (a wildcard host there is replaced by the peer with the address the connection
+   * came from: see `reachableUrl`).
+   */
   get url(): string {
+    if (this.advertised !== undefined) return this.advertised;
     const a = this.addresses?.listen ?? parseHostPort(this.config.listen);
     return `http://${formatHostPort(a)}`;
   }
@@ -135,6 +143,7 @@ export class Site {
       ...(options.firstBytesTimeoutMs !== undefined ? { firstBytesTimeoutMs: options.firstBytesTimeoutMs } : {}),
     });
     const bound = await this.listener.listen();
+    this.advertised = options.advertise ?? this.config.advertise;
     const nbdAddress = parseHostPort(options.nbd ?? this.config.nbd);
     this.nbdServer = new NbdServer({ host: nbdAddress.host, port: nbdAddress.port, provider: this.exports, log: this.log });
     const nbdBound = await this.nbdServer.listen();

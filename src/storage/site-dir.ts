@@ -33,6 +33,8 @@ export interface SiteConfig {
   listen: string;
   /** HOST:PORT of the NBD listener. */
   nbd: string;
+  /** The URL other sites reach this one at, when `listen` is not it (a wildcard, NAT). */
+  advertise?: string;
   blockBytes: number;
   createdAt: string;
 }
@@ -61,6 +63,7 @@ export interface InitOptions {
   name: string;
   listen: string;
   nbd: string;
+  advertise?: string;
   blockBytes: number;
 }
 
@@ -88,6 +91,7 @@ export async function initSiteDir(options: InitOptions): Promise<SiteConfig> {
     name: options.name,
     listen: options.listen,
     nbd: options.nbd,
+    ...(options.advertise !== undefined ? { advertise: options.advertise } : {}),
     blockBytes: options.blockBytes,
     createdAt: new Date().toISOString(),
   };

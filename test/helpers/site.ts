@@ -49,6 +49,8 @@ export class TestSite {
   exitCode: number | null = null;
   /** If set, the daemon runs with this file size limit (RLIMIT_FSIZE): writes past it fail with EFBIG, as on a full disk. */
   fileSizeLimit: number | undefined;
+  /** If set, the daemon is started with `--advertise` this URL. */
+  advertise: string | undefined;
   private exited: Promise<void> = Promise.resolve();
 
   private constructor(
@@ -58,10 +60,11 @@ export class TestSite {
     private readonly env: Record<string, string>,
   ) {}
 
-  static async create(name = 'site', options: { env?: Record<string, string>; blockSize?: string } = {}): Promise<TestSite> {
+  /** `listenHost`: the address the site listens on (default 127.0.0.1; 0.0.0.0 for every address). */
+  static async create(name = 'site', options: { env?: Record<string, string>; blockSize?: string; listenHost?: string } = {}): Promise<TestSite> {
     const root = await mkdtemp(join(tmpdir(), `ferry-test-${name}-`));
     const dir = join(root, 'data');
-    const init = await ferry(['site', 'init', '--dir', dir, '--name', name, '--listen', '127.0.0.1:0', '--nbd', '127.0.0.1:0', ...(options.blockSize ? ['--block-size', options.blockSize] : [])]);
+    const init = await ferry(['site', 'init', '--dir', dir, '--name', name, '--listen', `${options.listenHost ?? '127.0.0.1'}:0`, '--nbd', '127.0.0.1:0', ...(options.blockSize ? ['--block-size', options.blockSize] : [])]);
     if (init.code !== 0) throw new Error(`site init failed: ${init.stderr}`);
     const site = new TestSite(dir, name, root, options.env ?? {});
     await site.start();
@@ -74,6 +77,7 @@ export class TestSite {
     // A restarted site keeps its address, as a real one would, so peers find it again.
     const listen = this.port > 0 ? ['--listen', `${this.host}:${this.port}`] : [];
     if (this.nbdPort > 0) listen.push('--nbd', `${this.host}:${this.nbdPort}`);
+    if (this.advertise !== undefined) listen.push('--advertise', this.advertise);
     // FERRY_CPU_PROF_DIR (benchmarks): each daemon writes a V8 CPU profile there when stopped by destroy().
     const profile = process.env.FERRY_CPU_PROF_DIR ? ['--cpu-prof', `--cpu-prof-dir=${process.env.FERRY_CPU_PROF_DIR}`] : [];
     const daemon = [process.execPath, ...profile, ferryBin, 'site', 'start', '--dir', this.dir, ...listen];

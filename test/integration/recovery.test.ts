@@ -275,6 +275,47 @@ test('failover --sync loses nothing; --now skips the received delta sets; failba
   }
 });
 
+test('sites listening on every address: the other site reaches them where their connections come from, or at --advertise, also after they move', async () => {
+  // A listens on 0.0.0.0 (reachable at 127.0.0.1 and 127.0.0.5 alike); B only on 127.0.0.1.
+  const [a, b] = await Promise.all([TestSite.create('wild-a', { listenHost: '0.0.0.0' }), TestSite.create('wild-b')]);
+  try {
+    const size = 8 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    // A says it is at http://0.0.0.0:PORT, which means nothing at another site: B uses the
+    // address A's connection came from.
+    assert.equal((await pairStatus(b, 'db')).peer, `http://127.0.0.1:${a.port}`);
+
+    // A moves (here: advertises another address it answers at); B learns it from A's next session.
+    a.advertise = `http://127.0.0.5:${a.port}`;
+    await a.restart();
+    assert.equal((await a.api<{ url: string }>('GET', '/api/v1/site')).body.url, a.advertise);
+    await writeApi(a, image, 5);
+    await waitInSync(a, b, 'db');
+    await waitFor('B to note where A is now', async () => (await pairStatus(b, 'db')).peer === a.advertise, 10_000);
+
+    // A failover at B reaches A there: A is fenced, and the cycle completes.
+    const fo = await b.cli(['failover', 'db', '--json']);
+    assert.equal(fo.code, 0, fo.stderr);
+    assert.equal((JSON.parse(fo.stdout) as { sourceFenced: boolean }).sourceFenced, true);
+    assert.equal(await recoveryPhase(a), 'fenced');
+    await writeApi(b, image, 5);
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    await waitResynced(b, a);
+    const fb = await b.cli(['failback', 'db']);
+    assert.equal(fb.code, 0, fb.stderr);
+    // Back at A, whose peer is B where B answers; B's peer is A as advertised.
+    const [sa, sb] = [await pairStatus(a, 'db'), await pairStatus(b, 'db')];
+    assert.deepEqual([sa.role, sa.peer, sb.role, sb.peer], ['source', b.url, 'target', a.advertise]);
+    await writeApi(a, image, 5);
+    await waitInSync(a, b, 'db');
+    assert.equal(await a.digest('db'), sha(image));
+    assert.equal(await b.digest('db'), sha(image));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('a failback the other site would refuse changes nothing here: hosts keep writing', async () => {
   const [a, b] = await sites('refused');
   try {
