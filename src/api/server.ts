@@ -242,6 +242,15 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
     const volume = (req.params as { volume: string }).volume;
     return { volume, stopped: true, ...(await site.replication.stop(volume)) };
   });
+  app.post(
+    '/api/v1/replication/:volume/peer',
+    { schema: { params: volumeParams, body: { type: 'object', properties: { to: { type: 'string', maxLength: 2048 } }, required: ['to'], additionalProperties: false } } },
+    async (req) => {
+      const volume = (req.params as { volume: string }).volume;
+      await site.replication.setPeer(volume, (req.body as { to: string }).to);
+      return site.replication.status(volume)[0];
+    },
+  );
   app.post('/api/v1/replication/:volume/pause', { schema: { params: volumeParams } }, async (req) => {
     const volume = (req.params as { volume: string }).volume;
     site.replication.pause(volume);

@@ -237,6 +237,15 @@ function cutDescription(volume: string, result: Record<string, unknown>): string
   return `delta set ${String(result.deltaSet)} of ${volume} is ready`;
 }
 
+replicate
+  .command('set-peer <volume>')
+  .description("the pair's other site moved: reach it at PEER_URL from now on (it must be the same site)")
+  .requiredOption('--to <peer_url>', 'where the other site is now, e.g. http://10.0.0.7:7370')
+  .action(async (volume: string, opts: { to: string }, cmd: Command) => {
+    const s = await client(cmd).post<PairStatusView>(`/api/v1/replication/${encodeURIComponent(volume)}/peer`, { to: opts.to });
+    print(cmd, s, () => `${volume}: ${s.peerSite} is reached at ${s.peer} from now on`);
+  });
+
 for (const [name, description] of [
   ['stop', 'end the replication relationship (at the target: after the delta set being played back)'],
   ['pause', 'suspend sending (changes keep being tracked)'],

@@ -329,6 +329,27 @@ export class ReplicationManager {
     };
   }
 
+  /**
+   * The other site of a pair is reached at `url` from now on (it moved). The site
+   * there must be the pair's other site; the sessions pick the new address up at
+   * their next attempt (within seconds).
+   */
+  async setPeer(volumeName: string, url: string): Promise<PairRecord> {
+    const pair = this.requirePair(volumeName);
+    if (this.recovery.busy.has(volumeName)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volumeName} is in progress; run this again once it is done`);
+    const { connection, peer } = await this.connect(url);
+    connection.destroy();
+    if (peer.siteId === this.deps.self.siteId) throw notAnotherSite(url, this.deps.self.siteName);
+    if (peer.siteId !== pair.peerSiteId) {
+      throw new FerryError('BAD_REQUEST', `the site at ${url} is ${peer.siteName} (${peer.siteId}), not ${pair.peerSiteName} (${pair.peerSiteId}), the other site of ${volumeName}; nothing was changed`);
+    }
+    const from = pair.peerUrl;
+    pair.peerUrl = url.replace(/\/+$/, '');
+    this.catalog.putPair(pair);
+    this.deps.log.info({ volume: volumeName, from, to: pair.peerUrl, peer: pair.peerSiteName }, 'the other site of this pair is reached at a new address');
+    return pair;
+  }
+
   requirePair(volumeName: string): PairRecord {
     this.deps.volumes.record(volumeName);
     const pair = this.catalog.getPair(volumeName);

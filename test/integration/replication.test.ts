@@ -538,6 +538,56 @@ test('replicate start refuses what would overwrite without being asked: this sit
   }
 });
 
+test('the target site moves: replicate set-peer points the pair at its new address (only the same site), and it catches up without a copy', async () => {
+  const [a, b] = await pair('move');
+  try {
+    const model = new VolumeModel(8 * MiB);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
+    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '200ms', '--wait'])).code, 0);
+    for (let i = 0; i < 10; i++) {
+      const w = model.randomWrite();
+      model.apply(w.offset, w.data);
+      await a.writeData('v', w.offset, w.data);
+    }
+    await waitInSync(a, b, 'v');
+    const copied = (await pairStatus(a, 'v')).initialCopy;
+    // B comes back on another port; A cannot reach it where it was.
+    await b.kill();
+    b.port = 0;
+    await b.start();
+    for (let i = 0; i < 10; i++) {
+      const w = model.randomWrite();
+      model.apply(w.offset, w.data);
+      await a.writeData('v', w.offset, w.data);
+    }
+    await waitFor('A to give up on the old address', async () => (await pairStatus(a, 'v')).health === 'error', 60_000);
+    // Another site, or this one, is not taken for B.
+    const c = await TestSite.create('move-c');
+    try {
+      const wrong = await a.cli(['replicate', 'set-peer', 'v', '--to', c.url]);
+      assert.notEqual(wrong.code, 0);
+      assert.match(wrong.stderr, /the site at \S+ is move-c \(\S+\), not move-b \(\S+\), the other site of v; nothing was changed/);
+    } finally {
+      await c.destroy();
+    }
+    assert.match((await a.cli(['replicate', 'set-peer', 'v', '--to', a.url])).stderr, /is this site/);
+    assert.notEqual((await pairStatus(a, 'v')).peer, b.url);
+    const moved = await a.cli(['replicate', 'set-peer', 'v', '--to', b.url]);
+    assert.equal(moved.code, 0, moved.stderr);
+    assert.equal(moved.stdout.trim(), `v: move-b is reached at ${b.url} from now on`);
+    await waitInSync(a, b, 'v', 'v', 60_000);
+    const s = await pairStatus(a, 'v');
+    assert.deepEqual([s.state, s.health, s.peer], ['duplex', 'ok', b.url]);
+    assert.deepEqual(s.initialCopy, copied, 'no new copy');
+    assert.equal(await b.digest('v'), model.digest());
+    // Recorded: a restart of A keeps the new address.
+    await a.restart();
+    assert.equal((await pairStatus(a, 'v')).peer, b.url);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('replicate stop while the target site is down: stopped here, and it says how to finish at the target', async () => {
   const [a, b] = await pair('stopdown');
   try {
