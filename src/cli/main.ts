@@ -5,6 +5,7 @@ import { FerryError } from '../lib/errors.js';
 import { formatDuration, formatSize, parseDuration, parseSize, parseHostPort } from '../lib/units.js';
 import type { InfoView, LastBuild, PairStatusView } from '../replication/status.js';
 import type { StopResult } from '../replication/manager.js';
+import type { SourceAhead } from '../storage/replication-catalog.js';
 import type { VolumeInfo } from '../storage/volume-store.js';
 import type { SnapshotInfo } from '../snapshot/manager.js';
 import { ApiClient, defaultSiteUrl, volumePath } from './client.js';
@@ -273,7 +274,7 @@ program
   .action(async (volume: string, opts: { sync?: boolean; now?: boolean }, cmd: Command) => {
     if (opts.sync && opts.now) throw new FerryError('BAD_REQUEST', '--sync and --now exclude each other');
     const mode = opts.sync ? 'sync' : opts.now ? 'now' : 'default';
-    const r = await client(cmd).post<{ generation: number; restartPoint: number; restartSnapshot: string; skippedDeltaSets: number; sourceFenced: boolean; tookMs: number }>(
+    const r = await client(cmd).post<{ generation: number; restartPoint: number; restartSnapshot: string; skippedDeltaSets: number; sourceAhead?: SourceAhead | null; sourceFenced: boolean; tookMs: number }>(
       `/api/v1/replication/${encodeURIComponent(volume)}/failover`,
       { mode },
     );
@@ -282,6 +283,7 @@ program
         `${volume} is read/write here (generation ${r.generation}) after ${formatDuration(r.tookMs)}`,
         `restart point: delta set ${r.restartPoint}, snapshot ${volume}@${r.restartSnapshot}`,
         r.skippedDeltaSets > 0 ? `${r.skippedDeltaSets} received delta sets were NOT played back (${mode === 'now' ? '--now' : 'they were cut during a catch-up copy this site did not get whole'})` : '',
+        mode === 'sync' ? 'nothing written at the source is missing here (--sync)' : describeSourceAhead(r.sourceAhead ?? null),
         r.sourceFenced ? 'the old source was made read-only' : 'the old source could not be reached; it will be fenced when it returns',
         `when the old source is back: ferry resync ${volume}`,
       ]
@@ -386,6 +388,15 @@ program
       return `${lines}\n\n${rows.length === 0 ? 'no outstanding delta sets' : table(['DELTA SET', 'STATE', 'CREATED', 'DURATION', 'BLOCKS', 'BUILD', 'SEND', 'QUEUED', 'PLAYBACK'], rows)}`;
     });
   });
+
+/** What a failover left behind at the source, as far as this site knew. */
+function describeSourceAhead(a: SourceAhead | null): string {
+  if (a === null) return 'what the source had that this site did not receive is not known: it was not heard from since this site started';
+  const since = `as of its last word at ${a.lastHeard} (${formatDuration(Math.max(0, Date.now() - Date.parse(a.lastHeard)))} ago); of writes made there after that nothing is known here`;
+  if (a.blocks === 0 && a.deltaSets === 0) return `the source had nothing this site did not receive, ${since}`;
+  const cut = a.deltaSets > 0 ? ` (${a.deltaSets} delta set(s) cut there were not received)` : '';
+  return `NOT here: ${a.blocks} block(s) written at the source${cut}, ${since}. They stay at the old source, and its resync keeps them in a snapshot there`;
+}
 
 function describeBuild(b: LastBuild): string {
   const line = `delta set ${b.deltaSet}: ${b.blocks} blocks copied into the save volume in ${formatDuration(b.buildMs)}`;

@@ -6,7 +6,7 @@ import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
 import { BitmapFile, readBitmapFile, writeBitmapFile } from '../storage/bitmap-file.js';
 import { JournalFile, JournalRecordType } from '../storage/journal.js';
-import type { PairRecord, RecoveryRecord, FailoverMode } from '../storage/replication-catalog.js';
+import type { PairRecord, RecoveryRecord, FailoverMode, SourceAhead } from '../storage/replication-catalog.js';
 import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '../tracking/activity-log.js';
 import { extentBytesDefault } from '../tracking/change-log.js';
 import type { PeerIdentity, RcpConnection } from '../transport/connection.js';
@@ -92,6 +92,8 @@ export interface FailoverResult {
   restartPoint: number;
   restartSnapshot: string;
   skippedDeltaSets: number;
+  /** What the source had that this site did not receive, as it last said; null if not heard since this site started; absent with --sync (nothing). */
+  sourceAhead?: SourceAhead | null;
   sourceFenced: boolean;
   /** Milliseconds from the command to read/write access. */
   tookMs: number;
@@ -189,6 +191,10 @@ export class Recovery {
           this.awaitingLastDeltaSet.delete(volume);
         }
       }
+      // Before the replica closes: what the source had that is not here, as it last said.
+      const heardMs = target.stats.lastSourceHeardLocalMs;
+      const sourceAhead: SourceAhead | null =
+        heardMs > 0 ? { blocks: target.unreceived.blocks, deltaSets: Math.max(0, target.stats.sourceDeltaSetCreated - pair.deltaSetReceived), lastHeard: new Date(heardMs).toISOString() } : null;
       let skipped = 0;
       if (mode === 'now') {
         targetClosed = true;
@@ -242,6 +248,7 @@ export class Recovery {
         failedOverAt: this.now(),
         failoverMode: mode,
         skippedDeltaSets: skipped,
+        ...(mode !== 'sync' && sourceAhead ? { sourceAhead } : {}),
       };
       const sourcePair: PairRecord = {
         ...pair,
@@ -274,7 +281,7 @@ export class Recovery {
         );
       }
       this.log.warn({ volume, generation: next, restartPoint, skipped, mode, sourceFenced }, 'failover: this site is now the source');
-      return { volume, generation: next, restartPoint, restartSnapshot, skippedDeltaSets: skipped, sourceFenced, tookMs };
+      return { volume, generation: next, restartPoint, restartSnapshot, skippedDeltaSets: skipped, ...(mode !== 'sync' ? { sourceAhead } : {}), sourceFenced, tookMs };
     } catch (err) {
       if (targetClosed && !imageRestored && !switched) {
         await this.reopenTarget(volume).catch((e: Error) => this.log.error({ volume, err: e.message }, 'failover failed and the replica could not be opened again; restart the site'));

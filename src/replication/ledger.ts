@@ -484,3 +484,37 @@ export function judgeCopyDone(done: { copyId: number; final: boolean }, copy: { 
   if (done.copyId !== copy.copyId || copy.appliedBlock < copy.blockCount) return { kind: 'rewind' };
   return !copy.done && done.final ? { kind: 'complete' } : { kind: 'acknowledge' };
 }
+
+/** Delta sets received lately whose block counts a target remembers (to match the source's heartbeats against). */
+const recentDeltaSetsMax = 256;
+
+/**
+ * At the target: how many blocks written at the source are not here, as the source
+ * last said (a heartbeat a second: blocks not yet in a delta set, and blocks of delta
+ * sets not yet acknowledged) less the delta sets received since it acknowledged them.
+ * Exact for writes made before the heartbeat; of writes made after it, nothing is known.
+ */
+export class UnreceivedBlocks {
+  private atHeartbeat = 0;
+  private receivedSince = 0;
+  private readonly recent = new Map<number, number>();
+
+  /** A heartbeat; `received` is the last delta set received here. */
+  heard(hb: { dirtyBlocks: number; deltaSetAcked?: number | undefined; unackedBlocks?: number | undefined }, received: number): void {
+    let here = 0;
+    if (hb.deltaSetAcked !== undefined) for (const [n, blocks] of this.recent) if (n > hb.deltaSetAcked && n <= received) here += blocks;
+    this.atHeartbeat = hb.dirtyBlocks + Math.max(0, (hb.unackedBlocks ?? 0) - here);
+    this.receivedSince = 0;
+  }
+
+  /** Delta set `n` of `blocks` blocks was received whole. */
+  received(n: number, blocks: number): void {
+    this.receivedSince += blocks;
+    this.recent.set(n, blocks);
+    if (this.recent.size > recentDeltaSetsMax) this.recent.delete(this.recent.keys().next().value as number);
+  }
+
+  get blocks(): number {
+    return Math.max(0, this.atHeartbeat - this.receivedSince);
+  }
+}

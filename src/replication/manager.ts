@@ -312,7 +312,8 @@ export class ReplicationManager {
     return {
       nowMs: now,
       sourceHeardMs: heard ? st.lastSourceHeardLocalMs : pair.sourceHeardAtMs,
-      dirtyBlocks: st?.sourceDirtyBlocks ?? 0,
+      // Blocks the source has that are not here (not yet cut, or in delta sets not yet received).
+      dirtyBlocks: target?.unreceived.blocks ?? 0,
       // Delta sets cut but not yet here hold older writes, of a time not known here.
       oldestUnsentWriteMs: st && st.sourceDeltaSetCreated > pair.deltaSetReceived ? 0 : st?.sourceOldestUnsentWriteMs,
       sourceNowMs: heard ? st.lastSourceNowMs + (now - st.lastSourceHeardLocalMs) : now,

@@ -131,6 +131,9 @@ export interface HeartbeatBody {
   deltaSetCreated: number;
   /** Source clock, ms: the oldest write not yet in a delta set (0: not known), if any. */
   oldestUnsentWriteMs?: number;
+  /** The last delta set the target acknowledged, and the blocks of those cut after it. */
+  deltaSetAcked?: number;
+  unackedBlocks?: number;
 }
 
 export function headerCrcFields(h: Omit<DeltaSetHeaderBody, 'headerCrc'>): string {

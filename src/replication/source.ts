@@ -557,7 +557,16 @@ export class SourceReplicator {
 
   private sendHeartbeat(connection: RcpConnection): void {
     const oldest = this.deps.changeLog.oldestUnsentWriteMs;
-    const body: HeartbeatBody = { sourceNowMs: this.deps.clock.now(), dirtyBlocks: this.dirtyBlocks, deltaSetCreated: this.pair.deltaSetCreated, ...(oldest !== undefined ? { oldestUnsentWriteMs: oldest } : {}) };
+    const acked = this.pair.deltaSetAcked;
+    const unackedBlocks = this.deps.catalog.listDeltaSets(this.pair.volume).reduce((sum, d) => sum + (d.generation === this.pair.generation && d.n > acked ? d.blocks : 0), 0);
+    const body: HeartbeatBody = {
+      sourceNowMs: this.deps.clock.now(),
+      dirtyBlocks: this.dirtyBlocks,
+      deltaSetCreated: this.pair.deltaSetCreated,
+      deltaSetAcked: acked,
+      unackedBlocks,
+      ...(oldest !== undefined ? { oldestUnsentWriteMs: oldest } : {}),
+    };
     connection.sendJson(ReplFrame.Heartbeat as number, body, { generation: BigInt(this.pair.generation) });
   }
 

@@ -98,7 +98,7 @@ export interface LiveFigures {
   nowMs: number;
   /** Target, this site's clock: when the source was last heard from (undefined: never, or at the source). */
   sourceHeardMs: number | undefined;
-  /** Source: dirty blocks not yet in a delta set. Target: as the source last said. */
+  /** Source: dirty blocks not yet in a delta set. Target: blocks the source has that are not here, as it last said. */
   dirtyBlocks: number;
   /**
    * Source clock, ms: when the oldest of those was written (0: not known), if any.

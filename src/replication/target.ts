@@ -12,7 +12,7 @@ import type { RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { chunkBytesMax, decodeChunk, type Chunk } from './chunk.js';
 import { Inbox } from './inbox.js';
-import { ReceiveLedger, judgeCopyDone, judgeCopyPiece, nextToPlay, targetReleasePoint } from './ledger.js';
+import { ReceiveLedger, UnreceivedBlocks, judgeCopyDone, judgeCopyPiece, nextToPlay, targetReleasePoint } from './ledger.js';
 import type { PointInTimeImage } from './copy.js';
 import {
   ReplFrame,
@@ -132,7 +132,6 @@ export interface TargetStats {
   staleFramesRefused: number;
   lastSourceNowMs: number;
   lastSourceHeardLocalMs: number;
-  sourceDirtyBlocks: number;
   sourceDeltaSetCreated: number;
   /** The source's oldest write not yet in a delta set, as it last said (source clock, ms). */
   sourceOldestUnsentWriteMs: number | undefined;
@@ -159,7 +158,6 @@ export class TargetReplica {
     staleFramesRefused: 0,
     lastSourceNowMs: 0,
     lastSourceHeardLocalMs: 0,
-    sourceDirtyBlocks: 0,
     sourceDeltaSetCreated: 0,
     sourceOldestUnsentWriteMs: undefined,
     saveVolumeFull: false,
@@ -169,6 +167,8 @@ export class TargetReplica {
     lastError: '',
     failing: { receive: '', playback: '', copy: '' },
   };
+  /** Blocks written at the source that are not here, as far as its heartbeats tell. */
+  readonly unreceived = new UnreceivedBlocks();
   private ring: RingSpace;
   private receiving: ReceiveLedger;
   /** Save-volume space of the chunks written and waiting for their sync, oldest first (given back if it fails). */
@@ -443,7 +443,7 @@ export class TargetReplica {
         const hb = json<HeartbeatBody>(frame);
         this.stats.lastSourceNowMs = hb.sourceNowMs;
         this.stats.lastSourceHeardLocalMs = this.deps.pair.sourceHeardAtMs = this.deps.clock.now();
-        this.stats.sourceDirtyBlocks = hb.dirtyBlocks;
+        this.unreceived.heard(hb, this.deps.pair.deltaSetReceived);
         this.stats.sourceDeltaSetCreated = hb.deltaSetCreated;
         this.stats.sourceOldestUnsentWriteMs = hb.oldestUnsentWriteMs;
         this.ack(connection, this.receiving.n, this.receiving.chunksStored, false);
@@ -765,6 +765,7 @@ export class TargetReplica {
       this.deps.catalog.putPair(pair);
     });
     this.receiving.sealed(header.deltaSet);
+    this.unreceived.received(header.deltaSet, verdict.blocks);
     this.ack(connection, header.deltaSet, header.chunkCount, true);
     this.playbackWaker.signal();
   }

@@ -91,6 +91,16 @@ export type RecoveryPhase =
 
 export type FailoverMode = 'default' | 'now' | 'sync';
 
+/** Writes a source had that its target did not receive, as the source last said (heartbeats). */
+export interface SourceAhead {
+  /** Blocks not yet cut into a delta set, or in delta sets not received. */
+  blocks: number;
+  /** Delta sets cut at the source and not received. */
+  deltaSets: number;
+  /** When the source said so (the target's clock, ISO 8601); of writes after that nothing is known. */
+  lastHeard: string;
+}
+
 export interface RecoveryRecord {
   phase: RecoveryPhase;
   /** The generation the pair had before the failover. */
@@ -103,6 +113,8 @@ export interface RecoveryRecord {
   failoverMode?: FailoverMode;
   /** Delta sets received but not played back (`--now`): lost with the failover. */
   skippedDeltaSets?: number;
+  /** At failover (not --sync): what the source had that the new source did not receive, as the source last said. */
+  sourceAhead?: SourceAhead;
   /** The resync had to copy everything (its reason is in `fullCopyReason`). */
   fullCopy?: boolean;
   fullCopyReason?: string;

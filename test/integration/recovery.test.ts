@@ -121,8 +121,9 @@ test('failover, resync and failback: the whole cycle through NBD, digests at eve
     // Failover at B with A down: B holds the restart point and becomes read/write.
     const fo = await b.cli(['failover', 'db', '--json']);
     assert.equal(fo.code, 0, fo.stderr);
-    const result = JSON.parse(fo.stdout) as { generation: number; restartPoint: number; restartSnapshot: string; sourceFenced: boolean };
+    const result = JSON.parse(fo.stdout) as { generation: number; restartPoint: number; restartSnapshot: string; sourceFenced: boolean; sourceAhead: unknown };
     assert.equal(result.restartPoint, restartPlayed);
+    assert.equal(result.sourceAhead, null, 'B restarted since it last heard A: what A had is not known');
     assert.equal(result.generation, 2);
     assert.equal(result.sourceFenced, false);
     assert.equal(await b.digest('db'), sha(restart));
@@ -270,6 +271,35 @@ test('failover --sync loses nothing; --now skips the received delta sets; failba
     assert.equal((await a.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-only');
     assert.equal((await a.cli(['volume', 'access', 'db', 'read-write'])).code, 0);
     await a.writeData('db', 0, Buffer.alloc(bs, 7));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a failover says what the source had that this site did not receive, and the resync discards exactly that', async () => {
+  const [a, b] = await sites('ahead');
+  try {
+    const size = 8 * MiB;
+    const image = Buffer.alloc(size);
+    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
+    // No cut comes by itself: writes stay in A's change log, and its heartbeats say how many.
+    const start = await a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    const touched = new Set<number>();
+    await writeApi(a, image, 12, touched);
+    await waitFor('B to learn how far behind it is', async () => (await pairStatus(b, 'db')).lagBlocks === touched.size, 10_000);
+    const fo = await b.cli(['failover', 'db']);
+    assert.equal(fo.code, 0, fo.stderr);
+    assert.match(fo.stdout, new RegExp(`^NOT here: ${touched.size} block\\(s\\) written at the source, as of its last word at \\S+ \\([0-9.]+m?s ago\\); of writes made there after that nothing is known here. They stay at the old source, and its resync keeps them in a snapshot there$`, 'm'));
+    assert.match(fo.stdout, /^the old source was made read-only$/m);
+    // The status keeps it.
+    const ahead = (await pairStatus(b, 'db')).recovery?.sourceAhead;
+    assert.deepEqual([ahead?.blocks, ahead?.deltaSets], [touched.size, 0]);
+    assert.ok(Date.now() - Date.parse(ahead?.lastHeard ?? '') < 10_000);
+    assert.equal(await b.digest('db'), sha(Buffer.alloc(size)), 'B holds the restart point: none of those writes');
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    await waitResynced(b, a);
+    assert.equal((await pairStatus(b, 'db')).recovery?.discardedBlocks, touched.size);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }

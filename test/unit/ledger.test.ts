@@ -7,6 +7,7 @@ import {
   CopyWindow,
   DeltaSetWindow,
   ReceiveLedger,
+  UnreceivedBlocks,
   ackTimeoutMs,
   copyStart,
   judgeCopyDone,
@@ -204,4 +205,28 @@ test('copies: where a session starts, the window of pieces with rewinds, what th
   assert.equal(judgeCopyDone({ copyId: 2, final: true }, { copyId: 2, done: true, appliedBlock: 100, blockCount: 100 }).kind, 'acknowledge', 'a repeat');
   assert.equal(judgeCopyDone({ copyId: 2, final: false }, { copyId: 2, done: false, appliedBlock: 100, blockCount: 100 }).kind, 'acknowledge', 'the first step of two');
   assert.equal(judgeCopyDone({ copyId: 1, final: true }, { copyId: 2, done: false, appliedBlock: 100, blockCount: 100 }).kind, 'rewind');
+});
+
+test('a target counts the blocks its source has that are not here, from heartbeats and the delta sets received since', () => {
+  const u = new UnreceivedBlocks();
+  assert.equal(u.blocks, 0);
+  // 30 blocks not yet cut; delta sets 5 (10 blocks) and 6 (20 blocks) cut, not acknowledged.
+  u.heard({ dirtyBlocks: 30, deltaSetAcked: 4, unackedBlocks: 30 }, 4);
+  assert.equal(u.blocks, 60);
+  // 5 arrives: its blocks are here.
+  u.received(5, 10);
+  assert.equal(u.blocks, 50);
+  // The next heartbeat was sent before 5's acknowledgement reached the source: 5 is not counted twice.
+  u.heard({ dirtyBlocks: 30, deltaSetAcked: 4, unackedBlocks: 30 }, 5);
+  assert.equal(u.blocks, 50);
+  // 6 arrives, then the 30 dirty blocks are cut into 7 and arrive too: nothing known is missing.
+  u.received(6, 20);
+  u.received(7, 30);
+  assert.equal(u.blocks, 0);
+  // A source that says nothing of its delta sets (an older one): only its dirty blocks.
+  u.heard({ dirtyBlocks: 3 }, 7);
+  assert.equal(u.blocks, 3);
+  // Never below zero, whatever arrives.
+  u.received(8, 100);
+  assert.equal(u.blocks, 0);
 });
