@@ -251,6 +251,19 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
       return site.replication.status(volume)[0];
     },
   );
+  app.post(
+    '/api/v1/replication/:volume/policy',
+    { schema: { params: volumeParams, body: { type: 'object', properties: { interval: durationSchema, highWater: sizeSchema }, additionalProperties: false } } },
+    async (req) => {
+      const volume = (req.params as { volume: string }).volume;
+      const b = req.body as { interval?: string | number; highWater?: string | number };
+      site.replication.setPolicy(volume, {
+        ...(b.interval !== undefined ? { intervalMs: parseDuration(b.interval) } : {}),
+        ...(b.highWater !== undefined ? { highWaterBytes: parseSize(b.highWater) } : {}),
+      });
+      return site.replication.status(volume)[0];
+    },
+  );
   app.post('/api/v1/replication/:volume/pause', { schema: { params: volumeParams } }, async (req) => {
     const volume = (req.params as { volume: string }).volume;
     site.replication.pause(volume);

@@ -239,6 +239,21 @@ function cutDescription(volume: string, result: Record<string, unknown>): string
 }
 
 replicate
+  .command('set <volume>')
+  .description('change when a running pair cuts delta sets (at the source; the target keeps it for a failover)')
+  .option('--interval <duration>', 'cut a delta set at least this often')
+  .option('--high-water <size>', 'cut a delta set once this much is modified')
+  .action(async (volume: string, opts: { interval?: string; highWater?: string }, cmd: Command) => {
+    if (opts.interval === undefined && opts.highWater === undefined) throw new FerryError('BAD_REQUEST', 'give --interval, --high-water or both');
+    await client(cmd).post(`/api/v1/replication/${encodeURIComponent(volume)}/policy`, {
+      ...(opts.interval !== undefined ? { interval: `${parseDuration(opts.interval)}ms` } : {}),
+      ...(opts.highWater !== undefined ? { highWater: parseSize(opts.highWater) } : {}),
+    });
+    const info = await client(cmd).get<InfoView>(`/api/v1/replication/${encodeURIComponent(volume)}/info`);
+    print(cmd, info, () => `${volume}: a delta set is cut every ${formatDuration(info.intervalMs)} or once ${formatSize(info.highWaterBytes)} is modified, whichever comes first`);
+  });
+
+replicate
   .command('set-peer <volume>')
   .description("the pair's other site moved: reach it at PEER_URL from now on (it must be the same site)")
   .requiredOption('--to <peer_url>', 'where the other site is now, e.g. http://10.0.0.7:7370')
@@ -377,7 +392,12 @@ program
         ['lag', `${info.lagSeconds}s, ${info.blocksDifferent} blocks different`],
         [info.initialCopy.catchUp ? 'catch-up copy' : info.recovery ? 'last copy' : 'initial copy', describeCopy(info.initialCopy)],
         ['save volume', `${formatSize(info.saveVolume.usedBytes)} of ${formatSize(info.saveVolume.capacityBytes)} used${info.saveVolume.full ? ' (FULL: tracking in the bitmap)' : ''}`],
-        ['policy', info.role === 'source' ? `interval ${formatDuration(info.intervalMs)}, high water ${formatSize(info.highWaterBytes)}` : '-'],
+        [
+          'policy',
+          info.intervalMs > 0
+            ? `interval ${formatDuration(info.intervalMs)}, high water ${formatSize(info.highWaterBytes)}${info.role === 'target' ? " (the source's: this site cuts so if it takes over)" : ''}`
+            : '-',
+        ],
         ...(info.lastBuild ? [['last build', describeBuild(info.lastBuild)] as [string, string]] : []),
         ['errors', `${info.retries} retries, ${info.corruptFrames} damaged frames, ${info.ioErrors} storage errors${info.lastError ? `, last: ${info.lastError}` : ''}`],
       ]);

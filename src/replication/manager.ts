@@ -62,6 +62,16 @@ export interface ManagerDeps {
   hostConnections(volume: string): number;
 }
 
+function checkPolicy(intervalMs: number, highWaterBytes: number): void {
+  if (intervalMs < 100) throw new FerryError('INVALID_DURATION', 'the interval must be at least 100ms');
+  if (highWaterBytes < 1) throw new FerryError('INVALID_SIZE', 'the high-water mark must be at least 1 byte');
+}
+
+/** A cut-policy figure from a peer: a positive whole number, else 0 (this site's default applies). */
+function policyValue(v: unknown): number {
+  return typeof v === 'number' && Number.isSafeInteger(v) && v > 0 ? v : 0;
+}
+
 /** A pair needs two sites: `url` answered as this one. */
 function notAnotherSite(url: string, siteName: string): FerryError {
   return new FerryError('BAD_REQUEST', `${url} is this site (${siteName}); replication keeps a copy at another site`);
@@ -142,7 +152,7 @@ export class ReplicationManager {
     if (targetSave !== undefined && (targetSave < options.saveVolumeBytes || targetSave % 4096 !== 0)) {
       throw new FerryError('INVALID_SIZE', `the target's save volume must be a multiple of 4K and at least the source's (${options.saveVolumeBytes} bytes): it must hold any delta set the source can cut`);
     }
-    if (options.intervalMs < 100) throw new FerryError('INVALID_DURATION', 'the interval must be at least 100ms');
+    checkPolicy(options.intervalMs, options.highWaterBytes);
     this.starting.add(options.volume);
     try {
       const pairId = randomUUID();
@@ -161,6 +171,8 @@ export class ReplicationManager {
         saveVolumeBytes: options.saveVolumeBytes,
         ...(targetSave !== undefined ? { targetSaveVolumeBytes: targetSave } : {}),
         ...(options.overwrite ? { overwrite: true } : {}),
+        intervalMs: options.intervalMs,
+        highWaterBytes: options.highWaterBytes,
       };
       const { connection, peer } = await this.connect(options.to);
       try {
@@ -242,6 +254,16 @@ export class ReplicationManager {
     const access = this.deps.volumes.record(volumeName).access;
     this.deps.log.info({ volume: volumeName, role: pair.role, access }, 'replication stopped');
     return { access, ...(targetNotTold !== undefined ? { targetNotTold: { site: pair.peerSiteName, url: pair.peerUrl, volume: pair.peerVolume, reason: targetNotTold } } : {}) };
+  }
+
+  /** `ferry replicate set`: the source's cut policy, changed on a running pair. */
+  setPolicy(volumeName: string, policy: { intervalMs?: number; highWaterBytes?: number }): void {
+    const source = this.requireSource(volumeName);
+    const intervalMs = policy.intervalMs ?? source.pair.intervalMs;
+    const highWaterBytes = policy.highWaterBytes ?? source.pair.highWaterBytes;
+    checkPolicy(intervalMs, highWaterBytes);
+    source.setPolicy({ intervalMs, highWaterBytes });
+    this.deps.log.info({ volume: volumeName, intervalMs, highWaterBytes }, 'cut policy changed');
   }
 
   pause(volumeName: string): void {
@@ -450,8 +472,9 @@ export class ReplicationManager {
         state: 'initial-copying',
         stateReason: '',
         generation: body.generation,
-        intervalMs: 0,
-        highWaterBytes: 0,
+        // Kept for a failover here: the new source cuts as the old one did.
+        intervalMs: policyValue(body.intervalMs),
+        highWaterBytes: policyValue(body.highWaterBytes),
         saveVolumeBytes: targetSaveVolumeBytes(body),
         createdAt: new Date(this.deps.clock.now()).toISOString(),
         initialCopy: { cursorBlock: 0, totalBlocks: body.sizeBytes / blockBytes, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },

@@ -45,6 +45,9 @@ export interface PairCreateBody {
   targetSaveVolumeBytes?: number;
   /** An existing target volume holding data may be overwritten by the initial copy. */
   overwrite?: boolean;
+  /** The source's cut policy: the target keeps it for when it takes over (failover). */
+  intervalMs?: number;
+  highWaterBytes?: number;
 }
 
 export interface PairOpenBody {
@@ -134,6 +137,9 @@ export interface HeartbeatBody {
   /** The last delta set the target acknowledged, and the blocks of those cut after it. */
   deltaSetAcked?: number;
   unackedBlocks?: number;
+  /** The source's cut policy now (the target keeps it for a failover). */
+  intervalMs?: number;
+  highWaterBytes?: number;
 }
 
 export function headerCrcFields(h: Omit<DeltaSetHeaderBody, 'headerCrc'>): string {

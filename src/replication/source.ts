@@ -26,7 +26,7 @@ import {
   type NackBody,
   type TargetPosition,
 } from './protocol.js';
-import { DeltaSetTrigger, type TriggerReason } from './triggers.js';
+import { DeltaSetTrigger, type TriggerPolicy, type TriggerReason } from './triggers.js';
 import { CopyRunner, type CopyPlan, type CopyStats } from './copy.js';
 
 /**
@@ -254,6 +254,15 @@ export class SourceReplicator {
     this.persist();
     this.sendWaker.signal();
     return next;
+  }
+
+  /** A new cut policy (`ferry replicate set`): applies from now, a nearer deadline at once. */
+  setPolicy(policy: TriggerPolicy): void {
+    this.pair.intervalMs = policy.intervalMs;
+    this.pair.highWaterBytes = policy.highWaterBytes;
+    this.trigger.setPolicy(policy, this.deps.clock.now());
+    this.persist();
+    this.cutWaker.signal();
   }
 
   pause(): PairStatus {
@@ -565,6 +574,8 @@ export class SourceReplicator {
       deltaSetCreated: this.pair.deltaSetCreated,
       deltaSetAcked: acked,
       unackedBlocks,
+      intervalMs: this.pair.intervalMs,
+      highWaterBytes: this.pair.highWaterBytes,
       ...(oldest !== undefined ? { oldestUnsentWriteMs: oldest } : {}),
     };
     connection.sendJson(ReplFrame.Heartbeat as number, body, { generation: BigInt(this.pair.generation) });

@@ -444,6 +444,7 @@ export class TargetReplica {
         this.stats.lastSourceNowMs = hb.sourceNowMs;
         this.stats.lastSourceHeardLocalMs = this.deps.pair.sourceHeardAtMs = this.deps.clock.now();
         this.unreceived.heard(hb, this.deps.pair.deltaSetReceived);
+        this.notePolicy(hb);
         this.stats.sourceDeltaSetCreated = hb.deltaSetCreated;
         this.stats.sourceOldestUnsentWriteMs = hb.oldestUnsentWriteMs;
         this.ack(connection, this.receiving.n, this.receiving.chunksStored, false);
@@ -768,6 +769,18 @@ export class TargetReplica {
     this.unreceived.received(header.deltaSet, verdict.blocks);
     this.ack(connection, header.deltaSet, header.chunkCount, true);
     this.playbackWaker.signal();
+  }
+
+  /** The source's cut policy, kept for a failover here (it may be changed there at any time). */
+  private notePolicy(hb: HeartbeatBody): void {
+    const { pair } = this.deps;
+    const intervalMs = hb.intervalMs ?? 0;
+    const highWaterBytes = hb.highWaterBytes ?? 0;
+    if (!Number.isSafeInteger(intervalMs) || !Number.isSafeInteger(highWaterBytes) || intervalMs <= 0 || highWaterBytes <= 0) return;
+    if (intervalMs === pair.intervalMs && highWaterBytes === pair.highWaterBytes) return;
+    pair.intervalMs = intervalMs;
+    pair.highWaterBytes = highWaterBytes;
+    this.deps.catalog.putPair(pair);
   }
 
   private ack(connection: RcpConnection, deltaSet: number, chunksStored: number, sealed: boolean): void {

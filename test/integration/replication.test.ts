@@ -588,6 +588,44 @@ test('the target site moves: replicate set-peer points the pair at its new addre
   }
 });
 
+test('replicate set changes when a running pair cuts; the target keeps the policy and cuts so after a failover', async () => {
+  const [a, b] = await pair('policy');
+  try {
+    const model = new VolumeModel(8 * MiB);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
+    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--wait'])).code, 0);
+    const write = async (n: number): Promise<void> => {
+      for (let i = 0; i < n; i++) {
+        const w = model.randomWrite();
+        model.apply(w.offset, w.data);
+        await a.writeData('v', w.offset, w.data);
+      }
+    };
+    await write(10);
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.equal((await pairStatus(a, 'v')).deltaSetCreated, 0, 'nothing cut under the first policy');
+    // Bad or missing values change nothing; the target does not set the source's policy.
+    assert.match((await a.cli(['replicate', 'set', 'v', '--interval', '50ms'])).stderr, /INVALID_DURATION/);
+    assert.match((await a.cli(['replicate', 'set', 'v'])).stderr, /give --interval, --high-water or both/);
+    assert.match((await b.cli(['replicate', 'set', 'v', '--interval', '1s'])).stderr, /run this at the source site/);
+    const set = await a.cli(['replicate', 'set', 'v', '--interval', '200ms']);
+    assert.equal(set.code, 0, set.stderr);
+    assert.equal(set.stdout.trim(), 'v: a delta set is cut every 200ms or once 1G is modified, whichever comes first');
+    // The nearer deadline applies at once: the pair catches up with no cut asked for.
+    await waitInSync(a, b, 'v', 'v', 10_000);
+    assert.equal(await b.digest('v'), model.digest());
+    // The target learns it from the source's heartbeats, and keeps it.
+    await waitFor('B to keep the new policy', async () => /^policy:\s+interval 200ms, high water 1G \(the source's: this site cuts so if it takes over\)$/m.test((await b.cli(['info', 'v'])).stdout), 10_000);
+    await a.restart();
+    assert.match((await a.cli(['info', 'v'])).stdout, /^policy:\s+interval 200ms, high water 1G$/m);
+    // B takes over and cuts as A did.
+    assert.equal((await b.cli(['failover', 'v'])).code, 0);
+    assert.match((await b.cli(['info', 'v'])).stdout, /^policy:\s+interval 200ms, high water 1G$/m);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('replicate stop while the target site is down: stopped here, and it says how to finish at the target', async () => {
   const [a, b] = await pair('stopdown');
   try {
