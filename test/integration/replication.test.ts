@@ -21,6 +21,23 @@ async function pair(name: string, env: Record<string, string> = {}): Promise<[Te
   return Promise.all([TestSite.create(`${name}-a`, { env }), TestSite.create(`${name}-b`, { env })]);
 }
 
+/** Volume v (8 MiB) at A replicating to B, the initial copy done; `options` default to a 200 ms interval. */
+async function replicateV(a: TestSite, b: TestSite, options: string[] = ['--interval', '200ms']): Promise<VolumeModel> {
+  await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
+  const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, ...options, '--wait']);
+  assert.equal(start.code, 0, start.stderr);
+  return new VolumeModel(8 * MiB);
+}
+
+/** `n` random writes to volume v at `site`, one after another, applied to `model` too. */
+async function writeRandom(site: TestSite, model: VolumeModel, n: number): Promise<void> {
+  for (let i = 0; i < n; i++) {
+    const w = model.randomWrite();
+    model.apply(w.offset, w.data);
+    await site.writeData('v', w.offset, w.data);
+  }
+}
+
 test('new remote copy while the source is written, then delta sets: digests equal, status truthful', async () => {
   const [a, b] = await pair('basic');
   try {
@@ -370,11 +387,7 @@ test('fault-injecting proxy: flipped bits are refused and resent, drops and stal
     assert.equal(start.code, 0, start.stderr);
     proxy.plan = { flipProbability: 0.05, cleanBytes: 512, dropProbability: 0.01, stallProbability: 0.02, stallMs: 300 };
     for (let round = 0; round < 20; round++) {
-      for (let i = 0; i < 5; i++) {
-        const w = model.randomWrite();
-        model.apply(w.offset, w.data);
-        await a.writeData('v', w.offset, w.data);
-      }
+      await writeRandom(a, model, 5);
       await new Promise((r) => setTimeout(r, 100));
     }
     await waitFor('faults to have been injected', async () => proxy.flips >= 3 && proxy.drops >= 1, 60_000);
@@ -441,11 +454,7 @@ test('target unreachable: Suspend (failure) with the reason, then resumes by its
     await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
     assert.equal((await a.cli(['replicate', 'start', 'v', '--to', proxy.url, '--interval', '200ms', '--wait'])).code, 0);
     await proxy.close();
-    for (let i = 0; i < 10; i++) {
-      const w = model.randomWrite();
-      model.apply(w.offset, w.data);
-      await a.writeData('v', w.offset, w.data);
-    }
+    await writeRandom(a, model, 10);
     const suspended = await waitFor('suspend on failure', async () => {
       const s = await pairStatus(a, 'v');
       return s.state === 'suspended' ? s : undefined;
@@ -541,25 +550,15 @@ test('replicate start refuses what would overwrite without being asked: this sit
 test('the target site moves: replicate set-peer points the pair at its new address (only the same site), and it catches up without a copy', async () => {
   const [a, b] = await pair('move');
   try {
-    const model = new VolumeModel(8 * MiB);
-    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
-    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '200ms', '--wait'])).code, 0);
-    for (let i = 0; i < 10; i++) {
-      const w = model.randomWrite();
-      model.apply(w.offset, w.data);
-      await a.writeData('v', w.offset, w.data);
-    }
+    const model = await replicateV(a, b);
+    await writeRandom(a, model, 10);
     await waitInSync(a, b, 'v');
     const copied = (await pairStatus(a, 'v')).initialCopy;
     // B comes back on another port; A cannot reach it where it was.
     await b.kill();
     b.port = 0;
     await b.start();
-    for (let i = 0; i < 10; i++) {
-      const w = model.randomWrite();
-      model.apply(w.offset, w.data);
-      await a.writeData('v', w.offset, w.data);
-    }
+    await writeRandom(a, model, 10);
     await waitFor('A to give up on the old address', async () => (await pairStatus(a, 'v')).health === 'error', 60_000);
     // Another site, or this one, is not taken for B.
     const c = await TestSite.create('move-c');
@@ -591,17 +590,8 @@ test('the target site moves: replicate set-peer points the pair at its new addre
 test('replicate set changes when a running pair cuts; the target keeps the policy and cuts so after a failover', async () => {
   const [a, b] = await pair('policy');
   try {
-    const model = new VolumeModel(8 * MiB);
-    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
-    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--wait'])).code, 0);
-    const write = async (n: number): Promise<void> => {
-      for (let i = 0; i < n; i++) {
-        const w = model.randomWrite();
-        model.apply(w.offset, w.data);
-        await a.writeData('v', w.offset, w.data);
-      }
-    };
-    await write(10);
+    const model = await replicateV(a, b, ['--interval', '1h', '--high-water', '1G']);
+    await writeRandom(a, model, 10);
     await new Promise((r) => setTimeout(r, 1500));
     assert.equal((await pairStatus(a, 'v')).deltaSetCreated, 0, 'nothing cut under the first policy');
     // Bad or missing values change nothing; the target does not set the source's policy.
@@ -629,14 +619,8 @@ test('replicate set changes when a running pair cuts; the target keeps the polic
 test('replicate stop while the target site is down: stopped here, and it says how to finish at the target', async () => {
   const [a, b] = await pair('stopdown');
   try {
-    const model = new VolumeModel(8 * MiB);
-    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
-    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '200ms', '--wait'])).code, 0);
-    for (let i = 0; i < 10; i++) {
-      const w = model.randomWrite();
-      model.apply(w.offset, w.data);
-      await a.writeData('v', w.offset, w.data);
-    }
+    const model = await replicateV(a, b);
+    await writeRandom(a, model, 10);
     await waitInSync(a, b, 'v');
     await b.kill();
     const stop = await a.cli(['replicate', 'stop', 'v']);
@@ -659,9 +643,7 @@ test('replicate stop while the target site is down: stopped here, and it says ho
 test('pause and resume: Suspend (command), changes tracked, Duplex-Pending catches up', async () => {
   const [a, b] = await pair('pause');
   try {
-    const model = new VolumeModel(8 * MiB);
-    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 8 * MiB });
-    assert.equal((await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '200ms', '--wait'])).code, 0);
+    const model = await replicateV(a, b);
     const paused = await a.cli(['replicate', 'pause', 'v', '--json']);
     assert.equal(JSON.parse(paused.stdout).state, 'suspended');
     // Quiet for 3 s: the replica is still exact, so lag starts at the first write, not
@@ -669,11 +651,7 @@ test('pause and resume: Suspend (command), changes tracked, Duplex-Pending catch
     await new Promise((r) => setTimeout(r, 3000));
     assert.equal((await pairStatus(a, 'v')).lagSeconds, 0);
     const firstWriteAt = Date.now();
-    for (let i = 0; i < 10; i++) {
-      const w = model.randomWrite();
-      model.apply(w.offset, w.data);
-      await a.writeData('v', w.offset, w.data);
-    }
+    await writeRandom(a, model, 10);
     await new Promise((r) => setTimeout(r, 800));
     const s = await pairStatus(a, 'v');
     assert.equal(s.state, 'suspended');
@@ -719,9 +697,7 @@ test('full source save volume: host writes go on, no write lost, target consiste
     assert.equal(full.health, 'warning');
     assert.match(full.reason, /the save volume is full: changes wait in the change log/);
     // Host writes are still accepted while the save volume is full.
-    const w = model.randomWrite();
-    model.apply(w.offset, w.data);
-    await a.writeData('v', w.offset, w.data);
+    await writeRandom(a, model, 1);
     await a.cli(['replicate', 'resume', 'v']);
     await waitInSync(a, b, 'v', 'v', 90_000);
     assert.equal(await b.digest('v'), model.digest());
@@ -843,9 +819,7 @@ test('storage failing at the source: host writes go on, failed delta sets give t
     assert.equal(failing.health, 'error');
     assert.ok(failing.lagBlocks > 0);
     assert.match(await (await fetch(`${a.url}/metrics`)).text(), /^ferry_replication_failing\{volume="v",role="source"[^}]*\} 1$/m);
-    const w = model.randomWrite();
-    model.apply(w.offset, w.data);
-    await a.writeData('v', w.offset, w.data);
+    await writeRandom(a, model, 1);
     // The cause is cleared while the daemon runs: the next cut succeeds and the pair catches up.
     await execFileP('prlimit', ['--pid', String(a.proc?.pid), '--fsize=unlimited:unlimited']);
     await waitInSync(a, b, 'v', 'v', 60_000);
