@@ -347,7 +347,7 @@ program
       list.length === 0
         ? 'no replication pairs'
         : table(
-            ['VOLUME', 'ROLE', 'PEER', 'HEALTH', 'STATE', 'GEN', 'CREATED', 'ACKED', 'PLAYED', 'LAG', 'LAG BLOCKS', 'RATE'],
+            ['VOLUME', 'ROLE', 'PEER', 'HEALTH', 'STATE', 'GEN', 'CREATED', 'ACKED', 'PLAYED', 'LAG', 'LAG BLOCKS', 'RATE', 'REASON'],
             list.map((p) => [
               p.volume,
               p.role,
@@ -357,9 +357,7 @@ program
                 ? `initial-copying ${p.initialCopy.percent}%`
                 : p.initialCopy.catchUp && !p.initialCopy.done
                   ? `${p.state} (catch-up copy ${p.initialCopy.percent}%)`
-                  : p.reason
-                    ? `${p.state} (${p.reason})`
-                    : p.state,
+                  : p.state,
               String(p.generation),
               String(p.deltaSetCreated),
               String(p.deltaSetAcked),
@@ -367,6 +365,8 @@ program
               `${p.lagSeconds}s`,
               String(p.lagBlocks),
               `${formatSize(p.transferRate)}/s`,
+              // Last: it can be long, and the columns before it stay aligned.
+              p.reason || '-',
             ]),
           ),
     );

@@ -467,7 +467,7 @@ test('target unreachable: Suspend (failure) with the reason, then resumes by its
     const [row] = (await renderDashboard(a.url)).tables.pairs ?? [];
     assert.equal(row?.[3], 'error');
     assert.deepEqual((await renderDashboard(a.url)).classes.pairs?.[0]?.slice(3, 5), ['err', 'err']);
-    assert.match((await a.cli(['status'])).stdout, /^v\s+source\s+\S+\s+error\s+suspended \(.*target unreachable/m);
+    assert.match((await a.cli(['status'])).stdout, /^v\s+source\s+\S+\s+error\s+suspended\s+(\S+\s+){7}.*target unreachable/m);
     // The peer comes back on the same address.
     const { createServer, connect } = await import('node:net');
     const relay = createServer((c) => {
