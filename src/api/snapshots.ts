@@ -49,7 +49,22 @@ export function registerSnapshotRoutes(app: FastifyInstance, site: Site): void {
       // Failover, resync and copies find their snapshots by these names.
       if (body.name?.startsWith('ferry-')) throw new FerryError('INVALID_NAME', `snapshot names starting with "ferry-" are kept for the snapshots ferry makes itself; choose another name than ${body.name}`);
       for (const v of Object.values(body.attrs ?? {})) if (typeof v !== 'string') throw new FerryError('BAD_REQUEST', 'attribute values must be strings');
-      const info = await snapshots.create((req.params as { name: string }).name, body.name, body.attrs ?? {});
+      const volume = (req.params as { name: string }).name;
+      const pair = site.replication.catalog.getPair(volume);
+      if (pair?.role !== 'target') return reply.status(201).send(await snapshots.create(volume, body.name, body.attrs ?? {}));
+      // A replica (a backup at the remote site): taken between two playbacks, never in
+      // the middle of one, and it says which point of the source it holds.
+      const target = site.replication.targets.get(volume);
+      if (!target) throw new FerryError('UNAVAILABLE', `volume ${volume} is a replica whose replication is not open here; see the site's log`);
+      const info = await target.atBoundary(({ deltaSet, sourceCutMs }) =>
+        snapshots.create(volume, body.name, {
+          ...body.attrs,
+          replicaOf: `${pair.peerSiteName}:${pair.peerVolume}`,
+          generation: String(pair.generation),
+          deltaSet: String(deltaSet),
+          ...(sourceCutMs > 0 ? { sourceTime: new Date(sourceCutMs).toISOString() } : {}),
+        }),
+      );
       return reply.status(201).send(info);
     },
   );

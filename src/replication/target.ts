@@ -145,6 +145,9 @@ export interface TargetStats {
   failing: { receive: string; playback: string; copy: string };
 }
 
+/** How long a snapshot of a replica waits for the playback in progress to finish. */
+const boundaryWaitMs = 30_000;
+
 /**
  * The target end of one pair (E FIG. 9): stores received chunks in its save volume,
  * checks each delta set against its header (sent last) before acknowledging it, and
@@ -174,6 +177,8 @@ export class TargetReplica {
   /** Save-volume space of the chunks written and waiting for their sync, oldest first (given back if it fails). */
   private unsyncedSpace: { lsn: number; span: number; previousHead: number }[] = [];
   private overlay: Map<number, OverlayEntry> | undefined;
+  /** Snapshots waiting for, or taken at, a delta-set boundary: no playback starts meanwhile. */
+  private playbackHeld = 0;
   private readonly playbackWaker = new Waker();
   private readonly spaceWaker = new Waker();
   private session: RcpConnection | undefined;
@@ -797,6 +802,11 @@ export class TargetReplica {
 
   private async playbackLoop(): Promise<void> {
     while (!this.closed) {
+      // A snapshot of the replica is being taken at a delta-set boundary.
+      if (this.playbackHeld > 0) {
+        await this.playbackWaker.wait(this.deps.clock, 50);
+        continue;
+      }
       const next = this.playable();
       if (next) {
         try {
@@ -973,6 +983,35 @@ export class TargetReplica {
       // Wake the playback now, but not again and again after a failure (it retries every 5 s).
       if (this.deps.clock.now() - this.playbackFailedAtMs >= playbackRetryMs) this.playbackWaker.signal();
       await this.deps.clock.sleep(20);
+    }
+  }
+
+  /**
+   * Runs `take` while the volume holds exactly the image after the last delta set played
+   * back (a snapshot of the replica, for a backup): the playback in progress finishes
+   * first and none starts meanwhile. Refused while the replica holds no consistent image
+   * (a copy under way), or when a playback keeps failing (the volume holds part of one).
+   */
+  async atBoundary<T>(take: (image: { deltaSet: number; sourceCutMs: number }) => Promise<T>, timeoutMs = boundaryWaitMs): Promise<T> {
+    const { pair } = this.deps;
+    const refuse = (why: string): never => {
+      throw new FerryError('VOLUME_IN_USE', `volume ${pair.volume} is a replica of ${pair.peerSiteName}:${pair.peerVolume} and ${why}; nothing was taken`);
+    };
+    if (!this.copyDone || pair.deltaSetPlayedBack < pair.initialCopy.stampedDeltaSet) {
+      refuse(`holds no consistent image until its ${pair.initialCopy.protectiveSnapshot ? 'catch-up' : 'initial'} copy is complete (${this.pair.initialCopy.copiedBlocks ?? 0} of ${pair.initialCopy.plannedBlocks ?? pair.initialCopy.totalBlocks} blocks)`);
+    }
+    this.playbackHeld++;
+    try {
+      const deadline = this.deps.clock.now() + timeoutMs;
+      while (this.overlay !== undefined) {
+        if (this.closed) refuse('is closing');
+        if (this.deps.clock.now() > deadline) refuse(`is in the middle of playing back delta set ${pair.deltaSetPlayedBack + 1}${this.stats.failing.playback ? `, which keeps failing (${this.stats.failing.playback})` : ''}`);
+        await this.deps.clock.sleep(10);
+      }
+      return await take({ deltaSet: pair.deltaSetPlayedBack, sourceCutMs: pair.playedBackCutMs });
+    } finally {
+      this.playbackHeld--;
+      this.playbackWaker.signal();
     }
   }
 

@@ -616,6 +616,52 @@ test('replicate set changes when a running pair cuts; the target keeps the polic
   }
 });
 
+test('snapshots of a replica (backups at the other site) are taken between playbacks: whole delta sets only, and they say which', async () => {
+  const [a, b] = await pair('snapb');
+  try {
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 16 * MiB });
+    // Written before the copy: playbacks then overwrite blocks that hold data, which takes longer.
+    await a.writeData('v', 0, Buffer.alloc(4 * MiB));
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    // Delta set k fills the first 4 MiB (several chunks) with byte k: an image between two
+    // playbacks has one value there, and it is the number of the last delta set played back.
+    let writing = true;
+    const writer = (async () => {
+      for (let k = 1; writing; k++) {
+        await a.writeData('v', 0, Buffer.alloc(4 * MiB, k % 256));
+        assert.equal((await a.api<{ deltaSet: number }>('POST', '/api/v1/replication/v/delta')).body.deltaSet, k);
+      }
+    })();
+    let taken = 0;
+    try {
+      const until = Date.now() + 8_000;
+      while (Date.now() < until) {
+        const created = await b.api<{ attrs: Record<string, string> }>('POST', '/api/v1/volumes/v/snapshots', { name: 'backup', attrs: { by: 'test' } });
+        assert.equal(created.status, 201, JSON.stringify(created.body));
+        const { attrs } = created.body;
+        assert.equal(attrs.replicaOf, 'snapb-a:v');
+        assert.equal(attrs.by, 'test');
+        const res = await fetch(`${b.url}/api/v1/volumes/v/snapshots/backup/data?offset=0&length=${4 * MiB}`);
+        const image = Buffer.from(await res.arrayBuffer());
+        // Compared natively: a check that holds the event loop would keep this loop in step with the writer's.
+        assert.ok(image.equals(Buffer.alloc(4 * MiB, Number(attrs.deltaSet) % 256)), `snapshot ${taken} holds delta set ${attrs.deltaSet} and only it`);
+        if (Number(attrs.deltaSet) > 0) assert.ok(Date.parse(attrs.sourceTime ?? '') > 0);
+        assert.equal((await b.api('DELETE', '/api/v1/volumes/v/snapshots/backup')).status, 204);
+        taken++;
+      }
+    } finally {
+      writing = false;
+      await writer;
+    }
+    assert.ok(taken >= 20, `${taken} snapshots taken`);
+    await waitInSync(a, b, 'v');
+    assert.equal(await b.digest('v'), await a.digest('v'));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('replicate stop while the target site is down: stopped here, and it says how to finish at the target', async () => {
   const [a, b] = await pair('stopdown');
   try {

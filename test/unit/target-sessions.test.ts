@@ -362,3 +362,37 @@ test('chunks written under one sync (group commit) are all dropped when it fails
     assert.ok(!acked(first.frames, (a) => a.chunksStored > 1), 'neither chunk was acknowledged');
     await resumeAndPlayBack(env, ds, 1, 'neither chunk of the failed sync is counted');
   }));
+
+test('a snapshot of the replica is taken between playbacks only: refused without a consistent image or in a playback that keeps failing; none starts while it is taken', async () => {
+  await withEnv({ copyDone: false }, async (env) => {
+    await assert.rejects(env.target.atBoundary(async () => assert.fail('taken')), /holds no consistent image until its initial copy is complete/);
+  });
+  await withEnv({}, async (env) => {
+    // Delta set 1's playback fails after its first chunk: the volume holds part of it.
+    const ds1 = deltaSet(1, 3);
+    const failed = env.failWrite(1);
+    const { conn, frames } = await env.session();
+    send(conn, ds1);
+    await failed;
+    await until('the failed playback has returned', () => env.target.stats.playing === 0);
+    await assert.rejects(env.target.atBoundary(async () => assert.fail('taken'), 300), /in the middle of playing back delta set 1, which keeps failing \(playback of delta set 1 failed/);
+    // Once redone, the image is whole, and that is what is taken.
+    const taken = await env.target.atBoundary(async (image) => ({ image, digest: await env.digest() }), 15_000);
+    assert.deepEqual([taken.image.deltaSet, taken.digest], [1, expectedDigest([ds1.expect])]);
+    // Delta set 2 arrives while a snapshot is being taken: it waits for the snapshot.
+    const ds2 = deltaSet(2, 2);
+    let release!: () => void;
+    const held = env.target.atBoundary(() => new Promise<void>((r) => (release = r)));
+    await until('the snapshot is being taken', () => release !== undefined);
+    send(conn, ds2);
+    await until('delta set 2 sealed', () => acked(frames, (a) => a.sealed && a.deltaSet === 2));
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(env.pair.deltaSetPlayedBack, 1, 'no playback while the snapshot is taken');
+    assert.equal(await env.digest(), expectedDigest([ds1.expect]));
+    release();
+    await held;
+    await until('delta set 2 played back', () => env.pair.deltaSetPlayedBack === 2);
+    assert.equal(await env.digest(), expectedDigest([ds1.expect, ds2.expect]));
+    conn.destroy();
+  });
+});
