@@ -86,7 +86,7 @@ export function createMetrics(site: Site): Registry {
   pairGauge('ferry_replication_lag_blocks', 'Blocks written at the source not yet played back at the target', (p) => p.lagBlocks);
   pairGauge('ferry_replication_bytes_sent_total', 'Bytes sent for this pair (frames included)', (p) => p.bytesSent);
   pairGauge('ferry_replication_bytes_received_total', 'Bytes received for this pair', (p) => p.bytesReceived);
-  pairGauge('ferry_replication_transfer_rate_bytes', 'Bytes per second sent over the last seconds', (p) => p.transferRate);
+  pairGauge('ferry_replication_transfer_rate_bytes', 'Bytes per second over the last 5 s: sent (source) or received (target)', (p) => p.transferRate);
   pairGauge('ferry_replication_delta_set_created', 'Last delta set cut at the source', (p) => p.deltaSetCreated);
   pairGauge('ferry_replication_delta_set_acked', 'Last delta set acknowledged by the target', (p) => p.deltaSetAcked);
   pairGauge('ferry_replication_delta_set_played_back', 'Last delta set played back at the target', (p) => p.deltaSetPlayedBack);

@@ -387,8 +387,13 @@ program
         ['generation', String(info.generation)],
         ['current delta set', String(info.currentDeltaSet)],
         ['current block number', String(info.currentChunk)],
-        ['delta sets', `created ${info.deltaSetCreated}, sent ${info.deltaSetSent}, acked ${info.deltaSetAcked}, played back ${info.deltaSetPlayedBack}`],
-        ['transfer rate', `${formatSize(info.transferRate)}/s current, ${formatSize(info.averageTransferRate)}/s average`],
+        [
+          'delta sets',
+          info.role === 'source'
+            ? `created ${info.deltaSetCreated}, sent ${info.deltaSetSent}, acked ${info.deltaSetAcked}, played back ${info.deltaSetPlayedBack}`
+            : `created ${info.deltaSetCreated} (at the source, as it last said), received ${info.deltaSetReceived}, played back ${info.deltaSetPlayedBack}`,
+        ],
+        ['transfer rate', `${formatSize(info.transferRate)}/s current, ${formatSize(info.averageTransferRate)}/s average (${info.role === 'source' ? 'sent' : 'received'})`],
         ['lag', `${info.lagSeconds}s, ${info.blocksDifferent} blocks different`],
         [info.initialCopy.catchUp ? 'catch-up copy' : info.recovery ? 'last copy' : 'initial copy', describeCopy(info.initialCopy)],
         ['save volume', `${formatSize(info.saveVolume.usedBytes)} of ${formatSize(info.saveVolume.capacityBytes)} used${info.saveVolume.full ? ' (FULL: tracking in the bitmap)' : ''}`],

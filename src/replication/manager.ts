@@ -339,7 +339,7 @@ export class ReplicationManager {
       // Delta sets cut but not yet here hold older writes, of a time not known here.
       oldestUnsentWriteMs: st && st.sourceDeltaSetCreated > pair.deltaSetReceived ? 0 : st?.sourceOldestUnsentWriteMs,
       sourceNowMs: heard ? st.lastSourceNowMs + (now - st.lastSourceHeardLocalMs) : now,
-      rates: { current: 0, average: 0 },
+      rates: target?.rates() ?? { current: 0, average: 0 },
       saveVolume: { ...(target?.saveVolume ?? { usedBytes: 0, capacityBytes: pair.saveVolumeBytes }), full: st?.saveVolumeFull ?? false },
       connected: st?.connected ?? false,
       retries: 0,
@@ -347,7 +347,7 @@ export class ReplicationManager {
       ioErrors: st?.ioErrors ?? 0,
       lastError: st?.lastError ?? '',
       failing: st ? [st.failing.receive, st.failing.copy, st.failing.playback].filter((f) => f !== '').join('; ') : '',
-      currentDeltaSet: st?.sourceDeltaSetCreated ?? 0,
+      currentDeltaSet: Math.max(st?.sourceDeltaSetCreated ?? 0, pair.deltaSetReceived),
       currentChunk: 0,
     };
   }

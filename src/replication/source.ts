@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { type Clock, Waker } from '../lib/clock.js';
+import { RateMeter } from '../lib/rate.js';
 import { crc32c, crc32cCombine } from '../lib/checksum.js';
 import { FerryError, assert, isFerryError } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
@@ -121,9 +122,7 @@ export class SourceReplicator {
   private copier: CopyRunner | undefined;
   private connection: RcpConnection | undefined;
   private previousCutMs: number;
-  private rateWindow: { atMs: number; bytes: number }[] = [];
-  private sendingSinceMs = 0;
-  private sentBytesTotal = 0;
+  private readonly sent: RateMeter;
 
   /** Blocks of the delta set being built, from the switch until its mailbox row is written. */
   private buildingBlocks = 0;
@@ -137,6 +136,7 @@ export class SourceReplicator {
     const head = retained.reduce((h, d) => Math.max(h, d.endLsn), 0);
     const tail = retained.length > 0 ? Math.min(...retained.map((d) => d.startLsn)) : head;
     this.ring = new RingSpace(pair.saveVolumeBytes, head, tail);
+    this.sent = new RateMeter(deps.clock);
     this.trigger = new DeltaSetTrigger({ intervalMs: pair.intervalMs, highWaterBytes: pair.highWaterBytes }, deps.clock.now());
     this.previousCutMs = retained.at(-1)?.createdAtMs ?? deps.clock.now();
     this.stats.saveVolumeUsedBytes = this.ring.usedBytes;
@@ -726,7 +726,7 @@ export class SourceReplicator {
         countSent: (bytes) => this.countSent(bytes),
       });
       try {
-        if (this.sendingSinceMs === 0) this.sendingSinceMs = this.deps.clock.now();
+        this.sent.start();
         if (await this.copier.run()) this.markCopied();
       } catch (err) {
         this.stats.lastError = (err as Error).message;
@@ -747,21 +747,13 @@ export class SourceReplicator {
   // ---- bookkeeping -------------------------------------------------------------------
 
   private countSent(bytes: number): void {
-    const now = this.deps.clock.now();
     this.pair.bytesSent += bytes;
-    this.sentBytesTotal += bytes;
-    if (this.sendingSinceMs === 0) this.sendingSinceMs = now;
-    this.rateWindow.push({ atMs: now, bytes });
-    while (this.rateWindow.length > 0 && now - (this.rateWindow[0] as { atMs: number }).atMs > 5000) this.rateWindow.shift();
+    this.sent.count(bytes);
   }
 
-  /** Bytes per second over the last 5 s, and since the sender started. */
+  /** Bytes per second sent over the last 5 s, and since the sender started. */
   rates(): { current: number; average: number } {
-    const now = this.deps.clock.now();
-    while (this.rateWindow.length > 0 && now - (this.rateWindow[0] as { atMs: number }).atMs > 5000) this.rateWindow.shift();
-    const windowBytes = this.rateWindow.reduce((s, r) => s + r.bytes, 0);
-    const elapsed = this.sendingSinceMs > 0 ? Math.max(1, now - this.sendingSinceMs) : 0;
-    return { current: windowBytes / 5, average: elapsed > 0 ? (this.sentBytesTotal * 1000) / elapsed : 0 };
+    return this.sent.rates();
   }
 
   private unexpected(frame: Frame): void {

@@ -37,7 +37,7 @@ export interface PairStatusView {
   lagSeconds: number;
   bytesSent: number;
   bytesReceived: number;
-  /** Bytes per second over the last few seconds. */
+  /** Bytes per second over the last 5 s: sent (source) or received (target). */
   transferRate: number;
   averageTransferRate: number;
   /** The pair's current or last copy (the new remote copy, a resync's blocks, or a catch-up, rule 8): progress, and when it started and ended (ISO 8601). */

@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { type Clock, Waker } from '../lib/clock.js';
+import { RateMeter } from '../lib/rate.js';
 import { crc32c, crc32cSuffix } from '../lib/checksum.js';
 import { runLimited } from '../lib/concurrency.js';
 import { FerryError, assert } from '../lib/errors.js';
@@ -172,6 +173,8 @@ export class TargetReplica {
   };
   /** Blocks written at the source that are not here, as far as its heartbeats tell. */
   readonly unreceived = new UnreceivedBlocks();
+  /** Delta-set chunks and copy pieces arriving. */
+  private readonly received: RateMeter;
   private ring: RingSpace;
   private receiving: ReceiveLedger;
   /** Save-volume space of the chunks written and waiting for their sync, oldest first (given back if it fails). */
@@ -210,6 +213,7 @@ export class TargetReplica {
   private hostsAllowed = false;
 
   private constructor(private readonly deps: TargetDeps) {
+    this.received = new RateMeter(deps.clock);
     deps.pair.initialCopy.copyId ??= 1;
     this.copyApplied = deps.pair.initialCopy.cursorBlock;
     this.copyFlushedAtMs = this.copyRecordedAtMs = deps.clock.now();
@@ -410,6 +414,8 @@ export class TargetReplica {
   private async handleCopy(connection: RcpConnection, pipeline: CopyPipeline, frame: Frame): Promise<void> {
     switch (frame.type) {
       case ReplFrame.CopyData: {
+        this.deps.pair.bytesReceived += frame.payload.length;
+        this.received.count(frame.payload.length);
         // The piece gives its payload's buffer back itself, once written.
         const release = frame.release;
         frame.release = undefined;
@@ -698,6 +704,7 @@ export class TargetReplica {
     this.receiving.written({ lsn, blocks: chunk.extents.reduce((s, e) => s + e.count, 0), dataBytes: chunk.data.length }, chunkDataCrc);
     this.unsyncedSpace.push({ lsn, span, previousHead });
     pair.bytesReceived += payload.length;
+    this.received.count(payload.length);
     // The next chunk is already here: it is written before the sync that covers both.
     if (chunkQueued && this.unsyncedSpace.length < chunksPerSyncMax) return;
     await this.commitChunks(connection);
@@ -1013,6 +1020,11 @@ export class TargetReplica {
       this.playbackHeld--;
       this.playbackWaker.signal();
     }
+  }
+
+  /** Bytes per second received over the last 5 s, and since the first arrived. */
+  rates(): { current: number; average: number } {
+    return this.received.rates();
   }
 
   /** Delta sets received and not played back. */

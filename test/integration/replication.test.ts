@@ -90,6 +90,13 @@ test('new remote copy while the source is written, then delta sets: digests equa
     assert.ok(s.deltaSetCreated >= 2, `delta sets created: ${s.deltaSetCreated}`);
     assert.equal(t.deltaSetPlayedBack, s.deltaSetCreated);
     assert.ok(s.bytesSent > 0 && t.bytesReceived > 0);
+    // What the target received, the copy's pieces included, and at what rate.
+    assert.ok(t.bytesReceived >= s.initialCopy.bytes && t.bytesReceived <= s.bytesSent, `received ${t.bytesReceived}, sent ${s.bytesSent}`);
+    assert.ok(t.averageTransferRate > 0);
+    const targetInfo = await b.cli(['info', 'db']);
+    assert.match(targetInfo.stdout, new RegExp(`^delta sets:\\s+created ${s.deltaSetCreated} \\(at the source, as it last said\\), received ${s.deltaSetCreated}, played back ${s.deltaSetCreated}$`, 'm'));
+    assert.match(targetInfo.stdout, new RegExp(`^current delta set:\\s+${s.deltaSetCreated}$`, 'm'));
+    assert.match(targetInfo.stdout, /^transfer rate:\s+\S+\/s current, \S+\/s average \(received\)$/m);
     // Only valid extents were copied, not the whole 32 MiB.
     assert.ok(s.initialCopy.bytes < size / 2, `initial copy sent ${s.initialCopy.bytes} bytes`);
 

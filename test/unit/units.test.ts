@@ -45,3 +45,17 @@ test('host:port parses, including IPv6 and port 0', () => {
     assert.throws(() => parseHostPort(bad), (err) => isFerryError(err, 'INVALID_ADDRESS'), bad);
   }
 });
+
+test('a transfer rate: bytes per second over the last 5 s, and on average since the start', async () => {
+  const { RateMeter } = await import('../../src/lib/rate.js');
+  let now = 1_000_000;
+  const meter = new RateMeter({ now: () => now, sleep: async () => undefined });
+  assert.deepEqual(meter.rates(), { current: 0, average: 0 });
+  meter.start();
+  now += 5_000;
+  meter.count(10_000_000);
+  assert.deepEqual(meter.rates(), { current: 2_000_000, average: 2_000_000 });
+  // Quiet for 10 s: nothing now, half of it on average.
+  now += 10_000;
+  assert.deepEqual(meter.rates(), { current: 0, average: 10_000_000 / 15 });
+});
