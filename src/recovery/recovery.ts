@@ -1,6 +1,7 @@
 import { rm, stat, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BufferPool } from '../lib/buffer-pool.js';
+import { RateMeter } from '../lib/rate.js';
 import { FerryError } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
@@ -113,7 +114,11 @@ export class Recovery {
   /** Volumes whose role change waits for the source's last delta set (failover --sync). */
   private readonly awaitingLastDeltaSet = new Set<string>();
   private readonly background = new Map<string, Promise<void>>();
-  private readonly copiers = new Map<string, CopyRunner>();
+  /**
+   * Full copies of resyncs under way (E FIG. 28 step 536; no source is open meanwhile):
+   * the record each works from, which status shows, and a moved peer is noted in.
+   */
+  readonly fullCopies = new Map<string, { pair: PairRecord; copier: CopyRunner; sent: RateMeter }>();
   private closed = false;
 
   constructor(private readonly m: ReplicationManager) {
@@ -147,7 +152,7 @@ export class Recovery {
 
   async close(): Promise<void> {
     this.closed = true;
-    for (const c of this.copiers.values()) c.close();
+    for (const c of this.fullCopies.values()) c.copier.close();
     await Promise.allSettled([...this.background.values()]);
   }
 
@@ -484,6 +489,7 @@ export class Recovery {
       }
       const volumeInfo = volumes.get(volume);
       const image = snapshots.exportView(volume, i1);
+      const sent = new RateMeter(this.m.deps.clock);
       const copier = new CopyRunner({
         pair,
         clock: this.m.deps.clock,
@@ -493,14 +499,16 @@ export class Recovery {
         persist: () => this.m.catalog.putPair(pair),
         countSent: (bytes) => {
           pair.bytesSent += bytes;
+          sent.count(bytes);
         },
       });
-      this.copiers.set(volume, copier);
+      sent.start();
+      this.fullCopies.set(volume, { pair, copier, sent });
       let done: boolean;
       try {
         done = await copier.run();
       } finally {
-        this.copiers.delete(volume);
+        this.fullCopies.delete(volume);
       }
       if (!done) return;
       r.phase = 'resync';

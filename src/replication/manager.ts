@@ -328,6 +328,28 @@ export class ReplicationManager {
         currentChunk: st.currentChunk,
       };
     }
+    const full = this.recovery.fullCopies.get(pair.volume);
+    if (full) {
+      // A resync's full copy: nothing else runs for the pair meanwhile.
+      const st = full.copier.stats;
+      return {
+        nowMs: now,
+        sourceHeardMs: undefined,
+        dirtyBlocks: 0,
+        oldestUnsentWriteMs: undefined,
+        sourceNowMs: now,
+        rates: full.sent.rates(),
+        saveVolume: { usedBytes: 0, capacityBytes: pair.saveVolumeBytes, full: false },
+        connected: st.connected,
+        retries: st.retries,
+        corruptFrames: st.rewinds,
+        ioErrors: 0,
+        lastError: st.lastError,
+        failing: st.failing,
+        currentDeltaSet: pair.deltaSetCreated,
+        currentChunk: 0,
+      };
+    }
     const target = this.targets.get(pair.volume);
     const st = target?.stats;
     const heard = st && st.lastSourceHeardLocalMs > 0;
@@ -377,7 +399,8 @@ export class ReplicationManager {
     this.deps.volumes.record(volumeName);
     const pair = this.catalog.getPair(volumeName);
     if (!pair) throw new FerryError('NOT_FOUND', `volume ${volumeName} is not replicated`);
-    return this.sources.get(volumeName)?.pair ?? this.targets.get(volumeName)?.pair ?? pair;
+    // The record the work under way holds: status and changes go to it.
+    return this.sources.get(volumeName)?.pair ?? this.targets.get(volumeName)?.pair ?? this.recovery.fullCopies.get(volumeName)?.pair ?? pair;
   }
 
   requireSource(volumeName: string): SourceReplicator {

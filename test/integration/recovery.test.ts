@@ -7,6 +7,7 @@ import { promisify } from 'node:util';
 import assert from 'node:assert/strict';
 import { TestSite } from '../helpers/site.js';
 import { pairStatus, waitFor, waitInSync, type PairStatus } from '../helpers/replication.js';
+import { FaultProxy, noFaults } from '../helpers/fault-proxy.js';
 
 const MiB = 1024 * 1024;
 const bs = 8192;
@@ -506,6 +507,53 @@ test('resync falls back to a full copy, with a warning and a status flag, when t
     assert.equal(await b.digest('db'), sha(bImage));
     assert.ok(sb.recovery?.discardSnapshot, 'the old source was snapshotted before being overwritten');
   } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('the old source moves during a full-copy resync: set-peer at the new source, and the copy carries on at the new address', async () => {
+  const [a, b] = await sites('fbmove');
+  // A is reached through a proxy at first (it advertises the proxy's URL): its "old address".
+  const proxy = new FaultProxy(a.host, a.port, 11);
+  await proxy.start();
+  try {
+    a.advertise = proxy.url;
+    await a.restart();
+    const size = 32 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    assert.equal((await pairStatus(b, 'db')).peer, proxy.url);
+    await unshippedDeltaSets(a, image, 2, new Set());
+    const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/db')).body.id;
+    await a.kill('SIGKILL');
+    await rm(join(a.dir, 'replication', volumeId, 'save.journal'), { force: true });
+    assert.equal((await b.cli(['failover', 'db'])).code, 0);
+    await writeApi(b, Buffer.from(image), 10);
+    await a.start();
+    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+    // The old address is slow past each connection's first MiB (the resync's request and
+    // answer pass), then gone: the full copy is under way there when A moves.
+    proxy.plan = { ...noFaults, cleanBytes: MiB, stallProbability: 1, stallMs: 100 };
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    await waitFor('the full copy to be under way', async () => (await pairStatus(b, 'db')).recovery?.phase === 'resync-full', 10_000);
+    await proxy.close();
+    // The copy cannot go on, and status says so.
+    const stuck = await waitFor('B to say the copy is not moving', async () => {
+      const s = await pairStatus(b, 'db');
+      return /the copy is not moving/.test(s.failing) ? s : undefined;
+    }, 30_000);
+    assert.equal(stuck.health, 'error');
+    assert.equal(stuck.connected, false);
+    assert.ok(stuck.retries >= 3);
+    assert.ok(stuck.initialCopy.percent < 100);
+    const moved = await b.cli(['replicate', 'set-peer', 'db', '--to', a.url]);
+    assert.equal(moved.code, 0, moved.stderr);
+    const sb = await waitResynced(b, a);
+    assert.equal(sb.recovery?.fullCopy, true);
+    assert.equal(sb.peer, a.url);
+    assert.equal(await a.digest('db'), await b.digest('db'));
+  } finally {
+    await proxy.close();
     await Promise.all([a.destroy(), b.destroy()]);
   }
 });
