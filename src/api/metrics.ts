@@ -113,6 +113,7 @@ export function createMetrics(site: Site): Registry {
   pairGauge('ferry_replication_generation', 'Generation of the pair (incremented by every failover and failback)', (p) => p.generation);
   pairGauge('ferry_recovery_full_copy', '1 if the last resync had to copy the whole volume', (p) => (p.recovery?.fullCopy ? 1 : 0));
   pairGauge('ferry_recovery_discarded_blocks', 'Blocks written at the old source after the restart point, overwritten by the resync (kept in a snapshot)', (p) => p.recovery?.discardedBlocks ?? 0);
+  pairGauge('ferry_recovery_source_ahead_blocks', 'At the last failover: blocks the old source had that were not received here, as it last said (-1: not known)', (p) => (p.recovery?.failedOverAt ? (p.recovery.sourceAhead?.blocks ?? -1) : 0));
   pairGauge('ferry_recovery_resync_blocks', 'Blocks the resync copies (those that differ, or the whole volume)', (p) => p.recovery?.resyncBlocks ?? 0);
   pairGauge('ferry_replication_save_volume_used_bytes', 'Bytes of the save volume holding delta sets', (p) => p.saveVolume.usedBytes);
   pairGauge('ferry_replication_save_volume_full', '1 while the save volume is full (changes tracked in the bitmap)', (p) => (p.saveVolume.full ? 1 : 0));

@@ -296,6 +296,7 @@ test('a failover says what the source had that this site did not receive, and th
     // The status keeps it.
     const ahead = (await pairStatus(b, 'db')).recovery?.sourceAhead;
     assert.deepEqual([ahead?.blocks, ahead?.deltaSets], [touched.size, 0]);
+    assert.match(await (await fetch(`${b.url}/metrics`)).text(), new RegExp(`^ferry_recovery_source_ahead_blocks\\{volume="db"[^}]*\\} ${touched.size}$`, 'm'));
     assert.ok(Date.now() - Date.parse(ahead?.lastHeard ?? '') < 10_000);
     assert.equal(await b.digest('db'), sha(Buffer.alloc(size)), 'B holds the restart point: none of those writes');
     assert.equal((await b.cli(['resync', 'db'])).code, 0);
