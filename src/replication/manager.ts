@@ -17,7 +17,7 @@ import { FrameType, type Frame } from '../transport/frame.js';
 import type { RcpServer } from '../transport/rcp-server.js';
 import { peerAddress, reachableUrl } from '../transport/peer-url.js';
 import { nextPairStatus, initialPairStatus } from './pair-state.js';
-import { ReplFrame, json, type PairCreateBody, type PairOpenBody, type TargetPosition } from './protocol.js';
+import { ReplFrame, json, policyFigure, type PairCreateBody, type PairOpenBody, type TargetPosition } from './protocol.js';
 import { SourceReplicator } from './source.js';
 import type { CopyPlan, PointInTimeImage } from './copy.js';
 import type { SnapshotManager } from '../snapshot/manager.js';
@@ -67,16 +67,10 @@ function checkPolicy(intervalMs: number, highWaterBytes: number): void {
   if (highWaterBytes < 1) throw new FerryError('INVALID_SIZE', 'the high-water mark must be at least 1 byte');
 }
 
-/** A cut-policy figure from a peer: a positive whole number, else 0 (this site's default applies). */
-function policyValue(v: unknown): number {
-  return typeof v === 'number' && Number.isSafeInteger(v) && v > 0 ? v : 0;
-}
-
 /** A pair needs two sites: `url` answered as this one. */
 function notAnotherSite(url: string, siteName: string): FerryError {
   return new FerryError('BAD_REQUEST', `${url} is this site (${siteName}); replication keeps a copy at another site`);
 }
-
 
 /**
  * All pairs of one site: opens them at start (recovery before anyone is let in),
@@ -496,8 +490,8 @@ export class ReplicationManager {
         stateReason: '',
         generation: body.generation,
         // Kept for a failover here: the new source cuts as the old one did.
-        intervalMs: policyValue(body.intervalMs),
-        highWaterBytes: policyValue(body.highWaterBytes),
+        intervalMs: policyFigure(body.intervalMs),
+        highWaterBytes: policyFigure(body.highWaterBytes),
         saveVolumeBytes: targetSaveVolumeBytes(body),
         createdAt: new Date(this.deps.clock.now()).toISOString(),
         initialCopy: { cursorBlock: 0, totalBlocks: body.sizeBytes / blockBytes, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },

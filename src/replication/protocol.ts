@@ -50,6 +50,11 @@ export interface PairCreateBody {
   highWaterBytes?: number;
 }
 
+/** A cut-policy figure a peer sent: a positive whole number, else 0 (not given; the site's default applies). */
+export function policyFigure(v: unknown): number {
+  return typeof v === 'number' && Number.isSafeInteger(v) && v > 0 ? v : 0;
+}
+
 export interface PairOpenBody {
   pairId: string;
   targetVolume: string;

@@ -20,6 +20,7 @@ import {
   decodeChunkFrame,
   decodeCopyFrame,
   json,
+  policyFigure,
   type AckBody,
   type ControlBody,
   type CopyDoneBody,
@@ -786,9 +787,9 @@ export class TargetReplica {
   /** The source's cut policy, kept for a failover here (it may be changed there at any time). */
   private notePolicy(hb: HeartbeatBody): void {
     const { pair } = this.deps;
-    const intervalMs = hb.intervalMs ?? 0;
-    const highWaterBytes = hb.highWaterBytes ?? 0;
-    if (!Number.isSafeInteger(intervalMs) || !Number.isSafeInteger(highWaterBytes) || intervalMs <= 0 || highWaterBytes <= 0) return;
+    const intervalMs = policyFigure(hb.intervalMs);
+    const highWaterBytes = policyFigure(hb.highWaterBytes);
+    if (intervalMs === 0 || highWaterBytes === 0) return;
     if (intervalMs === pair.intervalMs && highWaterBytes === pair.highWaterBytes) return;
     pair.intervalMs = intervalMs;
     pair.highWaterBytes = highWaterBytes;
