@@ -341,11 +341,15 @@ program
 program
   .command('status [volume]')
   .description('one line per replication pair')
-  .action(async (volume: string | undefined, _opts: unknown, cmd: Command) => {
-    const list = await client(cmd).get<PairStatusView[]>(volume ? `/api/v1/status/${encodeURIComponent(volume)}` : '/api/v1/status');
+  .option('-x, --problems', 'only the pairs whose health is not ok; exit status 1 if there are any (for monitoring scripts)')
+  .action(async (volume: string | undefined, opts: { problems?: boolean }, cmd: Command) => {
+    const all = await client(cmd).get<PairStatusView[]>(volume ? `/api/v1/status/${encodeURIComponent(volume)}` : '/api/v1/status');
+    const list = opts.problems ? all.filter((p) => p.health !== 'ok') : all;
     print(cmd, list, () =>
       list.length === 0
-        ? 'no replication pairs'
+        ? opts.problems
+          ? `all ${all.length} replication pair(s) are healthy`
+          : 'no replication pairs'
         : table(
             ['VOLUME', 'ROLE', 'PEER', 'HEALTH', 'STATE', 'GEN', 'CREATED', 'ACKED', 'PLAYED', 'LAG', 'LAG BLOCKS', 'RATE', 'REASON'],
             list.map((p) => [
@@ -370,6 +374,10 @@ program
             ]),
           ),
     );
+    if (opts.problems && list.length > 0) {
+      const errors = list.filter((p) => p.health === 'error').length;
+      throw new FerryError('UNHEALTHY', `${list.length} replication pair(s) need attention (${errors} error, ${list.length - errors} warning)`);
+    }
   });
 
 program

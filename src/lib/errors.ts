@@ -34,6 +34,8 @@ export type ErrorCode =
   | 'EXPORT_REFUSED'
   | 'CHECKSUM_MISMATCH'
   | 'UNAVAILABLE'
+  /** `ferry status -x`: pairs need attention (the CLI's exit status; never an API answer). */
+  | 'UNHEALTHY'
   | 'STALE_GENERATION'
   | 'INTERNAL';
 
@@ -68,6 +70,7 @@ const httpStatusByCode: Record<ErrorCode, number> = {
   EXPORT_REFUSED: 409,
   CHECKSUM_MISMATCH: 400,
   UNAVAILABLE: 503,
+  UNHEALTHY: 503,
   STALE_GENERATION: 409,
   INTERNAL: 500,
 };

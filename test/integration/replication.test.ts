@@ -475,6 +475,11 @@ test('target unreachable: Suspend (failure) with the reason, then resumes by its
     assert.equal(row?.[3], 'error');
     assert.deepEqual((await renderDashboard(a.url)).classes.pairs?.[0]?.slice(3, 5), ['err', 'err']);
     assert.match((await a.cli(['status'])).stdout, /^v\s+source\s+\S+\s+error\s+suspended\s+(\S+\s+){7}.*target unreachable/m);
+    // A monitoring script's check: only the pairs needing attention, and a failing exit status.
+    const check = await a.cli(['status', '-x']);
+    assert.equal(check.code, 1);
+    assert.match(check.stdout, /^v\s+source\s+\S+\s+error\s/m);
+    assert.equal(check.stderr, 'ferry: UNHEALTHY: 1 replication pair(s) need attention (1 error, 0 warning)\n');
     // The peer comes back on the same address.
     const { createServer, connect } = await import('node:net');
     const relay = createServer((c) => {
@@ -488,6 +493,8 @@ test('target unreachable: Suspend (failure) with the reason, then resumes by its
       await waitInSync(a, b, 'v', 'v', 60_000);
       const back = await pairStatus(a, 'v');
       assert.deepEqual([back.state, back.health], ['duplex', 'ok']);
+      const check = await a.cli(['status', '--problems']);
+      assert.deepEqual([check.code, check.stdout], [0, 'all 1 replication pair(s) are healthy\n']);
       assert.equal(await b.digest('v'), await a.digest('v'));
     } finally {
       relay.close();
