@@ -61,7 +61,10 @@ async function refresh() {
       const tr = document.createElement('tr');
       const copy = p.initialCopy.done ? 'done' : p.initialCopy.percent + '%' + (p.initialCopy.etaSeconds === null ? '' : ', ' + p.initialCopy.etaSeconds + ' s left') + (p.initialCopy.catchUp ? ' (catch-up)' : '');
       const build = p.lastBuild ? (p.lastBuild.buildMs / 1000).toFixed(1) + ' s for ' + p.lastBuild.blocks + ' blocks' + (p.lastBuild.slowerThanInterval ? ' — LONGER than the interval' : '') : '-';
-      const recovery = p.recovery ? p.recovery.phase + (p.recovery.fullCopy ? ', full copy' : '') : '-';
+      const r = p.recovery;
+      const recovery = r
+        ? r.phase + (r.fullCopy ? ', full copy' : '') + (r.sourceAhead && r.sourceAhead.blocks > 0 ? ', ' + r.sourceAhead.blocks + ' blocks not taken over' : '') + (r.discardedBlocks ? ', ' + r.discardedBlocks + ' blocks discarded (snapshot ' + r.discardSnapshot + ')' : '')
+        : '-';
       const health = p.health === 'error' ? 'err' : p.health === 'warning' ? 'warn' : '';
       tr.append(
         cell(p.volume), cell(p.role), cell(p.peerSite + ' / ' + p.peerVolume), cell(p.health, health), cell(p.reason ? p.state + ': ' + p.reason : p.state, health),

@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { TestSite } from '../helpers/site.js';
 import { pairStatus, waitFor, waitInSync, type PairStatus } from '../helpers/replication.js';
 import { FaultProxy, noFaults } from '../helpers/fault-proxy.js';
+import { renderDashboard } from '../helpers/dashboard.js';
 
 const MiB = 1024 * 1024;
 const bs = 8192;
@@ -302,6 +303,9 @@ test('a failover says what the source had that this site did not receive, and th
     assert.equal((await b.cli(['resync', 'db'])).code, 0);
     await waitResynced(b, a);
     assert.equal((await pairStatus(b, 'db')).recovery?.discardedBlocks, touched.size);
+    // The dashboard shows both figures beside the phase.
+    const [row] = (await renderDashboard(b.url)).tables.pairs ?? [];
+    assert.equal(row?.[11], `resynced, ${touched.size} blocks not taken over, ${touched.size} blocks discarded (snapshot ferry-discarded-g2)`);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
