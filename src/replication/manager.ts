@@ -24,6 +24,7 @@ import type { SnapshotManager } from '../snapshot/manager.js';
 import { infoView, pairStatusView, type InfoView, type LiveFigures, type PairStatusView } from './status.js';
 import { TargetReplica } from './target.js';
 import { Recovery, type FailoverResult } from '../recovery/recovery.js';
+import { describeRecovery } from '../recovery/plan.js';
 
 export const intervalMsDefault = 10_000;
 export const highWaterBytesDefault = 64 * 1024 * 1024;
@@ -65,6 +66,12 @@ export interface ManagerDeps {
 function checkPolicy(intervalMs: number, highWaterBytes: number): void {
   if (intervalMs < 100) throw new FerryError('INVALID_DURATION', 'the interval must be at least 100ms');
   if (highWaterBytes < 1) throw new FerryError('INVALID_SIZE', 'the high-water mark must be at least 1 byte');
+}
+
+/** Why a command for a running source cannot be carried out here. */
+function notReplicatingHere(pair: PairRecord): FerryError {
+  if (pair.role === 'target') return new FerryError('BAD_REQUEST', `volume ${pair.volume} is the target of its pair; run this at the source site (${pair.peerSiteName})`);
+  return new FerryError('BAD_REQUEST', `replication of ${pair.volume} is not running here now: ${describeRecovery(pair) || pair.stateReason || pair.state}`);
 }
 
 /** A pair needs two sites: `url` answered as this one. */
@@ -250,13 +257,23 @@ export class ReplicationManager {
     return { access, ...(targetNotTold !== undefined ? { targetNotTold: { site: pair.peerSiteName, url: pair.peerUrl, volume: pair.peerVolume, reason: targetNotTold } } : {}) };
   }
 
-  /** `ferry replicate set`: the source's cut policy, changed on a running pair. */
+  /**
+   * `ferry replicate set`: the source's cut policy, changed on a running pair, or kept
+   * for when replication runs again (a new source waiting for its resync).
+   */
   setPolicy(volumeName: string, policy: { intervalMs?: number; highWaterBytes?: number }): void {
-    const source = this.requireSource(volumeName);
-    const intervalMs = policy.intervalMs ?? source.pair.intervalMs;
-    const highWaterBytes = policy.highWaterBytes ?? source.pair.highWaterBytes;
+    const pair = this.requirePair(volumeName);
+    const source = this.sources.get(volumeName);
+    if (!source && (pair.role !== 'source' || pair.recovery?.phase === 'fenced')) throw notReplicatingHere(pair);
+    const intervalMs = policy.intervalMs ?? pair.intervalMs;
+    const highWaterBytes = policy.highWaterBytes ?? pair.highWaterBytes;
     checkPolicy(intervalMs, highWaterBytes);
-    source.setPolicy({ intervalMs, highWaterBytes });
+    if (source) source.setPolicy({ intervalMs, highWaterBytes });
+    else {
+      pair.intervalMs = intervalMs;
+      pair.highWaterBytes = highWaterBytes;
+      this.catalog.putPair(pair);
+    }
     this.deps.log.info({ volume: volumeName, intervalMs, highWaterBytes }, 'cut policy changed');
   }
 
@@ -400,7 +417,7 @@ export class ReplicationManager {
   requireSource(volumeName: string): SourceReplicator {
     const pair = this.requirePair(volumeName);
     const source = this.sources.get(volumeName);
-    if (!source) throw new FerryError('BAD_REQUEST', `volume ${volumeName} is the ${pair.role} of its pair; run this at the source site`);
+    if (!source) throw notReplicatingHere(pair);
     return source;
   }
 

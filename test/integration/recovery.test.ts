@@ -300,8 +300,14 @@ test('a failover says what the source had that this site did not receive, and th
     assert.match(await (await fetch(`${b.url}/metrics`)).text(), new RegExp(`^ferry_recovery_source_ahead_blocks\\{volume="db"[^}]*\\} ${touched.size}$`, 'm'));
     assert.ok(Date.now() - Date.parse(ahead?.lastHeard ?? '') < 10_000);
     assert.equal(await b.digest('db'), sha(Buffer.alloc(size)), 'B holds the restart point: none of those writes');
+    // Until the resync, neither site replicates, and each says why; the new source's policy can be set meanwhile.
+    assert.match((await b.cli(['replicate', 'pause', 'db'])).stderr, /^ferry: BAD_REQUEST: replication of db is not running here now: failed over at generation 2 .*run "ferry resync db" here once ahead-a is back\n$/);
+    assert.match((await a.cli(['replicate', 'delta', 'db'])).stderr, /^ferry: BAD_REQUEST: replication of db is not running here now: failed over to ahead-b; this copy is read-only until "ferry resync" is run there\n$/);
+    assert.match((await a.cli(['replicate', 'set', 'db', '--interval', '1s'])).stderr, /not running here now: failed over to ahead-b/);
+    assert.equal((await b.cli(['replicate', 'set', 'db', '--interval', '300ms'])).code, 0);
     assert.equal((await b.cli(['resync', 'db'])).code, 0);
     await waitResynced(b, a);
+    assert.match((await b.cli(['info', 'db'])).stdout, /^policy:\s+interval 300ms, high water 1G$/m);
     assert.equal((await pairStatus(b, 'db')).recovery?.discardedBlocks, touched.size);
     // The dashboard shows both figures beside the phase.
     const [row] = (await renderDashboard(b.url)).tables.pairs ?? [];

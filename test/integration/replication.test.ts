@@ -611,7 +611,7 @@ test('replicate set changes when a running pair cuts; the target keeps the polic
     // Bad or missing values change nothing; the target does not set the source's policy.
     assert.match((await a.cli(['replicate', 'set', 'v', '--interval', '50ms'])).stderr, /INVALID_DURATION/);
     assert.match((await a.cli(['replicate', 'set', 'v'])).stderr, /give --interval, --high-water or both/);
-    assert.match((await b.cli(['replicate', 'set', 'v', '--interval', '1s'])).stderr, /run this at the source site/);
+    assert.match((await b.cli(['replicate', 'set', 'v', '--interval', '1s'])).stderr, /is the target of its pair; run this at the source site \(policy-a\)/);
     const set = await a.cli(['replicate', 'set', 'v', '--interval', '200ms']);
     assert.equal(set.code, 0, set.stderr);
     assert.equal(set.stdout.trim(), 'v: a delta set is cut every 200ms or once 1G is modified, whichever comes first');
