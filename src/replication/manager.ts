@@ -74,9 +74,15 @@ function notReplicatingHere(pair: PairRecord): FerryError {
   return new FerryError('BAD_REQUEST', `replication of ${pair.volume} is not running here now: ${describeRecovery(pair) || pair.stateReason || pair.state}`);
 }
 
-/** A pair needs two sites: `url` answered as this one. */
-function notAnotherSite(url: string, siteName: string): FerryError {
-  return new FerryError('BAD_REQUEST', `${url} is this site (${siteName}); replication keeps a copy at another site`);
+/**
+ * A pair needs two sites: `url` answered with this site's id. It is this site, or a copy
+ * of its directory (a cloned machine), which must be made a site of its own first.
+ */
+function notAnotherSite(url: string, self: PeerIdentity): FerryError {
+  return new FerryError(
+    'BAD_REQUEST',
+    `${url} answers as this site (${self.siteName}, id ${self.siteId}): replication keeps a copy at another site. If it is a copy of this site's directory (a cloned machine), make a site of its own there with "ferry site init" in an empty directory`,
+  );
 }
 
 /**
@@ -177,7 +183,7 @@ export class ReplicationManager {
       };
       const { connection, peer } = await this.connect(options.to);
       try {
-        if (peer.siteId === self.siteId) throw notAnotherSite(options.to, self.siteName);
+        if (peer.siteId === self.siteId) throw notAnotherSite(options.to, self);
         connection.sendJson(ReplFrame.PairCreate as number, create);
         await expectOpenOk(connection);
       } finally {
@@ -395,7 +401,7 @@ export class ReplicationManager {
     if (this.recovery.busy.has(volumeName)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volumeName} is in progress; run this again once it is done`);
     const { connection, peer } = await this.connect(url);
     connection.destroy();
-    if (peer.siteId === this.deps.self.siteId) throw notAnotherSite(url, this.deps.self.siteName);
+    if (peer.siteId === this.deps.self.siteId) throw notAnotherSite(url, this.deps.self);
     if (peer.siteId !== pair.peerSiteId) {
       throw new FerryError('BAD_REQUEST', `the site at ${url} is ${peer.siteName} (${peer.siteId}), not ${pair.peerSiteName} (${pair.peerSiteId}), the other site of ${volumeName}; nothing was changed`);
     }
@@ -469,7 +475,7 @@ export class ReplicationManager {
         throw new FerryError('BAD_REQUEST', `block sizes differ: the source uses ${body.blockBytes} bytes, this site ${blockBytes}`);
       }
       const here = this.deps.self.siteName;
-      if (peer.siteId === this.deps.self.siteId) throw notAnotherSite(body.sourceUrl, here);
+      if (peer.siteId === this.deps.self.siteId) throw notAnotherSite(body.sourceUrl, this.deps.self);
       if (this.catalog.getPair(body.targetVolume)) throw new FerryError('VOLUME_IN_USE', `volume ${body.targetVolume} at ${here} is already part of a replication pair`);
       let record;
       if (volumes.has(body.targetVolume)) {

@@ -517,7 +517,7 @@ test('replicate start refuses what would overwrite without being asked: this sit
     await a.api('POST', '/api/v1/volumes', { name: 'w', size });
     const self = await a.cli(['replicate', 'start', 'v', '--to', a.url, '--target-volume', 'w']);
     assert.notEqual(self.code, 0);
-    assert.match(self.stderr, /^ferry: BAD_REQUEST: http:\/\/\S+ is this site \(refuse-a\); replication keeps a copy at another site\n$/);
+    assert.match(self.stderr, /^ferry: BAD_REQUEST: http:\/\/\S+ answers as this site \(refuse-a, id [0-9a-f-]{36}\): replication keeps a copy at another site. If it is a copy of this site's directory \(a cloned machine\), make a site of its own there with "ferry site init" in an empty directory\n$/);
     assert.equal((await a.api<unknown[]>('GET', '/api/v1/status')).body.length, 0);
     for (const name of ['v', 'w']) assert.equal((await a.api<{ access: string }>('GET', `/api/v1/volumes/${name}`)).body.access, 'read-write');
 
@@ -583,7 +583,7 @@ test('the target site moves: replicate set-peer points the pair at its new addre
     } finally {
       await c.destroy();
     }
-    assert.match((await a.cli(['replicate', 'set-peer', 'v', '--to', a.url])).stderr, /is this site/);
+    assert.match((await a.cli(['replicate', 'set-peer', 'v', '--to', a.url])).stderr, /answers as this site/);
     assert.notEqual((await pairStatus(a, 'v')).peer, b.url);
     const moved = await a.cli(['replicate', 'set-peer', 'v', '--to', b.url]);
     assert.equal(moved.code, 0, moved.stderr);
