@@ -906,8 +906,9 @@ export class Recovery {
       bits.or(file.bitmap);
       await file.close();
       const store = await FileActivityLogStore.open(join(dir, 'activity.log'), activityExtentsMaxDefault);
-      const { recovered } = await ActivityLog.open(store);
+      const { recovered, damaged } = await ActivityLog.open(store);
       await store.close();
+      if (damaged) return full('the activity log is damaged: which blocks had writes in flight is not known');
       const extentBlocks = Math.max(1, Math.floor(extentBytesDefault / volume.blockBytes));
       for (const e of recovered) {
         const first = e * extentBlocks;

@@ -710,9 +710,23 @@ export class ReplicationManager {
     await mkdir(dir, { recursive: true });
     const dirtyPath = join(dir, 'dirty.bitmap');
     const exists = await stat(dirtyPath).then(() => true, () => false);
-    const dirty = exists ? (await BitmapFile.open(dirtyPath, 'fill')).file : await BitmapFile.create(dirtyPath, volume.blockCount);
+    let dirty: BitmapFile;
+    if (exists) {
+      const opened = await BitmapFile.open(dirtyPath, 'fill', volume.blockCount);
+      dirty = opened.file;
+      const { corruptPages, headerRebuilt } = opened.report;
+      if (headerRebuilt || corruptPages.length > 0) {
+        log.warn({ volume: pair.volume, headerRebuilt: headerRebuilt ?? false, pages: corruptPages.length }, 'the change log\'s bitmap is damaged: the blocks it covers are treated as changed and sent again');
+      }
+    } else dirty = await BitmapFile.create(dirtyPath, volume.blockCount);
     const alStore = await FileActivityLogStore.open(join(dir, 'activity.log'), activityExtentsMaxDefault);
-    const { log: al, recovered } = await ActivityLog.open(alStore);
+    const { log: al, recovered, damaged } = await ActivityLog.open(alStore);
+    if (damaged) {
+      // Rule 1: which extents had writes in flight is not known, so every block may have changed.
+      log.warn({ volume: pair.volume }, 'the activity log is damaged: every block is treated as changed and sent again (a catch-up copy if it does not fit a delta set)');
+      dirty.bitmap.setRange(0, volume.blockCount);
+      await dirty.sync();
+    }
     const changeLog = new ChangeLog(volume.blockBytes, dirty, al, () => volume.flush());
     const dirtyBlocks = await changeLog.recover(recovered);
     if (exists) log.info({ volume: pair.volume, dirtyBlocks, hotExtents: recovered.length }, 'change log recovered');

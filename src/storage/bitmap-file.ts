@@ -25,6 +25,8 @@ export type CorruptPagePolicy = 'throw' | 'fill';
 
 export interface BitmapLoadReport {
   corruptPages: number[];
+  /** The header was damaged and the map rebuilt with every bit set ('fill' with a known size). */
+  headerRebuilt?: boolean;
 }
 
 export class BitmapFile {
@@ -54,12 +56,20 @@ export class BitmapFile {
    * superset, right for maps where a false "set" costs work but never data) and
    * reports it so the caller can log it.
    */
-  static async open(path: string, policy: CorruptPagePolicy): Promise<{ file: BitmapFile; report: BitmapLoadReport }> {
+  static async open(path: string, policy: CorruptPagePolicy, expectedBitCount?: number): Promise<{ file: BitmapFile; report: BitmapLoadReport }> {
     const fh = await open(path, 'r+');
     try {
       const header = Buffer.alloc(headerBytes);
       const { bytesRead } = await fh.read(header, 0, headerBytes, 0);
-      const bitCount = decodeHeader(header.subarray(0, bytesRead), path);
+      let bitCount: number;
+      try {
+        bitCount = decodeHeader(header.subarray(0, bytesRead), path);
+      } catch (err) {
+        // A damaged header loses where the pages are: with 'fill' and a known size the
+        // map is rebuilt with every bit set, the conservative superset.
+        if (policy !== 'fill' || expectedBitCount === undefined || (err as FerryError).code !== 'CORRUPT_FILE') throw err;
+        return { file: await BitmapFile.rebuildFull(path, fh, expectedBitCount), report: { corruptPages: [], headerRebuilt: true } };
+      }
       const bitmap = new PagedBitmap(bitCount);
       const corruptPages: number[] = [];
       const pageCount = bitmap.pageCount;
@@ -96,6 +106,17 @@ export class BitmapFile {
       await fh.close();
       throw err;
     }
+  }
+
+  private static async rebuildFull(path: string, fh: FileHandle, bitCount: number): Promise<BitmapFile> {
+    await fh.truncate(0);
+    await fh.write(encodeHeader(bitCount), 0, headerBytes, 0);
+    const bitmap = new PagedBitmap(bitCount);
+    bitmap.setRange(0, bitCount);
+    const file = new BitmapFile(path, fh, bitmap);
+    await file.writeDirty();
+    await fh.datasync();
+    return file;
   }
 
   /** Writes every page changed since the last call (not yet fsynced). Calls are serialised. */

@@ -99,15 +99,22 @@ export class ActivityLog {
     readonly extentsMax: number,
   ) {}
 
-  /** Loads the durable hot set (what was hot at the crash, if there was one). */
-  static async open(store: ActivityLogStore, extentsMax = activityExtentsMaxDefault): Promise<{ log: ActivityLog; recovered: number[] }> {
-    const [a, b] = (await store.readSlots()).map(decodeSlot);
+  /**
+   * Loads the durable hot set (what was hot at the crash, if there was one). `damaged`:
+   * something was written but neither slot is intact, so what was hot is not known and
+   * the owner must treat every extent as hot. (One torn slot is normal: the write that
+   * tore had not been let through yet, and the other slot holds the set before it.)
+   */
+  static async open(store: ActivityLogStore, extentsMax = activityExtentsMaxDefault): Promise<{ log: ActivityLog; recovered: number[]; damaged: boolean }> {
+    const raw = await store.readSlots();
+    const [a, b] = raw.map(decodeSlot);
     const best = a && b ? (a.sequence >= b.sequence ? a : b) : (a ?? b);
     const log = new ActivityLog(store, extentsMax);
     log.sequence = best?.sequence ?? 0;
     const recovered = best?.extents ?? [];
     for (const e of recovered) log.hot.set(e, 0);
-    return { log, recovered };
+    const damaged = best === undefined && raw.some((slot) => slot !== undefined && slot.some((byte) => byte !== 0));
+    return { log, recovered, damaged };
   }
 
   get hotExtents(): number[] {

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -671,6 +671,36 @@ test('snapshots of a replica (backups at the other site) are taken between playb
     assert.ok(taken >= 20, `${taken} snapshots taken`);
     await waitInSync(a, b, 'v');
     assert.equal(await b.digest('v'), await a.digest('v'));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('damaged change-tracking files at the source: the site starts, and every block is sent again, none silently forgotten', async () => {
+  const [a, b] = await pair('track');
+  try {
+    const model = await replicateV(a, b, ['--interval', '1h', '--high-water', '1G']);
+    await a.api('POST', '/api/v1/volumes', { name: 'other', size: MiB });
+    const id = (await a.api<{ id: string }>('GET', '/api/v1/volumes/v')).body.id;
+    for (const file of ['activity.log', 'dirty.bitmap']) {
+      // Writes not yet in any delta set, then a crash, and the file that tracks them is damaged.
+      await writeRandom(a, model, 10);
+      await a.kill('SIGKILL');
+      // The whole activity log (both of its slots), or the bitmap's header and first page.
+      const fh = await open(join(a.dir, 'replication', id, file), 'r+');
+      const bytes = file === 'activity.log' ? (await fh.stat()).size : 8192;
+      await fh.write(randomBytes(bytes), 0, bytes, 0);
+      await fh.close();
+      await a.start();
+      assert.ok(a.logs.some((l) => /is damaged: (every block is|the blocks it covers are) treated as changed/.test(String(l.msg))), `${file}: the damage is logged`);
+      assert.equal((await a.api('GET', '/api/v1/volumes/other')).status, 200, 'the site serves its other volumes');
+      // All 1024 blocks (plus, until the target says so again, a delta set it already played back).
+      const lag = (await pairStatus(a, 'v')).lagBlocks;
+      assert.ok(lag >= 1024, `${file}: every block of v is to be sent again (lag ${lag} blocks)`);
+      assert.equal((await a.cli(['replicate', 'delta', 'v'])).code, 0);
+      await waitInSync(a, b, 'v');
+      assert.equal(await b.digest('v'), model.digest(), `${file}: no write lost`);
+    }
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }

@@ -88,7 +88,25 @@ test('activity log: the newer intact slot wins; a torn newer slot falls back to 
     await fh.close();
     reopened = await ActivityLog.open(await FileActivityLogStore.open(path, 16), 16);
     assert.deepEqual(reopened.recovered, [1, 2]);
+    assert.equal(reopened.damaged, false, 'one torn slot is normal');
     await reopened.log.close();
+    // Both slots damaged: what was hot is not known, and the log says so (not "nothing").
+    const both = await open(path, 'r+');
+    await both.write(Buffer.from([0xee]), 0, 1, 4096 + 17);
+    await both.write(Buffer.from([0xee]), 0, 1, 17);
+    await both.close();
+    reopened = await ActivityLog.open(await FileActivityLogStore.open(path, 16), 16);
+    assert.deepEqual([reopened.recovered, reopened.damaged], [[], true]);
+    // It works on: the next write makes an intact slot, and the next open trusts it.
+    await reopened.log.ensureHot([7]);
+    await reopened.log.close();
+    reopened = await ActivityLog.open(await FileActivityLogStore.open(path, 16), 16);
+    assert.deepEqual([reopened.recovered, reopened.damaged], [[7], false]);
+    await reopened.log.close();
+    // A log never written (a new pair) is not damaged.
+    const fresh = await ActivityLog.open(await FileActivityLogStore.open(join(dir, 'new'), 16), 16);
+    assert.deepEqual([fresh.recovered, fresh.damaged], [[], false]);
+    await fresh.log.close();
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -55,7 +55,7 @@ test('bitmap file round-trips pages and refuses or fills damaged ones', async ()
   }
 });
 
-test('bitmap file with a damaged header is refused', async () => {
+test('bitmap file with a damaged header is refused, or rebuilt with every bit set when its size is known (fill)', async () => {
   const dir = await tempDir();
   try {
     const path = join(dir, 'b.bitmap');
@@ -64,6 +64,14 @@ test('bitmap file with a damaged header is refused', async () => {
     await fh.write(Buffer.from([0xff]), 0, 1, 17);
     await fh.close();
     await assert.rejects(BitmapFile.open(path, 'fill'), (err) => isFerryError(err, 'CORRUPT_FILE'));
+    await assert.rejects(BitmapFile.open(path, 'throw', 100), (err) => isFerryError(err, 'CORRUPT_FILE'));
+    const { file, report } = await BitmapFile.open(path, 'fill', 100);
+    assert.deepEqual([report.headerRebuilt, file.bitmap.count], [true, 100]);
+    await file.close();
+    // Rebuilt durably: it opens cleanly, every bit still set.
+    const again = await BitmapFile.open(path, 'throw');
+    assert.deepEqual([again.report.headerRebuilt, again.file.bitmap.count], [undefined, 100]);
+    await again.file.close();
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
