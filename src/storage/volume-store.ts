@@ -61,8 +61,9 @@ export class VolumeStore {
     for (const record of records) {
       try {
         const volume = await Volume.open(record.name, this.dataPath(record.id), this.allocPath(record.id), record.sizeBytes, record.blockBytes);
-        if (volume.loadReport.corruptPages.length > 0) {
-          this.log.warn({ volume: record.name, pages: volume.loadReport.corruptPages }, 'allocation map pages failed their checksum; treating those blocks as allocated');
+        const { corruptPages, headerRebuilt } = volume.loadReport;
+        if (corruptPages.length > 0 || headerRebuilt) {
+          this.log.warn({ volume: record.name, pages: corruptPages, headerRebuilt: headerRebuilt ?? false }, 'the allocation map is damaged; treating the blocks it covered as allocated');
         }
         this.open.set(record.name, volume);
       } catch (err) {

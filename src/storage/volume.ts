@@ -118,7 +118,8 @@ export class Volume {
         // A resize interrupted between the file and the catalog: the catalog decides.
         await fh.truncate(sizeBytes);
       }
-      const { file: alloc, report } = await BitmapFile.open(allocPath, 'fill');
+      // A damaged map reads as "every block allocated": reads then come from the file itself.
+      const { file: alloc, report } = await BitmapFile.open(allocPath, 'fill', sizeBytes / blockBytes);
       if (alloc.bitmap.bitCount !== sizeBytes / blockBytes) await alloc.resize(sizeBytes / blockBytes);
       return new Volume(name, path, blockBytes, sizeBytes, fh, alloc, report);
     } catch (err) {

@@ -121,6 +121,15 @@ test('volume I/O: odd offsets, bounds, zeroes, trim, block status, reopen', asyn
     assert.deepEqual(await reopened.read(0, 64 * bs), before);
     assert.equal(reopened.allocation.get(2), true);
     await reopened.close();
+    // A damaged allocation map's header: the volume opens with every block allocated, its data intact.
+    const fh = await open(join(dir, 'v.alloc'), 'r+');
+    await fh.write(Buffer.from([0xff]), 0, 1, 17);
+    await fh.close();
+    const damaged = await Volume.open('v', join(dir, 'v.img'), join(dir, 'v.alloc'), 64 * bs, bs);
+    assert.equal(damaged.loadReport.headerRebuilt, true);
+    assert.equal(damaged.allocation.count, 64);
+    assert.deepEqual(await damaged.read(0, 64 * bs), before);
+    await damaged.close();
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
