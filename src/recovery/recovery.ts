@@ -5,7 +5,7 @@ import { RateMeter } from '../lib/rate.js';
 import { FerryError } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
-import { BitmapFile, readBitmapFile, writeBitmapFile } from '../storage/bitmap-file.js';
+import { BitmapFile, readWorkBitmap, writeBitmapFile } from '../storage/bitmap-file.js';
 import { JournalFile, JournalRecordType } from '../storage/journal.js';
 import type { PairRecord, RecoveryRecord, FailoverMode, SourceAhead } from '../storage/replication-catalog.js';
 import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '../tracking/activity-log.js';
@@ -524,7 +524,7 @@ export class Recovery {
     if (!(await exists(this.m.copyBitmapPath(pair))) || pair.initialCopy.snapshot !== i2) {
       const point = await this.takeIntermediatePoint(pair, rr.fullCopy ? i1 : (rr.restartSnapshot as string));
       try {
-        if (!rr.fullCopy) point.differ.or(await readBitmapFile(join(dir, 'undo.bitmap')));
+        if (!rr.fullCopy) point.differ.or(await this.readUndoList(volume, join(dir, 'undo.bitmap')));
         await this.planIntermediateCopy(pair, point.differ);
         pair.state = 'initial-copying';
         pair.stateReason = describeRecovery(pair);
@@ -626,6 +626,15 @@ export class Recovery {
     pair.stateReason = '';
     this.m.catalog.putPair(pair);
     this.log.info({ volume: pair.volume, blocks: r.resyncBlocks, fullCopy: r.fullCopy ?? false, bytes: pair.initialCopy.bytes }, 'resync complete');
+  }
+
+  /** An undo list kept on disk; damage widens it to every block it covered (copied again, never missed). */
+  private async readUndoList(volume: string, path: string): Promise<PagedBitmap> {
+    const { bits, report } = await readWorkBitmap(path, this.m.deps.volumes.get(volume).blockCount);
+    if (report.headerRebuilt || report.corruptPages.length > 0) {
+      this.log.warn({ volume, headerRebuilt: report.headerRebuilt ?? false, pages: report.corruptPages.length }, 'the resync\'s undo list is damaged: the blocks it covered are all copied again');
+    }
+    return bits;
   }
 
   /** Deletes a snapshot the recovery made if it is still there; a failure is logged, not raised. */
@@ -869,7 +878,7 @@ export class Recovery {
       target.start();
     }
     const { body: record } = await readChecksummedJson<UndoRecord>(recordPath, undoMagic, 1);
-    const undo = await readBitmapFile(undoPath);
+    const undo = await this.readUndoList(pair.volume, undoPath);
     const runs = [...undo.runs()];
     const frames = Math.ceil(runs.length / runsPerFrame);
     const reply: ResyncReply = { ...record, undoBlocks: undo.count, frames };
@@ -916,7 +925,7 @@ export class Recovery {
       }
       // A catch-up copy not known to be complete: its blocks left the change log for it.
       const catchUpPath = this.m.copyBitmapPath(pair);
-      if (pair.initialCopy.catchUp && (await exists(catchUpPath))) bits.or(await readBitmapFile(catchUpPath));
+      if (pair.initialCopy.catchUp && (await exists(catchUpPath))) bits.or((await readWorkBitmap(catchUpPath, volume.blockCount)).bits);
     } catch (err) {
       return full(`the change tracking could not be read: ${(err as Error).message}`);
     }

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { Clock } from '../lib/clock.js';
 import { FerryError } from '../lib/errors.js';
-import { BitmapFile, readBitmapFile, writeBitmapFile } from '../storage/bitmap-file.js';
+import { BitmapFile, readWorkBitmap, writeBitmapFile } from '../storage/bitmap-file.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
 import type { Catalog, VolumeAccess } from '../storage/catalog.js';
 import { JournalFile } from '../storage/journal.js';
@@ -629,7 +629,10 @@ export class ReplicationManager {
     if ((pair.recovery?.phase === 'resync' || pair.initialCopy.catchUp) && pair.initialCopy.snapshot) {
       // A resync copies only the blocks that differ, a catch-up only its backlog, from
       // the snapshot taken when they were listed.
-      const blocks = await readBitmapFile(this.copyBitmapPath(pair));
+      const { bits: blocks, report } = await readWorkBitmap(this.copyBitmapPath(pair), volume.blockCount);
+      if (report.headerRebuilt || report.corruptPages.length > 0) {
+        this.deps.log.warn({ volume: pair.volume, headerRebuilt: report.headerRebuilt ?? false, pages: report.corruptPages.length }, 'the copy\'s list of blocks is damaged: the blocks it covered are all copied');
+      }
       return {
         copyId: pair.initialCopy.copyId ?? 1,
         image: this.deps.snapshots.exportView(pair.volume, pair.initialCopy.snapshot),

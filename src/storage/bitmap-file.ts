@@ -216,12 +216,17 @@ export async function writeBitmapFile(path: string, bits: PagedBitmap): Promise<
   await fsyncDir(dirname(path));
 }
 
-/** Reads a whole bitmap file; a damaged page is refused (CORRUPT_FILE). */
-export async function readBitmapFile(path: string): Promise<PagedBitmap> {
-  const { file } = await BitmapFile.open(path, 'throw');
+/**
+ * Reads a bitmap where a set bit means "to be done" (a copy's plan, an undo list):
+ * damage sets the bits it covers, a conservative superset (more work, nothing missed),
+ * and the report says so.
+ */
+export async function readWorkBitmap(path: string, bitCount: number): Promise<{ bits: PagedBitmap; report: BitmapLoadReport }> {
+  const { file, report } = await BitmapFile.open(path, 'fill', bitCount);
   try {
-    return file.bitmap.clone();
+    return { bits: file.bitmap.clone(), report };
   } finally {
     await file.close();
   }
 }
+

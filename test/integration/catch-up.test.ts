@@ -1,6 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { open } from 'node:fs/promises';
+import { join } from 'node:path';
 import { TestSite } from '../helpers/site.js';
 import { FaultProxy, noFaults } from '../helpers/fault-proxy.js';
 import { VolumeModel, pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
@@ -117,6 +119,15 @@ test('a backlog larger than the save volume catches up by copy: the target serve
     assert.equal(resumed.initialCopy.catchUp, true);
     assert.equal(resumed.initialCopy.done, false);
     assert.equal(await b.digest('v'), boundary);
+    // Once more, with the list of the catch-up's blocks damaged: it copies every block
+    // rather than fail, or miss the blocks the list held (they left the change log for it).
+    const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/v')).body.id;
+    await a.kill('SIGKILL');
+    const fh = await open(join(a.dir, 'replication', volumeId, 'copy.bitmap'), 'r+');
+    await fh.write(randomBytes(64), 0, 64, 0);
+    await fh.close();
+    await a.start();
+    await waitFor('the damaged list to be reported', async () => a.logs.some((l) => /the copy's list of blocks is damaged/.test(String(l.msg))), 30_000);
 
     proxy.plan = noFaults;
     await waitInSync(a, b, 'v', 'v', 180_000);
