@@ -5,7 +5,7 @@ import { RateMeter } from '../lib/rate.js';
 import { FerryError } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
-import { BitmapFile, readWorkBitmap, writeBitmapFile } from '../storage/bitmap-file.js';
+import { BitmapFile, readWorkBitmap, wasDamaged, writeBitmapFile } from '../storage/bitmap-file.js';
 import { JournalFile, JournalRecordType } from '../storage/journal.js';
 import type { PairRecord, RecoveryRecord, FailoverMode, SourceAhead } from '../storage/replication-catalog.js';
 import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '../tracking/activity-log.js';
@@ -631,7 +631,7 @@ export class Recovery {
   /** An undo list kept on disk; damage widens it to every block it covered (copied again, never missed). */
   private async readUndoList(volume: string, path: string): Promise<PagedBitmap> {
     const { bits, report } = await readWorkBitmap(path, this.m.deps.volumes.get(volume).blockCount);
-    if (report.headerRebuilt || report.corruptPages.length > 0) {
+    if (wasDamaged(report)) {
       this.log.warn({ volume, headerRebuilt: report.headerRebuilt ?? false, pages: report.corruptPages.length }, 'the resync\'s undo list is damaged: the blocks it covered are all copied again');
     }
     return bits;

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { Clock } from '../lib/clock.js';
 import { FerryError } from '../lib/errors.js';
-import { BitmapFile, readWorkBitmap, writeBitmapFile } from '../storage/bitmap-file.js';
+import { BitmapFile, readWorkBitmap, wasDamaged, writeBitmapFile } from '../storage/bitmap-file.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
 import type { Catalog, VolumeAccess } from '../storage/catalog.js';
 import { JournalFile } from '../storage/journal.js';
@@ -630,7 +630,7 @@ export class ReplicationManager {
       // A resync copies only the blocks that differ, a catch-up only its backlog, from
       // the snapshot taken when they were listed.
       const { bits: blocks, report } = await readWorkBitmap(this.copyBitmapPath(pair), volume.blockCount);
-      if (report.headerRebuilt || report.corruptPages.length > 0) {
+      if (wasDamaged(report)) {
         this.deps.log.warn({ volume: pair.volume, headerRebuilt: report.headerRebuilt ?? false, pages: report.corruptPages.length }, 'the copy\'s list of blocks is damaged: the blocks it covered are all copied');
       }
       return {
@@ -718,7 +718,7 @@ export class ReplicationManager {
       const opened = await BitmapFile.open(dirtyPath, 'fill', volume.blockCount);
       dirty = opened.file;
       const { corruptPages, headerRebuilt } = opened.report;
-      if (headerRebuilt || corruptPages.length > 0) {
+      if (wasDamaged(opened.report)) {
         log.warn({ volume: pair.volume, headerRebuilt: headerRebuilt ?? false, pages: corruptPages.length }, 'the change log\'s bitmap is damaged: the blocks it covers are treated as changed and sent again');
       }
     } else dirty = await BitmapFile.create(dirtyPath, volume.blockCount);

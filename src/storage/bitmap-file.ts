@@ -29,6 +29,11 @@ export interface BitmapLoadReport {
   headerRebuilt?: boolean;
 }
 
+/** Whether loading met any damage (then filled in); for the caller's log line. */
+export function wasDamaged(report: BitmapLoadReport): boolean {
+  return report.headerRebuilt === true || report.corruptPages.length > 0;
+}
+
 export class BitmapFile {
   private writeChain: Promise<void> = Promise.resolve();
 
@@ -229,4 +234,3 @@ export async function readWorkBitmap(path: string, bitCount: number): Promise<{ 
     await file.close();
   }
 }
-

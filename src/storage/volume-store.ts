@@ -6,6 +6,7 @@ import { FerryError } from '../lib/errors.js';
 import { unlinkIfExists } from '../lib/durable.js';
 import type { Catalog, VolumeRecord, VolumeAccess } from './catalog.js';
 import { Volume } from './volume.js';
+import { wasDamaged } from './bitmap-file.js';
 
 /** Files this store creates: `<uuid>.img` (data) and `<uuid>.alloc` (allocation map). */
 const volumeFilePattern = /^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.(?:img|alloc)(?:\.tmp)?$/;
@@ -62,7 +63,7 @@ export class VolumeStore {
       try {
         const volume = await Volume.open(record.name, this.dataPath(record.id), this.allocPath(record.id), record.sizeBytes, record.blockBytes);
         const { corruptPages, headerRebuilt } = volume.loadReport;
-        if (corruptPages.length > 0 || headerRebuilt) {
+        if (wasDamaged(volume.loadReport)) {
           this.log.warn({ volume: record.name, pages: corruptPages, headerRebuilt: headerRebuilt ?? false }, 'the allocation map is damaged; treating the blocks it covered as allocated');
         }
         this.open.set(record.name, volume);
