@@ -112,14 +112,19 @@ export function registerSnapshotRoutes(app: FastifyInstance, site: Site): void {
       const extents: { offset: number; length: number }[] = [];
       let changedBytes = 0;
       let extentCount = 0;
-      for await (const e of snapshots.delta(p.name, p.snap, to)) {
-        extentCount++;
-        changedBytes += e.length;
-        // Merge with the previous extent when adjacent (delta pieces are bounded in size).
-        const last = extents[extents.length - 1];
-        if (last && last.offset + last.length === e.offset) last.length += e.length;
-        else if (extents.length < diffExtentsMax) extents.push({ offset: e.offset, length: e.length });
-      }
+      const list = async (): Promise<void> => {
+        for await (const e of snapshots.delta(p.name, p.snap, to)) {
+          extentCount++;
+          changedBytes += e.length;
+          // Merge with the previous extent when adjacent (delta pieces are bounded in size).
+          const last = extents[extents.length - 1];
+          if (last && last.offset + last.length === e.offset) last.length += e.length;
+          else if (extents.length < diffExtentsMax) extents.push({ offset: e.offset, length: e.length });
+        }
+      };
+      // A replica's current image changes by whole delta sets: compared between two playbacks.
+      const target = to === 'current' ? site.replication.targets.get(p.name) : undefined;
+      await (target ? target.atBoundary(list) : list());
       return { volume: p.name, from: p.snap, to, changedBytes, extents, truncated: extents.length >= diffExtentsMax && extentCount > extents.length };
     },
   );

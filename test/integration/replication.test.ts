@@ -669,6 +669,29 @@ test('snapshots of a replica (backups at the other site) are taken between playb
       await writer;
     }
     assert.ok(taken >= 20, `${taken} snapshots taken`);
+    // A diff against the replica's current image sees whole delta sets too: the region changed entirely, or not at all.
+    assert.equal((await b.api('POST', '/api/v1/volumes/v/snapshots', { name: 'base' })).status, 201);
+    writing = true;
+    const more = (async () => {
+      for (let k = 1; writing; k++) {
+        await a.writeData('v', 0, Buffer.alloc(4 * MiB, (k * 7) % 256));
+        await a.api('POST', '/api/v1/replication/v/delta');
+      }
+    })();
+    const seen = new Set<number>();
+    try {
+      const until = Date.now() + 4_000;
+      while (Date.now() < until) {
+        const diff = await b.api<{ changedBytes: number }>('GET', '/api/v1/volumes/v/snapshots/base/diff?to=current');
+        assert.equal(diff.status, 200);
+        assert.ok(diff.body.changedBytes === 0 || diff.body.changedBytes === 4 * MiB, `a diff saw ${diff.body.changedBytes} bytes changed: part of a delta set`);
+        seen.add(diff.body.changedBytes);
+      }
+    } finally {
+      writing = false;
+      await more;
+    }
+    assert.ok(seen.has(4 * MiB), 'the diffs saw the delta sets played back since the snapshot');
     await waitInSync(a, b, 'v');
     assert.equal(await b.digest('v'), await a.digest('v'));
   } finally {
