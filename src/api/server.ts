@@ -261,7 +261,8 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
         ...(b.interval !== undefined ? { intervalMs: parseDuration(b.interval) } : {}),
         ...(b.highWater !== undefined ? { highWaterBytes: parseSize(b.highWater) } : {}),
       });
-      return site.replication.status(volume)[0];
+      // The info view: it carries the policy now in force.
+      return site.replication.info(volume);
     },
   );
   app.post('/api/v1/replication/:volume/pause', { schema: { params: volumeParams } }, async (req) => {

@@ -245,11 +245,10 @@ replicate
   .option('--high-water <size>', 'cut a delta set once this much is modified')
   .action(async (volume: string, opts: { interval?: string; highWater?: string }, cmd: Command) => {
     if (opts.interval === undefined && opts.highWater === undefined) throw new FerryError('BAD_REQUEST', 'give --interval, --high-water or both');
-    await client(cmd).post(`/api/v1/replication/${encodeURIComponent(volume)}/policy`, {
+    const info = await client(cmd).post<InfoView>(`/api/v1/replication/${encodeURIComponent(volume)}/policy`, {
       ...(opts.interval !== undefined ? { interval: `${parseDuration(opts.interval)}ms` } : {}),
       ...(opts.highWater !== undefined ? { highWater: parseSize(opts.highWater) } : {}),
     });
-    const info = await client(cmd).get<InfoView>(`/api/v1/replication/${encodeURIComponent(volume)}/info`);
     print(cmd, info, () => `${volume}: a delta set is cut every ${formatDuration(info.intervalMs)} or once ${formatSize(info.highWaterBytes)} is modified, whichever comes first`);
   });
 

@@ -208,8 +208,13 @@ export class SourceReplicator {
 
   /** Blocks the target does not have yet: dirty ones, those of unacknowledged delta sets and of a catch-up copy. */
   outstandingBlocks(): number {
-    const unacked = this.deps.catalog.listDeltaSets(this.pair.volume).filter((d) => d.generation === this.pair.generation && d.n > this.pair.deltaSetAcked);
-    return this.dirtyBlocks + unacked.reduce((s, d) => s + d.blocks, 0) + this.catchUpBlocks;
+    return this.dirtyBlocks + this.unackedBlocks() + this.catchUpBlocks;
+  }
+
+  /** Blocks of the delta sets cut and not yet acknowledged by the target. */
+  private unackedBlocks(): number {
+    const { generation, deltaSetAcked } = this.pair;
+    return this.deps.catalog.listDeltaSets(this.pair.volume).reduce((sum, d) => sum + (d.generation === generation && d.n > deltaSetAcked ? d.blocks : 0), 0);
   }
 
   /** Blocks of a catch-up copy not yet acknowledged by the target. */
@@ -566,14 +571,12 @@ export class SourceReplicator {
 
   private sendHeartbeat(connection: RcpConnection): void {
     const oldest = this.deps.changeLog.oldestUnsentWriteMs;
-    const acked = this.pair.deltaSetAcked;
-    const unackedBlocks = this.deps.catalog.listDeltaSets(this.pair.volume).reduce((sum, d) => sum + (d.generation === this.pair.generation && d.n > acked ? d.blocks : 0), 0);
     const body: HeartbeatBody = {
       sourceNowMs: this.deps.clock.now(),
       dirtyBlocks: this.dirtyBlocks,
       deltaSetCreated: this.pair.deltaSetCreated,
-      deltaSetAcked: acked,
-      unackedBlocks,
+      deltaSetAcked: this.pair.deltaSetAcked,
+      unackedBlocks: this.unackedBlocks(),
       intervalMs: this.pair.intervalMs,
       highWaterBytes: this.pair.highWaterBytes,
       ...(oldest !== undefined ? { oldestUnsentWriteMs: oldest } : {}),
