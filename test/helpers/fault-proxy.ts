@@ -13,6 +13,13 @@ export interface FaultPlan {
   stallMs: number;
 }
 
+interface RequestInspection {
+  preamble: number;
+  decoder: FrameDecoder;
+  frames: number;
+  connection: { slow: boolean };
+}
+
 export const noFaults: FaultPlan = { flipProbability: 0, cleanBytes: 0, dropProbability: 0, stallProbability: 0, stallMs: 0 };
 
 /**
@@ -34,6 +41,18 @@ export class FaultProxy {
    */
   dropReply: ((frame: Frame) => boolean) | undefined;
   droppedReplies = 0;
+  /**
+   * Frames to the target for which it answers true cut their connection before they
+   * reach it (a request lost with its connection). Applies to connections made while set.
+   */
+  cutRequest: ((frame: Frame) => boolean) | undefined;
+  cutRequests = 0;
+  /**
+   * Connections with a frame to the target that `match` picks (among their first few)
+   * carry at most `bytesPerSecond` each way while this is set; read live, so clearing it
+   * lifts the limit at once. Slows one kind of connection: a pair's copy, say.
+   */
+  slowConnections: { match: (frame: Frame) => boolean; bytesPerSecond: number } | undefined;
   private seed: number;
 
   constructor(
@@ -82,6 +101,25 @@ export class FaultProxy {
     return Buffer.concat(out);
   }
 
+  /**
+   * Looks at the frames to the target: false when one `cutRequest` picks arrives (the
+   * connection is to be cut); marks the connection slow at one `slowConnections` picks.
+   */
+  private inspectRequests(state: RequestInspection, data: Buffer): boolean {
+    const head = data.subarray(0, state.preamble);
+    state.preamble -= head.length;
+    for (const item of state.decoder.push(data.subarray(head.length))) {
+      if (item.kind !== 'frame') continue;
+      state.frames++;
+      if (this.cutRequest?.(item.frame)) {
+        this.cutRequests++;
+        return false;
+      }
+      if (this.slowConnections?.match(item.frame)) state.connection.slow = true;
+    }
+    return true;
+  }
+
   private random(): number {
     // mulberry32: small, seeded, good enough for fault schedules.
     this.seed = (this.seed + 0x6d2b79f5) | 0;
@@ -105,13 +143,15 @@ export class FaultProxy {
     upstream.on('error', end);
     client.on('close', end);
     upstream.on('close', end);
-    this.pipe(client, upstream, end, false);
-    this.pipe(upstream, client, end, true);
+    const connection = { slow: false };
+    this.pipe(client, upstream, end, false, connection);
+    this.pipe(upstream, client, end, true, connection);
   }
 
-  private pipe(from: Socket, to: Socket, end: () => void, replies: boolean): void {
+  private pipe(from: Socket, to: Socket, end: () => void, replies: boolean, connection: { slow: boolean }): void {
     let seen = 0;
     const replyFilter = replies && this.dropReply ? { preamble: rcpPreamble.length, decoder: new FrameDecoder() } : undefined;
+    let requests: RequestInspection | undefined = !replies && (this.cutRequest || this.slowConnections) ? { preamble: rcpPreamble.length, decoder: new FrameDecoder(), frames: 0, connection } : undefined;
     let queue = Promise.resolve();
     from.on('data', (chunk: Buffer) => {
       from.pause();
@@ -144,6 +184,22 @@ export class FaultProxy {
             return;
           }
         }
+        if (requests) {
+          let pass: boolean;
+          try {
+            pass = this.inspectRequests(requests, data);
+          } catch {
+            pass = false;
+          }
+          if (!pass) {
+            end();
+            return;
+          }
+          // Past the first frames, only a request to cut needs them looked at.
+          if (!this.cutRequest && (connection.slow || requests.frames >= 8)) requests = undefined;
+        }
+        const slow = this.slowConnections;
+        if (slow && connection.slow) await new Promise((r) => setTimeout(r, (chunk.length / slow.bytesPerSecond) * 1000));
         seen += chunk.length;
         if (!to.destroyed) to.write(data);
         from.resume();

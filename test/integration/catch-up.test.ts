@@ -4,12 +4,21 @@ import { randomBytes } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TestSite } from '../helpers/site.js';
-import { FaultProxy, noFaults } from '../helpers/fault-proxy.js';
+import { FaultProxy } from '../helpers/fault-proxy.js';
+import { ReplFrame } from '../../src/replication/protocol.js';
+import type { Frame } from '../../src/transport/frame.js';
 import { VolumeModel, pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
-/** Slows both connections of the pair to a few MiB/s, so a catch-up can be watched. */
-const slowLink = { ...noFaults, stallProbability: 1, stallMs: 10 };
+/**
+ * Slows the pair's copy connection to 512 KiB/s, whatever the size of the reads the
+ * machine delivers, while delta sets go at full speed: a catch-up of tens of MiB lasts
+ * long enough to watch it, fill both save volumes and crash either site in the middle.
+ */
+const slowCopy = {
+  match: (frame: Frame) => frame.type === ReplFrame.PairOpen && (JSON.parse(frame.payload.toString()) as { channel?: string }).channel === 'copy',
+  bytesPerSecond: 512 * 1024,
+};
 
 async function sites(name: string): Promise<[TestSite, TestSite]> {
   return Promise.all([TestSite.create(`${name}-a`), TestSite.create(`${name}-b`)]);
@@ -58,7 +67,7 @@ async function backlogPastSaveVolume(a: TestSite, b: TestSite, proxy: FaultProxy
 
 /** Resumes over a slow link and waits until the target applies the catch-up under its protective snapshot. */
 async function catchUpUnderway(a: TestSite, b: TestSite, proxy: FaultProxy): Promise<void> {
-  proxy.plan = slowLink;
+  proxy.slowConnections = slowCopy;
   assert.equal((await a.cli(['replicate', 'resume', 'v'])).code, 0);
   await waitFor('the catch-up to reach the target', async () => {
     const t = await pairStatus(b, 'v');
@@ -127,9 +136,9 @@ test('a backlog larger than the save volume catches up by copy: the target serve
     await fh.write(randomBytes(64), 0, 64, 0);
     await fh.close();
     await a.start();
-    await waitFor('the damaged list to be reported', async () => a.logs.some((l) => /the copy's list of blocks is damaged/.test(String(l.msg))), 30_000);
+    await waitFor(() => `the damaged list to be reported (last log lines: ${JSON.stringify(a.logs.slice(-12).map((l) => l.msg))})`, async () => a.logs.some((l) => /the copy's list of blocks is damaged/.test(String(l.msg))), 30_000);
 
-    proxy.plan = noFaults;
+    proxy.slowConnections = undefined;
     await waitInSync(a, b, 'v', 'v', 180_000);
     assert.equal(await b.digest('v'), model.digest(), 'no write lost');
     assert.equal(await a.digest('v'), model.digest());
@@ -155,7 +164,7 @@ test('failover during a catch-up restores the protected image; resync then undoe
     const boundary = await backlogPastSaveVolume(a, b, proxy, model, 40);
     await catchUpUnderway(a, b, proxy);
     await a.kill('SIGKILL');
-    proxy.plan = noFaults;
+    proxy.slowConnections = undefined;
     const fo = await b.cli(['failover', 'v', '--json']);
     assert.equal(fo.code, 0, fo.stderr);
     assert.equal(await b.digest('v'), boundary, 'the half-applied catch-up is rolled back to the kept image');
