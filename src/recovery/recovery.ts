@@ -115,6 +115,11 @@ export class Recovery {
   private readonly awaitingLastDeltaSet = new Set<string>();
   private readonly background = new Map<string, Promise<void>>();
   /**
+   * Failbacks stuck at the hand-over (hosts held read-only here, the other site not
+   * taking over): why, for status; they are retried in the background meanwhile.
+   */
+  private readonly stuckFailbacks = new Map<string, string>();
+  /**
    * Full copies of resyncs under way (E FIG. 28 step 536; no source is open meanwhile):
    * the record each works from, which status shows, and a moved peer is noted in.
    */
@@ -683,9 +688,28 @@ export class Recovery {
         this.m.catalog.putPair(pair);
       }
       await this.handOver(volume);
+    } catch (err) {
+      // Past the point of no return, hosts stay held and the hand-over goes on by itself.
+      if (this.m.catalog.getPair(volume)?.recovery?.phase === 'failing-back') {
+        this.failbackStuck(volume, err as Error);
+        // Once `busy` is released below: the retry's first step would otherwise see it held.
+        queueMicrotask(() => this.retryFailback(volume));
+        throw new FerryError(err instanceof FerryError ? err.code : 'UNAVAILABLE', `failback of ${volume}: ${this.failbackFailing(volume)}; "ferry status ${volume}" shows when it is done`);
+      }
+      throw err;
     } finally {
       this.busy.delete(volume);
     }
+  }
+
+  /** Why a failback is stuck at its hand-over, '' when none is. */
+  failbackFailing(volume: string): string {
+    if (this.m.catalog.getPair(volume)?.recovery?.phase !== 'failing-back') this.stuckFailbacks.delete(volume);
+    return this.stuckFailbacks.get(volume) ?? '';
+  }
+
+  private failbackStuck(volume: string, err: Error): void {
+    this.stuckFailbacks.set(volume, `the other site has not taken over (${err.message}); hosts stay read-only here and the hand-over is retried`);
   }
 
   private retryFailback(volume: string): void {
@@ -700,6 +724,7 @@ export class Recovery {
     };
     this.retryInBackground(volume, step, (err) => {
       if (this.m.catalog.getPair(volume)?.recovery?.phase !== 'failing-back') return false;
+      this.failbackStuck(volume, err);
       this.log.warn({ volume, err: err.message }, 'failback: the other site did not take over yet; retrying');
       return true;
     });
@@ -750,6 +775,7 @@ export class Recovery {
     this.m.targets.set(volume, target);
     target.start();
     await setAccess(volume, 'read-only');
+    this.stuckFailbacks.delete(volume);
     this.log.warn({ volume, generation: next, source: pair.peerSiteName }, 'failback: the other site is the source again; this volume is its read-only replica');
   }
 

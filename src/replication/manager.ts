@@ -340,7 +340,7 @@ export class ReplicationManager {
         corruptFrames: st.corruptFramesResent + (copy?.rewinds ?? 0),
         ioErrors: st.ioErrors,
         lastError: st.lastError || copy?.lastError || '',
-        failing: [st.failing, copy?.failing ?? ''].filter((f) => f !== '').join('; '),
+        failing: [st.failing, copy?.failing ?? '', this.recovery.failbackFailing(pair.volume)].filter((f) => f !== '').join('; '),
         currentDeltaSet: st.currentDeltaSet,
         currentChunk: st.currentChunk,
       };

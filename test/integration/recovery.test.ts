@@ -9,6 +9,7 @@ import { TestSite } from '../helpers/site.js';
 import { pairStatus, waitFor, waitInSync, type PairStatus } from '../helpers/replication.js';
 import { FaultProxy, noFaults } from '../helpers/fault-proxy.js';
 import { renderDashboard } from '../helpers/dashboard.js';
+import { ReplFrame } from '../../src/replication/protocol.js';
 
 const MiB = 1024 * 1024;
 const bs = 8192;
@@ -378,6 +379,58 @@ test('a failback the other site would refuse changes nothing here: hosts keep wr
     await writeApi(a, image, 5);
     assert.equal(await a.digest('db'), sha(image));
   } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a failback stuck at its hand-over says why (health error, hosts held read-only) and completes by itself once the other site answers', async () => {
+  const [a, b] = await sites('fbstuck');
+  // A reaches B through a proxy that can lose the hand-over request with its connection.
+  const proxy = new FaultProxy(b.host, b.port, 5);
+  await proxy.start();
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
+    await writeApi(a, image, 30);
+    const start = await a.cli(['replicate', 'start', 'db', '--to', proxy.url, '--interval', '500ms', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    await waitInSync(a, b, 'db');
+    proxy.cutRequest = (frame) => {
+      if (frame.type !== ReplFrame.RecoveryRequest) return false;
+      const body = JSON.parse(frame.payload.toString()) as { op: string; check?: boolean };
+      return body.op === 'takeover' && body.check !== true;
+    };
+    const fb = await a.cli(['failback', 'db']);
+    assert.notEqual(fb.code, 0);
+    assert.match(fb.stderr, /has not taken over.*retried/);
+    assert.ok(proxy.cutRequests >= 1);
+    // The hand-over keeps failing: status says so, as an error, while hosts are held.
+    await new Promise((r) => setTimeout(r, 1500));
+    const st = await pairStatus(a, 'db');
+    assert.equal(st.recovery?.phase, 'failing-back');
+    assert.equal(st.health, 'error');
+    assert.match(st.reason, /failback to .* in progress; the other site has not taken over/);
+    assert.ok(proxy.cutRequests >= 2, `the hand-over was retried (${proxy.cutRequests} requests cut)`);
+    assert.equal((await a.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-only');
+    const attention = await a.cli(['status', '-x']);
+    assert.equal(attention.code, 1);
+    assert.match(attention.stdout, /has not taken over/);
+    assert.equal((await pairStatus(b, 'db')).role, 'target');
+    // The other site answers again: the failback completes with no one re-issuing it.
+    proxy.cutRequest = undefined;
+    await waitFor('failback done by itself', async () => (await pairStatus(a, 'db')).role === 'target', 30_000, 200);
+    const nb = await pairStatus(b, 'db');
+    assert.equal(nb.role, 'source');
+    assert.equal(nb.health, 'ok');
+    assert.equal((await pairStatus(a, 'db')).reason, '');
+    assert.equal((await b.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-write');
+    assert.equal(await b.digest('db'), sha(image));
+    await writeApi(b, image, 10);
+    await waitInSync(b, a, 'db');
+    assert.equal(await a.digest('db'), sha(image));
+  } finally {
+    await proxy.close();
     await Promise.all([a.destroy(), b.destroy()]);
   }
 });
