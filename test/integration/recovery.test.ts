@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { rm } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import assert from 'node:assert/strict';
@@ -378,6 +378,40 @@ test('a failback the other site would refuse changes nothing here: hosts keep wr
     assert.equal(vol.body.access, 'read-write');
     await writeApi(a, image, 5);
     assert.equal(await a.digest('db'), sha(image));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a DR test without failing over: a qcow2 overlay on a snapshot of the replica boots and writes while replication goes on untouched', async () => {
+  const [a, b] = await sites('drill');
+  const overlay = join(b.dir, 'drill.qcow2');
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    const snap = await b.cli(['snapshot', 'create', 'db', '--name', 'drill', '--json']);
+    assert.equal(snap.code, 0, snap.stderr);
+    const atSnapshot = Buffer.from(image);
+    const base = `nbd://127.0.0.1:${b.nbdPort}/db@drill`;
+    await execFileP('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', overlay]);
+    // The test system writes into its overlay while production writes go on at A.
+    await execFileP('qemu-io', ['-f', 'qcow2', '-c', `write -P 0xd7 ${4 * MiB} ${MiB}`, overlay]);
+    await writeApi(a, image, 20);
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(image), 'the replica follows the source');
+    assert.equal((await pairStatus(b, 'db')).health, 'ok');
+    // The overlay reads the snapshot's image where it was not written, its own writes elsewhere.
+    const read = join(b.dir, 'drill.raw');
+    await execFileP('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', overlay, read]);
+    const expected = Buffer.from(atSnapshot);
+    expected.fill(0xd7, 4 * MiB, 5 * MiB);
+    assert.equal(createHash('sha256').update(await readFile(read)).digest('hex'), sha(expected));
+    assert.equal((await b.api<{ sha256: string }>('GET', '/api/v1/volumes/db/snapshots/drill/digest')).body.sha256, sha(atSnapshot), 'the snapshot is untouched');
+    // The drill ends: the overlay goes, then the snapshot; the pair never left duplex.
+    await rm(overlay);
+    assert.equal((await b.cli(['snapshot', 'delete', 'db', 'drill'])).code, 0);
+    assert.equal((await pairStatus(a, 'db')).state, 'duplex');
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
