@@ -120,7 +120,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
     },
     async (req) => {
       const body = req.body as { size: string | number; force?: boolean };
-      return site.volumes.resize((req.params as { name: string }).name, parseSize(body.size), body.force ?? false);
+      return site.replication.resizeVolume((req.params as { name: string }).name, parseSize(body.size), body.force ?? false);
     },
   );
 

@@ -46,6 +46,8 @@ type RecoveryRequest =
       sourceUrl: string;
       sourceVolume: string;
       saveVolumeBytes: number;
+      /** The new source's volume size: a volume that grew there after this copy last did grows here too. */
+      sizeBytes?: number;
     }
   | {
       op: 'takeover';
@@ -372,6 +374,7 @@ export class Recovery {
         sourceUrl: this.m.deps.selfUrl(),
         sourceVolume: volume,
         saveVolumeBytes: pair.saveVolumeBytes,
+        sizeBytes: this.m.deps.volumes.get(volume).sizeBytes,
       };
       // E FIG. 28 step 533 needs nothing from the old source: the intermediate point is
       // taken here while the old source lists its undo blocks (steps 531-532).
@@ -847,6 +850,11 @@ export class Recovery {
         throw new FerryError('STALE_GENERATION', `volume ${pair.volume} here is the ${pair.role} at generation ${pair.generation}; a resync to generation ${body.generation} is refused`);
       }
       if (this.m.sources.has(pair.volume)) await this.fenceSelf(pair.volume, peer.siteName, 'resync requested');
+      // The volume grew at the other site and not here (a resize that did not finish
+      // before this site was lost): this copy grows first, before anything is listed
+      // or kept in a snapshot, so every block the new source may send has a place.
+      const sizeBytes = body.sizeBytes ?? 0;
+      if (Number.isSafeInteger(sizeBytes) && sizeBytes > volumes.get(pair.volume).sizeBytes) await this.m.growToMatch(pair.volume, sizeBytes, peer.siteName);
       let record = await readChecksummedJson<UndoRecord>(recordPath, undoMagic, 1).then((r) => r.body, () => undefined);
       if (!record || !(await exists(undoPath))) {
         const undo = await this.listUndo(pair, body.restartGeneration, body.restartPoint);

@@ -9,7 +9,7 @@ import type { PagedBitmap } from '../lib/paged-bitmap.js';
 import type { Catalog, VolumeAccess } from '../storage/catalog.js';
 import { JournalFile } from '../storage/journal.js';
 import { ReplicationCatalog, type FailoverMode, type PairMode, type PairRecord } from '../storage/replication-catalog.js';
-import type { VolumeStore } from '../storage/volume-store.js';
+import type { VolumeInfo, VolumeStore } from '../storage/volume-store.js';
 import { ActivityLog, FileActivityLogStore, activityExtentsMaxDefault } from '../tracking/activity-log.js';
 import { ChangeLog } from '../tracking/change-log.js';
 import { connectRcp, type PeerIdentity, type RcpConnection } from '../transport/connection.js';
@@ -94,6 +94,8 @@ export class ReplicationManager {
   readonly sources = new Map<string, SourceReplicator>();
   readonly targets = new Map<string, TargetReplica>();
   private readonly starting = new Set<string>();
+  /** Volumes this manager is resizing itself (a replicated volume grows with its pair). */
+  private readonly resizing = new Set<string>();
 
   readonly recovery: Recovery;
   readonly defaults = { intervalMs: intervalMsDefault, highWaterBytes: highWaterBytesDefault };
@@ -102,7 +104,8 @@ export class ReplicationManager {
     this.catalog = new ReplicationCatalog(deps.catalog);
     deps.volumes.addUseCheck((name) => {
       const pair = this.catalog.getPair(name);
-      return pair ? `it is the ${pair.role} of a replication pair (run "ferry replicate stop ${name}" first)` : undefined;
+      if (!pair || this.resizing.has(name)) return undefined;
+      return `it is the ${pair.role} of a replication pair (run "ferry replicate stop ${name}" first)`;
     });
     deps.rcp.register(ReplFrame.PairCreate, (c, peer, f) => void this.onCreate(c, peer, f));
     deps.rcp.register(ReplFrame.PairOpen, (c, peer, f) => void this.onOpen(c, peer, f));
@@ -261,6 +264,89 @@ export class ReplicationManager {
     const access = this.deps.volumes.record(volumeName).access;
     this.deps.log.info({ volume: volumeName, role: pair.role, access }, 'replication stopped');
     return { access, ...(targetNotTold !== undefined ? { targetNotTold: { site: pair.peerSiteName, url: pair.peerUrl, volume: pair.peerVolume, reason: targetNotTold } } : {}) };
+  }
+
+  /**
+   * `ferry volume resize`: a volume that is not replicated is resized as usual; the
+   * source of a pair grows, never shrinks. The target grows first, so no delta set can
+   * carry a block it does not have; then this volume and its change log grow with host
+   * writes held for that moment. The new blocks read as zeros on both sides, so nothing
+   * is copied. A command that fails after the target grew is run again to finish.
+   */
+  async resizeVolume(volumeName: string, sizeBytes: number, force = false): Promise<VolumeInfo> {
+    const pair = this.catalog.getPair(volumeName);
+    if (!pair) return this.deps.volumes.resize(volumeName, sizeBytes, force);
+    if (pair.role !== 'source') {
+      throw new FerryError('BAD_REQUEST', `volume ${volumeName} is the replica of ${pair.peerVolume} at ${pair.peerSiteName}: resize it there, and the replica grows with it`);
+    }
+    const phase = pair.recovery?.phase;
+    if (phase !== undefined && phase !== 'resynced') {
+      throw new FerryError('BAD_REQUEST', `volume ${volumeName} cannot be resized during a role change: ${describeRecovery(pair) || phase}`);
+    }
+    const source = this.sources.get(volumeName);
+    if (!source) throw new FerryError('UNAVAILABLE', `replication of ${volumeName} is not running`);
+    if (pair.initialCopy.doneAt === undefined) {
+      throw new FerryError('BAD_REQUEST', `volume ${volumeName} cannot be resized while its ${pair.initialCopy.catchUp ? 'catch-up' : 'initial'} copy to ${pair.peerSiteName} runs; run this again when it is done`);
+    }
+    const volume = this.deps.volumes.get(volumeName);
+    if (sizeBytes < volume.sizeBytes) {
+      throw new FerryError('SHRINK_REFUSED', `volume ${volumeName} is replicated: it can grow, not shrink (run "ferry replicate stop ${volumeName}" first to shrink it)`);
+    }
+    this.resizing.add(volumeName);
+    try {
+      this.deps.volumes.checkResize(volumeName, sizeBytes);
+      await this.tellTargetToResize(pair, sizeBytes);
+      if (sizeBytes > volume.sizeBytes) {
+        const resume = await volume.quiesce();
+        try {
+          await this.deps.volumes.resize(volumeName, sizeBytes);
+          await source.grow(volume.blockCount);
+        } finally {
+          resume();
+        }
+        this.deps.log.info({ volume: volumeName, sizeBytes, target: pair.peerSiteName }, 'replicated volume grown at both sites');
+      }
+    } finally {
+      this.resizing.delete(volumeName);
+    }
+    return this.deps.volumes.show(volumeName);
+  }
+
+  /** A copy about to be rebuilt from `peerSite`, where the volume is larger, grows to its size first. */
+  async growToMatch(volumeName: string, sizeBytes: number, peerSite: string): Promise<void> {
+    this.resizing.add(volumeName);
+    try {
+      await this.deps.volumes.resize(volumeName, sizeBytes);
+    } catch (err) {
+      const code = err instanceof FerryError ? err.code : 'INTERNAL';
+      throw new FerryError(code, `volume ${volumeName} at ${this.deps.self.siteName} must grow to ${sizeBytes} bytes, its size at ${peerSite}, before it is rebuilt: ${(err as Error).message}`);
+    } finally {
+      this.resizing.delete(volumeName);
+    }
+    this.deps.log.warn({ volume: volumeName, sizeBytes, source: peerSite }, 'the volume grew at the other site and not here: grown to match before the resync');
+  }
+
+  /** At the target: the replica grows to the source's new size (nothing to do if it has). */
+  private async growReplica(target: TargetReplica, sizeBytes: number): Promise<void> {
+    const pair = target.pair;
+    const volume = this.deps.volumes.get(pair.volume);
+    const here = this.deps.self.siteName;
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < volume.sizeBytes) {
+      throw new FerryError('BAD_REQUEST', `volume ${pair.volume} at ${here} holds ${volume.sizeBytes} bytes; a replica does not shrink to ${sizeBytes}`);
+    }
+    if (sizeBytes === volume.sizeBytes) return;
+    if (!target.copyDone || pair.recovery?.phase === 'resync-target') {
+      throw new FerryError('BAD_REQUEST', `volume ${pair.volume} at ${here} is still being copied; it cannot grow now`);
+    }
+    this.resizing.add(pair.volume);
+    try {
+      await this.deps.volumes.resize(pair.volume, sizeBytes);
+    } finally {
+      this.resizing.delete(pair.volume);
+    }
+    pair.initialCopy.totalBlocks = volume.blockCount;
+    this.catalog.putPair(pair);
+    this.deps.log.info({ volume: pair.volume, sizeBytes, source: pair.peerSiteName }, 'replica grown with its source');
   }
 
   /**
@@ -454,6 +540,17 @@ export class ReplicationManager {
     }
   }
 
+  private async tellTargetToResize(pair: PairRecord, sizeBytes: number): Promise<void> {
+    const { connection } = await this.connect(pair.peerUrl);
+    try {
+      const body: PairOpenBody = { pairId: pair.pairId, targetVolume: pair.peerVolume, generation: pair.generation, resizeBytes: sizeBytes };
+      connection.sendJson(ReplFrame.PairOpen as number, body);
+      await expectOpenOk(connection);
+    } finally {
+      connection.destroy();
+    }
+  }
+
   private async tellTargetToStop(pair: PairRecord): Promise<void> {
     const { connection } = await this.connect(pair.peerUrl);
     try {
@@ -554,8 +651,9 @@ export class ReplicationManager {
         return;
       }
       if (typeof body.sourceUrl === 'string' && peer.siteId === target.pair.peerSiteId) this.noteSourceUrl(target.pair, reachableUrl(body.sourceUrl, connection.socket.remoteAddress));
-      if (body.stop) {
-        await this.stop(body.targetVolume);
+      if (body.stop || body.resizeBytes !== undefined) {
+        if (body.stop) await this.stop(body.targetVolume);
+        else await this.growReplica(target, body.resizeBytes as number);
         connection.sendJson(ReplFrame.PairOpenOk as number, {});
         connection.close();
         return;
@@ -722,6 +820,8 @@ export class ReplicationManager {
         log.warn({ volume: pair.volume, headerRebuilt: headerRebuilt ?? false, pages: corruptPages.length }, 'the change log\'s bitmap is damaged: the blocks it covers are treated as changed and sent again');
       }
     } else dirty = await BitmapFile.create(dirtyPath, volume.blockCount);
+    // A resize that stopped between the volume and its change log: the new blocks were never written.
+    if (dirty.bitmap.bitCount < volume.blockCount) await dirty.resize(volume.blockCount);
     const alStore = await FileActivityLogStore.open(join(dir, 'activity.log'), activityExtentsMaxDefault);
     const { log: al, recovered, damaged } = await ActivityLog.open(alStore);
     if (damaged) {

@@ -63,6 +63,8 @@ export interface PairOpenBody {
   channel?: 'deltas' | 'copy';
   /** Where the source is reached now (it may have moved since the pair was made). */
   sourceUrl?: string;
+  /** Not a session: the source grows the volume to this size, the target first. */
+  resizeBytes?: number;
 }
 
 /** The target's position: everything the source needs to resume. */

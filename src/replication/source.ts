@@ -172,6 +172,13 @@ export class SourceReplicator {
     this.removeHook = this.deps.volume.addHook(hook);
   }
 
+  /** The volume grew (the target first): the change log follows. The caller holds the volume quiesced. */
+  async grow(blockCount: number): Promise<void> {
+    await this.deps.changeLog.grow(blockCount);
+    this.pair.initialCopy.totalBlocks = blockCount;
+    this.persist();
+  }
+
   /** Starts the cutter, the send thread and, until the target is whole, the copy. */
   start(): void {
     this.track();

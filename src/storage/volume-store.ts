@@ -133,15 +133,22 @@ export class VolumeStore {
     return this.info(record);
   }
 
-  async resize(name: string, sizeBytes: number, force = false): Promise<VolumeInfo> {
+  /** Refuses, changing nothing, a resize `resize` would refuse. */
+  checkResize(name: string, sizeBytes: number, force = false): void {
     const record = this.record(name);
-    const volume = this.get(name);
+    this.get(name);
     this.checkSize(sizeBytes);
     if (sizeBytes < record.sizeBytes && !force) {
       throw new FerryError('SHRINK_REFUSED', `shrinking volume ${name} from ${record.sizeBytes} to ${sizeBytes} bytes discards data; repeat with --force to do it`);
     }
     const user = this.userOf(name);
     if (user) throw new FerryError('VOLUME_IN_USE', `volume ${name} cannot be resized: ${user}`);
+  }
+
+  async resize(name: string, sizeBytes: number, force = false): Promise<VolumeInfo> {
+    this.checkResize(name, sizeBytes, force);
+    const record = this.record(name);
+    const volume = this.get(name);
     const updated = { ...record, sizeBytes };
     if (sizeBytes >= record.sizeBytes) {
       await volume.resize(sizeBytes);

@@ -101,6 +101,17 @@ export class ChangeLog {
     return this.current.count;
   }
 
+  /**
+   * The volume grew by blocks never written: both tables and the persisted bitmap grow
+   * with it, the new bits clear. The caller holds the volume quiesced.
+   */
+  async grow(blockCount: number): Promise<void> {
+    if (blockCount <= this.current.bitCount) return;
+    this.current.resize(blockCount);
+    this.old?.resize(blockCount);
+    await this.persisted.resize(blockCount);
+  }
+
   /** Installs the copier the delta-set builder uses while an old table exists. */
   setCopier(copier: OldTableCopier | undefined): void {
     this.copier = copier;

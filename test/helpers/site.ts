@@ -46,6 +46,8 @@ export class TestSite {
   port = 0;
   nbdPort = 0;
   logs: LogLine[] = [];
+  /** The end of what the daemon wrote to stderr (a crash's stack, say). */
+  stderrTail = '';
   exitCode: number | null = null;
   /** If set, the daemon runs with this file size limit (RLIMIT_FSIZE): writes past it fail with EFBIG, as on a full disk. */
   fileSizeLimit: number | undefined;
@@ -92,7 +94,11 @@ export class TestSite {
       resolve();
     }));
     let stderr = '';
-    proc.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+    this.stderrTail = '';
+    proc.stderr?.on('data', (d: Buffer) => {
+      stderr += d.toString();
+      this.stderrTail = stderr.slice(-4096);
+    });
     const lines = createInterface({ input: proc.stdout! });
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`site ${this.name} did not start in time; stderr: ${stderr}`)), 20_000);

@@ -79,7 +79,7 @@ async function unshippedDeltaSets(a: TestSite, image: Buffer, deltaSets: number,
 
 async function waitResynced(b: TestSite, a: TestSite): Promise<PairStatus> {
   let last: PairStatus | undefined;
-  await waitFor(() => `resync done (last: ${JSON.stringify(last)})`, async () => {
+  await waitFor(() => `resync done (last: ${JSON.stringify(last)}; the old source's exit code ${a.exitCode}, its stderr: ${a.stderrTail}, its last log lines: ${JSON.stringify(a.logs.slice(-15).map((l) => [l.msg, l.err]))})`, async () => {
     last = await pairStatus(b, 'db');
     return last.recovery?.phase === 'resynced';
   }, 120_000, 200);
@@ -378,6 +378,58 @@ test('a failback the other site would refuse changes nothing here: hosts keep wr
     assert.equal(vol.body.access, 'read-write');
     await writeApi(a, image, 5);
     assert.equal(await a.digest('db'), sha(image));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a resize the source\'s disk refused finishes when run again; one left unfinished when the source is lost is finished by the resync, which grows the old source', async () => {
+  const [a, b] = await sites('grow');
+  try {
+    const MiB16 = 16 * MiB;
+    const image = Buffer.alloc(MiB16);
+    a.fileSizeLimit = 4096 * MiB;
+    await a.restart();
+    await startPair(a, b, MiB16, image);
+    const size = async (site: TestSite): Promise<number> => (await site.api<{ sizeBytes: number }>('GET', '/api/v1/volumes/db')).body.sizeBytes;
+    /** A resize to `bytes` that B takes and A's disk refuses (its files may not grow past 20 MiB). */
+    const refusedAtSource = async (bytes: string): Promise<void> => {
+      await execFileP('prlimit', ['--pid', String(a.proc?.pid), `--fsize=${20 * MiB}:unlimited`]);
+      const r = await a.cli(['volume', 'resize', 'db', '--size', bytes]);
+      await execFileP('prlimit', ['--pid', String(a.proc?.pid), '--fsize=unlimited:unlimited']);
+      assert.notEqual(r.code, 0);
+      assert.match(r.stderr, /EFBIG|too large/i);
+    };
+    await refusedAtSource('32M');
+    assert.deepEqual([await size(a), await size(b)], [MiB16, 32 * MiB]);
+    assert.equal((await a.cli(['volume', 'resize', 'db', '--size', '32M'])).code, 0, 'run again, it finishes');
+    assert.deepEqual([await size(a), await size(b)], [32 * MiB, 32 * MiB]);
+    const grown = Buffer.alloc(48 * MiB);
+    image.copy(grown);
+    await waitInSync(a, b, 'db');
+
+    // Again, and this time A is lost before the resize is run again.
+    await refusedAtSource('48M');
+    await a.kill('SIGKILL');
+    const fo = await b.cli(['failover', 'db']);
+    assert.equal(fo.code, 0, fo.stderr);
+    const late = randomBytes(4 * MiB);
+    await b.writeData('db', 40 * MiB, late);
+    late.copy(grown, 40 * MiB);
+    a.fileSizeLimit = undefined;
+    await a.start();
+    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+    const rs = await b.cli(['resync', 'db']);
+    assert.equal(rs.code, 0, rs.stderr);
+    const sb = await waitResynced(b, a);
+    assert.equal(sb.recovery?.fullCopy, false);
+    assert.equal(await size(a), 48 * MiB);
+    assert.equal(await a.digest('db'), sha(grown));
+    assert.ok(a.logs.some((l) => l.msg === 'the volume grew at the other site and not here: grown to match before the resync'));
+    assert.equal((await b.cli(['failback', 'db'])).code, 0);
+    await writeApi(a, grown, 10);
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(grown));
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }

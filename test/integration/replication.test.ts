@@ -987,3 +987,121 @@ test('a frame from an older generation is refused', async () => {
   }
 });
 
+
+test('a replicated volume grows at both sites with no copy; new space replicates, also across a crash; a shrink, a resize at the target, or one the target cannot take are refused, changing nothing', async () => {
+  const [a, b] = await pair('grow');
+  try {
+    const small = 8 * MiB;
+    const big = 24 * MiB;
+    const model = await replicateV(a, b);
+    await writeRandom(a, model, 20);
+    await waitInSync(a, b, 'v');
+    const size = async (site: TestSite): Promise<number> => (await site.api<{ sizeBytes: number }>('GET', '/api/v1/volumes/v')).body.sizeBytes;
+
+    // Refused, changing nothing at either site.
+    const atTarget = await b.cli(['volume', 'resize', 'v', '--size', '24M']);
+    assert.notEqual(atTarget.code, 0);
+    assert.match(atTarget.stderr, /replica of v at grow-a: resize it there/);
+    const shrink = await a.cli(['volume', 'resize', 'v', '--size', '4M', '--force']);
+    assert.match(shrink.stderr, /SHRINK_REFUSED.*can grow, not shrink/);
+    assert.equal((await b.cli(['snapshot', 'create', 'v', '--name', 'backup'])).code, 0);
+    const held = await a.cli(['volume', 'resize', 'v', '--size', '24M']);
+    assert.notEqual(held.code, 0);
+    assert.match(held.stderr, /snapshot/);
+    assert.deepEqual([await size(a), await size(b)], [small, small]);
+    assert.equal((await b.cli(['snapshot', 'delete', 'v', 'backup'])).code, 0);
+
+    // Grown: nothing is copied, the new space reads as zeros on both sides.
+    const sentBefore = (await pairStatus(a, 'v')).bytesSent;
+    const grown = await a.cli(['volume', 'resize', 'v', '--size', '24M', '--json']);
+    assert.equal(grown.code, 0, grown.stderr);
+    assert.deepEqual([await size(a), await size(b)], [big, big]);
+    const image = Buffer.alloc(big);
+    model.bytes.copy(image);
+    const sha = (buf: Buffer): string => createHash('sha256').update(buf).digest('hex');
+    assert.equal(await b.digest('v'), sha(image));
+    assert.ok((await pairStatus(a, 'v')).bytesSent - sentBefore < MiB, 'the grown space is not copied');
+    const info = JSON.parse((await execFileP('qemu-img', ['info', '--output=json', '-f', 'raw', `nbd://127.0.0.1:${b.nbdPort}/v`])).stdout) as { 'virtual-size': number };
+    assert.equal(info['virtual-size'], big, 'hosts at the replica see the new size');
+
+    // Writes across the old end and in the new space replicate.
+    await execFileP('qemu-io', ['-f', 'raw', '-c', `write -P 0x3c ${small - 512 * 1024} ${MiB}`, '-c', `write -P 0x7e ${20 * MiB} ${2 * MiB}`, `nbd://127.0.0.1:${a.nbdPort}/v`]);
+    image.fill(0x3c, small - 512 * 1024, small + 512 * 1024);
+    image.fill(0x7e, 20 * MiB, 22 * MiB);
+    await waitInSync(a, b, 'v');
+    assert.equal(await b.digest('v'), sha(image));
+    assert.equal((await pairStatus(b, 'v')).initialCopy.totalBlocks, big / 8192);
+
+    // A crash with unsent writes in the new space: tracked (rule 1), sent after the restart.
+    assert.equal((await a.cli(['replicate', 'pause', 'v'])).code, 0);
+    const late = randomBytes(3 * MiB);
+    await a.writeData('v', 12 * MiB + 4096, late);
+    late.copy(image, 12 * MiB + 4096);
+    await a.kill('SIGKILL');
+    await a.start();
+    assert.equal((await a.cli(['replicate', 'resume', 'v'])).code, 0);
+    await waitInSync(a, b, 'v');
+    assert.equal(await a.digest('v'), sha(image));
+    assert.equal(await b.digest('v'), sha(image));
+
+    // A resize that stopped between the volume and its change log (the old, smaller
+    // bitmap on disk) is finished when the site starts.
+    const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/v')).body.id;
+    const bitmapPath = join(a.dir, 'replication', volumeId, 'dirty.bitmap');
+    await a.kill('SIGKILL');
+    const smallBitmap = await readFile(bitmapPath);
+    await a.start();
+    assert.equal((await a.cli(['volume', 'resize', 'v', '--size', '32M'])).code, 0);
+    await a.kill('SIGKILL');
+    await writeFile(bitmapPath, smallBitmap);
+    await a.start();
+    const grownAgain = Buffer.alloc(32 * MiB);
+    image.copy(grownAgain);
+    const tail = randomBytes(2 * MiB);
+    await a.writeData('v', 29 * MiB, tail);
+    tail.copy(grownAgain, 29 * MiB);
+    await waitInSync(a, b, 'v');
+    assert.equal(await b.digest('v'), sha(grownAgain));
+    assert.equal((await pairStatus(a, 'v')).health, 'ok');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('SIGKILL of the source at random moments of growing a replicated volume: run again, the resize finishes, writes in the new space replicate, nothing lost', async () => {
+  const [a, b] = await pair('growkill');
+  try {
+    const model = await replicateV(a, b);
+    await writeRandom(a, model, 10);
+    let image = Buffer.from(model.bytes);
+    const sha = (buf: Buffer): string => createHash('sha256').update(buf).digest('hex');
+    const rounds = Number(process.env.FERRY_SOAK_KILLS ?? 8);
+    for (let round = 0; round < rounds; round++) {
+      const bytes = image.length + 2 * MiB;
+      const pending = a.cli(['volume', 'resize', 'v', '--size', String(bytes)]);
+      await new Promise((r) => setTimeout(r, Math.random() * 80));
+      await a.kill('SIGKILL');
+      await pending;
+      await a.start();
+      const again = await a.cli(['volume', 'resize', 'v', '--size', String(bytes)]);
+      assert.equal(again.code, 0, `round ${round}: ${again.stderr}`);
+      const grown = Buffer.alloc(bytes);
+      image.copy(grown);
+      image = grown;
+      // Writes across the old end and at the new end, then in sync byte for byte.
+      const data = randomBytes(MiB);
+      const offset = bytes - 2 * MiB - 256 * 1024;
+      await a.writeData('v', offset, data);
+      data.copy(image, offset);
+      const end = randomBytes(8192);
+      await a.writeData('v', bytes - 8192, end);
+      end.copy(image, bytes - 8192);
+      await waitInSync(a, b, 'v');
+      assert.equal(await a.digest('v'), sha(image), `round ${round}: source`);
+      assert.equal(await b.digest('v'), sha(image), `round ${round}: target`);
+    }
+    assert.equal((await pairStatus(a, 'v')).health, 'ok');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});

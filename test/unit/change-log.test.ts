@@ -175,3 +175,29 @@ test('the change log knows when the oldest write not yet in a delta set was made
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('a grown volume: both tables and the persisted bitmap cover the new blocks; a crash after marking them recovers them', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-changelog-'));
+  try {
+    const { log, stores } = await openLog(dir, true);
+    await log.mark(10, 5);
+    log.switchTables();
+    await log.mark(blocks - 2, 2);
+    await log.grow(blocks * 2);
+    assert.equal(log.blockCount, blocks * 2);
+    assert.equal(log.old?.bitCount, blocks * 2);
+    assert.equal(log.old?.count, 5, 'the old table keeps its blocks');
+    await log.mark(blocks + 100, 3);
+    await log.mark(blocks * 2 - 1, 1);
+    // A crash: nothing closed; the files are read again as a restart would.
+    for (const s of stores) await s.close();
+    const reopened = await BitmapFile.open(join(dir, 'dirty.bitmap'), 'throw');
+    assert.equal(reopened.file.bitmap.bitCount, blocks * 2);
+    await reopened.file.close();
+    const { log: after, stores: again } = await openLog(dir, false);
+    for (const b of [10, blocks - 1, blocks + 100, blocks + 102, blocks * 2 - 1]) assert.ok(after.current.get(b), `block ${b} is still tracked`);
+    for (const s of again) await s.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
