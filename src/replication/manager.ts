@@ -3,6 +3,7 @@ import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { Clock } from '../lib/clock.js';
+import { formatSize } from '../lib/units.js';
 import { FerryError } from '../lib/errors.js';
 import { BitmapFile, readWorkBitmap, wasDamaged, writeBitmapFile } from '../storage/bitmap-file.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
@@ -296,6 +297,7 @@ export class ReplicationManager {
     try {
       this.deps.volumes.checkResize(volumeName, sizeBytes);
       await this.tellTargetToResize(pair, sizeBytes);
+      source.stats.targetVolumeBytes = sizeBytes;
       if (sizeBytes > volume.sizeBytes) {
         const resume = await volume.quiesce();
         try {
@@ -427,6 +429,7 @@ export class ReplicationManager {
         ioErrors: st.ioErrors,
         lastError: st.lastError || copy?.lastError || '',
         failing: [st.failing, copy?.failing ?? '', this.recovery.failbackFailing(pair.volume)].filter((f) => f !== '').join('; '),
+        notice: unfinishedResize(pair, this.deps.volumes.get(pair.volume).sizeBytes, st.targetVolumeBytes),
         currentDeltaSet: st.currentDeltaSet,
         currentChunk: st.currentChunk,
       };
@@ -449,6 +452,7 @@ export class ReplicationManager {
         ioErrors: 0,
         lastError: st.lastError,
         failing: st.failing,
+        notice: '',
         currentDeltaSet: pair.deltaSetCreated,
         currentChunk: 0,
       };
@@ -472,6 +476,7 @@ export class ReplicationManager {
       ioErrors: st?.ioErrors ?? 0,
       lastError: st?.lastError ?? '',
       failing: st ? [st.failing.receive, st.failing.copy, st.failing.playback].filter((f) => f !== '').join('; ') : '',
+      notice: '',
       currentDeltaSet: Math.max(st?.sourceDeltaSetCreated ?? 0, pair.deltaSetReceived),
       currentChunk: 0,
     };
@@ -877,6 +882,12 @@ export class ReplicationManager {
       },
     });
   }
+}
+
+/** Status words for a replica larger than its source: a resize that did not finish here ('' otherwise). */
+function unfinishedResize(pair: PairRecord, sourceBytes: number, targetBytes: number): string {
+  if (targetBytes <= sourceBytes) return '';
+  return `the replica at ${pair.peerSiteName} holds ${formatSize(targetBytes)} and this volume ${formatSize(sourceBytes)}: a resize did not finish here; run "ferry volume resize ${pair.volume} --size ${targetBytes}" again`;
 }
 
 /** The target's save volume: as chosen, else the larger of the source's and the default. */

@@ -82,6 +82,8 @@ export interface TargetPosition {
   deltaSetPlayedBack: number;
   /** The target's save volume cannot take more now (flow control). */
   full: boolean;
+  /** The target volume's size: larger than the source's when a resize did not finish. */
+  volumeBytes?: number;
 }
 
 export interface DeltaSetHeaderBody {

@@ -85,6 +85,8 @@ export interface SourceStats {
   saveVolumeFull: boolean;
   connected: boolean;
   lastCut?: { reason: TriggerReason; pauseMs: number; atMs: number };
+  /** The target volume's size as it last said (0: not known). */
+  targetVolumeBytes: number;
 }
 
 /**
@@ -107,6 +109,7 @@ export class SourceReplicator {
     saveVolumeUsedBytes: 0,
     saveVolumeFull: false,
     connected: false,
+    targetVolumeBytes: 0,
   };
   private status: PairStatus;
   /** Cuts that failed since start (a demanded cut reports the next failure). */
@@ -550,6 +553,7 @@ export class SourceReplicator {
     const inbox = new Inbox(connection);
     try {
       this.notePlayedBack(position.deltaSetPlayedBack);
+      this.stats.targetVolumeBytes = position.volumeBytes ?? 0;
       const resume = resumePoint(position, this.pair);
       if (resume.received !== undefined) this.noteReceived(resume.received);
       let { next, fromChunk } = resume;

@@ -116,6 +116,8 @@ export interface LiveFigures {
   lastError: string;
   /** A storage failure going on now (target: storing received chunks, playing back), '' when none. */
   failing: string;
+  /** Something the operator should finish that is not a failure (a resize left half done), '' when none. */
+  notice: string;
   currentDeltaSet: number;
   currentChunk: number;
 }
@@ -166,7 +168,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
   const health: PairHealth =
     live.failing !== '' || (pair.state === 'suspended' && !pair.paused && phase !== 'failed-over' && phase !== 'fenced')
       ? 'error'
-      : pair.paused || pair.state === 'suspending' || phase === 'failed-over' || phase === 'fenced' || phase === 'resync-full' || silence !== '' || saveVolumeFull !== '' || (catchUp && !copyDone)
+      : live.notice !== '' || pair.paused || pair.state === 'suspending' || phase === 'failed-over' || phase === 'fenced' || phase === 'resync-full' || silence !== '' || saveVolumeFull !== '' || (catchUp && !copyDone)
         ? 'warning'
         : 'ok';
   return {
@@ -178,7 +180,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     peerVolume: pair.peerVolume,
     mode: pair.mode,
     state: pair.state,
-    reason: [pair.stateReason, live.failing, silence, saveVolumeFull].filter((r) => r !== '').join('; '),
+    reason: [pair.stateReason, live.failing, silence, saveVolumeFull, live.notice].filter((r) => r !== '').join('; '),
     health,
     generation: pair.generation,
     deltaSetCreated: pair.role === 'source' ? pair.deltaSetCreated : Math.max(pair.deltaSetReceived, live.currentDeltaSet),

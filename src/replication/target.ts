@@ -268,6 +268,7 @@ export class TargetReplica {
       chunksStored: this.receiving.chunksStored,
       deltaSetPlayedBack: p.deltaSetPlayedBack,
       full: this.stats.saveVolumeFull,
+      volumeBytes: this.deps.volume.sizeBytes,
     };
   }
 

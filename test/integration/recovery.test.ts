@@ -402,8 +402,17 @@ test('a resize the source\'s disk refused finishes when run again; one left unfi
     };
     await refusedAtSource('32M');
     assert.deepEqual([await size(a), await size(b)], [MiB16, 32 * MiB]);
+    // Status says what is left to do, here and after a restart (from the target's answer).
+    for (const restart of [false, true]) {
+      if (restart) await a.restart();
+      await waitFor('the unfinished resize in status', async () => {
+        const st = await pairStatus(a, 'db');
+        return st.health === 'warning' && /a resize did not finish here; run "ferry volume resize db --size 33554432" again/.test(st.reason);
+      }, 30_000);
+    }
     assert.equal((await a.cli(['volume', 'resize', 'db', '--size', '32M'])).code, 0, 'run again, it finishes');
     assert.deepEqual([await size(a), await size(b)], [32 * MiB, 32 * MiB]);
+    assert.equal((await pairStatus(a, 'db')).health, 'ok');
     const grown = Buffer.alloc(48 * MiB);
     image.copy(grown);
     await waitInSync(a, b, 'db');

@@ -124,7 +124,7 @@ function sourcePair(counters: Partial<PairRecord>): PairRecord {
 function liveFigures(f: { nowMs: number; currentDeltaSet: number; dirtyBlocks?: number; oldestUnsentWriteMs?: number | undefined }): LiveFigures {
   return {
     nowMs: f.nowMs, sourceHeardMs: undefined, dirtyBlocks: f.dirtyBlocks ?? 0, oldestUnsentWriteMs: f.oldestUnsentWriteMs, sourceNowMs: f.nowMs, rates: { current: 0, average: 0 },
-    saveVolume: { usedBytes: 0, capacityBytes: 1, full: false }, connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', failing: '', currentDeltaSet: f.currentDeltaSet, currentChunk: 0,
+    saveVolume: { usedBytes: 0, capacityBytes: 1, full: false }, connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', failing: '', notice: '', currentDeltaSet: f.currentDeltaSet, currentChunk: 0,
   };
 }
 
@@ -208,6 +208,8 @@ test('pair health: error when replication stopped unasked or something fails, wa
   assert.equal(health({ state: 'suspended', ...recovery('fenced') }), 'warning');
   assert.equal(health({ ...recovery('resync-full') }), 'warning');
   assert.equal(health({ role: 'target' }, { connected: false, sourceHeardMs: now - 60_000 }), 'warning');
+  assert.equal(health({}, { notice: 'a resize did not finish here' }), 'warning');
+  assert.match(pairStatusView(sourcePair({}), [], { ...live, notice: 'a resize did not finish here' }).reason, /a resize did not finish here$/);
   // A full save volume is said in the reason, at either end.
   const full = { ...live, saveVolume: { usedBytes: 1, capacityBytes: 1, full: true } };
   assert.match(pairStatusView(sourcePair({}), [], full).reason, /^the save volume is full: changes wait in the change log/);
