@@ -670,6 +670,7 @@ export class Recovery {
     if (!source) throw new FerryError('UNAVAILABLE', `replication of ${volume} is not running`);
     if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is already in progress`);
     this.busy.add(volume);
+    let stuck = false;
     try {
       if (phase !== 'failing-back') {
         if (pair.state !== 'duplex' && pair.state !== 'duplex-pending') {
@@ -695,13 +696,14 @@ export class Recovery {
       // Past the point of no return, hosts stay held and the hand-over goes on by itself.
       if (this.m.catalog.getPair(volume)?.recovery?.phase === 'failing-back') {
         this.failbackStuck(volume, err as Error);
-        // Once `busy` is released below: the retry's first step would otherwise see it held.
-        queueMicrotask(() => this.retryFailback(volume));
+        stuck = true;
         throw new FerryError(err instanceof FerryError ? err.code : 'UNAVAILABLE', `failback of ${volume}: ${this.failbackFailing(volume)}; "ferry status ${volume}" shows when it is done`);
       }
       throw err;
     } finally {
       this.busy.delete(volume);
+      // Only once `busy` is released: the retry's first step would otherwise see it held.
+      if (stuck) this.retryFailback(volume);
     }
   }
 

@@ -223,7 +223,7 @@ export class ReplicationManager {
         this.sources.delete(pair.volume);
         await source.close();
         this.catalog.deletePair(pair.volume);
-        await this.tellTargetToStop(pair).catch(() => undefined);
+        await this.tellTarget(pair, { stop: true }).catch(() => undefined);
         throw err;
       }
       source.start();
@@ -249,7 +249,7 @@ export class ReplicationManager {
       await source?.close();
       await this.dropCopyImage(pair).catch((err: Error) => this.deps.log.warn({ volume: volumeName, err: err.message }, 'the initial-copy snapshot could not be deleted'));
       this.catalog.deletePair(volumeName);
-      await this.tellTargetToStop(pair).catch((err: Error) => {
+      await this.tellTarget(pair, { stop: true }).catch((err: Error) => {
         targetNotTold = err.message;
         this.deps.log.warn({ volume: volumeName, err: err.message }, 'the target could not be told that replication stopped; stop it there too');
       });
@@ -293,38 +293,39 @@ export class ReplicationManager {
     if (sizeBytes < volume.sizeBytes) {
       throw new FerryError('SHRINK_REFUSED', `volume ${volumeName} is replicated: it can grow, not shrink (run "ferry replicate stop ${volumeName}" first to shrink it)`);
     }
+    await this.asPair(volumeName, async () => {
+      this.deps.volumes.checkResize(volumeName, sizeBytes);
+      await this.tellTarget(pair, { resizeBytes: sizeBytes });
+      source.stats.targetVolumeBytes = sizeBytes;
+      if (sizeBytes === volume.sizeBytes) return;
+      const resume = await volume.quiesce();
+      try {
+        await this.deps.volumes.resize(volumeName, sizeBytes);
+        await source.grow(volume.blockCount);
+      } finally {
+        resume();
+      }
+      this.deps.log.info({ volume: volumeName, sizeBytes, target: pair.peerSiteName }, 'replicated volume grown at both sites');
+    });
+    return this.deps.volumes.show(volumeName);
+  }
+
+  /** Runs `fn` with this pair's own hold on resizing `volumeName` lifted (the pair resizes it itself). */
+  private async asPair<T>(volumeName: string, fn: () => Promise<T>): Promise<T> {
     this.resizing.add(volumeName);
     try {
-      this.deps.volumes.checkResize(volumeName, sizeBytes);
-      await this.tellTargetToResize(pair, sizeBytes);
-      source.stats.targetVolumeBytes = sizeBytes;
-      if (sizeBytes > volume.sizeBytes) {
-        const resume = await volume.quiesce();
-        try {
-          await this.deps.volumes.resize(volumeName, sizeBytes);
-          await source.grow(volume.blockCount);
-        } finally {
-          resume();
-        }
-        this.deps.log.info({ volume: volumeName, sizeBytes, target: pair.peerSiteName }, 'replicated volume grown at both sites');
-      }
+      return await fn();
     } finally {
       this.resizing.delete(volumeName);
     }
-    return this.deps.volumes.show(volumeName);
   }
 
   /** A copy about to be rebuilt from `peerSite`, where the volume is larger, grows to its size first. */
   async growToMatch(volumeName: string, sizeBytes: number, peerSite: string): Promise<void> {
-    this.resizing.add(volumeName);
-    try {
-      await this.deps.volumes.resize(volumeName, sizeBytes);
-    } catch (err) {
+    await this.asPair(volumeName, () => this.deps.volumes.resize(volumeName, sizeBytes)).catch((err: Error) => {
       const code = err instanceof FerryError ? err.code : 'INTERNAL';
-      throw new FerryError(code, `volume ${volumeName} at ${this.deps.self.siteName} must grow to ${sizeBytes} bytes, its size at ${peerSite}, before it is rebuilt: ${(err as Error).message}`);
-    } finally {
-      this.resizing.delete(volumeName);
-    }
+      throw new FerryError(code, `volume ${volumeName} at ${this.deps.self.siteName} must grow to ${sizeBytes} bytes, its size at ${peerSite}, before it is rebuilt: ${err.message}`);
+    });
     this.deps.log.warn({ volume: volumeName, sizeBytes, source: peerSite }, 'the volume grew at the other site and not here: grown to match before the resync');
   }
 
@@ -340,12 +341,7 @@ export class ReplicationManager {
     if (!target.copyDone || pair.recovery?.phase === 'resync-target') {
       throw new FerryError('BAD_REQUEST', `volume ${pair.volume} at ${here} is still being copied; it cannot grow now`);
     }
-    this.resizing.add(pair.volume);
-    try {
-      await this.deps.volumes.resize(pair.volume, sizeBytes);
-    } finally {
-      this.resizing.delete(pair.volume);
-    }
+    await this.asPair(pair.volume, () => this.deps.volumes.resize(pair.volume, sizeBytes));
     pair.initialCopy.totalBlocks = volume.blockCount;
     this.catalog.putPair(pair);
     this.deps.log.info({ volume: pair.volume, sizeBytes, source: pair.peerSiteName }, 'replica grown with its source');
@@ -545,21 +541,12 @@ export class ReplicationManager {
     }
   }
 
-  private async tellTargetToResize(pair: PairRecord, sizeBytes: number): Promise<void> {
+  /** Asks the target to end its side of the pair, or to grow its volume: a PairOpen that is not a session. */
+  private async tellTarget(pair: PairRecord, what: { stop: true } | { resizeBytes: number }): Promise<void> {
     const { connection } = await this.connect(pair.peerUrl);
     try {
-      const body: PairOpenBody = { pairId: pair.pairId, targetVolume: pair.peerVolume, generation: pair.generation, resizeBytes: sizeBytes };
+      const body: PairOpenBody & { stop?: boolean } = { pairId: pair.pairId, targetVolume: pair.peerVolume, generation: pair.generation, ...what };
       connection.sendJson(ReplFrame.PairOpen as number, body);
-      await expectOpenOk(connection);
-    } finally {
-      connection.destroy();
-    }
-  }
-
-  private async tellTargetToStop(pair: PairRecord): Promise<void> {
-    const { connection } = await this.connect(pair.peerUrl);
-    try {
-      connection.sendJson(ReplFrame.PairOpen as number, { pairId: pair.pairId, targetVolume: pair.peerVolume, generation: pair.generation, stop: true });
       await expectOpenOk(connection);
     } finally {
       connection.destroy();

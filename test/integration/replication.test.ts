@@ -29,6 +29,10 @@ async function replicateV(a: TestSite, b: TestSite, options: string[] = ['--inte
   return new VolumeModel(8 * MiB);
 }
 
+function sha(buf: Buffer): string {
+  return createHash('sha256').update(buf).digest('hex');
+}
+
 /** `n` random writes to volume v at `site`, one after another, applied to `model` too. */
 async function writeRandom(site: TestSite, model: VolumeModel, n: number): Promise<void> {
   for (let i = 0; i < n; i++) {
@@ -1018,7 +1022,6 @@ test('a replicated volume grows at both sites with no copy; new space replicates
     assert.deepEqual([await size(a), await size(b)], [big, big]);
     const image = Buffer.alloc(big);
     model.bytes.copy(image);
-    const sha = (buf: Buffer): string => createHash('sha256').update(buf).digest('hex');
     assert.equal(await b.digest('v'), sha(image));
     assert.ok((await pairStatus(a, 'v')).bytesSent - sentBefore < MiB, 'the grown space is not copied');
     const info = JSON.parse((await execFileP('qemu-img', ['info', '--output=json', '-f', 'raw', `nbd://127.0.0.1:${b.nbdPort}/v`])).stdout) as { 'virtual-size': number };
@@ -1074,7 +1077,6 @@ test('SIGKILL of the source at random moments of growing a replicated volume: ru
     const model = await replicateV(a, b);
     await writeRandom(a, model, 10);
     let image = Buffer.from(model.bytes);
-    const sha = (buf: Buffer): string => createHash('sha256').update(buf).digest('hex');
     const rounds = Number(process.env.FERRY_SOAK_KILLS ?? 8);
     for (let round = 0; round < rounds; round++) {
       const bytes = image.length + 2 * MiB;
