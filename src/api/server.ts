@@ -295,11 +295,15 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
       return { ...result, status: site.replication.status(volume)[0] };
     },
   );
-  app.post('/api/v1/replication/:volume/resync', { schema: { params: volumeParams } }, async (req) => {
-    const volume = (req.params as { volume: string }).volume;
-    await site.replication.resync(volume);
-    return site.replication.status(volume)[0];
-  });
+  app.post(
+    '/api/v1/replication/:volume/resync',
+    { schema: { params: volumeParams, body: { type: 'object', nullable: true, properties: { reverse: { type: 'boolean' } }, additionalProperties: false } } },
+    async (req) => {
+      const volume = (req.params as { volume: string }).volume;
+      await site.replication.resync(volume, (req.body as { reverse?: boolean } | undefined)?.reverse === true);
+      return site.replication.status(volume)[0];
+    },
+  );
   app.post('/api/v1/replication/:volume/failback', { schema: { params: volumeParams } }, async (req) => {
     const volume = (req.params as { volume: string }).volume;
     await site.replication.failback(volume);

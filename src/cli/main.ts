@@ -308,16 +308,18 @@ program
 
 program
   .command('resync <volume>')
-  .description('rebuild the old source from the blocks that differ (run at the current source, after failover)')
-  .option('--wait', 'show progress and return when the old source is a consistent replica again')
-  .action(async (volume: string, opts: { wait?: boolean }, cmd: Command) => {
+  .description('rebuild the old source from the blocks that differ (run at the current source, after failover); with --reverse, run at the old source: keep its data and rebuild the site that took over')
+  .option('--reverse', 'run at the old source: it keeps its writes and becomes the source again; the writes made at the site that took over since the failover are discarded (kept in a snapshot there)')
+  .option('--wait', 'show progress and return when the other site is a consistent replica again')
+  .action(async (volume: string, opts: { wait?: boolean; reverse?: boolean }, cmd: Command) => {
     const api = client(cmd);
-    const status = await api.post<PairStatusView>(`/api/v1/replication/${encodeURIComponent(volume)}/resync`);
+    const status = await api.post<PairStatusView>(`/api/v1/replication/${encodeURIComponent(volume)}/resync`, opts.reverse ? { reverse: true } : undefined);
     const describe = (s: PairStatusView): string => {
       const r = s.recovery;
-      const lines = [`resync of ${volume} → ${s.peerSite}:${s.peerVolume}: ${r?.phase ?? s.state}`];
+      const lines = [`resync${r?.reverse ? ' --reverse' : ''} of ${volume} → ${s.peerSite}:${s.peerVolume}: ${r?.phase ?? s.state}`];
       if (r?.fullCopy) lines.push(`WARNING: a full copy was needed: ${r.fullCopyReason ?? ''}`);
-      if (r?.discardSnapshot) lines.push(`${r.discardedBlocks ?? 0} blocks written at ${s.peerSite} after the restart point were discarded; kept in snapshot ${s.peerVolume}@${r.discardSnapshot} there`);
+      const discarded = r?.reverse ? 'since the failover' : 'after the restart point';
+      if (r?.discardSnapshot) lines.push(`${r.discardedBlocks ?? 0} blocks written at ${s.peerSite} ${discarded} were discarded; kept in snapshot ${s.peerVolume}@${r.discardSnapshot} there`);
       if (r?.resyncBlocks !== undefined) lines.push(`${r.resyncBlocks} blocks to send`);
       return lines.join('\n');
     };

@@ -1,5 +1,5 @@
 import { FerryError } from '../lib/errors.js';
-import type { DeltaSetRecord, FailoverMode, PairRecord } from '../storage/replication-catalog.js';
+import type { DeltaSetRecord, FailoverMode, PairRecord, RecoveryRecord } from '../storage/replication-catalog.js';
 
 /**
  * Decisions of disaster recovery (E FIG. 21-33), pure: callers bring the records and
@@ -59,6 +59,20 @@ export function intermediateSnapshotName(generation: number, step: number): stri
   return `ferry-resync-g${generation}-${step}`;
 }
 
+/** A reversed resync says whose writes it discards. */
+function resyncName(r: RecoveryRecord): string {
+  return r.reverse ? `resync --reverse (the writes made at the other site since the failover are discarded${r.discardSnapshot ? `, kept in its snapshot ${r.discardSnapshot}` : ''})` : 'resync';
+}
+
+/** Checks that a reversed resync may start at an old source: it failed over from here and keeps its data. */
+export function checkReverseResync(pair: PairRecord): void {
+  const phase = pair.recovery?.phase;
+  if (pair.role !== 'source' || (phase !== undefined && phase !== 'fenced' && phase !== 'resynced')) {
+    const doing = phase === 'resync-target' ? 'it is being rebuilt by a resync from the other site already' : `it is the ${pair.role}${phase ? ` (${phase})` : ''}`;
+    throw new FerryError('BAD_REQUEST', `volume ${pair.volume} cannot keep its data with "resync --reverse": ${doing}; it is run at the old source of a pair that failed over, before "ferry resync" is run at the site that took over`);
+  }
+}
+
 /** What status says about a pair in recovery, in one line. */
 export function describeRecovery(pair: PairRecord): string {
   const r = pair.recovery;
@@ -67,11 +81,11 @@ export function describeRecovery(pair: PairRecord): string {
     case 'failed-over':
       return `failed over at generation ${pair.generation} (restart point: delta set ${r.restartPoint}, snapshot ${r.restartSnapshot ?? '?'}); run "ferry resync ${pair.volume}" here once ${pair.peerSiteName} is back`;
     case 'fenced':
-      return `failed over to ${r.failedOverTo ?? pair.peerSiteName}; this copy is read-only until "ferry resync" is run there`;
+      return `failed over to ${r.failedOverTo ?? pair.peerSiteName}; this copy is read-only until "ferry resync" is run there (or, to keep this copy's data instead, "ferry resync ${pair.volume} --reverse" here)`;
     case 'resync-full':
-      return `resync: full copy needed (${r.fullCopyReason ?? 'unknown reason'}); copying intermediate snapshot 1`;
+      return `${resyncName(r)}: full copy needed (${r.fullCopyReason ?? 'unknown reason'}); copying intermediate snapshot 1`;
     case 'resync':
-      return `resync: copying ${r.resyncBlocks ?? '?'} blocks that differ${r.fullCopy ? ' (after a full copy)' : ''}`;
+      return `${resyncName(r)}: copying ${r.resyncBlocks ?? '?'} blocks that differ${r.fullCopy ? ' (after a full copy)' : ''}`;
     case 'resync-target':
       if (pair.initialCopy.doneAt !== undefined && pair.deltaSetPlayedBack >= pair.initialCopy.stampedDeltaSet) return '';
       return `being rebuilt from ${pair.peerSiteName}: no host access until the resync is complete`;

@@ -20,7 +20,7 @@ import { ReplFrame, json } from '../replication/protocol.js';
 import { snapshotsPerVolumeMax } from '../snapshot/manager.js';
 import type { ReplicationManager } from '../replication/manager.js';
 import type { SourceReplicator } from '../replication/source.js';
-import { checkFailover, describeRecovery, discardSnapshotName, intermediateSnapshotName, planUndo, restartSnapshotName } from './plan.js';
+import { checkFailover, checkReverseResync, describeRecovery, discardSnapshotName, intermediateSnapshotName, planUndo, restartSnapshotName } from './plan.js';
 
 /** How long a failover waits for the other site's answer when it is only told (not --sync). */
 const fenceNoticeTimeoutMs = 1_500;
@@ -48,6 +48,22 @@ type RecoveryRequest =
       saveVolumeBytes: number;
       /** The new source's volume size: a volume that grew there after this copy last did grows here too. */
       sizeBytes?: number;
+    }
+  | {
+      /**
+       * `resync --reverse`, from the old source: the site that took over gives up its
+       * writes since the failover and is rebuilt from the old source (`check`: only say
+       * whether it would, and where the restart point is; nothing changes).
+       */
+      op: 'reverse';
+      pairId: string;
+      volume: string;
+      /** The old source's generation: the one the failover was from. */
+      generation: number;
+      sourceUrl: string;
+      sourceVolume: string;
+      saveVolumeBytes: number;
+      check: boolean;
     }
   | {
       op: 'takeover';
@@ -79,7 +95,36 @@ interface ResyncReply {
   frames: number;
 }
 
+/** The site that took over answers a reversed resync with this, then its changed blocks (RecoveryData frames). */
+interface ReverseReply {
+  /** The generation the rebuilt pair runs at. */
+  generation: number;
+  /** The point both copies last had in common (E FIG. 28's restart point). */
+  restartGeneration: number;
+  restartPoint: number;
+  /** The volume's size there: the old source grows to it first. */
+  sizeBytes: number;
+  /** Blocks written there since the failover, now discarded, and the snapshot they are kept in (rule 6). */
+  discardedBlocks: number;
+  discardSnapshot: string;
+  /** RecoveryData frames that follow (0 for a check). */
+  frames: number;
+}
+
 const undoMagic = 'ferry-undo';
+const reverseMagic = 'ferry-reverse';
+
+/** What the site that took over keeps of a reversed resync's answer while it is rebuilt (so the request can be repeated). */
+type ReverseAnswer = Omit<ReverseReply, 'frames'>;
+
+/** What the old source keeps of a reversed resync's list (its own changes plus the other site's). */
+interface ReverseRecord {
+  generation: number;
+  fullCopy: boolean;
+  fullCopyReason?: string;
+  /** Blocks this copy wrote after the restart point (kept; sent to the other site). */
+  keptBlocks: number;
+}
 
 /** What the old source keeps of its undo list while it is being rebuilt (so a resync can be re-issued). */
 interface UndoRecord {
@@ -386,7 +431,7 @@ export class Recovery {
       });
       let answer: { reply: ResyncReply; runs: [number, number][] };
       try {
-        answer = await this.resyncRequest(pair.peerUrl, request);
+        answer = await this.requestRuns<ResyncReply>(pair.peerUrl, request, (r) => r.undoBlocks);
       } catch (err) {
         await this.abandonIntermediatePoint(pair, await prepared);
         throw err;
@@ -554,14 +599,15 @@ export class Recovery {
    * before it are copied. An intermediate point left by an attempt that did not get
    * this far may predate this attempt's tracking: it is taken again.
    */
-  private async takeIntermediatePoint(pair: PairRecord, base: string): Promise<{ source: SourceReplicator; differ: PagedBitmap }> {
-    const { snapshots } = this.m.deps;
+  private async takeIntermediatePoint(pair: PairRecord, base: string | undefined): Promise<{ source: SourceReplicator; differ: PagedBitmap }> {
+    const { snapshots, volumes } = this.m.deps;
     const i2 = intermediateSnapshotName(pair.generation, 2);
     const source = await this.m.openSource(pair);
     try {
       if (snapshots.list(pair.volume).some((s) => s.name === i2)) await snapshots.delete(pair.volume, i2);
       await snapshots.create(pair.volume, i2, { purpose: 'resync intermediate point', pairId: pair.pairId, deltaSet: String(pair.deltaSetCreated) });
-      return { source, differ: await snapshots.changedBlocks(pair.volume, base, i2) };
+      // A reversed resync's list is complete already: its hosts were held since it was made.
+      return { source, differ: base === undefined ? new PagedBitmap(volumes.get(pair.volume).blockCount) : await snapshots.changedBlocks(pair.volume, base, i2) };
     } catch (err) {
       await source.close();
       throw err;
@@ -619,6 +665,8 @@ export class Recovery {
     const source = await this.m.openSource(pair);
     this.m.sources.set(pair.volume, source);
     source.start();
+    // A reversed resync's old source was held read-only until its writes were tracked.
+    if (pair.recovery?.reverse) await this.m.deps.setAccess(pair.volume, 'read-write');
   }
 
   /** The resync's copy is complete: the old source is a replica again (E FIG. 28 step 535). */
@@ -627,7 +675,7 @@ export class Recovery {
     if (!r || r.phase !== 'resync') return;
     for (const name of [...(r.intermediateSnapshots ?? []), r.restartSnapshot]) await this.dropSnapshot(pair.volume, name);
     const dir = await this.pairDir(pair.volume);
-    await rm(join(dir, 'undo.bitmap'), { force: true });
+    for (const f of ['undo.bitmap', 'reverse.bitmap', 'reverse.json']) await rm(join(dir, f), { force: true });
     await rm(this.m.copyBitmapPath(pair), { force: true });
     r.phase = 'resynced';
     r.resyncDoneAt = this.now();
@@ -650,6 +698,104 @@ export class Recovery {
     const { snapshots } = this.m.deps;
     if (!name || !snapshots.list(volume).some((s) => s.name === name)) return;
     await snapshots.delete(volume, name).catch((err: Error) => this.log.warn({ volume, snapshot: name, err: err.message }, 'snapshot could not be deleted'));
+  }
+
+  // ---- reversed resync (at the old source) ---------------------------------------------
+
+  /**
+   * `ferry resync VOL --reverse` at the old source: this copy keeps its writes after the
+   * restart point and becomes the source again; the site that took over is rebuilt from
+   * it, and its writes since the failover are the ones discarded (kept in a snapshot
+   * there, rule 6). The blocks sent are this copy's own undo list (the delta sets after
+   * the restart point and its unsent changes) plus the other site's changes since the
+   * restart point, as in E FIG. 28 with the roles the other way round; the copy then
+   * runs as a resync's does, alongside replication of newer writes.
+   */
+  async resyncReverse(volume: string): Promise<void> {
+    const pair = this.m.requirePair(volume);
+    const phase = pair.recovery?.phase;
+    if (pair.role === 'source' && pair.recovery?.reverse && (phase === 'resync' || phase === 'resync-full')) {
+      if (!this.background.has(volume) && !this.m.sources.has(volume)) this.runResync(volume);
+      return;
+    }
+    checkReverseResync(pair);
+    if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is already in progress`);
+    this.busy.add(volume);
+    const startedAt = this.now();
+    try {
+      const request: RecoveryRequest = {
+        op: 'reverse',
+        pairId: pair.pairId,
+        volume: pair.peerVolume,
+        generation: pair.generation,
+        sourceUrl: this.m.deps.selfUrl(),
+        sourceVolume: volume,
+        saveVolumeBytes: pair.saveVolumeBytes,
+        check: true,
+      };
+      // Nothing changes at either site until the other says it would be rebuilt.
+      const point = await this.request<ReverseReply>(pair.peerUrl, request, requestTimeoutMs);
+      // Hosts stop here, and the writes in flight finish under tracking: they are kept.
+      await this.fenceSelf(volume, pair.peerSiteName, 'resync --reverse');
+      if (point.sizeBytes > this.m.deps.volumes.get(volume).sizeBytes) await this.m.growToMatch(volume, point.sizeBytes, pair.peerSiteName);
+      const { reply, runs } = await this.requestRuns<ReverseReply>(pair.peerUrl, { ...request, check: false }, (r) => r.discardedBlocks);
+      const dir = await this.pairDir(volume);
+      const ownPath = join(dir, 'reverse.bitmap');
+      const recordPath = join(dir, 'reverse.json');
+      // This copy's own writes after the restart point, listed (and kept, for a repeated
+      // command) before its tracking files go.
+      let own = await readChecksummedJson<ReverseRecord>(recordPath, reverseMagic, 1).then((r) => (r.body.generation === reply.generation ? r.body : undefined), () => undefined);
+      let ownBits: PagedBitmap;
+      if (own && (await exists(ownPath))) {
+        ownBits = await this.readUndoList(volume, ownPath);
+      } else {
+        const undo = await this.listUndo(this.m.requirePair(volume), reply.restartGeneration, reply.restartPoint);
+        ownBits = undo.bits;
+        own = { generation: reply.generation, fullCopy: undo.fullCopy, keptBlocks: undo.bits.count };
+        if (undo.reason !== undefined) own.fullCopyReason = undo.reason;
+        await writeBitmapFile(ownPath, ownBits);
+        await writeFileAtomic(recordPath, encodeChecksummedJson(reverseMagic, 1, own));
+      }
+      for (const [s, n] of runs) ownBits.setRange(s, n);
+      await writeBitmapFile(join(dir, 'undo.bitmap'), ownBits);
+      for (const f of ['dirty.bitmap', 'activity.log', 'save.journal', 'copy.bitmap', 'undo.json']) await rm(join(dir, f), { force: true });
+      const fenced = this.m.requirePair(volume);
+      // An unfinished catch-up's image is of no use: this copy is the source now.
+      if (fenced.initialCopy.catchUp) await this.dropSnapshot(volume, fenced.initialCopy.snapshot);
+      const sourcePair: PairRecord = {
+        ...fenced,
+        role: 'source',
+        generation: reply.generation,
+        state: 'initial-copying',
+        initialCopy: { cursorBlock: 0, totalBlocks: this.m.deps.volumes.get(volume).blockCount, stampedDeltaSet: 0, startedAt, bytes: 0, copyId: 0 },
+        ...this.m.freshCounters(),
+        recovery: {
+          phase: own.fullCopy ? 'resync-full' : 'resync',
+          previousGeneration: fenced.generation,
+          restartPoint: reply.restartPoint,
+          reverse: true,
+          fullCopy: own.fullCopy,
+          ...(own.fullCopyReason !== undefined ? { fullCopyReason: own.fullCopyReason } : {}),
+          discardedBlocks: reply.discardedBlocks,
+          discardSnapshot: reply.discardSnapshot,
+          resyncStartedAt: startedAt,
+        },
+      };
+      sourcePair.stateReason = describeRecovery(sourcePair);
+      this.replacePair(sourcePair);
+      if (own.fullCopy) {
+        // The first intermediate snapshot takes every write from now on: hosts may write.
+        await this.m.deps.setAccess(volume, 'read-write');
+        this.log.warn({ volume, reason: own.fullCopyReason }, 'resync --reverse needs a FULL COPY: this copy cannot list its own changes after the restart point from its records');
+      }
+      this.log.warn(
+        { volume, generation: reply.generation, site: pair.peerSiteName, kept: own.keptBlocks, discarded: reply.discardedBlocks, snapshot: reply.discardSnapshot },
+        'resync --reverse: this copy keeps its data and is the source again; the writes made at the other site since the failover are discarded there (kept in a snapshot)',
+      );
+    } finally {
+      this.busy.delete(volume);
+    }
+    this.runResync(volume);
   }
 
   // ---- failback (at the current source) -----------------------------------------------
@@ -799,6 +945,8 @@ export class Recovery {
           return await this.onFence(connection, peer, pair, body);
         case 'resync':
           return await this.onResync(connection, peer, pair, body);
+        case 'reverse':
+          return await this.onReverse(connection, peer, pair, body);
         case 'takeover':
           return await this.onTakeover(connection, peer, pair, body);
         default:
@@ -915,20 +1063,101 @@ export class Recovery {
     }
     const { body: record } = await readChecksummedJson<UndoRecord>(recordPath, undoMagic, 1);
     const undo = await this.readUndoList(pair.volume, undoPath);
-    const runs = [...undo.runs()];
-    const frames = Math.ceil(runs.length / runsPerFrame);
-    const reply: ResyncReply = { ...record, undoBlocks: undo.count, frames };
-    connection.sendJson(ReplFrame.RecoveryReply as number, reply);
-    for (let f = 0; f < frames; f++) {
-      const part = runs.slice(f * runsPerFrame, (f + 1) * runsPerFrame);
-      const buf = Buffer.alloc(part.length * 16);
-      part.forEach(([s, n], i) => {
-        buf.writeBigUInt64LE(BigInt(s), i * 16);
-        buf.writeUInt32LE(n, i * 16 + 8);
-      });
-      connection.send(ReplFrame.RecoveryData, buf);
+    const reply: Omit<ResyncReply, 'frames'> = { ...record, undoBlocks: undo.count };
+    sendWithRuns(connection, reply, undo);
+  }
+
+  /**
+   * `resync --reverse` at the site that took over: hosts stop, this copy's writes since
+   * the failover are kept in a snapshot (rule 6) and listed (restart point → that
+   * snapshot), and it turns into a raw target of the old source. Answered again from
+   * what it kept if the request is repeated.
+   */
+  private async onReverse(connection: RcpConnection, peer: PeerIdentity, pair: PairRecord, body: Extract<RecoveryRequest, { op: 'reverse' }>): Promise<void> {
+    const { volumes, snapshots, setAccess } = this.m.deps;
+    const dir = await this.pairDir(pair.volume);
+    const listPath = join(dir, 'reverse.bitmap');
+    const recordPath = join(dir, 'reverse.json');
+    const kept = await readChecksummedJson<ReverseAnswer>(recordPath, reverseMagic, 1).then((r) => r.body, () => undefined);
+    const r = pair.recovery;
+    // Once turned into the target, its answer stands; before, it is made afresh (hosts may have written since an attempt that stopped).
+    const rebuilt = pair.role === 'target' && r?.phase === 'resync-target' && r.reverse === true && kept !== undefined && kept.generation === pair.generation && kept.restartGeneration === body.generation;
+    if (!rebuilt) {
+      if (pair.role !== 'source' || r?.phase !== 'failed-over' || !r.restartSnapshot) {
+        throw new FerryError('BAD_REQUEST', `volume ${pair.volume} here is the ${pair.role}${r ? ` (${r.phase})` : ''}: only a site that took over, before "ferry resync" was run there, can be rebuilt from its old source`);
+      }
+      if (body.generation !== r.previousGeneration) {
+        throw new FerryError('STALE_GENERATION', `volume ${pair.volume} here took over from generation ${r.previousGeneration}; the copy at generation ${body.generation} cannot be kept in its place`);
+      }
+      if (this.busy.has(pair.volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${pair.volume} is already in progress`);
+      const next = pair.generation + 1;
+      const discardSnapshot = discardSnapshotName(next);
+      const answer: ReverseAnswer = { generation: next, restartGeneration: r.previousGeneration, restartPoint: r.restartPoint, sizeBytes: volumes.get(pair.volume).sizeBytes, discardedBlocks: 0, discardSnapshot };
+      const existing = snapshots.list(pair.volume);
+      if (existing.length >= snapshotsPerVolumeMax && !existing.some((s) => s.name === discardSnapshot)) {
+        throw new FerryError('SNAPSHOT_LIMIT', `volume ${pair.volume} at ${this.m.deps.self.siteName} keeps its writes since the failover in a snapshot, and it has ${existing.length}, the most it may have: delete one there and run this again; nothing was changed`);
+      }
+      if (body.check) {
+        connection.sendJson(ReplFrame.RecoveryReply as number, { ...answer, frames: 0 });
+        connection.close();
+        return;
+      }
+      this.busy.add(pair.volume);
+      try {
+        // Hosts stop before the point that is kept; a failure before the switch gives them back.
+        await setAccess(pair.volume, 'read-only');
+        let answered: ReverseAnswer;
+        try {
+          // One left by an attempt that stopped holds less than this copy has now.
+          await this.dropSnapshot(pair.volume, discardSnapshot);
+          await snapshots.create(pair.volume, discardSnapshot, { purpose: 'writes discarded by resync --reverse', pairId: pair.pairId });
+          const changed = await snapshots.changedBlocks(pair.volume, r.restartSnapshot, discardSnapshot);
+          answered = { ...answer, discardedBlocks: changed.count };
+          await writeBitmapFile(listPath, changed);
+          await writeFileAtomic(recordPath, encodeChecksummedJson(reverseMagic, 1, answered));
+        } catch (err) {
+          await setAccess(pair.volume, 'read-write');
+          throw err;
+        }
+        await setAccess(pair.volume, 'raw');
+        const blockCount = volumes.get(pair.volume).blockCount;
+        const targetPair: PairRecord = {
+          ...pair,
+          role: 'target',
+          generation: next,
+          peerUrl: reachableUrl(body.sourceUrl, connection.socket.remoteAddress),
+          peerSiteId: peer.siteId,
+          peerSiteName: peer.siteName,
+          peerVolume: body.sourceVolume,
+          state: 'initial-copying',
+          stateReason: '',
+          saveVolumeBytes: Math.max(pair.saveVolumeBytes, Number.isSafeInteger(body.saveVolumeBytes) ? body.saveVolumeBytes : 0),
+          initialCopy: { cursorBlock: 0, totalBlocks: blockCount, stampedDeltaSet: 0, startedAt: this.now(), bytes: 0, copyId: 0 },
+          ...this.m.freshCounters(),
+          recovery: { phase: 'resync-target', previousGeneration: pair.generation, restartPoint: r.restartPoint, reverse: true, discardedBlocks: answered.discardedBlocks, discardSnapshot },
+        };
+        targetPair.stateReason = describeRecovery(targetPair);
+        this.replacePair(targetPair);
+        // Its changes are listed: the restart point has served.
+        await this.dropSnapshot(pair.volume, r.restartSnapshot);
+        this.log.warn(
+          { volume: pair.volume, from: peer.siteName, discarded: answered.discardedBlocks, snapshot: discardSnapshot },
+          'resync --reverse: the writes made here since the failover are discarded (kept in a snapshot); this volume is being rebuilt from the old source (raw until done)',
+        );
+      } finally {
+        this.busy.delete(pair.volume);
+      }
     }
-    connection.close();
+    if (!this.m.targets.has(pair.volume)) {
+      const target = await this.m.openTarget(this.m.catalog.getPair(pair.volume) as PairRecord);
+      this.m.targets.set(pair.volume, target);
+      target.start();
+    }
+    const answered = (await readChecksummedJson<ReverseAnswer>(recordPath, reverseMagic, 1)).body;
+    const { bits } = await readWorkBitmap(listPath, volumes.get(pair.volume).blockCount);
+    if (bits.count !== answered.discardedBlocks) throw new FerryError('CHECKSUM_MISMATCH', `the list of blocks written here since the failover holds ${bits.count} blocks, its record ${answered.discardedBlocks}`);
+    const reply: Omit<ReverseReply, 'frames'> = answered;
+    sendWithRuns(connection, reply, bits);
   }
 
   /**
@@ -1088,26 +1317,44 @@ export class Recovery {
     }
   }
 
-  private async resyncRequest(url: string, body: RecoveryRequest): Promise<{ reply: ResyncReply; runs: [number, number][] }> {
+  /** A request answered by a reply and a list of blocks (RecoveryData frames); `blocks` says how many the reply announced. */
+  private async requestRuns<T extends { frames: number }>(url: string, body: RecoveryRequest, blocks: (reply: T) => number): Promise<{ reply: T; runs: [number, number][] }> {
     const { connection } = await this.m.connect(url);
     try {
       // Frames are queued as they arrive: the reply and its data may come in one read.
       const inbox = new Inbox(connection);
       connection.sendJson(ReplFrame.RecoveryRequest as number, body);
-      const reply = await expectReply<ResyncReply>(inbox, requestTimeoutMs);
+      const reply = await expectReply<T>(inbox, requestTimeoutMs);
       const runs: [number, number][] = [];
       for (let f = 0; f < reply.frames; f++) {
         const frame = await inbox.next(requestTimeoutMs);
-        if (frame.type !== ReplFrame.RecoveryData || frame.payload.length % 16 !== 0) throw new FerryError('PROTOCOL_ERROR', 'malformed undo list from the old source');
+        if (frame.type !== ReplFrame.RecoveryData || frame.payload.length % 16 !== 0) throw new FerryError('PROTOCOL_ERROR', 'malformed list of blocks from the other site');
         for (let at = 0; at < frame.payload.length; at += 16) runs.push([Number(frame.payload.readBigUInt64LE(at)), frame.payload.readUInt32LE(at + 8)]);
       }
-      const blocks = runs.reduce((s, [, n]) => s + n, 0);
-      if (blocks !== reply.undoBlocks) throw new FerryError('CHECKSUM_MISMATCH', `undo list has ${blocks} blocks, the old source said ${reply.undoBlocks}`);
+      const listed = runs.reduce((s, [, n]) => s + n, 0);
+      if (listed !== blocks(reply)) throw new FerryError('CHECKSUM_MISMATCH', `the list of blocks has ${listed} blocks, the other site said ${blocks(reply)}`);
       return { reply, runs };
     } finally {
       connection.destroy();
     }
   }
+}
+
+/** Sends a reply, then a list of blocks as runs in RecoveryData frames (the reply says how many frames), and closes. */
+function sendWithRuns(connection: RcpConnection, reply: object, bits: PagedBitmap): void {
+  const runs = [...bits.runs()];
+  const frames = Math.ceil(runs.length / runsPerFrame);
+  connection.sendJson(ReplFrame.RecoveryReply as number, { ...reply, frames });
+  for (let f = 0; f < frames; f++) {
+    const part = runs.slice(f * runsPerFrame, (f + 1) * runsPerFrame);
+    const buf = Buffer.alloc(part.length * 16);
+    part.forEach(([s, n], i) => {
+      buf.writeBigUInt64LE(BigInt(s), i * 16);
+      buf.writeUInt32LE(n, i * 16 + 8);
+    });
+    connection.send(ReplFrame.RecoveryData, buf);
+  }
+  connection.close();
 }
 
 async function expectReply<T>(inbox: Inbox, timeoutMs: number): Promise<T> {

@@ -124,7 +124,11 @@ export class ReplicationManager {
         else if (phase === 'failed-over' || phase === 'resync-full') await this.deps.setAccess(pair.volume, 'read-write');
         else if (phase === 'resync' && !(await stat(join(this.pairDir(this.deps.volumes.record(pair.volume).id), 'copy.bitmap')).then(() => true, () => false))) {
           // The resync's intermediate point was not taken yet: Recovery.resumeAll does it.
-        } else this.sources.set(pair.volume, await this.openSource(pair));
+        } else {
+          this.sources.set(pair.volume, await this.openSource(pair));
+          // A reversed resync's old source stopped before it could give hosts their writes back.
+          if (pair.recovery?.reverse && phase === 'resync') await this.deps.setAccess(pair.volume, 'read-write');
+        }
       } catch (err) {
         this.deps.log.error({ err, volume: pair.volume }, 'replication pair could not be opened');
         throw err;
@@ -387,8 +391,8 @@ export class ReplicationManager {
     return this.recovery.failover(volumeName, mode);
   }
 
-  resync(volumeName: string): Promise<void> {
-    return this.recovery.resync(volumeName);
+  resync(volumeName: string, reverse = false): Promise<void> {
+    return reverse ? this.recovery.resyncReverse(volumeName) : this.recovery.resync(volumeName);
   }
 
   failback(volumeName: string): Promise<void> {

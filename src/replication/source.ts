@@ -187,6 +187,9 @@ export class SourceReplicator {
     this.track();
     this.loops = [this.cutLoop(), this.sendLoop()];
     if (this.pair.initialCopy.doneAt === undefined) this.loops.push(this.copyLoop());
+    // A stop between a copy's end and its clean-up (a resync's last step, the copy's
+    // image dropped) leaves that to be done: it is, and doing it twice is harmless.
+    else this.finishCopy();
   }
 
   /** Copy progress and connection, while a copy runs. */
@@ -754,8 +757,12 @@ export class SourceReplicator {
     this.pair.initialCopy.cursorBlock = this.pair.initialCopy.totalBlocks;
     this.pair.initialCopy.doneAt = new Date(this.deps.clock.now()).toISOString();
     this.apply({ type: 'copied' });
-    this.deps.copied(this.pair).catch((err: Error) => this.deps.log.warn({ volume: this.pair.volume, err: err.message }, 'the initial-copy snapshot could not be deleted; delete it by hand'));
+    this.finishCopy();
     this.deps.log.info({ volume: this.pair.volume, bytes: this.pair.initialCopy.bytes }, 'initial copy complete');
+  }
+
+  private finishCopy(): void {
+    this.deps.copied(this.pair).catch((err: Error) => this.deps.log.warn({ volume: this.pair.volume, err: err.message }, 'the end of the copy could not be recorded (its snapshot deleted, or a resync marked complete); it is tried again when the site restarts'));
   }
 
   // ---- bookkeeping -------------------------------------------------------------------

@@ -78,11 +78,11 @@ export type RecoveryPhase =
   | 'failed-over'
   /** Old source that learnt of the failover: read-only until resynced. */
   | 'fenced'
-  /** New source: full-copy fallback, first step (copy of intermediate snapshot 1, E FIG. 28 step 536). */
+  /** New source (or, reversed, the old source again): full-copy fallback, first step (copy of intermediate snapshot 1, E FIG. 28 step 536). */
   | 'resync-full'
-  /** New source: the copy of the blocks that differ runs alongside replication of newer writes. */
+  /** New source (or, reversed, the old source again): the copy of the blocks that differ runs alongside replication of newer writes. */
   | 'resync'
-  /** Old source rebuilt as the target: raw until the copy is done. */
+  /** Old source (or, reversed, the site that took over) rebuilt as the target: raw until the copy is done. */
   | 'resync-target'
   /** Resync complete: an ordinary pair in the new direction. */
   | 'resynced'
@@ -130,6 +130,12 @@ export interface RecoveryRecord {
   resyncDoneAt?: string;
   /** Site that took over (at a fenced old source). */
   failedOverTo?: string;
+  /**
+   * `resync --reverse`: the old source kept its data and is the source again; the site
+   * that took over is rebuilt from it, and its writes since the failover are the ones
+   * discarded (kept in `discardSnapshot` there).
+   */
+  reverse?: boolean;
 }
 
 export type DeltaSetState = 'ready' | 'acked' | 'received' | 'playing' | 'played';

@@ -82,7 +82,12 @@ async function waitResynced(b: TestSite, a: TestSite): Promise<PairStatus> {
   await waitFor(() => `resync done (last: ${JSON.stringify(last)}; the old source's exit code ${a.exitCode}, its stderr: ${a.stderrTail}, its last log lines: ${JSON.stringify(a.logs.slice(-15).map((l) => [l.msg, l.err]))})`, async () => {
     last = await pairStatus(b, 'db');
     return last.recovery?.phase === 'resynced';
-  }, 120_000, 200);
+  }, 120_000, 200).catch(async (err: Error) => {
+    // Who holds the old source's port, and does it answer: for a failure seen now and then.
+    const sockets = await execFileP('ss', ['-tanpe', `( sport = :${a.port} or dport = :${a.port} )`]).then((r) => r.stdout, (e: Error) => e.message);
+    const api = await a.api('GET', '/api/v1/status/db').then((r) => `HTTP ${r.status}`, (e: Error) => e.message);
+    throw new Error(`${err.message}\nthe old source's port ${a.port}, its API: ${api}; sockets:\n${sockets}\nthe new source's last log lines: ${JSON.stringify(b.logs.slice(-15).map((l) => [l.msg, l.err]))}`);
+  });
   await waitInSync(b, a, 'db', 'db', 120_000);
   // The rebuilt old source is a read-only replica again, and its status no longer says it is being rebuilt.
   const rebuilt = await pairStatus(a, 'db');
@@ -303,7 +308,7 @@ test('a failover says what the source had that this site did not receive, and th
     assert.equal(await b.digest('db'), sha(Buffer.alloc(size)), 'B holds the restart point: none of those writes');
     // Until the resync, neither site replicates, and each says why; the new source's policy can be set meanwhile.
     assert.match((await b.cli(['replicate', 'pause', 'db'])).stderr, /^ferry: BAD_REQUEST: replication of db is not running here now: failed over at generation 2 .*run "ferry resync db" here once ahead-a is back\n$/);
-    assert.match((await a.cli(['replicate', 'delta', 'db'])).stderr, /^ferry: BAD_REQUEST: replication of db is not running here now: failed over to ahead-b; this copy is read-only until "ferry resync" is run there\n$/);
+    assert.match((await a.cli(['replicate', 'delta', 'db'])).stderr, /^ferry: BAD_REQUEST: replication of db is not running here now: failed over to ahead-b; this copy is read-only until "ferry resync" is run there \(or, to keep this copy's data instead, "ferry resync db --reverse" here\)\n$/);
     assert.match((await a.cli(['replicate', 'set', 'db', '--interval', '1s'])).stderr, /not running here now: failed over to ahead-b/);
     assert.equal((await b.cli(['replicate', 'set', 'db', '--interval', '300ms'])).code, 0);
     assert.equal((await b.cli(['resync', 'db'])).code, 0);
@@ -818,6 +823,171 @@ test('resync sends only the blocks that differ: copy bytes within 1.1x of the di
     const blocksRatio = (sb.recovery?.resyncBlocks ?? 0) / differ;
     assert.ok(blocksRatio >= 1 && blocksRatio <= 1.1, `resync planned ${sb.recovery?.resyncBlocks} blocks for ${differ} differing`);
   } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+/** Snapshot names of a volume at a site. */
+async function snapshotNames(site: TestSite): Promise<string[]> {
+  return (await site.api<{ name: string }[]>('GET', '/api/v1/volumes/db/snapshots')).body.map((s) => s.name);
+}
+
+async function snapshotDigest(site: TestSite, name: string): Promise<string> {
+  const r = await site.cli(['snapshot', 'digest', 'db', name, '--json']);
+  assert.equal(r.code, 0, r.stderr);
+  return (JSON.parse(r.stdout) as { sha256: string }).sha256;
+}
+
+async function access(site: TestSite): Promise<string> {
+  return (await site.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access;
+}
+
+test('resync --reverse at the old source keeps its data: the site that took over is rebuilt from it, only the blocks that differ, its own writes kept in a snapshot there', async () => {
+  const [a, b] = await sites('reverse');
+  try {
+    const size = 32 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    // Every block holds data, so each differing block costs its bytes on the wire.
+    for (let off = 0; off < size; off += 4 * MiB) {
+      const data = randomBytes(4 * MiB);
+      await a.writeData('db', off, data);
+      data.copy(image, off);
+    }
+    await waitInSync(a, b, 'db');
+    const restart = Buffer.from(image);
+    // The old source writes after the restart point: delta sets never shipped, and unsent changes.
+    await unshippedDeltaSets(a, image, 2, new Set());
+    await writeApi(a, image, 10);
+    const aImage = Buffer.from(image);
+    // A failover with the old source up (a partition that healed, a drill that went too far).
+    const fo = await b.cli(['failover', 'db', '--json']);
+    assert.equal(fo.code, 0, fo.stderr);
+    assert.equal(await recoveryPhase(a), 'fenced');
+    const bImage = Buffer.from(restart);
+    const bTouched = new Set<number>();
+    await writeNbd(b, bImage, 25, bTouched);
+    assert.equal(await b.digest('db'), sha(bImage));
+
+    // The old source's status names the way back with its own data; run at the wrong site, or the
+    // other way round, it is refused and changes nothing.
+    assert.match((await pairStatus(a, 'db')).reason, /"ferry resync db --reverse" here/);
+    const wrongSite = await b.cli(['resync', 'db', '--reverse']);
+    assert.notEqual(wrongSite.code, 0);
+    assert.match(wrongSite.stderr, /cannot keep its data with "resync --reverse": it is the source \(failed-over\); it is run at the old source/);
+    assert.match((await a.cli(['resync', 'db'])).stderr, /has not failed over to this site/);
+    assert.equal(await recoveryPhase(b), 'failed-over');
+    assert.equal(await access(b), 'read-write');
+    assert.equal(await access(a), 'read-only');
+
+    let differ = 0;
+    for (let blk = 0; blk < size / bs; blk++) if (!aImage.subarray(blk * bs, (blk + 1) * bs).equals(bImage.subarray(blk * bs, (blk + 1) * bs))) differ++;
+    const rs = await a.cli(['resync', 'db', '--reverse']);
+    assert.equal(rs.code, 0, rs.stderr);
+    assert.match(rs.stdout, new RegExp(`^resync --reverse of db → reverse-b:db: resync`, 'm'));
+    assert.match(rs.stdout, new RegExp(`^${bTouched.size} blocks written at reverse-b since the failover were discarded; kept in snapshot db@ferry-discarded-g3 there$`, 'm'));
+    // The site that took over serves no host while it is rebuilt; the old source takes writes again.
+    const sb = await pairStatus(b, 'db');
+    assert.deepEqual([sb.role, sb.generation, sb.recovery?.phase, sb.recovery?.reverse], ['target', 3, 'resync-target', true]);
+    await waitFor('the old source writable', async () => (await access(a)) === 'read-write', 30_000);
+    await writeNbd(a, aImage, 10);
+
+    const sa = await waitResynced(a, b);
+    assert.deepEqual([sa.role, sa.generation], ['source', 3]);
+    assert.equal(await a.digest('db'), sha(aImage), 'the old source kept all its writes');
+    assert.equal(await b.digest('db'), sha(aImage));
+    const r = sa.recovery;
+    assert.ok(r);
+    assert.deepEqual([r.reverse, r.fullCopy, r.discardedBlocks, r.discardSnapshot], [true, false, bTouched.size, 'ferry-discarded-g3']);
+    // Only the blocks that differ went over the wire.
+    const blocksRatio = (r.resyncBlocks ?? 0) / differ;
+    assert.ok(blocksRatio >= 1 && blocksRatio <= 1.1, `resync planned ${r.resyncBlocks} blocks for ${differ} differing`);
+    const ratio = sa.initialCopy.bytes / (differ * bs);
+    assert.ok(ratio >= 1 && ratio <= 1.1, `resync copied ${sa.initialCopy.bytes} bytes for ${differ} differing blocks (ratio ${ratio.toFixed(3)})`);
+    // Rule 6: what the site that took over wrote is kept there; the restart point and intermediate points are gone.
+    assert.deepEqual(await snapshotNames(b), ['ferry-discarded-g3']);
+    assert.equal(await snapshotDigest(b, 'ferry-discarded-g3'), sha(bImage));
+    assert.deepEqual(await snapshotNames(a), []);
+    const accessAtB = b.logs.filter((l) => l.msg === 'volume access changed' && l.volume === 'db').map((l) => l.access);
+    assert.deepEqual(accessAtB.slice(-3), ['read-only', 'raw', 'read-only']);
+
+    // An ordinary pair again: writes replicate, and a planned switchover works.
+    await writeApi(a, aImage, 10);
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(aImage));
+    const fb = await a.cli(['failback', 'db']);
+    assert.equal(fb.code, 0, fb.stderr);
+    assert.equal((await pairStatus(b, 'db')).role, 'source');
+    await writeApi(b, aImage, 10);
+    await waitInSync(b, a, 'db');
+    assert.equal(await a.digest('db'), sha(aImage));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('resync --reverse whose answer is lost, then SIGKILL of either site during its copy: re-issued, it completes, no full copy', async () => {
+  const [a, b] = await sites('revcrash');
+  // A reaches B through a proxy that can lose B's answer after B acted on the request.
+  const proxy = new FaultProxy(b.host, b.port, 7);
+  await proxy.start();
+  try {
+    const size = 64 * MiB;
+    const image = Buffer.alloc(size);
+    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
+    await writeApi(a, image, 30);
+    assert.equal((await a.cli(['replicate', 'start', 'db', '--to', proxy.url, '--interval', '500ms', '--wait'])).code, 0);
+    await waitInSync(a, b, 'db');
+    const restart = Buffer.from(image);
+    await unshippedDeltaSets(a, image, 2, new Set());
+    await writeApi(a, image, 10);
+    const aImage = Buffer.from(image);
+    await a.kill('SIGKILL');
+    assert.equal((await b.cli(['failover', 'db'])).code, 0);
+    // Many changes at B, so the copy back takes a while.
+    const bImage = Buffer.from(restart);
+    for (let i = 0; i < 40; i++) {
+      const w = { offset: i * MiB, data: randomBytes(512 * 1024) };
+      await b.writeData('db', w.offset, w.data);
+      w.data.copy(bImage, w.offset);
+    }
+    await a.start();
+    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+
+    // B turns into the target and answers with its list; the answer is lost on the way.
+    proxy.dropReply = (frame) => frame.type === ReplFrame.RecoveryReply && ((JSON.parse(frame.payload.toString()) as { frames?: number }).frames ?? 0) > 0;
+    const lost = await a.cli(['resync', 'db', '--reverse']);
+    assert.notEqual(lost.code, 0);
+    assert.equal(proxy.droppedReplies, 1);
+    const sb = await pairStatus(b, 'db');
+    assert.deepEqual([sb.role, sb.recovery?.phase, await access(b)], ['target', 'resync-target', 'raw']);
+    assert.deepEqual([await recoveryPhase(a), await access(a)], ['fenced', 'read-only']);
+    proxy.dropReply = undefined;
+    // Run again after a restart: B answers from what it kept, and the copy starts.
+    await a.kill('SIGKILL');
+    await a.start();
+    const again = await a.cli(['resync', 'db', '--reverse']);
+    assert.equal(again.code, 0, again.stderr);
+    assert.match(again.stdout, /^\d+ blocks written at revcrash-b since the failover were discarded; kept in snapshot db@ferry-discarded-g3 there$/m);
+    // Kill the old source mid-copy, then the other site, and let both come back.
+    await waitFor('copy under way', async () => (await pairStatus(a, 'db')).initialCopy.copiedBlocks > 0, 30_000, 20);
+    await a.kill('SIGKILL');
+    await a.start();
+    await b.kill('SIGKILL');
+    await b.start();
+    await waitFor('the old source writable', async () => (await access(a)) === 'read-write', 60_000);
+    await writeApi(a, aImage, 10);
+    const sa = await waitResynced(a, b);
+    assert.equal(sa.recovery?.fullCopy, false);
+    assert.ok(sa.initialCopy.bytes <= 48 * MiB, `resync copied ${sa.initialCopy.bytes} bytes`);
+    assert.equal(await a.digest('db'), sha(aImage));
+    assert.equal(await b.digest('db'), sha(aImage));
+    assert.equal(await snapshotDigest(b, 'ferry-discarded-g3'), sha(bImage));
+    await writeApi(a, aImage, 10);
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(aImage));
+  } finally {
+    await proxy.close();
     await Promise.all([a.destroy(), b.destroy()]);
   }
 });

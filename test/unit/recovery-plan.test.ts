@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { checkFailover, planUndo } from '../../src/recovery/plan.js';
+import { checkFailover, checkReverseResync, describeRecovery, planUndo } from '../../src/recovery/plan.js';
 import { isFerryError } from '../../src/lib/errors.js';
 import type { PairRecord } from '../../src/storage/replication-catalog.js';
 
@@ -47,4 +47,21 @@ test('checkFailover: only a target holding a consistent image may take over; --s
   checkFailover(catchingUp, 'default');
   checkFailover(catchingUp, 'now');
   refused(catchingUp, 'sync', /cannot lose nothing/);
+});
+
+test('checkReverseResync: only an old source that failed over (or has not learnt of it yet) keeps its data; status names whose writes go', () => {
+  const pair = (over: Partial<PairRecord>): PairRecord => ({ volume: 'v', role: 'source', peerSiteName: 'b', ...over }) as PairRecord;
+  const refused = (p: PairRecord, pattern: RegExp): void => {
+    assert.throws(() => checkReverseResync(p), (err: Error) => isFerryError(err, 'BAD_REQUEST') && pattern.test(err.message));
+  };
+  checkReverseResync(pair({ recovery: { phase: 'fenced', previousGeneration: 1, restartPoint: 0 } }));
+  checkReverseResync(pair({}));
+  refused(pair({ recovery: { phase: 'failed-over', previousGeneration: 1, restartPoint: 4 } }), /it is the source \(failed-over\); it is run at the old source/);
+  refused(pair({ recovery: { phase: 'resync', previousGeneration: 1, restartPoint: 4 } }), /it is the source \(resync\)/);
+  refused(pair({ role: 'target', recovery: { phase: 'resync-target', previousGeneration: 1, restartPoint: 4 } }), /being rebuilt by a resync from the other site already/);
+  refused(pair({ role: 'target' }), /it is the target/);
+  const reversing = pair({ recovery: { phase: 'resync', previousGeneration: 1, restartPoint: 4, reverse: true, resyncBlocks: 12, discardSnapshot: 'ferry-discarded-g3' } });
+  assert.equal(describeRecovery(reversing), 'resync --reverse (the writes made at the other site since the failover are discarded, kept in its snapshot ferry-discarded-g3): copying 12 blocks that differ');
+  assert.equal(describeRecovery(pair({ recovery: { phase: 'resync', previousGeneration: 1, restartPoint: 4, resyncBlocks: 12 } })), 'resync: copying 12 blocks that differ');
+  assert.match(describeRecovery(pair({ recovery: { phase: 'fenced', previousGeneration: 1, restartPoint: 0, failedOverTo: 'b' } })), /or, to keep this copy's data instead, "ferry resync v --reverse" here/);
 });
