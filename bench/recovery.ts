@@ -9,7 +9,9 @@
  *   - resync time / full-copy time (target <= 0.05), as the daemons record them (command
  *     accepted to copy complete) and as the CLI sees them (process start and polling included);
  *   - failover time from command to read/write with nothing left to play back (target < 1 s);
- *   - failback time.
+ *   - failback time;
+ *   - then the same again with the old source keeping its data: `resync --reverse`'s
+ *     bytes and time.
  * Writes are fio random 8k writes through NBD (each block once: fio's random map), at
  * independent random offsets on the two sides, so about 2% of the blocks differ.
  *
@@ -130,6 +132,27 @@ async function main(): Promise<void> {
     // Counted from the failover on: the copy's frames and any delta sets, framing included.
     const wire = rs.bytesSent;
     const changedBytes = differ * bs;
+
+    // The same again the other way: A (the source again) writes 1% B never gets, B takes
+    // over and writes 1%, and A keeps its data: `resync --reverse` rebuilds B from A.
+    await waitInSync(a, b, 'db', 'db', 600_000);
+    if ((await a.cli(['replicate', 'pause', 'db'])).code !== 0) throw new Error('pause failed');
+    await randomBlockWrites(a, changedPercent);
+    await a.api('POST', '/api/v1/replication/db/delta');
+    const fo2 = await b.cli(['failover', 'db']);
+    if (fo2.code !== 0) throw new Error(fo2.stderr);
+    await randomBlockWrites(b, changedPercent);
+    const differReverse = await differingBlocks(a, b, dir);
+    await run('sync');
+    const [reverseSeconds, rv] = await timed(async () => {
+      const r = await a.cli(['resync', 'db', '--reverse']);
+      if (r.code !== 0) throw new Error(r.stderr);
+      await waitFor('resync --reverse done', async () => (await pairStatus(a, 'db')).recovery?.phase === 'resynced', 600_000, 100);
+      await waitInSync(a, b, 'db', 'db', 600_000);
+      return pairStatus(a, 'db');
+    });
+    const reverseDaemonSeconds = (Date.parse(rv.recovery?.resyncDoneAt ?? '') - Date.parse(rv.recovery?.resyncStartedAt ?? '')) / 1000;
+    const sameReverse = (await a.digest('db')) === (await b.digest('db'));
     const rows = [
       ['resync bytes on the wire / changed bytes', `${(wire / MiB).toFixed(1)} MiB`, `${(changedBytes / MiB).toFixed(1)} MiB (${differ} blocks differ)`, (wire / changedBytes).toFixed(3), `<= 1.1; full copy: ${rs.recovery?.fullCopy ? 'YES' : 'no'}; digests ${same ? 'equal' : 'DIFFER'}`],
       ['resync time / full-copy time (daemon)', `${resyncDaemonSeconds.toFixed(2)} s`, `${fullCopyDaemonSeconds.toFixed(2)} s`, (resyncDaemonSeconds / fullCopyDaemonSeconds).toFixed(3), '<= 0.05; command accepted to copy complete, both'],
@@ -141,6 +164,14 @@ async function main(): Promise<void> {
         (resyncCpu.machineSeconds / fullCopyCpu.machineSeconds).toFixed(3),
         `machine CPU per block: resync ${((resyncCpu.machineSeconds / differ) * 1e6).toFixed(0)} µs, full copy ${((fullCopyCpu.machineSeconds / (volumeBytes / bs)) * 1e6).toFixed(0)} µs`,
       ],
+      [
+        'resync --reverse bytes on the wire / changed bytes',
+        `${(rv.bytesSent / MiB).toFixed(1)} MiB`,
+        `${((differReverse * bs) / MiB).toFixed(1)} MiB (${differReverse} blocks differ)`,
+        (rv.bytesSent / (differReverse * bs)).toFixed(3),
+        `full copy: ${rv.recovery?.fullCopy ? 'YES' : 'no'}; digests ${sameReverse ? 'equal' : 'DIFFER'}`,
+      ],
+      ['resync --reverse time / full-copy time', `${reverseDaemonSeconds.toFixed(2)} s (daemon)`, `${fullCopyDaemonSeconds.toFixed(2)} s`, (reverseDaemonSeconds / fullCopyDaemonSeconds).toFixed(3), `CLI wall ${reverseSeconds.toFixed(2)} s`],
       ['failover: command to read/write', `${failover.tookMs} ms (daemon)`, `${(failoverCliSeconds * 1000).toFixed(0)} ms (CLI wall)`, '-', `< 1 s; source fenced: ${failover.sourceFenced}`],
       ['failback (swap roles, no copy)', `${failbackSeconds.toFixed(2)} s`, '-', '-', ''],
     ];

@@ -926,6 +926,41 @@ test('resync --reverse at the old source keeps its data: the site that took over
   }
 });
 
+test('resync --reverse falls back to a full copy, with a warning and a status flag, when the old source cannot list its own changes (its save volume is gone)', async () => {
+  const [a, b] = await sites('revfull');
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    const restart = Buffer.from(image);
+    await unshippedDeltaSets(a, image, 2, new Set());
+    const aImage = Buffer.from(image);
+    const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/db')).body.id;
+    await a.kill('SIGKILL');
+    await rm(join(a.dir, 'replication', volumeId, 'save.journal'), { force: true });
+    assert.equal((await b.cli(['failover', 'db'])).code, 0);
+    const bImage = Buffer.from(restart);
+    await writeApi(b, bImage, 10);
+    await a.start();
+    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+    const rs = await a.cli(['resync', 'db', '--reverse']);
+    assert.equal(rs.code, 0, rs.stderr);
+    assert.match(rs.stdout, /^WARNING: a full copy was needed: .*save volume/m);
+    assert.ok(a.logs.some((l) => /FULL COPY/.test(String(l.msg))), 'a full copy is announced in the log');
+    // The first intermediate snapshot takes every write: hosts write at once.
+    assert.equal(await access(a), 'read-write');
+    await writeApi(a, aImage, 10);
+    const sa = await waitResynced(a, b);
+    assert.deepEqual([sa.recovery?.reverse, sa.recovery?.fullCopy], [true, true]);
+    assert.match(sa.recovery?.fullCopyReason ?? '', /save volume/);
+    assert.equal(await a.digest('db'), sha(aImage));
+    assert.equal(await b.digest('db'), sha(aImage));
+    assert.equal(await snapshotDigest(b, 'ferry-discarded-g3'), sha(bImage));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('resync --reverse whose answer is lost, then SIGKILL of either site during its copy: re-issued, it completes, no full copy', async () => {
   const [a, b] = await sites('revcrash');
   // A reaches B through a proxy that can lose B's answer after B acted on the request.
