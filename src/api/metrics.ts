@@ -112,7 +112,7 @@ export function createMetrics(site: Site): Registry {
   pairGauge('ferry_replication_health', 'Whether the pair needs its operator: 0 ok, 1 warning (not protecting as set up: paused, source silent, save volume full, catch-up or full copy, awaiting resync), 2 error (stopped by a failure, or failing); the reason is in status', (p) => ({ ok: 0, warning: 1, error: 2 })[p.health]);
   pairGauge('ferry_replication_generation', 'Generation of the pair (incremented by every failover and failback)', (p) => p.generation);
   pairGauge('ferry_recovery_full_copy', '1 if the last resync had to copy the whole volume', (p) => (p.recovery?.fullCopy ? 1 : 0));
-  pairGauge('ferry_recovery_discarded_blocks', 'Blocks written at the old source after the restart point, overwritten by the resync (kept in a snapshot)', (p) => p.recovery?.discardedBlocks ?? 0);
+  pairGauge('ferry_recovery_discarded_blocks', 'Blocks overwritten by the resync, kept in a snapshot where they were: written at the old source after the restart point, or (resync --reverse) at the site that took over since the failover', (p) => p.recovery?.discardedBlocks ?? 0);
   pairGauge('ferry_recovery_source_ahead_blocks', 'At the last failover: blocks the old source had that were not received here, as it last said (-1: not known)', (p) => (p.recovery?.failedOverAt ? (p.recovery.sourceAhead?.blocks ?? -1) : 0));
   pairGauge('ferry_recovery_resync_blocks', 'Blocks the resync copies (those that differ, or the whole volume)', (p) => p.recovery?.resyncBlocks ?? 0);
   pairGauge('ferry_replication_save_volume_used_bytes', 'Bytes of the save volume holding delta sets', (p) => p.saveVolume.usedBytes);

@@ -63,7 +63,7 @@ async function refresh() {
       const build = p.lastBuild ? (p.lastBuild.buildMs / 1000).toFixed(1) + ' s for ' + p.lastBuild.blocks + ' blocks' + (p.lastBuild.slowerThanInterval ? ' — LONGER than the interval' : '') : '-';
       const r = p.recovery;
       const recovery = r
-        ? r.phase + (r.fullCopy ? ', full copy' : '') + (r.sourceAhead && r.sourceAhead.blocks > 0 ? ', ' + r.sourceAhead.blocks + ' blocks not taken over' : '') + (r.discardedBlocks ? ', ' + r.discardedBlocks + ' blocks discarded (snapshot ' + r.discardSnapshot + ')' : '')
+        ? r.phase + (r.reverse ? ' (reverse)' : '') + (r.fullCopy ? ', full copy' : '') + (r.sourceAhead && r.sourceAhead.blocks > 0 ? ', ' + r.sourceAhead.blocks + ' blocks not taken over' : '') + (r.discardedBlocks ? ', ' + r.discardedBlocks + ' blocks discarded (snapshot ' + r.discardSnapshot + ')' : '')
         : '-';
       const health = p.health === 'error' ? 'err' : p.health === 'warning' ? 'warn' : '';
       tr.append(

@@ -899,6 +899,8 @@ test('resync --reverse at the old source keeps its data: the site that took over
     const r = sa.recovery;
     assert.ok(r);
     assert.deepEqual([r.reverse, r.fullCopy, r.discardedBlocks, r.discardSnapshot], [true, false, bTouched.size, 'ferry-discarded-g3']);
+    const [row] = (await renderDashboard(a.url)).tables.pairs ?? [];
+    assert.equal(row?.[11], `resynced (reverse), ${bTouched.size} blocks discarded (snapshot ferry-discarded-g3)`);
     // Only the blocks that differ went over the wire.
     const blocksRatio = (r.resyncBlocks ?? 0) / differ;
     assert.ok(blocksRatio >= 1 && blocksRatio <= 1.1, `resync planned ${r.resyncBlocks} blocks for ${differ} differing`);
