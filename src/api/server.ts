@@ -297,10 +297,12 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
   );
   app.post(
     '/api/v1/replication/:volume/resync',
-    { schema: { params: volumeParams, body: { type: 'object', nullable: true, properties: { reverse: { type: 'boolean' } }, additionalProperties: false } } },
+    { schema: { params: volumeParams, body: { type: 'object', nullable: true, properties: { reverse: { type: 'boolean' }, dryRun: { type: 'boolean' } }, additionalProperties: false } } },
     async (req) => {
       const volume = (req.params as { volume: string }).volume;
-      await site.replication.resync(volume, (req.body as { reverse?: boolean } | undefined)?.reverse === true);
+      const body = (req.body ?? {}) as { reverse?: boolean; dryRun?: boolean };
+      if (body.dryRun === true) return { dryRun: await site.replication.previewResync(volume, body.reverse === true) };
+      await site.replication.resync(volume, body.reverse === true);
       return site.replication.status(volume)[0];
     },
   );

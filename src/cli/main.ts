@@ -5,6 +5,7 @@ import { FerryError } from '../lib/errors.js';
 import { formatDuration, formatSize, parseDuration, parseSize, parseHostPort } from '../lib/units.js';
 import type { InfoView, LastBuild, PairStatusView } from '../replication/status.js';
 import type { StopResult } from '../replication/manager.js';
+import type { ResyncPreview } from '../recovery/recovery.js';
 import type { SourceAhead } from '../storage/replication-catalog.js';
 import type { VolumeInfo } from '../storage/volume-store.js';
 import type { SnapshotInfo } from '../snapshot/manager.js';
@@ -311,9 +312,25 @@ program
   .description('rebuild the old source from the blocks that differ (run at the current source, after failover); with --reverse, run at the old source: keep its data and rebuild the site that took over')
   .option('--reverse', 'run at the old source: it keeps its writes and becomes the source again; the writes made at the site that took over since the failover are discarded (kept in a snapshot there)')
   .option('--wait', 'show progress and return when the other site is a consistent replica again')
-  .action(async (volume: string, opts: { wait?: boolean; reverse?: boolean }, cmd: Command) => {
+  .option('--dry-run', 'change nothing: say whose writes would be discarded and how many blocks would be copied (with and without --reverse, to choose which copy to keep)')
+  .action(async (volume: string, opts: { wait?: boolean; reverse?: boolean; dryRun?: boolean }, cmd: Command) => {
     const api = client(cmd);
-    const status = await api.post<PairStatusView>(`/api/v1/replication/${encodeURIComponent(volume)}/resync`, opts.reverse ? { reverse: true } : undefined);
+    const path = `/api/v1/replication/${encodeURIComponent(volume)}/resync`;
+    if (opts.dryRun) {
+      const { dryRun: p } = await api.post<{ dryRun: ResyncPreview }>(path, { reverse: opts.reverse === true, dryRun: true });
+      print(cmd, p, () =>
+        [
+          `resync${p.reverse ? ' --reverse' : ''} of ${volume} (dry run: nothing was changed)`,
+          `${p.discardBlocks} blocks (${formatSize(p.discardBlocks * p.blockBytes)}) written at ${p.discardSite} ${p.reverse ? 'since the failover' : 'after the restart point'} would be discarded (kept in a snapshot there)`,
+          p.fullCopy ? `WARNING: a full copy would be needed: ${p.fullCopyReason ?? ''}` : '',
+          `${p.copyBlocks} blocks (${formatSize(p.copyBlocks * p.blockBytes)}) would be copied from ${p.copyFrom}${p.fullCopy ? ' (the whole volume)' : ''}`,
+        ]
+          .filter(Boolean)
+          .join('\n'),
+      );
+      return;
+    }
+    const status = await api.post<PairStatusView>(path, opts.reverse ? { reverse: true } : undefined);
     const describe = (s: PairStatusView): string => {
       const r = s.recovery;
       const lines = [`resync${r?.reverse ? ' --reverse' : ''} of ${volume} → ${s.peerSite}:${s.peerVolume}: ${r?.phase ?? s.state}`];

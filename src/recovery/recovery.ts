@@ -17,7 +17,7 @@ import { chunkBytesMax, decodeChunk } from '../replication/chunk.js';
 import { CopyRunner } from '../replication/copy.js';
 import { Inbox } from '../replication/inbox.js';
 import { ReplFrame, json } from '../replication/protocol.js';
-import { snapshotsPerVolumeMax } from '../snapshot/manager.js';
+import { currentImageName, snapshotsPerVolumeMax } from '../snapshot/manager.js';
 import type { ReplicationManager } from '../replication/manager.js';
 import type { SourceReplicator } from '../replication/source.js';
 import { checkFailover, checkReverseResync, describeRecovery, discardSnapshotName, intermediateSnapshotName, planUndo, restartSnapshotName } from './plan.js';
@@ -48,6 +48,8 @@ type RecoveryRequest =
       saveVolumeBytes: number;
       /** The new source's volume size: a volume that grew there after this copy last did grows here too. */
       sizeBytes?: number;
+      /** A dry run: only list what would be undone here; nothing changes. */
+      check?: boolean;
     }
   | {
       /**
@@ -64,6 +66,8 @@ type RecoveryRequest =
       sourceVolume: string;
       saveVolumeBytes: number;
       check: boolean;
+      /** With `check`: also send the list of blocks changed here since the restart point (a dry run). */
+      list?: boolean;
     }
   | {
       op: 'takeover';
@@ -132,6 +136,21 @@ interface UndoRecord {
   fullCopyReason?: string;
   discardedBlocks: number;
   discardSnapshot?: string;
+}
+
+/** What a resync would do, as a dry run finds it (nothing changed at either site). */
+export interface ResyncPreview {
+  volume: string;
+  reverse: boolean;
+  /** The site whose writes would be discarded (kept in a snapshot there), and how many blocks. */
+  discardSite: string;
+  discardBlocks: number;
+  /** The site the copy would run from, and how many blocks it would send. */
+  copyFrom: string;
+  copyBlocks: number;
+  blockBytes: number;
+  fullCopy: boolean;
+  fullCopyReason?: string;
 }
 
 export interface FailoverResult {
@@ -700,6 +719,75 @@ export class Recovery {
     await snapshots.delete(volume, name).catch((err: Error) => this.log.warn({ volume, snapshot: name, err: err.message }, 'snapshot could not be deleted'));
   }
 
+  /**
+   * `ferry resync VOL --dry-run` (at the site that took over) or `--reverse --dry-run` (at
+   * the old source): which site's writes would be discarded and how many blocks the copy
+   * would send, from the same lists the resync makes; nothing changes at either site.
+   * The two answers side by side are what an administrator weighs to choose which
+   * copy's data to keep.
+   */
+  async previewResync(volume: string, reverse: boolean): Promise<ResyncPreview> {
+    const pair = this.m.requirePair(volume);
+    const self = this.m.deps.self.siteName;
+    const { volumes, snapshots } = this.m.deps;
+    const volumeInfo = volumes.get(volume);
+    const r = pair.recovery;
+    let discard: { blocks: number; fullCopy: boolean; reason?: string };
+    let union: PagedBitmap;
+    if (!reverse) {
+      if (pair.role !== 'source' || r?.phase !== 'failed-over' || !r.restartSnapshot) {
+        throw new FerryError('BAD_REQUEST', `volume ${volume} ${r?.phase === 'resync' || r?.phase === 'resync-full' ? 'is being resynced already' : 'has not failed over to this site'}; a dry run of resync is run at the site that took over, before "ferry resync"`);
+      }
+      const request: RecoveryRequest = {
+        op: 'resync',
+        pairId: pair.pairId,
+        volume: pair.peerVolume,
+        generation: pair.generation,
+        restartGeneration: r.previousGeneration,
+        restartPoint: r.restartPoint,
+        sourceUrl: this.m.deps.selfUrl(),
+        sourceVolume: volume,
+        saveVolumeBytes: pair.saveVolumeBytes,
+        check: true,
+      };
+      const { reply, runs } = await this.requestRuns<ResyncReply>(pair.peerUrl, request, (x) => x.undoBlocks);
+      union = await snapshots.changedBlocks(volume, r.restartSnapshot, currentImageName);
+      for (const [s, n] of runs) union.setRange(s, n);
+      discard = { blocks: reply.discardedBlocks, fullCopy: reply.fullCopy, ...(reply.fullCopyReason !== undefined ? { reason: reply.fullCopyReason } : {}) };
+    } else {
+      checkReverseResync(pair);
+      if (this.m.sources.has(volume)) throw new FerryError('BAD_REQUEST', `volume ${volume} here is still replicating: it has not learnt of a failover at ${pair.peerSiteName}`);
+      const request: RecoveryRequest = {
+        op: 'reverse',
+        pairId: pair.pairId,
+        volume: pair.peerVolume,
+        generation: pair.generation,
+        sourceUrl: this.m.deps.selfUrl(),
+        sourceVolume: volume,
+        saveVolumeBytes: pair.saveVolumeBytes,
+        check: true,
+        list: true,
+      };
+      const { reply, runs } = await this.requestRuns<ReverseReply>(pair.peerUrl, request, (x) => x.discardedBlocks);
+      const own = await this.listUndo(pair, reply.restartGeneration, reply.restartPoint);
+      // The other copy may be larger (a resize that did not finish here): this one would grow first.
+      union = new PagedBitmap(Math.max(volumeInfo.blockCount, Math.ceil(reply.sizeBytes / volumeInfo.blockBytes)));
+      for (const [s, n] of [...own.bits.runs(), ...runs]) union.setRange(s, n);
+      discard = { blocks: reply.discardedBlocks, fullCopy: own.fullCopy, ...(own.reason !== undefined ? { reason: own.reason } : {}) };
+    }
+    return {
+      volume,
+      reverse,
+      discardSite: pair.peerSiteName,
+      discardBlocks: discard.blocks,
+      copyFrom: self,
+      copyBlocks: discard.fullCopy ? union.bitCount : union.count,
+      blockBytes: volumeInfo.blockBytes,
+      fullCopy: discard.fullCopy,
+      ...(discard.reason !== undefined ? { fullCopyReason: discard.reason } : {}),
+    };
+  }
+
   // ---- reversed resync (at the old source) ---------------------------------------------
 
   /**
@@ -995,6 +1083,18 @@ export class Recovery {
     const undoPath = join(dir, 'undo.bitmap');
     const recordPath = join(dir, 'undo.json');
     const asTarget = pair.role === 'target' && pair.generation === body.generation && pair.recovery?.phase === 'resync-target';
+    if (body.check) {
+      if (asTarget) throw new FerryError('BAD_REQUEST', `volume ${pair.volume} here is being rebuilt by the resync already`);
+      if (pair.role !== 'source' || body.generation <= pair.generation) {
+        throw new FerryError('STALE_GENERATION', `volume ${pair.volume} here is the ${pair.role} at generation ${pair.generation}; a resync to generation ${body.generation} is refused`);
+      }
+      // Its tracking files are read only once it has stopped with them.
+      if (this.m.sources.has(pair.volume)) throw new FerryError('UNAVAILABLE', `volume ${pair.volume} here has not learnt of the failover yet; it does once it reaches ${peer.siteName}: try again shortly`);
+      const undo = await this.listUndo(pair, body.restartGeneration, body.restartPoint);
+      const reply: Omit<ResyncReply, 'frames'> = { fullCopy: undo.fullCopy, discardedBlocks: undo.bits.count, undoBlocks: undo.bits.count, ...(undo.reason !== undefined ? { fullCopyReason: undo.reason } : {}) };
+      sendWithRuns(connection, reply, undo.bits);
+      return;
+    }
     if (!asTarget) {
       if (pair.role !== 'source' || body.generation <= pair.generation) {
         throw new FerryError('STALE_GENERATION', `volume ${pair.volume} here is the ${pair.role} at generation ${pair.generation}; a resync to generation ${body.generation} is refused`);
@@ -1096,6 +1196,11 @@ export class Recovery {
       const existing = snapshots.list(pair.volume);
       if (existing.length >= snapshotsPerVolumeMax && !existing.some((s) => s.name === discardSnapshot)) {
         throw new FerryError('SNAPSHOT_LIMIT', `volume ${pair.volume} at ${this.m.deps.self.siteName} keeps its writes since the failover in a snapshot, and it has ${existing.length}, the most it may have: delete one there and run this again; nothing was changed`);
+      }
+      if (body.check && body.list) {
+        const changed = await snapshots.changedBlocks(pair.volume, r.restartSnapshot, currentImageName);
+        sendWithRuns(connection, { ...answer, discardedBlocks: changed.count }, changed);
+        return;
       }
       if (body.check) {
         connection.sendJson(ReplFrame.RecoveryReply as number, { ...answer, frames: 0 });

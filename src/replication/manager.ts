@@ -24,7 +24,7 @@ import type { CopyPlan, PointInTimeImage } from './copy.js';
 import type { SnapshotManager } from '../snapshot/manager.js';
 import { infoView, pairStatusView, type InfoView, type LiveFigures, type PairStatusView } from './status.js';
 import { TargetReplica } from './target.js';
-import { Recovery, type FailoverResult } from '../recovery/recovery.js';
+import { Recovery, type FailoverResult, type ResyncPreview } from '../recovery/recovery.js';
 import { describeRecovery } from '../recovery/plan.js';
 
 export const intervalMsDefault = 10_000;
@@ -393,6 +393,10 @@ export class ReplicationManager {
 
   resync(volumeName: string, reverse = false): Promise<void> {
     return reverse ? this.recovery.resyncReverse(volumeName) : this.recovery.resync(volumeName);
+  }
+
+  previewResync(volumeName: string, reverse = false): Promise<ResyncPreview> {
+    return this.recovery.previewResync(volumeName, reverse);
   }
 
   failback(volumeName: string): Promise<void> {

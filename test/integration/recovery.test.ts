@@ -857,8 +857,9 @@ test('resync --reverse at the old source keeps its data: the site that took over
     await waitInSync(a, b, 'db');
     const restart = Buffer.from(image);
     // The old source writes after the restart point: delta sets never shipped, and unsent changes.
-    await unshippedDeltaSets(a, image, 2, new Set());
-    await writeApi(a, image, 10);
+    const aTouched = new Set<number>();
+    await unshippedDeltaSets(a, image, 2, aTouched);
+    await writeApi(a, image, 10, aTouched);
     const aImage = Buffer.from(image);
     // A failover with the old source up (a partition that healed, a drill that went too far).
     const fo = await b.cli(['failover', 'db', '--json']);
@@ -876,6 +877,16 @@ test('resync --reverse at the old source keeps its data: the site that took over
     assert.notEqual(wrongSite.code, 0);
     assert.match(wrongSite.stderr, /cannot keep its data with "resync --reverse": it is the source \(failed-over\); it is run at the old source/);
     assert.match((await a.cli(['resync', 'db'])).stderr, /has not failed over to this site/);
+    // A dry run each way says whose writes would go and what would be copied; nothing changes.
+    const dry = await a.cli(['resync', 'db', '--reverse', '--dry-run', '--json']);
+    assert.equal(dry.code, 0, dry.stderr);
+    const preview = JSON.parse(dry.stdout) as { discardSite: string; discardBlocks: number; copyFrom: string; copyBlocks: number; fullCopy: boolean };
+    assert.deepEqual([preview.discardSite, preview.discardBlocks, preview.copyFrom, preview.fullCopy], ['reverse-b', bTouched.size, 'reverse-a', false]);
+    const dryOther = await b.cli(['resync', 'db', '--dry-run']);
+    assert.equal(dryOther.code, 0, dryOther.stderr);
+    assert.match(dryOther.stdout, new RegExp(`^${aTouched.size} blocks \\([^)]*\\) written at reverse-a after the restart point would be discarded \\(kept in a snapshot there\\)$`, 'm'));
+    assert.match(dryOther.stdout, new RegExp(`^${preview.copyBlocks} blocks \\([^)]*\\) would be copied from reverse-b$`, 'm'));
+    assert.equal((await b.api('POST', '/api/v1/replication/db/resync', { dryRun: 'yes' })).status, 400);
     assert.equal(await recoveryPhase(b), 'failed-over');
     assert.equal(await access(b), 'read-write');
     assert.equal(await access(a), 'read-only');
@@ -898,7 +909,7 @@ test('resync --reverse at the old source keeps its data: the site that took over
     assert.equal(await b.digest('db'), sha(aImage));
     const r = sa.recovery;
     assert.ok(r);
-    assert.deepEqual([r.reverse, r.fullCopy, r.discardedBlocks, r.discardSnapshot], [true, false, bTouched.size, 'ferry-discarded-g3']);
+    assert.deepEqual([r.reverse, r.fullCopy, r.discardedBlocks, r.discardSnapshot, r.resyncBlocks], [true, false, bTouched.size, 'ferry-discarded-g3', preview.copyBlocks]);
     const [row] = (await renderDashboard(a.url)).tables.pairs ?? [];
     assert.equal(row?.[11], `resynced (reverse), ${bTouched.size} blocks discarded (snapshot ferry-discarded-g3)`);
     // Only the blocks that differ went over the wire.
