@@ -428,18 +428,7 @@ export class Recovery {
     const startedAt = this.now();
     try {
       const r = pair.recovery;
-      const request: RecoveryRequest = {
-        op: 'resync',
-        pairId: pair.pairId,
-        volume: pair.peerVolume,
-        generation: pair.generation,
-        restartGeneration: r.previousGeneration,
-        restartPoint: r.restartPoint,
-        sourceUrl: this.m.deps.selfUrl(),
-        sourceVolume: volume,
-        saveVolumeBytes: pair.saveVolumeBytes,
-        sizeBytes: this.m.deps.volumes.get(volume).sizeBytes,
-      };
+      const request = this.resyncRequestFor(pair, r, false);
       // E FIG. 28 step 533 needs nothing from the old source: the intermediate point is
       // taken here while the old source lists its undo blocks (steps 531-532).
       const preparing = r.restartSnapshot ? this.takeIntermediatePoint(pair, r.restartSnapshot) : undefined;
@@ -738,37 +727,14 @@ export class Recovery {
       if (pair.role !== 'source' || r?.phase !== 'failed-over' || !r.restartSnapshot) {
         throw new FerryError('BAD_REQUEST', `volume ${volume} ${r?.phase === 'resync' || r?.phase === 'resync-full' ? 'is being resynced already' : 'has not failed over to this site'}; a dry run of resync is run at the site that took over, before "ferry resync"`);
       }
-      const request: RecoveryRequest = {
-        op: 'resync',
-        pairId: pair.pairId,
-        volume: pair.peerVolume,
-        generation: pair.generation,
-        restartGeneration: r.previousGeneration,
-        restartPoint: r.restartPoint,
-        sourceUrl: this.m.deps.selfUrl(),
-        sourceVolume: volume,
-        saveVolumeBytes: pair.saveVolumeBytes,
-        check: true,
-      };
-      const { reply, runs } = await this.requestRuns<ResyncReply>(pair.peerUrl, request, (x) => x.undoBlocks);
+      const { reply, runs } = await this.requestRuns<ResyncReply>(pair.peerUrl, this.resyncRequestFor(pair, r, true), (x) => x.undoBlocks);
       union = await snapshots.changedBlocks(volume, r.restartSnapshot, currentImageName);
       for (const [s, n] of runs) union.setRange(s, n);
       discard = { blocks: reply.discardedBlocks, fullCopy: reply.fullCopy, ...(reply.fullCopyReason !== undefined ? { reason: reply.fullCopyReason } : {}) };
     } else {
       checkReverseResync(pair);
       if (this.m.sources.has(volume)) throw new FerryError('BAD_REQUEST', `volume ${volume} here is still replicating: it has not learnt of a failover at ${pair.peerSiteName}`);
-      const request: RecoveryRequest = {
-        op: 'reverse',
-        pairId: pair.pairId,
-        volume: pair.peerVolume,
-        generation: pair.generation,
-        sourceUrl: this.m.deps.selfUrl(),
-        sourceVolume: volume,
-        saveVolumeBytes: pair.saveVolumeBytes,
-        check: true,
-        list: true,
-      };
-      const { reply, runs } = await this.requestRuns<ReverseReply>(pair.peerUrl, request, (x) => x.discardedBlocks);
+      const { reply, runs } = await this.requestRuns<ReverseReply>(pair.peerUrl, this.reverseRequestFor(pair, true, true), (x) => x.discardedBlocks);
       const own = await this.listUndo(pair, reply.restartGeneration, reply.restartPoint);
       // The other copy may be larger (a resize that did not finish here): this one would grow first.
       union = new PagedBitmap(Math.max(volumeInfo.blockCount, Math.ceil(reply.sizeBytes / volumeInfo.blockBytes)));
@@ -811,22 +777,12 @@ export class Recovery {
     this.busy.add(volume);
     const startedAt = this.now();
     try {
-      const request: RecoveryRequest = {
-        op: 'reverse',
-        pairId: pair.pairId,
-        volume: pair.peerVolume,
-        generation: pair.generation,
-        sourceUrl: this.m.deps.selfUrl(),
-        sourceVolume: volume,
-        saveVolumeBytes: pair.saveVolumeBytes,
-        check: true,
-      };
       // Nothing changes at either site until the other says it would be rebuilt.
-      const point = await this.request<ReverseReply>(pair.peerUrl, request, requestTimeoutMs);
+      const point = await this.request<ReverseReply>(pair.peerUrl, this.reverseRequestFor(pair, true), requestTimeoutMs);
       // Hosts stop here, and the writes in flight finish under tracking: they are kept.
       await this.fenceSelf(volume, pair.peerSiteName, 'resync --reverse');
       if (point.sizeBytes > this.m.deps.volumes.get(volume).sizeBytes) await this.m.growToMatch(volume, point.sizeBytes, pair.peerSiteName);
-      const { reply, runs } = await this.requestRuns<ReverseReply>(pair.peerUrl, { ...request, check: false }, (r) => r.discardedBlocks);
+      const { reply, runs } = await this.requestRuns<ReverseReply>(pair.peerUrl, this.reverseRequestFor(pair, false), (r) => r.discardedBlocks);
       const dir = await this.pairDir(volume);
       const ownPath = join(dir, 'reverse.bitmap');
       const recordPath = join(dir, 'reverse.json');
@@ -1126,21 +1082,8 @@ export class Recovery {
       for (const f of ['dirty.bitmap', 'activity.log', 'save.journal', 'copy.bitmap']) await rm(join(dir, f), { force: true });
       // An unfinished catch-up's image is of no use once its blocks are on the undo list.
       if (pair.initialCopy.catchUp) await this.dropSnapshot(pair.volume, pair.initialCopy.snapshot);
-      const blockCount = volumes.get(pair.volume).blockCount;
-      const targetPair: PairRecord = {
-        ...pair,
-        role: 'target',
-        generation: body.generation,
-        peerUrl: reachableUrl(body.sourceUrl, connection.socket.remoteAddress),
-        peerSiteId: peer.siteId,
-        peerSiteName: peer.siteName,
-        peerVolume: body.sourceVolume,
-        state: 'initial-copying',
-        stateReason: '',
-        saveVolumeBytes: Math.max(pair.saveVolumeBytes, Number.isSafeInteger(body.saveVolumeBytes) ? body.saveVolumeBytes : 0),
-        initialCopy: { cursorBlock: 0, totalBlocks: blockCount, stampedDeltaSet: 0, startedAt: this.now(), bytes: 0, copyId: 0 },
-        ...this.m.freshCounters(),
-        recovery: {
+      this.replacePair(
+        this.rebuiltTarget(pair, body.generation, connection, peer, body, {
           phase: 'resync-target',
           previousGeneration: pair.generation,
           restartPoint: body.restartPoint,
@@ -1148,10 +1091,8 @@ export class Recovery {
           discardedBlocks: record.discardedBlocks,
           ...(record.fullCopyReason !== undefined ? { fullCopyReason: record.fullCopyReason } : {}),
           ...(record.discardSnapshot !== undefined ? { discardSnapshot: record.discardSnapshot } : {}),
-        },
-      };
-      targetPair.stateReason = describeRecovery(targetPair);
-      this.replacePair(targetPair);
+        }),
+      );
       this.log.warn({ volume: pair.volume, from: peer.siteName, fullCopy: record.fullCopy, discarded: record.discardedBlocks, snapshot: record.discardSnapshot }, 'resync: this volume is being rebuilt from the other site (raw until done)');
     }
     if (!this.m.targets.has(pair.volume)) {
@@ -1225,24 +1166,9 @@ export class Recovery {
           throw err;
         }
         await setAccess(pair.volume, 'raw');
-        const blockCount = volumes.get(pair.volume).blockCount;
-        const targetPair: PairRecord = {
-          ...pair,
-          role: 'target',
-          generation: next,
-          peerUrl: reachableUrl(body.sourceUrl, connection.socket.remoteAddress),
-          peerSiteId: peer.siteId,
-          peerSiteName: peer.siteName,
-          peerVolume: body.sourceVolume,
-          state: 'initial-copying',
-          stateReason: '',
-          saveVolumeBytes: Math.max(pair.saveVolumeBytes, Number.isSafeInteger(body.saveVolumeBytes) ? body.saveVolumeBytes : 0),
-          initialCopy: { cursorBlock: 0, totalBlocks: blockCount, stampedDeltaSet: 0, startedAt: this.now(), bytes: 0, copyId: 0 },
-          ...this.m.freshCounters(),
-          recovery: { phase: 'resync-target', previousGeneration: pair.generation, restartPoint: r.restartPoint, reverse: true, discardedBlocks: answered.discardedBlocks, discardSnapshot },
-        };
-        targetPair.stateReason = describeRecovery(targetPair);
-        this.replacePair(targetPair);
+        this.replacePair(
+          this.rebuiltTarget(pair, next, connection, peer, body, { phase: 'resync-target', previousGeneration: pair.generation, restartPoint: r.restartPoint, reverse: true, discardedBlocks: answered.discardedBlocks, discardSnapshot }),
+        );
         // Its changes are listed: the restart point has served.
         await this.dropSnapshot(pair.volume, r.restartSnapshot);
         this.log.warn(
@@ -1396,6 +1322,59 @@ export class Recovery {
   }
 
   // ---- plumbing ---------------------------------------------------------------------
+
+  /** The record of a copy turned into a raw target that the site asking rebuilds (a resync, either way round). */
+  private rebuiltTarget(pair: PairRecord, generation: number, connection: RcpConnection, peer: PeerIdentity, asked: { sourceUrl: string; sourceVolume: string; saveVolumeBytes: number }, recovery: RecoveryRecord): PairRecord {
+    const targetPair: PairRecord = {
+      ...pair,
+      role: 'target',
+      generation,
+      peerUrl: reachableUrl(asked.sourceUrl, connection.socket.remoteAddress),
+      peerSiteId: peer.siteId,
+      peerSiteName: peer.siteName,
+      peerVolume: asked.sourceVolume,
+      state: 'initial-copying',
+      stateReason: '',
+      saveVolumeBytes: Math.max(pair.saveVolumeBytes, Number.isSafeInteger(asked.saveVolumeBytes) ? asked.saveVolumeBytes : 0),
+      initialCopy: { cursorBlock: 0, totalBlocks: this.m.deps.volumes.get(pair.volume).blockCount, stampedDeltaSet: 0, startedAt: this.now(), bytes: 0, copyId: 0 },
+      ...this.m.freshCounters(),
+      recovery,
+    };
+    targetPair.stateReason = describeRecovery(targetPair);
+    return targetPair;
+  }
+
+  /** Asks the old source to list (`check`: only list) the blocks it changed after the restart point. */
+  private resyncRequestFor(pair: PairRecord, r: RecoveryRecord, check: boolean): RecoveryRequest {
+    return {
+      op: 'resync',
+      pairId: pair.pairId,
+      volume: pair.peerVolume,
+      generation: pair.generation,
+      restartGeneration: r.previousGeneration,
+      restartPoint: r.restartPoint,
+      sourceUrl: this.m.deps.selfUrl(),
+      sourceVolume: pair.volume,
+      saveVolumeBytes: pair.saveVolumeBytes,
+      sizeBytes: this.m.deps.volumes.get(pair.volume).sizeBytes,
+      ...(check ? { check } : {}),
+    };
+  }
+
+  /** Asks the site that took over whether it would be rebuilt from here (`list`: with its changed blocks). */
+  private reverseRequestFor(pair: PairRecord, check: boolean, list = false): RecoveryRequest {
+    return {
+      op: 'reverse',
+      pairId: pair.pairId,
+      volume: pair.peerVolume,
+      generation: pair.generation,
+      sourceUrl: this.m.deps.selfUrl(),
+      sourceVolume: pair.volume,
+      saveVolumeBytes: pair.saveVolumeBytes,
+      check,
+      ...(list ? { list } : {}),
+    };
+  }
 
   /** A role change's new record; the delta sets of the old role go with it, in one transaction. */
   private replacePair(pair: PairRecord): void {

@@ -57,10 +57,11 @@ async function recoveryPhase(site: TestSite): Promise<string | undefined> {
   return (await pairStatus(site, 'db')).recovery?.phase;
 }
 
-async function startPair(a: TestSite, b: TestSite, size: number, image: Buffer): Promise<void> {
+/** `to`: where A reaches B (a proxy, say). */
+async function startPair(a: TestSite, b: TestSite, size: number, image: Buffer, to = b.url): Promise<void> {
   assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
   await writeApi(a, image, 30);
-  const start = await a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '500ms', '--wait', '--json']);
+  const start = await a.cli(['replicate', 'start', 'db', '--to', to, '--interval', '500ms', '--wait', '--json']);
   assert.equal(start.code, 0, start.stderr);
   await waitInSync(a, b, 'db');
   assert.equal(await b.digest('db'), sha(image));
@@ -491,11 +492,7 @@ test('a failback stuck at its hand-over says why (health error, hosts held read-
   try {
     const size = 16 * MiB;
     const image = Buffer.alloc(size);
-    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
-    await writeApi(a, image, 30);
-    const start = await a.cli(['replicate', 'start', 'db', '--to', proxy.url, '--interval', '500ms', '--wait']);
-    assert.equal(start.code, 0, start.stderr);
-    await waitInSync(a, b, 'db');
+    await startPair(a, b, size, image, proxy.url);
     proxy.cutRequest = (frame) => {
       if (frame.type !== ReplFrame.RecoveryRequest) return false;
       const body = JSON.parse(frame.payload.toString()) as { op: string; check?: boolean };
@@ -982,10 +979,7 @@ test('resync --reverse whose answer is lost, then SIGKILL of either site during 
   try {
     const size = 64 * MiB;
     const image = Buffer.alloc(size);
-    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
-    await writeApi(a, image, 30);
-    assert.equal((await a.cli(['replicate', 'start', 'db', '--to', proxy.url, '--interval', '500ms', '--wait'])).code, 0);
-    await waitInSync(a, b, 'db');
+    await startPair(a, b, size, image, proxy.url);
     const restart = Buffer.from(image);
     await unshippedDeltaSets(a, image, 2, new Set());
     await writeApi(a, image, 10);
