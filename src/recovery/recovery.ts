@@ -1039,6 +1039,8 @@ export class Recovery {
     const undoPath = join(dir, 'undo.bitmap');
     const recordPath = join(dir, 'undo.json');
     const asTarget = pair.role === 'target' && pair.generation === body.generation && pair.recovery?.phase === 'resync-target';
+    // A role change of its own under way here (a `resync --reverse`, say) goes first.
+    if (!asTarget && this.busy.has(pair.volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${pair.volume} is already in progress at ${this.m.deps.self.siteName}`);
     if (body.check) {
       if (asTarget) throw new FerryError('BAD_REQUEST', `volume ${pair.volume} here is being rebuilt by the resync already`);
       if (pair.role !== 'source' || body.generation <= pair.generation) {

@@ -1033,3 +1033,35 @@ test('resync --reverse whose answer is lost, then SIGKILL of either site during 
     await Promise.all([a.destroy(), b.destroy()]);
   }
 });
+
+test('resync at the site that took over and resync --reverse at the old source, run at the same moment: one copy wins whole, the other\'s writes are kept in its snapshot', async () => {
+  const [a, b] = await sites('race');
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    const restart = Buffer.from(image);
+    await unshippedDeltaSets(a, image, 2, new Set());
+    await writeApi(a, image, 10);
+    const aImage = Buffer.from(image);
+    assert.equal((await b.cli(['failover', 'db'])).code, 0);
+    const bImage = Buffer.from(restart);
+    await writeApi(b, bImage, 20);
+
+    const [reverse, forward] = await Promise.all([a.cli(['resync', 'db', '--reverse']), b.cli(['resync', 'db'])]);
+    assert.ok(reverse.code !== 0 || forward.code !== 0, `both were accepted: ${reverse.stdout} / ${forward.stdout}`);
+    for (const r of [reverse, forward]) if (r.code !== 0) assert.match(r.stderr, /role change of db is already in progress|cannot keep its data|has not failed over|STALE_GENERATION|is the target/);
+    // Both refused (each saw the other's under way): run one again.
+    if (reverse.code !== 0 && forward.code !== 0) assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    const aWon = (await pairStatus(a, 'db')).role === 'source';
+    const [winner, loser, kept, lost] = aWon ? [a, b, aImage, bImage] : [b, a, bImage, aImage];
+    await waitResynced(winner, loser);
+    assert.equal(await winner.digest('db'), sha(kept));
+    assert.equal(await loser.digest('db'), sha(kept));
+    const discarded = (await pairStatus(winner, 'db')).recovery?.discardSnapshot;
+    assert.ok(discarded);
+    assert.equal(await snapshotDigest(loser, discarded), sha(lost), `the writes of ${loser.name} are kept in ${discarded}`);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
