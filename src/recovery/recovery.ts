@@ -2,7 +2,7 @@ import { rm, stat, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { RateMeter } from '../lib/rate.js';
-import { FerryError } from '../lib/errors.js';
+import { FerryError, type ErrorCode } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
 import { BitmapFile, readWorkBitmap, wasDamaged, writeBitmapFile } from '../storage/bitmap-file.js';
@@ -424,6 +424,11 @@ export class Recovery {
       return;
     }
     if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is already in progress`);
+    // Checked before the old source is asked: once it has answered, it is being rebuilt.
+    const existing = this.m.deps.snapshots.list(volume);
+    if (existing.length >= snapshotsPerVolumeMax && !existing.some((s) => s.name === intermediateSnapshotName(pair.generation, 2))) {
+      throw new FerryError('SNAPSHOT_LIMIT', `resync of ${volume} takes an intermediate snapshot here, and the volume has ${existing.length} snapshots, the most it may have: delete one and run it again; nothing was changed`);
+    }
     this.busy.add(volume);
     const startedAt = this.now();
     try {
@@ -1447,7 +1452,7 @@ async function expectReply<T>(inbox: Inbox, timeoutMs: number): Promise<T> {
   const reply = await inbox.next(timeoutMs);
   if (reply.type === FrameType.Error) {
     const body = json<{ code: string; message: string }>(reply);
-    const code = body.code === 'STALE_GENERATION' || body.code === 'BAD_REQUEST' || body.code === 'NOT_FOUND' || body.code === 'VOLUME_IN_USE' ? body.code : 'UNAVAILABLE';
+    const code = ['STALE_GENERATION', 'BAD_REQUEST', 'NOT_FOUND', 'VOLUME_IN_USE', 'SNAPSHOT_LIMIT'].includes(body.code) ? (body.code as ErrorCode) : 'UNAVAILABLE';
     throw new FerryError(code, `other site: ${body.message}`);
   }
   if (reply.type !== ReplFrame.RecoveryReply) throw new FerryError('PROTOCOL_ERROR', `other site answered with frame type ${reply.type}`);

@@ -134,7 +134,10 @@ export class SourceReplicator {
 
   constructor(private readonly deps: SourceDeps) {
     const { pair, catalog } = deps;
-    this.status = { state: pair.state as PairStatus['state'], reason: pair.stateReason, initialCopyDone: pair.initialCopy.doneAt !== undefined, ...(pair.paused ? { cause: 'command' as const } : {}) };
+    // A pair suspended and not paused was suspended by a failure: after a restart it keeps
+    // trying to reach the target, as it did before (without a cause it would wait for good).
+    const cause = pair.paused ? ('command' as const) : pair.state === 'suspended' ? ('failure' as const) : undefined;
+    this.status = { state: pair.state as PairStatus['state'], reason: pair.stateReason, initialCopyDone: pair.initialCopy.doneAt !== undefined, ...(cause ? { cause } : {}) };
     const retained = catalog.listDeltaSets(pair.volume).filter((d) => d.generation === pair.generation);
     const head = retained.reduce((h, d) => Math.max(h, d.endLsn), 0);
     const tail = retained.length > 0 ? Math.min(...retained.map((d) => d.startLsn)) : head;

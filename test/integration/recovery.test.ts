@@ -636,6 +636,22 @@ test('a failover that cannot keep its restart point (the volume has the most sna
     assert.equal(JSON.parse(again.stdout).sourceFenced, true);
     assert.equal(await b.digest('db'), sha(image));
     assert.equal((await a.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-only');
+
+    // At the limit again (the restart point took the freed place): a resync either way is
+    // refused before anything changes at either site, and runs once one is deleted.
+    const bImage = Buffer.from(image);
+    await writeApi(b, bImage, 10);
+    const rs = await b.cli(['resync', 'db']);
+    assert.notEqual(rs.code, 0);
+    assert.match(rs.stderr, /SNAPSHOT_LIMIT: resync of db takes an intermediate snapshot here, and the volume has \d+ snapshots, the most it may have: delete one and run it again; nothing was changed/);
+    const rv = await a.cli(['resync', 'db', '--reverse']);
+    assert.notEqual(rv.code, 0);
+    assert.match(rv.stderr, /SNAPSHOT_LIMIT: .*keeps its writes since the failover in a snapshot.*nothing was changed/);
+    assert.deepEqual([await recoveryPhase(a), await access(a), await recoveryPhase(b), await access(b)], ['fenced', 'read-only', 'failed-over', 'read-write']);
+    assert.equal((await b.cli(['snapshot', 'delete', 'db', 'backup-1'])).code, 0);
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    await waitResynced(b, a);
+    assert.equal(await a.digest('db'), sha(bImage));
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }

@@ -508,6 +508,28 @@ test('target unreachable: Suspend (failure) with the reason, then resumes by its
   }
 });
 
+test('a source restarted while its pair is suspended by a failure reconnects by itself once the target is back', async () => {
+  const [a, b] = await pair('suspendrestart');
+  try {
+    const model = await replicateV(a, b);
+    await b.kill('SIGKILL');
+    await writeRandom(a, model, 10);
+    await waitFor('suspend on failure', async () => (await pairStatus(a, 'v')).state === 'suspended', 60_000);
+    // The suspension is in the pair's record when the source stops; both come back.
+    await a.kill('SIGKILL');
+    await b.start();
+    await a.start();
+    await writeRandom(a, model, 10);
+    await waitInSync(a, b, 'v', 'v', 60_000);
+    const back = await pairStatus(a, 'v');
+    assert.deepEqual([back.state, back.health], ['duplex', 'ok']);
+    assert.equal(await b.digest('v'), model.digest());
+    assert.equal(await a.digest('v'), model.digest());
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('replicate start refuses what would overwrite without being asked: this site itself, a target volume with data or hosts; --force overwrites', async () => {
   const [a, b] = await pair('refuse');
   const { spawn } = await import('node:child_process');
