@@ -67,6 +67,19 @@ async function startPair(a: TestSite, b: TestSite, size: number, image: Buffer, 
   assert.equal(await b.digest('db'), sha(image));
 }
 
+/** A pair whose every block holds data (so each differing block costs its bytes on the wire), in sync; returns the image. */
+async function startFullPair(a: TestSite, b: TestSite, size: number): Promise<Buffer> {
+  const image = Buffer.alloc(size);
+  await startPair(a, b, size, image);
+  for (let off = 0; off < size; off += 4 * MiB) {
+    const data = randomBytes(4 * MiB);
+    await a.writeData('db', off, data);
+    data.copy(image, off);
+  }
+  await waitInSync(a, b, 'db');
+  return image;
+}
+
 /** Pauses sending at the source, then makes `deltaSets` delta sets there that the target never gets. */
 async function unshippedDeltaSets(a: TestSite, image: Buffer, deltaSets: number, touched: Set<number>): Promise<void> {
   assert.equal((await a.cli(['replicate', 'pause', 'db'])).code, 0);
@@ -657,23 +670,32 @@ test('a failover that cannot keep its restart point (the volume has the most sna
   }
 });
 
+/**
+ * A pair whose source is lost with its save volume: A makes two delta sets B never gets,
+ * is killed, its save volume deleted; B takes over and writes; A returns, fenced.
+ * Returns A's image (its writes kept on disk) and B's.
+ */
+async function failoverLosingSaveVolume(a: TestSite, b: TestSite, size: number): Promise<{ aImage: Buffer; bImage: Buffer }> {
+  const image = Buffer.alloc(size);
+  await startPair(a, b, size, image);
+  const restart = Buffer.from(image);
+  await unshippedDeltaSets(a, image, 2, new Set());
+  const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/db')).body.id;
+  await a.kill('SIGKILL');
+  // The disaster took the old source's save volume with it.
+  await rm(join(a.dir, 'replication', volumeId, 'save.journal'), { force: true });
+  assert.equal((await b.cli(['failover', 'db'])).code, 0);
+  const bImage = Buffer.from(restart);
+  await writeApi(b, bImage, 10);
+  await a.start();
+  await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+  return { aImage: image, bImage };
+}
+
 test('resync falls back to a full copy, with a warning and a status flag, when the old save volume is gone', async () => {
   const [a, b] = await sites('fallback');
   try {
-    const size = 32 * MiB;
-    const image = Buffer.alloc(size);
-    await startPair(a, b, size, image);
-    const restart = Buffer.from(image);
-    await unshippedDeltaSets(a, image, 2, new Set());
-    const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/db')).body.id;
-    await a.kill('SIGKILL');
-    // The disaster took the old source's save volume with it.
-    await rm(join(a.dir, 'replication', volumeId, 'save.journal'), { force: true });
-    assert.equal((await b.cli(['failover', 'db'])).code, 0);
-    const bImage = Buffer.from(restart);
-    await writeApi(b, bImage, 10);
-    await a.start();
-    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+    const { bImage } = await failoverLosingSaveVolume(a, b, 32 * MiB);
     assert.equal((await b.cli(['resync', 'db'])).code, 0);
     await writeApi(b, bImage, 10);
     const sb = await waitResynced(b, a);
@@ -804,15 +826,7 @@ test('resync sends only the blocks that differ: copy bytes within 1.1x of the di
   const [a, b] = await sites('bytes');
   try {
     const size = 64 * MiB;
-    const image = Buffer.alloc(size);
-    await startPair(a, b, size, image);
-    // Every block holds data, so each differing block costs its bytes on the wire.
-    for (let off = 0; off < size; off += 4 * MiB) {
-      const data = randomBytes(4 * MiB);
-      await a.writeData('db', off, data);
-      data.copy(image, off);
-    }
-    await waitInSync(a, b, 'db');
+    const image = await startFullPair(a, b, size);
     const restart = Buffer.from(image);
     // The old source writes after the restart point: delta sets never shipped, and unsent changes.
     await unshippedDeltaSets(a, image, 2, new Set());
@@ -859,15 +873,7 @@ test('resync --reverse at the old source keeps its data: the site that took over
   const [a, b] = await sites('reverse');
   try {
     const size = 32 * MiB;
-    const image = Buffer.alloc(size);
-    await startPair(a, b, size, image);
-    // Every block holds data, so each differing block costs its bytes on the wire.
-    for (let off = 0; off < size; off += 4 * MiB) {
-      const data = randomBytes(4 * MiB);
-      await a.writeData('db', off, data);
-      data.copy(image, off);
-    }
-    await waitInSync(a, b, 'db');
+    const image = await startFullPair(a, b, size);
     const restart = Buffer.from(image);
     // The old source writes after the restart point: delta sets never shipped, and unsent changes.
     const aTouched = new Set<number>();
@@ -955,20 +961,7 @@ test('resync --reverse at the old source keeps its data: the site that took over
 test('resync --reverse falls back to a full copy, with a warning and a status flag, when the old source cannot list its own changes (its save volume is gone)', async () => {
   const [a, b] = await sites('revfull');
   try {
-    const size = 16 * MiB;
-    const image = Buffer.alloc(size);
-    await startPair(a, b, size, image);
-    const restart = Buffer.from(image);
-    await unshippedDeltaSets(a, image, 2, new Set());
-    const aImage = Buffer.from(image);
-    const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/db')).body.id;
-    await a.kill('SIGKILL');
-    await rm(join(a.dir, 'replication', volumeId, 'save.journal'), { force: true });
-    assert.equal((await b.cli(['failover', 'db'])).code, 0);
-    const bImage = Buffer.from(restart);
-    await writeApi(b, bImage, 10);
-    await a.start();
-    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+    const { aImage, bImage } = await failoverLosingSaveVolume(a, b, 16 * MiB);
     const rs = await a.cli(['resync', 'db', '--reverse']);
     assert.equal(rs.code, 0, rs.stderr);
     assert.match(rs.stdout, /^WARNING: a full copy was needed: .*save volume/m);
