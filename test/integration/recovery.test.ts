@@ -1074,3 +1074,86 @@ test('resync at the site that took over and resync --reverse at the old source, 
     await Promise.all([a.destroy(), b.destroy()]);
   }
 });
+
+test('a 1 TiB sparse volume replicates, fails over, resyncs and fails back, sending only what was written and staying sparse at both sites', async () => {
+  const [a, b] = await sites('tib');
+  try {
+    const size = 1024 ** 4;
+    const blocks = size / bs;
+    /** What each written region must hold, by offset: regions never overlap. */
+    const expected = new Map<number, Buffer>();
+    const write = async (site: TestSite, block: number, count: number): Promise<void> => {
+      const data = randomBytes(count * bs);
+      await site.writeData('db', block * bs, data);
+      expected.set(block * bs, data);
+    };
+    const region = (offsets: number[], block: number, count: number): number[] => [...offsets, ...Array.from({ length: count }, (_, i) => block + i)];
+    const map = async (site: TestSite): Promise<string> => (await execFileP('nbdinfo', ['--map', '--json', `nbd://127.0.0.1:${site.nbdPort}/db`], { maxBuffer: 16 * MiB })).stdout;
+    const check = async (label: string): Promise<void> => {
+      for (const [offset, data] of expected) {
+        for (const site of [a, b]) assert.ok((await site.readData('db', offset, data.length)).equals(data), `${label}: ${site.name} at ${offset}`);
+      }
+      // Between the regions the volume reads as zeros, and neither site holds data there.
+      for (const hole of [size / 2 - 4 * MiB, size - 64 * MiB]) {
+        for (const site of [a, b]) assert.ok((await site.readData('db', hole, MiB)).equals(Buffer.alloc(MiB)), `${label}: ${site.name} hole at ${hole}`);
+      }
+      assert.equal(await map(b), await map(a), `${label}: allocation maps differ`);
+    };
+    const allocated = async (site: TestSite): Promise<number> => (await site.api<{ allocatedBytes: number }>('GET', '/api/v1/volumes/db')).body.allocatedBytes;
+
+    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
+    let written: number[] = [];
+    for (const [block, count] of [[0, 128], [blocks / 2 + 3, 64], [blocks - 128, 128]] as const) {
+      await write(a, block, count);
+      written = region(written, block, count);
+    }
+    const start = await a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '500ms', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    await waitInSync(a, b, 'db');
+    const copied = (await pairStatus(a, 'db')).initialCopy.bytes;
+    assert.ok(copied >= written.length * bs && copied <= written.length * bs * 1.1, `the new copy sent ${copied} bytes for ${written.length * bs} written`);
+    await check('after the new copy');
+    assert.equal(await allocated(b), written.length * bs);
+
+    // The old source writes after the restart point (never shipped), then the site that took over writes.
+    assert.equal((await a.cli(['replicate', 'pause', 'db'])).code, 0);
+    const discarded = Math.floor(blocks / 3);
+    await write(a, discarded, 32);
+    const aOnly = expected.get(discarded * bs);
+    expected.delete(discarded * bs);
+    const fo = await b.cli(['failover', 'db', '--json']);
+    assert.equal(fo.code, 0, fo.stderr);
+    const bWrites: number[] = [];
+    for (const block of [Math.floor(blocks / 5), Math.floor(blocks / 7)]) {
+      await write(b, block, 64);
+      bWrites.push(...region([], block, 64));
+    }
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    const sb = await waitResynced(b, a);
+    assert.equal(sb.recovery?.fullCopy, false);
+    // The old source's writes went where the restart point has a hole: those blocks go back
+    // as zero extents, without data.
+    const differ = 32 + bWrites.length;
+    const planned = sb.recovery?.resyncBlocks ?? 0;
+    assert.ok(planned >= differ && planned <= differ * 1.1, `the resync planned ${planned} blocks for ${differ} that differ`);
+    assert.ok(sb.initialCopy.bytes >= bWrites.length * bs && sb.initialCopy.bytes <= bWrites.length * bs * 1.1, `the resync sent ${sb.initialCopy.bytes} bytes of data for ${bWrites.length} blocks written at the site that took over`);
+    expected.set(discarded * bs, Buffer.alloc(32 * bs));
+    await check('after the resync');
+    expected.delete(discarded * bs);
+    // The old source's discarded writes are kept in its snapshot; its volume no longer holds them.
+    const kept = sb.recovery?.discardSnapshot;
+    assert.ok(kept && aOnly, 'the resync names the snapshot holding the discarded writes');
+    assert.equal(sb.recovery?.discardedBlocks, 32);
+    const snapData = await fetch(`${a.url}/api/v1/volumes/db/snapshots/${kept}/data?offset=${discarded * bs}&length=${32 * bs}`);
+    assert.ok(Buffer.from(await snapData.arrayBuffer()).equals(aOnly), 'the discarded writes are in the snapshot');
+
+    const fb = await b.cli(['failback', 'db']);
+    assert.equal(fb.code, 0, fb.stderr);
+    await write(a, Math.floor(blocks / 11), 16);
+    await waitInSync(a, b, 'db');
+    await check('after the failback');
+    assert.equal(await allocated(a), await allocated(b));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
