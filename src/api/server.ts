@@ -1,13 +1,14 @@
-import { createHash } from 'node:crypto';
 import { createServer } from 'node:http';
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance } from 'fastify';
+import { PassThrough } from 'node:stream';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply } from 'fastify';
 import { FerryError } from '../lib/errors.js';
+import { Sha256InWorker } from '../lib/sha256.js';
 import { parseDuration, parseSize } from '../lib/units.js';
 import { highWaterBytesDefault, intervalMsDefault, saveVolumeBytesDefault } from '../replication/manager.js';
 import { checkVolumeName } from '../storage/volume-store.js';
 import { dashboardHtml } from '../dashboard/page.js';
 import type { Site } from '../site/site.js';
-import type { Volume } from '../storage/volume.js';
+import { ioBytesMax, type Volume } from '../storage/volume.js';
 import type { VolumeAccess } from '../storage/catalog.js';
 import { createMetrics } from './metrics.js';
 import { registerSnapshotRoutes } from './snapshots.js';
@@ -188,10 +189,10 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
     return reply.status(204).send();
   });
 
-  app.get('/api/v1/volumes/:name/digest', { schema: { params: nameParams } }, async (req) => {
+  app.get('/api/v1/volumes/:name/digest', { schema: { params: nameParams, querystring: digestQuery } }, async (req, reply) => {
     const name = (req.params as { name: string }).name;
     const reader = site.reader(name);
-    return { volume: name, sizeBytes: reader.sizeBytes, sha256: await digestVolume(reader) };
+    return digestAnswer(reply, reader, name, (req.query as DigestQuery).progress === 'true', (sha256) => ({ volume: name, sizeBytes: reader.sizeBytes, sha256 }));
   });
 
   // ---- replication -----------------------------------------------------------------
@@ -327,23 +328,89 @@ function writableVolume(site: Site, name: string): void {
   }
 }
 
-/** SHA-256 of the whole volume; holes are hashed as zeros without reading the file. */
-export async function digestVolume(volume: Pick<Volume, 'sizeBytes' | 'blockStatus' | 'readInto'>): Promise<string> {
-  const hash = createHash('sha256');
-  const chunkBytes = 4 * 1024 * 1024;
-  const zeros = Buffer.alloc(chunkBytes);
-  for (let offset = 0; offset < volume.sizeBytes; offset += chunkBytes) {
-    const length = Math.min(chunkBytes, volume.sizeBytes - offset);
-    const extents = volume.blockStatus(offset, length);
-    for (const e of extents) {
-      if (!e.allocated) {
-        for (let done = 0; done < e.length; done += chunkBytes) hash.update(zeros.subarray(0, Math.min(chunkBytes, e.length - done)));
-      } else {
-        const buf = Buffer.allocUnsafe(e.length);
-        await volume.readInto(buf, e.offset);
-        hash.update(buf);
+/** Reads of allocated data while digesting; each is handed to the hashing thread whole. */
+const digestReadBytes = 4 * 1024 * 1024;
+/** The volume's map is scanned this much at a time, the most one request may span (holes coalesce across pieces). */
+const digestScanBytes = ioBytesMax;
+
+export interface DigestOptions {
+  /** Stops the digest (the client went away). */
+  signal?: AbortSignal;
+  onProgress?: (hashedBytes: number) => void;
+}
+
+/**
+ * SHA-256 of the whole volume, hashed on a worker thread so the site keeps serving
+ * meanwhile. Holes are hashed as zeros without reading the file.
+ */
+export async function digestVolume(volume: Pick<Volume, 'sizeBytes' | 'blockStatus' | 'readInto'>, options: DigestOptions = {}): Promise<string> {
+  const hasher = new Sha256InWorker(options.onProgress, options.signal);
+  try {
+    let zeros = 0;
+    for (let offset = 0; offset < volume.sizeBytes; offset += digestScanBytes) {
+      for (const e of volume.blockStatus(offset, Math.min(digestScanBytes, volume.sizeBytes - offset))) {
+        if (!e.allocated) {
+          zeros += e.length;
+          continue;
+        }
+        await hasher.zeros(zeros);
+        zeros = 0;
+        for (let at = e.offset; at < e.offset + e.length; at += digestReadBytes) {
+          // Its own memory, so that it can be handed to the hashing thread without a copy.
+          const buf = Buffer.allocUnsafeSlow(Math.min(digestReadBytes, e.offset + e.length - at));
+          await volume.readInto(buf, at);
+          await hasher.update(buf);
+        }
       }
+      // A map with nothing allocated is scanned without any other wait.
+      await new Promise((resolve) => setImmediate(resolve));
     }
+    await hasher.zeros(zeros);
+    return await hasher.digest();
+  } finally {
+    await hasher.close();
   }
-  return hash.digest('hex');
+}
+
+export const digestQuery = { type: 'object', properties: { progress: { type: 'string', enum: ['true', 'false'] } }, additionalProperties: false } as const;
+export interface DigestQuery {
+  progress?: 'true' | 'false';
+}
+/** How often a streamed digest says how far it is. */
+const digestProgressMs = 500;
+
+/**
+ * Answers a digest request: the answer object, or with `progress` lines of JSON
+ * (`application/x-ndjson`), `{hashedBytes, sizeBytes}` every half second, then the answer
+ * (or `{error}` if the digest failed once under way). `label` names the image in the log.
+ */
+export async function digestAnswer(reply: FastifyReply, image: Pick<Volume, 'sizeBytes' | 'blockStatus' | 'readInto'>, label: string, progress: boolean, answer: (sha256: string) => object): Promise<unknown> {
+  const signal = abortOnHangUp(reply, `digest of ${label}`);
+  if (!progress) return answer(await digestVolume(image, { signal }));
+  const out = new PassThrough();
+  const line = (value: object): void => void out.write(`${JSON.stringify(value)}\n`);
+  let saidMs = Date.now();
+  const onProgress = (hashedBytes: number): void => {
+    if (Date.now() - saidMs < digestProgressMs) return;
+    saidMs = Date.now();
+    line({ hashedBytes, sizeBytes: image.sizeBytes });
+  };
+  digestVolume(image, { signal, onProgress })
+    .then(
+      (sha256) => line(answer(sha256)),
+      (err: Error) => line({ error: err instanceof FerryError ? err.toJSON() : { code: 'INTERNAL', message: err.message } }),
+    )
+    .finally(() => out.end());
+  return reply.type('application/x-ndjson').send(out);
+}
+
+/** Aborts `what` (logged) when the client of `reply` goes away before its answer is sent. */
+export function abortOnHangUp(reply: FastifyReply, what: string): AbortSignal {
+  const controller = new AbortController();
+  reply.raw.once('close', () => {
+    if (reply.raw.writableFinished) return;
+    reply.log.info(`${what} cancelled: the client went away`);
+    controller.abort();
+  });
+  return controller.signal;
 }

@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { FerryError } from '../lib/errors.js';
 import type { Site } from '../site/site.js';
-import { digestVolume } from './server.js';
+import { digestAnswer, digestQuery, type DigestQuery } from './server.js';
 
 /** Extents listed at most by one diff answer (the rest is counted, and `truncated` set). */
 export const diffExtentsMax = 100_000;
@@ -129,10 +129,10 @@ export function registerSnapshotRoutes(app: FastifyInstance, site: Site): void {
     },
   );
 
-  app.get('/api/v1/volumes/:name/snapshots/:snap/digest', { schema: { params: snapParams } }, async (req) => {
+  app.get('/api/v1/volumes/:name/snapshots/:snap/digest', { schema: { params: snapParams, querystring: digestQuery } }, async (req, reply) => {
     const p = req.params as SnapParams;
     const image = await snapshots.image(p.name, p.snap);
-    return { volume: p.name, snapshot: p.snap, sizeBytes: image.sizeBytes, sha256: await digestVolume(image) };
+    return digestAnswer(reply, image, `${p.name}@${p.snap}`, (req.query as DigestQuery).progress === 'true', (sha256) => ({ volume: p.name, snapshot: p.snap, sizeBytes: image.sizeBytes, sha256 }));
   });
 
   app.get(

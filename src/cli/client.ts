@@ -29,10 +29,16 @@ export class ApiClient {
    * the request for longer than fetch waits for an answer (5 minutes), and the site
    * bounds each of its waits itself.
    */
-  async request<T>(method: string, path: string, body?: unknown): Promise<T> {
+  async request<T>(method: string, path: string, body?: unknown, onLine?: (value: unknown) => void): Promise<T> {
     let res: { ok: boolean; status: number; text: string };
     try {
-      res = await send(method, `${this.baseUrl}${path}`, body === undefined ? undefined : JSON.stringify(body));
+      res = await send(method, `${this.baseUrl}${path}`, body === undefined ? undefined : JSON.stringify(body), onLine && ((line) => {
+        try {
+          onLine(JSON.parse(line));
+        } catch {
+          // Progress is best effort; the answer line is checked below.
+        }
+      }));
     } catch (err) {
       const e = err as NodeJS.ErrnoException;
       throw new FerryError('UNAVAILABLE', `cannot reach the site at ${this.baseUrl} (${e.code ?? e.message}); is "ferry site start" running there?`);
@@ -47,24 +53,47 @@ export class ApiClient {
         return text as T;
       }
     }
-    if (!res.ok) {
-      const error = (parsed as { error?: { code?: string; message?: string } } | undefined)?.error;
+    const error = (parsed as { error?: { code?: string; message?: string } } | undefined)?.error;
+    // A streamed answer that failed once under way ends with an error line.
+    if (!res.ok || (onLine && error)) {
       throw new FerryError((error?.code as ErrorCode | undefined) ?? 'INTERNAL', error?.message ?? `site answered HTTP ${res.status}`);
     }
     return parsed as T;
   }
+
+  /**
+   * A GET answered with lines of JSON (`application/x-ndjson`, long work): every line but
+   * the last goes to `onLine` as it arrives (progress); the last is the answer or an error.
+   */
+  getStreamed<T>(path: string, onLine: (value: unknown) => void): Promise<T> {
+    return this.request<T>('GET', path, undefined, onLine);
+  }
 }
 
-function send(method: string, url: string, body: string | undefined): Promise<{ ok: boolean; status: number; text: string }> {
+/**
+ * One request; `text` is the whole answer, or with `onLine` and a streamed answer its
+ * last line (the lines before it go to `onLine` as they arrive).
+ */
+function send(method: string, url: string, body: string | undefined, onLine?: (line: string) => void): Promise<{ ok: boolean; status: number; text: string }> {
   return new Promise((resolve, reject) => {
     const headers = body === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) };
     const req = (url.startsWith('https:') ? httpsRequest : httpRequest)(url, { method, headers }, (res) => {
-      const parts: Buffer[] = [];
-      res.on('data', (b: Buffer) => parts.push(b));
+      const streamed = onLine !== undefined && String(res.headers['content-type']).startsWith('application/x-ndjson');
+      res.setEncoding('utf8');
+      let text = '';
+      res.on('data', (piece: string) => {
+        text += piece;
+        if (!streamed) return;
+        // Hold the newest complete line back: it may be the answer.
+        for (let nl = text.indexOf('\n'); nl >= 0 && text.indexOf('\n', nl + 1) >= 0; nl = text.indexOf('\n')) {
+          onLine(text.slice(0, nl));
+          text = text.slice(nl + 1);
+        }
+      });
       res.on('error', reject);
       res.on('end', () => {
         const status = res.statusCode ?? 0;
-        resolve({ ok: status >= 200 && status < 300, status, text: Buffer.concat(parts).toString('utf8') });
+        resolve({ ok: status >= 200 && status < 300, status, text: streamed ? text.trim() : text });
       });
     });
     req.on('error', reject);

@@ -10,7 +10,7 @@ import type { SourceAhead } from '../storage/replication-catalog.js';
 import type { VolumeInfo } from '../storage/volume-store.js';
 import type { SnapshotInfo } from '../snapshot/manager.js';
 import { ApiClient, defaultSiteUrl, volumePath } from './client.js';
-import { keyValues, table } from './format.js';
+import { ProgressBar, keyValues, table } from './format.js';
 import { checkAdvertisedUrl } from '../transport/peer-url.js';
 
 interface GlobalOptions {
@@ -176,9 +176,27 @@ volume
   .command('digest <name>')
   .description('SHA-256 of the whole volume (to compare copies)')
   .action(async (name: string, _opts: unknown, cmd: Command) => {
-    const d = await client(cmd).get<{ volume: string; sizeBytes: number; sha256: string }>(volumePath(name, '/digest'));
+    const d = await digestWithProgress<{ volume: string; sizeBytes: number; sha256: string }>(cmd, volumePath(name, '/digest'));
     print(cmd, d, () => `${d.sha256}  ${d.volume}`);
   });
+
+/** A digest, with a progress bar (it hashes the whole image: minutes for a large volume). */
+async function digestWithProgress<T>(cmd: Command, path: string): Promise<T> {
+  const bar = new ProgressBar(!globals(cmd).json);
+  const startedAtMs = Date.now();
+  let sizeBytes = 0;
+  const answer = await client(cmd).getStreamed<T>(`${path}?progress=true`, (line) => {
+    const p = line as { hashedBytes?: number; sizeBytes?: number };
+    if (p.hashedBytes === undefined || !p.sizeBytes) return;
+    sizeBytes = p.sizeBytes;
+    const rate = p.hashedBytes / Math.max(0.001, (Date.now() - startedAtMs) / 1000);
+    bar.update(p.hashedBytes / p.sizeBytes, `${formatSize(p.hashedBytes)} of ${formatSize(p.sizeBytes)} ${formatSize(rate)}/s ETA ${formatDuration(((p.sizeBytes - p.hashedBytes) / rate) * 1000)}`);
+  });
+  // A digest long enough to have shown progress shows its end too.
+  if (sizeBytes > 0) bar.update(1, `${formatSize(sizeBytes)} in ${formatDuration(Date.now() - startedAtMs)}`, true);
+  bar.end();
+  return answer;
+}
 
 // ---- replication -----------------------------------------------------------------
 const replicate = program.command('replicate').description('keep a copy of a volume at another site');
@@ -468,24 +486,15 @@ function waitPollMs(elapsedMs: number): number {
 
 /** Polls status until the initial copy is done, drawing a progress bar on a terminal. */
 async function waitForCopy(api: ApiClient, volume: string, draw: boolean): Promise<PairStatusView> {
-  const tty = draw && process.stderr.isTTY;
-  // The end is noticed within a poll; a log (not a terminal) gets a line every 2 s.
-  let drawnAtMs = 0;
+  const bar = new ProgressBar(draw);
   const startedAtMs = Date.now();
   for (;;) {
     const [s] = await api.get<PairStatusView[]>(`/api/v1/status/${encodeURIComponent(volume)}`);
     if (!s) throw new FerryError('NOT_FOUND', `volume ${volume} is not replicated`);
-    const drawNow = draw && (tty ? Date.now() - drawnAtMs >= 500 : Date.now() - drawnAtMs >= 2000 || s.initialCopy.done);
-    if (drawNow) {
-      drawnAtMs = Date.now();
-      const width = 30;
-      const filled = Math.round((s.initialCopy.percent / 100) * width);
-      const eta = s.initialCopy.etaSeconds === null ? '--' : formatDuration(s.initialCopy.etaSeconds * 1000);
-      const line = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${s.initialCopy.percent.toFixed(1)}% ${formatSize(s.initialCopy.bytes)} ${formatSize(s.transferRate)}/s ETA ${eta}`;
-      process.stderr.write(tty ? `\r${line}` : `${line}\n`);
-    }
+    const eta = s.initialCopy.etaSeconds === null ? '--' : formatDuration(s.initialCopy.etaSeconds * 1000);
+    bar.update(s.initialCopy.percent / 100, `${formatSize(s.initialCopy.bytes)} ${formatSize(s.transferRate)}/s ETA ${eta}`, s.initialCopy.done);
     if (s.initialCopy.done && (s.recovery === null || s.recovery.phase === 'resynced' || s.recovery.phase === 'resync-target')) {
-      if (tty) process.stderr.write('\n');
+      bar.end();
       return s;
     }
     if (s.state === 'suspended' && s.reason && s.recovery?.phase !== 'failed-over') throw new FerryError('UNAVAILABLE', `replication of ${volume} is suspended: ${s.reason}`);
@@ -575,7 +584,7 @@ snapshot
   .command('digest <volume> <snap>')
   .description('SHA-256 of the snapshot image')
   .action(async (vol: string, snap: string, _opts: unknown, cmd: Command) => {
-    const d = await client(cmd).get<{ sha256: string }>(snapshotPath(vol, snap, '/digest'));
+    const d = await digestWithProgress<{ sha256: string }>(cmd, snapshotPath(vol, snap, '/digest'));
     print(cmd, d, () => `${d.sha256}  ${vol}@${snap}`);
   });
 

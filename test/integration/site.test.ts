@@ -1,6 +1,8 @@
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { connect } from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, writeFile, rm } from 'node:fs/promises';
@@ -8,6 +10,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TestSite, ferry } from '../helpers/site.js';
 import { connectRcp } from '../../src/transport/connection.js';
+import { waitFor } from '../helpers/replication.js';
+
+const execFileP = promisify(execFile);
 
 let site: TestSite;
 
@@ -256,3 +261,43 @@ function rawPost(url: string, body: Buffer): Promise<{ status: number; body: str
     });
   });
 }
+
+test('a digest of a large volume is hashed off the event loop: the site answers over HTTP and NBD meanwhile, and a digest whose client goes away stops', async () => {
+  // 4 GiB of mostly holes: seconds of hashing on one CPU.
+  assert.equal((await site.api('POST', '/api/v1/volumes', { name: 'digested', size: 4 * 1024 ** 3 })).status, 201);
+  const data = randomBytes(1024 * 1024);
+  await site.writeData('digested', 3 * 1024 ** 3, data);
+  let digestDone = false;
+  const digest = site.digest('digested').then((d) => {
+    digestDone = true;
+    return d;
+  });
+  await new Promise((r) => setTimeout(r, 300));
+  // Answered while the digest runs: before, the site answered nothing until it was done.
+  assert.equal((await site.api('GET', '/healthz')).status, 200);
+  const read = await site.readData('digested', 3 * 1024 ** 3, 4096);
+  const nbd = await execFileP('qemu-io', ['-f', 'raw', '-r', '-c', `read -P 0 0 64k`, `nbd://127.0.0.1:${site.nbdPort}/digested`]);
+  assert.equal(digestDone, false, 'the digest ended before the site was asked anything: the test proves nothing on this machine');
+  assert.ok(read.equals(data.subarray(0, 4096)));
+  assert.match(nbd.stdout, /read 65536\/65536 bytes/);
+  const sha256 = await digest;
+  assert.match(sha256, /^[0-9a-f]{64}$/);
+
+  // The CLI shows progress (a line every 2 s when stderr is not a terminal), then the answer.
+  const cli = await site.cli(['volume', 'digest', 'digested']);
+  assert.equal(cli.code, 0, cli.stderr);
+  assert.equal(cli.stdout, `${sha256}  digested\n`);
+  assert.match(cli.stderr, /^\[[#.]{30}\] \d+\.\d% .* of 4G /);
+  assert.match(cli.stderr, /\[#{30}\] 100\.0% 4G in /);
+  const json = await site.cli(['volume', 'digest', 'digested', '--json']);
+  assert.equal((JSON.parse(json.stdout) as { sha256: string }).sha256, sha256);
+  assert.equal(json.stderr, '');
+  assert.equal((await site.api('GET', '/api/v1/volumes/digested/digest?progress=yes')).status, 400);
+
+  const client = new AbortController();
+  const cancelled = fetch(`${site.url}/api/v1/volumes/digested/digest`, { signal: client.signal }).then(() => 'answered', (err: Error) => err.name);
+  await new Promise((r) => setTimeout(r, 300));
+  client.abort();
+  assert.equal(await cancelled, 'AbortError');
+  await waitFor('the cancelled digest to be logged', async () => site.logs.some((l) => l.msg === 'digest of digested cancelled: the client went away'), 10_000);
+});
