@@ -19,7 +19,7 @@ export class Sha256InWorker {
   private inFlight = 0;
   private readonly waiting: (() => void)[] = [];
   private failure: Error | undefined;
-  private result: ((hex: string) => void) | undefined;
+  private result: { resolve(hex: string): void; reject(err: Error): void } | undefined;
   private closed = false;
 
   constructor(
@@ -29,7 +29,7 @@ export class Sha256InWorker {
     this.worker = new Worker(new URL('./sha256-worker.js', import.meta.url));
     this.worker.on('message', (m: FromHasher) => {
       if (m.type === 'digest') {
-        this.result?.(m.hex);
+        this.result?.resolve(m.hex);
         return;
       }
       this.hashedBytes += m.bytes;
@@ -60,10 +60,7 @@ export class Sha256InWorker {
   /** The digest, once everything sent is hashed; the thread ends. */
   async digest(): Promise<string> {
     this.check();
-    const hex = new Promise<string>((resolve, reject) => {
-      this.result = resolve;
-      this.waiting.push(() => this.failure && reject(this.failure));
-    });
+    const hex = new Promise<string>((resolve, reject) => (this.result = { resolve, reject }));
     this.worker.postMessage({ type: 'end' } satisfies ToHasher);
     try {
       return await hex;
@@ -97,6 +94,7 @@ export class Sha256InWorker {
     if (this.closed || this.failure) return;
     this.failure = err;
     for (const wake of this.waiting.splice(0)) wake();
+    this.result?.reject(err);
     void this.worker.terminate();
   }
 }

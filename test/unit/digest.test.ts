@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { digestVolume } from '../../src/api/server.js';
 import { isFerryError } from '../../src/lib/errors.js';
+import { Sha256InWorker } from '../../src/lib/sha256.js';
 import type { Extent } from '../../src/storage/volume.js';
 
 const MiB = 1024 * 1024;
@@ -51,5 +52,17 @@ test('digestVolume: a cancelled digest stops with UNAVAILABLE', async () => {
   const controller = new AbortController();
   const digest = digestVolume(volume, { signal: controller.signal });
   setTimeout(() => controller.abort(), 50);
+  await assert.rejects(digest, (err) => isFerryError(err, 'UNAVAILABLE'));
+});
+
+test('Sha256InWorker: cancelled while its last pieces are being hashed, the digest fails instead of waiting for good', async () => {
+  const controller = new AbortController();
+  const hasher = new Sha256InWorker(undefined, controller.signal);
+  // Pieces still in flight when the digest is asked for: their acknowledgements come after it.
+  await hasher.update(Buffer.allocUnsafeSlow(4 * MiB));
+  await hasher.update(Buffer.allocUnsafeSlow(4 * MiB));
+  await hasher.zeros(1024 ** 4);
+  const digest = hasher.digest();
+  setTimeout(() => controller.abort(), 100);
   await assert.rejects(digest, (err) => isFerryError(err, 'UNAVAILABLE'));
 });
