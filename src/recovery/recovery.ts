@@ -115,6 +115,8 @@ interface ReverseReply {
   frames: number;
 }
 
+/** A pair's files that only its source role uses (change log, save volume, copy list): they go when it stops being one. */
+const sourceRoleFiles = ['dirty.bitmap', 'activity.log', 'save.journal', 'copy.bitmap'];
 const undoMagic = 'ferry-undo';
 const reverseMagic = 'ferry-reverse';
 
@@ -807,7 +809,7 @@ export class Recovery {
       }
       for (const [s, n] of runs) ownBits.setRange(s, n);
       await writeBitmapFile(join(dir, 'undo.bitmap'), ownBits);
-      for (const f of ['dirty.bitmap', 'activity.log', 'save.journal', 'copy.bitmap', 'undo.json']) await rm(join(dir, f), { force: true });
+      for (const f of [...sourceRoleFiles, 'undo.json']) await rm(join(dir, f), { force: true });
       const fenced = this.m.requirePair(volume);
       // An unfinished catch-up's image is of no use: this copy is the source now.
       if (fenced.initialCopy.catchUp) await this.dropSnapshot(volume, fenced.initialCopy.snapshot);
@@ -1086,7 +1088,7 @@ export class Recovery {
       }
       await setAccess(pair.volume, 'raw');
       // The old source's own replication files go; the undo list stays.
-      for (const f of ['dirty.bitmap', 'activity.log', 'save.journal', 'copy.bitmap']) await rm(join(dir, f), { force: true });
+      for (const f of sourceRoleFiles) await rm(join(dir, f), { force: true });
       // An unfinished catch-up's image is of no use once its blocks are on the undo list.
       if (pair.initialCopy.catchUp) await this.dropSnapshot(pair.volume, pair.initialCopy.snapshot);
       this.replacePair(
