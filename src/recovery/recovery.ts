@@ -13,6 +13,7 @@ import { extentBytesDefault } from '../tracking/change-log.js';
 import type { PeerIdentity, RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { reachableUrl } from '../transport/peer-url.js';
+import { Waker } from '../lib/clock.js';
 import { chunkBytesMax, decodeChunk } from '../replication/chunk.js';
 import { CopyRunner } from '../replication/copy.js';
 import { Inbox } from '../replication/inbox.js';
@@ -24,6 +25,8 @@ import { checkFailover, checkReverseResync, describeRecovery, discardSnapshotNam
 
 /** How long a failover waits for the other site's answer when it is only told (not --sync). */
 const fenceNoticeTimeoutMs = 1_500;
+/** How often a fenced copy asks the other site whether it took over. */
+const fenceWatchMs = 5_000;
 const syncTimeoutMs = 120_000;
 const playbackTimeoutMs = 600_000;
 const requestTimeoutMs = 60_000;
@@ -83,7 +86,22 @@ type RecoveryRequest =
       saveVolumeBytes: number;
       /** Only ask whether the takeover would be accepted now; nothing changes. */
       check?: boolean;
+    }
+  | {
+      /** From a fenced old source: where does the pair stand at the other site? Nothing changes. */
+      op: 'standing';
+      pairId: string;
+      volume: string;
+      /** The asking site's generation (the one it was fenced at). */
+      generation: number;
     };
+
+interface StandingReply {
+  role: PairRecord['role'];
+  generation: number;
+  /** A failover, resync or failback of the pair is running there now. */
+  roleChange: boolean;
+}
 
 interface FenceReply {
   lastDeltaSet: number;
@@ -192,6 +210,11 @@ export class Recovery {
    * the record each works from, which status shows, and a moved peer is noted in.
    */
   readonly fullCopies = new Map<string, { pair: PairRecord; copier: CopyRunner; sent: RateMeter }>();
+  /** Fenced copies asking the other site now and then whether it took over (see `watchFence`). */
+  private readonly fenceWatches = new Map<string, Promise<void>>();
+  /** Fence requests handled per volume (a fenced copy's answer from the other site is stale once one came after it). */
+  private readonly fenceRequests = new Map<string, number>();
+  private readonly closing = new Waker();
   private closed = false;
 
   constructor(private readonly m: ReplicationManager) {
@@ -220,13 +243,15 @@ export class Recovery {
       const phase = pair.recovery?.phase;
       if (pair.role === 'source' && (phase === 'resync-full' || (phase === 'resync' && !this.m.sources.has(pair.volume)))) this.runResync(pair.volume);
       if (pair.role === 'source' && phase === 'failing-back') this.retryFailback(pair.volume);
+      if (pair.role === 'source' && phase === 'fenced') this.watchFence(pair.volume);
     }
   }
 
   async close(): Promise<void> {
     this.closed = true;
+    this.closing.signal();
     for (const c of this.fullCopies.values()) c.copier.close();
-    await Promise.allSettled([...this.background.values()]);
+    await Promise.allSettled([...this.background.values(), ...this.fenceWatches.values()]);
   }
 
   // ---- failover (at the target's site) ----------------------------------------------
@@ -283,7 +308,7 @@ export class Recovery {
           await target.finishPlayback(playbackTimeoutMs);
         } catch (err) {
           const unplayed = target.unplayedDeltaSets();
-          const changed = sourceFenced ? `the source site's volume is read-only now and stays so; this site is still its target` : 'nothing was changed';
+          const changed = sourceFenced ? `this site is still the target; the source site, fenced for it, takes writes again within seconds once it sees no one took over` : 'nothing was changed';
           throw new FerryError(
             'UNAVAILABLE',
             `failover of ${volume} stopped, ${changed}: ${(err as Error).message}. Fix the cause and run it again, or run "ferry failover ${volume} --now" to take over at delta set ${pair.deltaSetPlayedBack} without the ${unplayed} received delta set(s) not played back`,
@@ -410,6 +435,58 @@ export class Recovery {
     }
     await this.m.deps.setAccess(volume, 'read-only');
     this.log.warn({ volume, by, reason }, 'this volume failed over to the other site: read-only until it is resynced');
+    this.watchFence(volume);
+  }
+
+  /**
+   * A fenced copy asks the other site every few seconds where the pair stands there. A
+   * failover --sync fences this site before the other one switches; if that failover
+   * then stopped (the other site died, its playback failed), the other site is still the
+   * read-only replica at this site's generation and no role change runs there: no one
+   * took over, so this site is the source again (the failed failover changes nothing).
+   * Any real takeover raised the generation there, and this copy stays fenced.
+   */
+  private watchFence(volume: string): void {
+    if (this.fenceWatches.has(volume)) return;
+    const work = (async () => {
+      while (!this.closed) {
+        await this.closing.wait(this.m.deps.clock, fenceWatchMs);
+        const pair = this.m.catalog.getPair(volume);
+        if (this.closed || !pair || pair.role !== 'source' || pair.recovery?.phase !== 'fenced') return;
+        if (this.busy.has(volume)) continue;
+        const fenceRequests = this.fenceRequests.get(volume) ?? 0;
+        const there = await this.request<StandingReply>(pair.peerUrl, { op: 'standing', pairId: pair.pairId, volume: pair.peerVolume, generation: pair.generation }, fenceNoticeTimeoutMs * 2).catch(() => undefined);
+        if (there && there.role === 'target' && there.generation === pair.generation && !there.roleChange) {
+          await this.unfence(volume, there, fenceRequests).catch((err: Error) => this.log.error({ volume, err: err.message }, 'a fenced copy whose failover did not happen could not be made the source again; retrying'));
+        }
+      }
+    })().finally(() => this.fenceWatches.delete(volume));
+    this.fenceWatches.set(volume, work);
+  }
+
+  private async unfence(volume: string, there: StandingReply, fenceRequests: number): Promise<void> {
+    if (this.busy.has(volume)) return;
+    this.busy.add(volume);
+    try {
+      const pair = this.m.catalog.getPair(volume);
+      if (!pair || pair.role !== 'source' || pair.recovery?.phase !== 'fenced' || there.generation !== pair.generation) return;
+      // A failover asked again since the answer: it may be switching now.
+      if ((this.fenceRequests.get(volume) ?? 0) !== fenceRequests) return;
+      const { recovery: _fenced, ...rest } = pair;
+      // Suspended, not paused: the source reaches the target again by itself and resumes where it stopped.
+      const sourcePair: PairRecord = { ...rest, state: 'suspended', stateReason: 'the failover did not happen at the other site; reconnecting', paused: false };
+      this.m.catalog.putPair(sourcePair);
+      const source = await this.m.openSource(sourcePair);
+      this.m.sources.set(volume, source);
+      source.start();
+      await this.m.deps.setAccess(volume, 'read-write');
+      this.log.warn(
+        { volume, site: pair.peerSiteName, generation: pair.generation },
+        'the failover that fenced this volume did not happen (the other site is still its replica at this generation): this site is the source again; hosts may write',
+      );
+    } finally {
+      this.busy.delete(volume);
+    }
   }
 
   // ---- resync (at the new source) -----------------------------------------------------
@@ -1000,6 +1077,12 @@ export class Recovery {
           return await this.onReverse(connection, peer, pair, body);
         case 'takeover':
           return await this.onTakeover(connection, peer, pair, body);
+        case 'standing': {
+          const reply: StandingReply = { role: pair.role, generation: pair.generation, roleChange: this.busy.has(pair.volume) || pair.recovery?.phase === 'failing-back' };
+          connection.sendJson(ReplFrame.RecoveryReply as number, reply);
+          connection.close();
+          return;
+        }
         default:
           throw new FerryError('PROTOCOL_ERROR', `unknown recovery request ${(body as { op: string }).op}`);
       }
@@ -1014,6 +1097,9 @@ export class Recovery {
 
   private async onFence(connection: RcpConnection, peer: PeerIdentity, pair: PairRecord, body: Extract<RecoveryRequest, { op: 'fence' }>): Promise<void> {
     if (pair.role !== 'source') throw new FerryError('BAD_REQUEST', `volume ${pair.volume} is not the source of its pair here`);
+    if (this.busy.has(pair.volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${pair.volume} is in progress at ${this.m.deps.self.siteName}; try again`);
+    // A fenced copy that asked the other site where it stands must not act on an answer older than this request.
+    this.fenceRequests.set(pair.volume, (this.fenceRequests.get(pair.volume) ?? 0) + 1);
     if (pair.recovery?.phase !== 'fenced') {
       if (body.generation <= pair.generation) throw new FerryError('STALE_GENERATION', `pair is at generation ${pair.generation}; a failover to generation ${body.generation} is refused`);
       const source = this.m.sources.get(pair.volume);

@@ -128,6 +128,12 @@ export class ReplicationManager {
           this.sources.set(pair.volume, await this.openSource(pair));
           // A reversed resync's old source stopped before it could give hosts their writes back.
           if (pair.recovery?.reverse && phase === 'resync') await this.deps.setAccess(pair.volume, 'read-write');
+          else if (phase !== 'failing-back' && this.deps.volumes.record(pair.volume).access !== 'read-write') {
+            // A failback or a failover --sync held hosts for its last delta set and stopped before the
+            // switch: nothing changed hands, so this site is still the source.
+            await this.deps.setAccess(pair.volume, 'read-write');
+            this.deps.log.warn({ volume: pair.volume }, 'a failback or failover --sync held hosts when this site stopped and did not switch roles: this site is still the source; hosts may write again');
+          }
         }
       } catch (err) {
         this.deps.log.error({ err, volume: pair.volume }, 'replication pair could not be opened');

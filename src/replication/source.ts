@@ -242,13 +242,19 @@ export class SourceReplicator {
   /**
    * Ships what has been written: cuts delta sets until at most `withinBlocks` blocks are
    * outstanding and, with `playedBack`, waits until the target has played back every
-   * delta set (failover --sync, failback). Fails after `timeoutMs` with what is left.
+   * delta set (failover --sync, failback). Fails after `timeoutMs` with what is left, and
+   * at once if the link fails meanwhile (the pair goes to Suspend (failure)): callers hold
+   * hosts while they wait, and a lost target would keep them held for nothing.
    */
   async drain(options: { withinBlocks: number; playedBack: boolean; timeoutMs: number }): Promise<void> {
     const { clock } = this.deps;
     const deadline = clock.now() + options.timeoutMs;
+    const failedBefore = this.suspendedByFailure;
     for (;;) {
       if (this.closed) throw new FerryError('UNAVAILABLE', `replication of ${this.pair.volume} stopped`);
+      if (!failedBefore && this.suspendedByFailure) {
+        throw new FerryError('UNAVAILABLE', `the other site was lost before it caught up: ${this.status.reason}`);
+      }
       const outstanding = this.outstandingBlocks();
       const played = !options.playedBack || this.pair.deltaSetPlayedBack >= this.pair.deltaSetCreated;
       if (outstanding <= options.withinBlocks && played && (options.withinBlocks > 0 || !this.building)) return;
@@ -300,6 +306,10 @@ export class SourceReplicator {
   private resumeState(): PairStatus {
     const s = this.apply({ type: 'resume' });
     return this.catchingUp ? this.apply({ type: 'catch-up' }) : s;
+  }
+
+  private get suspendedByFailure(): boolean {
+    return this.status.state === 'suspended' && this.status.cause === 'failure';
   }
 
   private get catchingUp(): boolean {
@@ -488,7 +498,7 @@ export class SourceReplicator {
     const retries = new SessionRetries();
     let lastProbeMs = Number.NEGATIVE_INFINITY;
     while (!this.closed) {
-      if (!isActive(this.status) && !(this.status.state === 'suspended' && this.status.cause === 'failure')) {
+      if (!isActive(this.status) && !this.suspendedByFailure) {
         // Paused: nothing is sent, but the pair still checks in now and then, so a
         // failover of the other site is learnt (rule 5) even with no data moving.
         if (this.deps.clock.now() - lastProbeMs >= probeMs) {
@@ -528,7 +538,7 @@ export class SourceReplicator {
         // pair already suspended by failure shows the newest reason (the cause may change).
         const message = (err as Error).message;
         const reason = message.startsWith('target: ') ? message : `target unreachable: ${message}`;
-        const failed = this.status.state === 'suspended' && this.status.cause === 'failure';
+        const failed = this.suspendedByFailure;
         if (suspend && (isActive(this.status) || (failed && this.status.reason !== reason))) this.apply({ type: 'failure', reason });
         this.deps.log.warn({ volume: this.pair.volume, err: (err as Error).message, failures: retries.failures }, 'replication session failed; retrying');
         await this.sendWaker.wait(this.deps.clock, delayMs);
@@ -725,7 +735,7 @@ export class SourceReplicator {
    */
   private async copyLoop(): Promise<void> {
     while (!this.closed && this.pair.initialCopy.doneAt === undefined) {
-      if (!isActive(this.status) && !(this.status.state === 'suspended' && this.status.cause === 'failure')) {
+      if (!isActive(this.status) && !this.suspendedByFailure) {
         await this.sendWaker.wait(this.deps.clock, 1000);
         continue;
       }

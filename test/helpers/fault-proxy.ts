@@ -141,8 +141,6 @@ export class FaultProxy {
     };
     client.on('error', end);
     upstream.on('error', end);
-    client.on('close', end);
-    upstream.on('close', end);
     const connection = { slow: false };
     this.pipe(client, upstream, end, false, connection);
     this.pipe(upstream, client, end, true, connection);
@@ -205,5 +203,7 @@ export class FaultProxy {
         from.resume();
       });
     });
+    // What a stall still holds reaches the other side before the close does.
+    from.on('close', () => void queue.then(end));
   }
 }

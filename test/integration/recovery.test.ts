@@ -545,6 +545,138 @@ test('a failback stuck at its hand-over says why (health error, hosts held read-
   }
 });
 
+test('SIGKILL of either site while a failover --sync or a failback holds the source\'s hosts: hosts write again (at once if the target died), and the command run again completes', async () => {
+  const [a, b] = await sites('held');
+  // A's delta sets reach B through a proxy that stalls them, so hosts stay held long enough to kill a site then.
+  const proxy = new FaultProxy(b.host, b.port, 9);
+  await proxy.start();
+  const slow = { ...noFaults, stallProbability: 1, stallMs: 300 };
+  /** Runs `command`, SIGKILLs `victim` once A holds its hosts (read-only); returns how long the command took after the kill. */
+  const killWhileHeld = async (command: () => Promise<{ code: number | null; stderr: string }>, victim: TestSite): Promise<{ stderr: string; afterKillMs: number }> => {
+    proxy.plan = slow;
+    let ended = '';
+    const run = command().then((r) => {
+      ended = `it ended first: exit ${r.code}, ${r.stderr}`;
+      return r;
+    });
+    await waitFor('A to hold its hosts', async () => ended !== '' || (await access(a)) === 'read-only', 30_000, 5);
+    assert.equal(ended, '', 'the site is killed while A holds its hosts');
+    await victim.kill('SIGKILL');
+    const killed = Date.now();
+    proxy.plan = noFaults;
+    const r = await run;
+    assert.notEqual(r.code, 0);
+    return { stderr: r.stderr, afterKillMs: Date.now() - killed };
+  };
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image, proxy.url);
+
+    // failover --sync at B: A holds its hosts for the last delta set and dies before it is shipped.
+    await writeApi(a, image, 5);
+    await killWhileHeld(() => b.cli(['failover', 'db', '--sync']), a);
+    await a.start();
+    let sa = await pairStatus(a, 'db');
+    assert.deepEqual([sa.role, sa.recovery?.phase], ['source', undefined]);
+    assert.equal(await access(a), 'read-write', 'hosts at the source are given back their writes');
+    assert.deepEqual([(await pairStatus(b, 'db')).role, (await pairStatus(b, 'db')).recovery?.phase], ['target', undefined], 'the failover changed nothing at B');
+    await writeNbd(a, image, 5);
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(image));
+
+    // failback at A (a planned switchover): A dies with its hosts held, before the hand-over.
+    await writeApi(a, image, 5);
+    await killWhileHeld(() => a.cli(['failback', 'db']), a);
+    await a.start();
+    sa = await pairStatus(a, 'db');
+    assert.deepEqual([sa.role, sa.recovery?.phase], ['source', undefined]);
+    assert.equal(await access(a), 'read-write');
+    assert.ok(a.logs.some((l) => /hosts may write again/.test(String(l.msg))), 'the restart says why access changed');
+    await writeNbd(a, image, 5);
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(image));
+
+    // failback at A, and B dies while A's hosts wait for it: they are given back once the link is
+    // counted failed, not after the two-minute catch-up limit.
+    await writeApi(a, image, 5);
+    const lost = await killWhileHeld(() => a.cli(['failback', 'db']), b);
+    assert.match(lost.stderr, /the other site was lost before it caught up: target unreachable/);
+    assert.ok(lost.afterKillMs < 30_000, `hosts were held ${lost.afterKillMs} ms after the target died`);
+    assert.equal(await access(a), 'read-write');
+    assert.deepEqual([(await pairStatus(a, 'db')).role, (await pairStatus(a, 'db')).recovery?.phase], ['source', undefined]);
+    await writeApi(a, image, 5);
+    await b.start();
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(image));
+
+    const fb = await a.cli(['failback', 'db']);
+    assert.equal(fb.code, 0, fb.stderr);
+    assert.equal((await pairStatus(b, 'db')).role, 'source');
+    assert.equal(await b.digest('db'), sha(image));
+    await writeApi(b, image, 5);
+    await waitInSync(b, a, 'db');
+    assert.equal(await a.digest('db'), sha(image));
+  } finally {
+    await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a failover --sync that stops after fencing the source (its answer lost): the source takes writes again by itself; run again, the failover completes and the source stays fenced', async () => {
+  const [a, b] = await sites('unfence');
+  // B reaches A through a proxy that can lose A's answers.
+  const proxy = new FaultProxy(a.host, a.port, 11);
+  await proxy.start();
+  try {
+    a.advertise = proxy.url;
+    await a.restart();
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    assert.equal((await pairStatus(b, 'db')).peer, proxy.url);
+    await writeApi(a, image, 5);
+
+    proxy.dropReply = (frame) => frame.type === ReplFrame.RecoveryReply;
+    const fo = await b.cli(['failover', 'db', '--sync']);
+    assert.notEqual(fo.code, 0);
+    assert.ok(proxy.droppedReplies >= 1);
+    proxy.dropReply = undefined;
+    // A shipped its last writes and fenced itself; B never switched: no site takes writes.
+    const sb = await pairStatus(b, 'db');
+    assert.deepEqual([sb.role, sb.recovery?.phase, await access(b)], ['target', undefined, 'read-only']);
+    assert.equal(await recoveryPhase(a), 'fenced');
+    assert.equal(await access(a), 'read-only');
+    // A asks B where the pair stands, sees no one took over, and is the source again.
+    const fenced = Date.now();
+    await waitFor('A to take writes again', async () => (await access(a)) === 'read-write', 30_000, 100);
+    const tookMs = Date.now() - fenced;
+    const sa = await pairStatus(a, 'db');
+    assert.deepEqual([sa.role, sa.recovery?.phase, sa.generation], ['source', undefined, 1]);
+    assert.ok(a.logs.some((l) => /the failover that fenced this volume did not happen/.test(String(l.msg))), 'A says why it takes writes again');
+    assert.ok(tookMs < 15_000, `A took writes again ${tookMs} ms after the failover stopped`);
+    await writeNbd(a, image, 5);
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(image));
+
+    // Run again, the failover completes and loses nothing; A stays fenced (B took over).
+    const again = await b.cli(['failover', 'db', '--sync']);
+    assert.equal(again.code, 0, again.stderr);
+    assert.equal((await pairStatus(b, 'db')).role, 'source');
+    assert.equal(await b.digest('db'), sha(image));
+    await new Promise((r) => setTimeout(r, 7_000));
+    assert.equal(await recoveryPhase(a), 'fenced');
+    assert.equal(await access(a), 'read-only');
+    await writeApi(b, image, 5);
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    await waitResynced(b, a);
+    assert.equal(await a.digest('db'), sha(image));
+  } finally {
+    await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('a resync the old source could not start (its disk failing) is re-issued once the cause is cleared, and completes', async () => {
   const [a, b] = await sites('rsdisk');
   try {
@@ -1153,6 +1285,80 @@ test('a 1 TiB sparse volume replicates, fails over, resyncs and fails back, send
     await waitInSync(a, b, 'db');
     await check('after the failback');
     assert.equal(await allocated(a), await allocated(b));
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+/** Rounds of the role-change soak: 3 in the suite, more from `npm run soak` (a tenth of FERRY_SOAK_KILLS: three kills a round). */
+const roleSoakRounds = process.env.FERRY_SOAK_KILLS ? Math.max(3, Math.round(Number(process.env.FERRY_SOAK_KILLS) / 10)) : 3;
+
+test(`SIGKILL of either site at random moments of failover --sync, resync and failback, ${roleSoakRounds} rounds: each completes (re-issued where cut short), nothing acknowledged is lost, no full copy`, { timeout: 1_800_000 }, async () => {
+  const [a, b] = await sites('rolesoak');
+  let seed = Number(process.env.FERRY_SOAK_SEED ?? Date.now() % 100_000);
+  const random = (): number => {
+    seed = (seed * 1103515245 + 12345) % 2147483648;
+    return seed / 2147483648;
+  };
+  const steps: string[] = [];
+  /** Runs `command` at `at`, SIGKILLs a random site after a random delay (the command may have ended) and starts it again at once. */
+  const killDuring = async (what: string, at: TestSite, args: string[], maxDelayMs: number): Promise<void> => {
+    const victim = random() < 0.5 ? a : b;
+    const delay = Math.floor(random() * maxDelayMs);
+    steps.push(`${what}: kill ${victim === a ? 'A' : 'B'} after ${delay} ms`);
+    const run = at.cli(args);
+    await new Promise((r) => setTimeout(r, delay));
+    await victim.kill('SIGKILL');
+    await victim.start();
+    const r = await run;
+    steps.push(`exit ${r.code}${r.code ? `: ${r.stderr.trim()}` : ''}`);
+  };
+  /** Re-issues `args` at `at` until `done` holds (a run cut short by the kill, or refused while the other site restarts). */
+  const until = async (what: string, at: TestSite, args: string[], done: () => Promise<boolean>): Promise<void> => {
+    let last = '';
+    await waitFor(() => `${what} (steps: ${steps.join('; ')}; last run: ${last})`, async () => {
+      if (await done()) return true;
+      const r = await at.cli(args);
+      last = `exit ${r.code}: ${r.stderr.trim()}`;
+      return done();
+    }, 120_000, 500);
+  };
+  const writable = async (site: TestSite): Promise<boolean> => (await access(site)) === 'read-write';
+  try {
+    const size = 32 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    for (let round = 0; round < roleSoakRounds; round++) {
+      steps.push(`round ${round} (seed ${seed})`);
+      // Failover --sync at B: every write A acknowledged reaches B, wherever the kill falls.
+      await writeApi(a, image, 20);
+      await killDuring('failover --sync', b, ['failover', 'db', '--sync'], 600);
+      await until('B to take over', b, ['failover', 'db', '--sync'], async () => (await pairStatus(b, 'db')).role === 'source');
+      assert.equal(await b.digest('db'), sha(image), `failover --sync lost a write (steps: ${steps.join('; ')})`);
+      assert.ok(await writable(b));
+      await waitFor('A fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+      assert.equal(await access(a), 'read-only');
+
+      // Resync at B while B's hosts write, killed anywhere in it.
+      await writeApi(b, image, 20);
+      await killDuring('resync', b, ['resync', 'db'], 1500);
+      await writeApi(b, image, 10);
+      await until('the resync to be under way', b, ['resync', 'db'], async () => (await recoveryPhase(b)) !== 'failed-over');
+      const sb = await waitResynced(b, a);
+      assert.equal(sb.recovery?.fullCopy, false, `a full copy (steps: ${steps.join('; ')})`);
+      assert.equal(await a.digest('db'), sha(image));
+
+      // Failback at B, killed anywhere in it: A is the source again and has every write.
+      await writeApi(b, image, 20);
+      await killDuring('failback', b, ['failback', 'db'], 800);
+      await until('the failback', b, ['failback', 'db'], async () => (await pairStatus(a, 'db')).role === 'source' && (await pairStatus(b, 'db')).role === 'target');
+      await waitFor('A writable', () => writable(a), 30_000);
+      assert.equal(await access(b), 'read-only');
+      assert.equal(await a.digest('db'), sha(image), `the failback lost a write (steps: ${steps.join('; ')})`);
+      await writeApi(a, image, 10);
+      await waitInSync(a, b, 'db');
+      assert.equal(await b.digest('db'), sha(image));
+    }
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
