@@ -2,7 +2,7 @@ import { rm, stat, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { RateMeter } from '../lib/rate.js';
-import { FerryError, type ErrorCode } from '../lib/errors.js';
+import { FerryError, isFerryError, type ErrorCode } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
 import { BitmapFile, readWorkBitmap, wasDamaged, writeBitmapFile } from '../storage/bitmap-file.js';
@@ -967,6 +967,9 @@ export class Recovery {
       }
       await this.handOver(volume);
     } catch (err) {
+      if (await this.abandonFailback(volume, err)) {
+        throw new FerryError('NOT_FOUND', `failback of ${volume} abandoned: ${(err as Error).message}; this site is still the source and its hosts write again`);
+      }
       // Past the point of no return, hosts stay held and the hand-over goes on by itself.
       if (this.m.catalog.getPair(volume)?.recovery?.phase === 'failing-back') {
         this.failbackStuck(volume, err as Error);
@@ -997,6 +1000,8 @@ export class Recovery {
       this.busy.add(volume);
       try {
         await this.handOver(volume);
+      } catch (err) {
+        if (!(await this.abandonFailback(volume, err))) throw err;
       } finally {
         this.busy.delete(volume);
       }
@@ -1007,6 +1012,28 @@ export class Recovery {
       this.log.warn({ volume, err: err.message }, 'failback: the other site did not take over yet; retrying');
       return true;
     });
+  }
+
+  /**
+   * A hand-over the other site refuses for good (it has no such pair: stopped there, its
+   * volume deleted) can never happen, and the hosts held here would wait for nothing:
+   * this site stays the source and takes writes again. Returns whether it gave up.
+   */
+  private async abandonFailback(volume: string, err: unknown): Promise<boolean> {
+    if (!isFerryError(err, 'NOT_FOUND')) return false;
+    // The open source's record is the one it keeps writing: it is changed in place.
+    const pair = this.m.sources.get(volume)?.pair ?? this.m.catalog.getPair(volume);
+    const recovery = pair?.recovery;
+    if (!pair || pair.role !== 'source' || recovery?.phase !== 'failing-back') return false;
+    // What the record said before the failback (the resync it came from) stays.
+    if (recovery.resyncDoneAt !== undefined) pair.recovery = { ...recovery, phase: 'resynced' };
+    else delete pair.recovery;
+    pair.stateReason = '';
+    this.m.catalog.putPair(pair);
+    this.stuckFailbacks.delete(volume);
+    await this.m.deps.setAccess(volume, 'read-write');
+    this.log.error({ volume, site: pair.peerSiteName, err: (err as Error).message }, 'failback abandoned: the other site has no such pair and can never take over; this site is still the source and hosts may write again');
+    return true;
   }
 
   /** What the other site is asked at failback: to take over, or (check) whether it would now. */

@@ -677,6 +677,44 @@ test('a failover --sync that stops after fencing the source (its answer lost): t
   }
 });
 
+test('a failback stuck at its hand-over whose pair is then stopped at the other site is abandoned: hosts write again here, status says the other site has no pair', async () => {
+  const [a, b] = await sites('fbgone');
+  const proxy = new FaultProxy(b.host, b.port, 13);
+  await proxy.start();
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image, proxy.url);
+    proxy.cutRequest = (frame) => {
+      if (frame.type !== ReplFrame.RecoveryRequest) return false;
+      const body = JSON.parse(frame.payload.toString()) as { op: string; check?: boolean };
+      return body.op === 'takeover' && body.check !== true;
+    };
+    const fb = await a.cli(['failback', 'db']);
+    assert.notEqual(fb.code, 0);
+    assert.match(fb.stderr, /has not taken over.*retried/);
+    assert.equal(await recoveryPhase(a), 'failing-back');
+    assert.equal(await access(a), 'read-only');
+    // The pair is ended at B while A's hosts are held: B can never take over.
+    assert.equal((await b.cli(['replicate', 'stop', 'db'])).code, 0);
+    proxy.cutRequest = undefined;
+    await waitFor('A to give its hosts back', async () => (await access(a)) === 'read-write', 30_000, 100);
+    const sa = await pairStatus(a, 'db');
+    assert.deepEqual([sa.role, sa.recovery?.phase], ['source', undefined]);
+    assert.ok(a.logs.some((l) => /failback abandoned/.test(String(l.msg))), 'the site says it gave up');
+    await waitFor('A to say B has no pair', async () => /no replication pair/.test((await pairStatus(a, 'db')).reason), 30_000);
+    assert.notEqual((await pairStatus(a, 'db')).health, 'ok');
+    await writeNbd(a, image, 5);
+    assert.equal(await a.digest('db'), sha(image));
+    const again = await a.cli(['failback', 'db']);
+    assert.notEqual(again.code, 0);
+    assert.equal(await access(a), 'read-write');
+  } finally {
+    await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('a resync the old source could not start (its disk failing) is re-issued once the cause is cleared, and completes', async () => {
   const [a, b] = await sites('rsdisk');
   try {
