@@ -497,23 +497,28 @@ test('a DR test without failing over: a qcow2 overlay on a snapshot of the repli
   }
 });
 
+/** A pair from A to B through `proxy`, whose failback is stuck at its hand-over (the proxy cuts the takeover request): A's hosts are held. */
+async function stuckFailback(a: TestSite, b: TestSite, proxy: FaultProxy, size: number): Promise<Buffer> {
+  const image = Buffer.alloc(size);
+  await startPair(a, b, size, image, proxy.url);
+  proxy.cutRequest = (frame) => {
+    if (frame.type !== ReplFrame.RecoveryRequest) return false;
+    const body = JSON.parse(frame.payload.toString()) as { op: string; check?: boolean };
+    return body.op === 'takeover' && body.check !== true;
+  };
+  const fb = await a.cli(['failback', 'db']);
+  assert.notEqual(fb.code, 0);
+  assert.match(fb.stderr, /has not taken over.*retried/);
+  return image;
+}
+
 test('a failback stuck at its hand-over says why (health error, hosts held read-only) and completes by itself once the other site answers', async () => {
   const [a, b] = await sites('fbstuck');
   // A reaches B through a proxy that can lose the hand-over request with its connection.
   const proxy = new FaultProxy(b.host, b.port, 5);
   await proxy.start();
   try {
-    const size = 16 * MiB;
-    const image = Buffer.alloc(size);
-    await startPair(a, b, size, image, proxy.url);
-    proxy.cutRequest = (frame) => {
-      if (frame.type !== ReplFrame.RecoveryRequest) return false;
-      const body = JSON.parse(frame.payload.toString()) as { op: string; check?: boolean };
-      return body.op === 'takeover' && body.check !== true;
-    };
-    const fb = await a.cli(['failback', 'db']);
-    assert.notEqual(fb.code, 0);
-    assert.match(fb.stderr, /has not taken over.*retried/);
+    const image = await stuckFailback(a, b, proxy, 16 * MiB);
     assert.ok(proxy.cutRequests >= 1);
     // The hand-over keeps failing: status says so, as an error, while hosts are held.
     await new Promise((r) => setTimeout(r, 1500));
@@ -682,17 +687,7 @@ test('a failback stuck at its hand-over whose pair is then stopped at the other 
   const proxy = new FaultProxy(b.host, b.port, 13);
   await proxy.start();
   try {
-    const size = 16 * MiB;
-    const image = Buffer.alloc(size);
-    await startPair(a, b, size, image, proxy.url);
-    proxy.cutRequest = (frame) => {
-      if (frame.type !== ReplFrame.RecoveryRequest) return false;
-      const body = JSON.parse(frame.payload.toString()) as { op: string; check?: boolean };
-      return body.op === 'takeover' && body.check !== true;
-    };
-    const fb = await a.cli(['failback', 'db']);
-    assert.notEqual(fb.code, 0);
-    assert.match(fb.stderr, /has not taken over.*retried/);
+    const image = await stuckFailback(a, b, proxy, 16 * MiB);
     assert.equal(await recoveryPhase(a), 'failing-back');
     assert.equal(await access(a), 'read-only');
     // The pair is ended at B while A's hosts are held: B can never take over.
@@ -1368,11 +1363,23 @@ test(`SIGKILL of either site at random moments of failover --sync, resync and fa
     await startPair(a, b, size, image);
     for (let round = 0; round < roleSoakRounds; round++) {
       steps.push(`round ${round} (seed ${seed})`);
-      // Failover --sync at B: every write A acknowledged reaches B, wherever the kill falls.
       await writeApi(a, image, 20);
-      await killDuring('failover --sync', b, ['failover', 'db', '--sync'], 600);
-      await until('B to take over', b, ['failover', 'db', '--sync'], async () => (await pairStatus(b, 'db')).role === 'source');
-      assert.equal(await b.digest('db'), sha(image), `failover --sync lost a write (steps: ${steps.join('; ')})`);
+      if (round % 2 === 0) {
+        // Failover --sync at B: every write A acknowledged reaches B, wherever the kill falls.
+        await killDuring('failover --sync', b, ['failover', 'db', '--sync'], 600);
+        await until('B to take over', b, ['failover', 'db', '--sync'], async () => (await pairStatus(b, 'db')).role === 'source');
+        assert.equal(await b.digest('db'), sha(image), `failover --sync lost a write (steps: ${steps.join('; ')})`);
+      } else {
+        // A disaster: A dies with a delta set and writes B never got; B takes over at its restart
+        // point, and the resync must undo A's writes.
+        await unshippedDeltaSets(a, image, 1, new Set());
+        await writeApi(a, image, 5);
+        await a.kill('SIGKILL');
+        const fo = await b.cli(['failover', 'db']);
+        assert.equal(fo.code, 0, fo.stderr);
+        for (let off = 0; off < size; off += MiB) (await b.readData('db', off, MiB)).copy(image, off);
+        await a.start();
+      }
       assert.ok(await writable(b));
       await waitFor('A fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
       assert.equal(await access(a), 'read-only');
