@@ -7,7 +7,7 @@ import { promisify } from 'node:util';
 import assert from 'node:assert/strict';
 import { TestSite } from '../helpers/site.js';
 import { pairStatus, waitFor, waitInSync, type PairStatus } from '../helpers/replication.js';
-import { FaultProxy, noFaults } from '../helpers/fault-proxy.js';
+import { FaultProxy, noFaults, type FaultPlan } from '../helpers/fault-proxy.js';
 import { renderDashboard } from '../helpers/dashboard.js';
 import { ReplFrame } from '../../src/replication/protocol.js';
 
@@ -1327,7 +1327,21 @@ test('a 1 TiB sparse volume replicates, fails over, resyncs and fails back, send
 const roleSoakRounds = process.env.FERRY_SOAK_KILLS ? Math.max(3, Math.round(Number(process.env.FERRY_SOAK_KILLS) / 10)) : 3;
 
 test(`SIGKILL of either site at random moments of failover --sync, resync and failback, ${roleSoakRounds} rounds: each completes (re-issued where cut short), nothing acknowledged is lost, no full copy`, { timeout: 1_800_000 }, async () => {
-  const [a, b] = await sites('rolesoak');
+  await roleSoak('rolesoak', roleSoakRounds);
+});
+
+test(`SIGKILL at random moments of role changes over links that drop, stall and flip bits, ${Math.ceil(roleSoakRounds / 2)} rounds: each completes, nothing acknowledged is lost, no full copy`, { timeout: 1_800_000 }, async () => {
+  await roleSoak('faultsoak', Math.ceil(roleSoakRounds / 2), { flipProbability: 0.02, cleanBytes: 512, dropProbability: 0.005, stallProbability: 0.01, stallMs: 200 });
+});
+
+/**
+ * Rounds of failover (--sync, or a disaster), resync and failback with a SIGKILL of
+ * a random site at a random moment of each; with `faults`, every connection between
+ * the sites (both ways) goes through a fault proxy with that plan.
+ */
+async function roleSoak(name: string, rounds: number, faults?: FaultPlan): Promise<void> {
+  const [a, b] = await sites(name);
+  const proxies: FaultProxy[] = [];
   let seed = Number(process.env.FERRY_SOAK_SEED ?? Date.now() % 100_000);
   const random = (): number => {
     seed = (seed * 1103515245 + 12345) % 2147483648;
@@ -1360,8 +1374,16 @@ test(`SIGKILL of either site at random moments of failover --sync, resync and fa
   try {
     const size = 32 * MiB;
     const image = Buffer.alloc(size);
-    await startPair(a, b, size, image);
-    for (let round = 0; round < roleSoakRounds; round++) {
+    if (faults) {
+      // B reaches A at A's advertised address, A reaches B where the pair was started to.
+      proxies.push(new FaultProxy(a.host, a.port, seed), new FaultProxy(b.host, b.port, seed + 1));
+      await Promise.all(proxies.map((p) => p.start()));
+      a.advertise = proxies[0]?.url;
+      await a.restart();
+    }
+    await startPair(a, b, size, image, proxies[1]?.url ?? b.url);
+    for (const p of proxies) p.plan = faults ?? noFaults;
+    for (let round = 0; round < rounds; round++) {
       steps.push(`round ${round} (seed ${seed})`);
       await writeApi(a, image, 20);
       if (round % 2 === 0) {
@@ -1404,7 +1426,9 @@ test(`SIGKILL of either site at random moments of failover --sync, resync and fa
       await waitInSync(a, b, 'db');
       assert.equal(await b.digest('db'), sha(image));
     }
+    if (faults) assert.ok(proxies.reduce((n, p) => n + p.flips + p.drops, 0) > 0, 'the links were faulty');
   } finally {
+    await Promise.all(proxies.map((p) => p.close()));
     await Promise.all([a.destroy(), b.destroy()]);
   }
-});
+}
