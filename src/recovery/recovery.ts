@@ -266,7 +266,7 @@ export class Recovery {
     if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is already in progress`);
     this.busy.add(volume);
     // Until the pair is switched, a failure leaves this site the target: a target closed
-    // for the switch is opened again (unless a catch-up's image was already restored).
+    // for the switch is opened again (after a catch-up's restore began, to redo the catch-up).
     let targetClosed = false;
     let imageRestored = false;
     let switched = false;
@@ -325,7 +325,13 @@ export class Recovery {
       if (protectiveSnapshot) {
         // Rule 8: a catch-up was half applied; the volume goes back to the consistent
         // image kept for it. The delta sets after the catch-up cannot be used without it.
+        // The restore undoes blocks the catch-up wrote: should it stop part way (a crash,
+        // an error), the replica opened again must redo the catch-up whole, not carry on
+        // from its cursor over blocks put back. The record says so first.
+        pair.initialCopy = { ...pair.initialCopy, cursorBlock: 0, bytes: 0 };
+        this.m.catalog.putPair(pair);
         imageRestored = true;
+        this.log.info({ volume, snapshot: protectiveSnapshot }, 'failover during a catch-up: putting back the image kept before it');
         const restored = await snapshots.restore(volume, protectiveSnapshot);
         skipped = target.unplayedDeltaSets();
         await snapshots.delete(volume, protectiveSnapshot);
@@ -386,9 +392,11 @@ export class Recovery {
       this.log.warn({ volume, generation: next, restartPoint, skipped, mode, sourceFenced }, 'failover: this site is now the source');
       return { volume, generation: next, restartPoint, restartSnapshot, skippedDeltaSets: skipped, ...(mode !== 'sync' ? { sourceAhead } : {}), sourceFenced, tookMs };
     } catch (err) {
-      if (targetClosed && !imageRestored && !switched) {
+      if (targetClosed && !switched) {
+        // Opened from its record: after a restore that began, at the kept image, the catch-up to be redone.
         await this.reopenTarget(volume).catch((e: Error) => this.log.error({ volume, err: e.message }, 'failover failed and the replica could not be opened again; restart the site'));
-        throw new FerryError(err instanceof FerryError ? err.code : 'UNAVAILABLE', `failover of ${volume} stopped; this site is still the target, nothing was changed: ${(err as Error).message}`);
+        const changed = imageRestored ? 'the catch-up copy it was applying starts over' : 'nothing was changed';
+        throw new FerryError(err instanceof FerryError ? err.code : 'UNAVAILABLE', `failover of ${volume} stopped; this site is still the target, ${changed}: ${(err as Error).message}`);
       }
       throw err;
     } finally {
