@@ -420,6 +420,14 @@ export class Recovery {
    * tracking and save volume stay as they are: the resync reads them.
    */
   async fenceSelf(volume: string, by: string, reason: string): Promise<void> {
+    const current = this.m.catalog.getPair(volume);
+    if (current?.role === 'source' && current.recovery?.phase === 'failing-back') {
+      // A newer generation there is this failback's hand-over, done where its answer was
+      // lost: the hand-over, asked again, is acknowledged and makes this copy the replica.
+      this.log.info({ volume, by, reason }, 'failback: the other site is at a newer generation; completing the hand-over');
+      this.retryFailback(volume);
+      return;
+    }
     // Hosts are stopped first and the writes in flight finish under tracking: a write
     // made after the other site took over must be on the resync's undo list.
     if (this.m.catalog.getPair(volume)?.role === 'source') await this.m.deps.setAccess(volume, 'read-only');

@@ -550,6 +550,35 @@ test('a failback stuck at its hand-over says why (health error, hosts held read-
   }
 });
 
+test('a failback whose hand-over answer is lost (the other site took over) completes: this site becomes the replica, not a fenced source', async () => {
+  const [a, b] = await sites('fblost');
+  const proxy = new FaultProxy(b.host, b.port, 17);
+  await proxy.start();
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image, proxy.url);
+    // B says it would take over, and takes over; that answer never reaches A, for a while.
+    let replies = 0;
+    proxy.dropReply = (frame) => frame.type === ReplFrame.RecoveryReply && ++replies > 1;
+    const fb = await a.cli(['failback', 'db']);
+    assert.notEqual(fb.code, 0);
+    await waitFor('B to take over', async () => (await pairStatus(b, 'db')).role === 'source', 30_000);
+    // Meanwhile A's replication hears of the newer generation at B.
+    await new Promise((r) => setTimeout(r, 3000));
+    proxy.dropReply = undefined;
+    let last: PairStatus | undefined;
+    await waitFor(() => `A to be the replica (A: ${JSON.stringify([last?.role, last?.recovery?.phase, last?.reason])})`, async () => (last = await pairStatus(a, 'db')).role === 'target', 30_000, 200);
+    await writeApi(b, image, 10);
+    await waitInSync(b, a, 'db');
+    assert.equal(await a.digest('db'), sha(image));
+    assert.equal(await access(a), 'read-only');
+  } finally {
+    await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('SIGKILL of either site while a failover --sync or a failback holds the source\'s hosts: hosts write again (at once if the target died), and the command run again completes', async () => {
   const [a, b] = await sites('held');
   // A's delta sets reach B through a proxy that stalls them, so hosts stay held long enough to kill a site then.
