@@ -542,7 +542,10 @@ export class Recovery {
         answer = await this.requestRuns<ResyncReply>(pair.peerUrl, request, (r) => r.undoBlocks);
       } catch (err) {
         await this.abandonIntermediatePoint(pair, await prepared);
-        throw err;
+        const message = (err as Error).message;
+        if (message.startsWith('other site: ') || !isFerryError(err, 'UNAVAILABLE')) throw err;
+        // No answer: the old source may have acted on the request all the same.
+        throw new FerryError('UNAVAILABLE', `resync of ${volume}: no answer from ${pair.peerSiteName} (${message}); it may have started its part (its status then says it is being rebuilt): run "ferry resync ${volume}" again`);
       }
       const { reply, runs } = answer;
       const dir = await this.pairDir(volume);

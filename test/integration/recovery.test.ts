@@ -579,6 +579,44 @@ test('a failback whose hand-over answer is lost (the other site took over) compl
   }
 });
 
+test('a resync whose answer from the old source is lost: the old source waits as a raw target, both sites say so, and the resync run again completes with no full copy', async () => {
+  const [a, b] = await sites('rslost');
+  // B reaches A through a proxy that can lose A's answers.
+  const proxy = new FaultProxy(a.host, a.port, 19);
+  await proxy.start();
+  try {
+    a.advertise = proxy.url;
+    await a.restart();
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    await writeApi(a, image, 5);
+    await waitInSync(a, b, 'db');
+    const fo = await b.cli(['failover', 'db']);
+    assert.equal(fo.code, 0, fo.stderr);
+    await waitFor('A fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+    await writeApi(b, image, 10);
+    proxy.dropReply = (frame) => frame.type === ReplFrame.RecoveryReply;
+    const rs = await b.cli(['resync', 'db']);
+    assert.notEqual(rs.code, 0);
+    proxy.dropReply = undefined;
+    assert.match(rs.stderr, /no answer from rslost-a .*it may have started its part .*run "ferry resync db" again/);
+    // A acted on it: a raw target being rebuilt. B took over and waits for the resync.
+    const [sa, sb] = [await pairStatus(a, 'db'), await pairStatus(b, 'db')];
+    assert.deepEqual([sa.role, sa.recovery?.phase, await access(a)], ['target', 'resync-target', 'raw']);
+    assert.match(sa.reason, /being rebuilt from rslost-b/);
+    assert.deepEqual([sb.role, sb.recovery?.phase, await access(b)], ['source', 'failed-over', 'read-write']);
+    const again = await b.cli(['resync', 'db']);
+    assert.equal(again.code, 0, again.stderr);
+    const done = await waitResynced(b, a);
+    assert.equal(done.recovery?.fullCopy, false);
+    assert.equal(await a.digest('db'), sha(image));
+  } finally {
+    await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('SIGKILL of either site while a failover --sync or a failback holds the source\'s hosts: hosts write again (at once if the target died), and the command run again completes', async () => {
   const [a, b] = await sites('held');
   // A's delta sets reach B through a proxy that stalls them, so hosts stay held long enough to kill a site then.
