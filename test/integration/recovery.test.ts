@@ -39,6 +39,13 @@ async function writeApi(site: TestSite, image: Buffer, n: number, touched?: Set<
   }
 }
 
+/** `n` writes at `source` reach `target`: in sync, and its digest is `image` (the writes applied to it). */
+async function writesReplicate(source: TestSite, target: TestSite, image: Buffer, n: number): Promise<void> {
+  await writeApi(source, image, n);
+  await waitInSync(source, target, 'db');
+  assert.equal(await target.digest('db'), sha(image));
+}
+
 /** Writes through NBD with qemu-io (patterned blocks), applied to `image` too. */
 async function writeNbd(site: TestSite, image: Buffer, n: number, touched?: Set<number>): Promise<void> {
   const cmds: string[] = [];
@@ -242,9 +249,7 @@ test('failover --sync loses nothing; --now skips the received delta sets; failba
     assert.equal(fb.code, 0, fb.stderr);
     assert.equal((await pairStatus(b, 'db')).role, 'source');
     assert.equal(await b.digest('db'), sha(image));
-    await writeApi(b, image, 10);
-    await waitInSync(b, a, 'db');
-    assert.equal(await a.digest('db'), sha(image));
+    await writesReplicate(b, a, image, 10);
     assert.equal((await b.cli(['failback', 'db'])).code, 0);
     assert.equal((await pairStatus(a, 'db')).role, 'source');
     assert.equal((await pairStatus(a, 'db')).generation, 3);
@@ -455,9 +460,7 @@ test('a resize the source\'s disk refused finishes when run again; one left unfi
     assert.equal(await a.digest('db'), sha(grown));
     assert.ok(a.logs.some((l) => l.msg === 'the volume grew at the other site and not here: grown to match before the resync'));
     assert.equal((await b.cli(['failback', 'db'])).code, 0);
-    await writeApi(a, grown, 10);
-    await waitInSync(a, b, 'db');
-    assert.equal(await b.digest('db'), sha(grown));
+    await writesReplicate(a, b, grown, 10);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
@@ -541,9 +544,7 @@ test('a failback stuck at its hand-over says why (health error, hosts held read-
     assert.equal((await pairStatus(a, 'db')).reason, '');
     assert.equal((await b.api<{ access: string }>('GET', '/api/v1/volumes/db')).body.access, 'read-write');
     assert.equal(await b.digest('db'), sha(image));
-    await writeApi(b, image, 10);
-    await waitInSync(b, a, 'db');
-    assert.equal(await a.digest('db'), sha(image));
+    await writesReplicate(b, a, image, 10);
   } finally {
     await proxy.close();
     await Promise.all([a.destroy(), b.destroy()]);
@@ -569,9 +570,7 @@ test('a failback whose hand-over answer is lost (the other site took over) compl
     proxy.dropReply = undefined;
     let last: PairStatus | undefined;
     await waitFor(() => `A to be the replica (A: ${JSON.stringify([last?.role, last?.recovery?.phase, last?.reason])})`, async () => (last = await pairStatus(a, 'db')).role === 'target', 30_000, 200);
-    await writeApi(b, image, 10);
-    await waitInSync(b, a, 'db');
-    assert.equal(await a.digest('db'), sha(image));
+    await writesReplicate(b, a, image, 10);
     assert.equal(await access(a), 'read-only');
   } finally {
     await proxy.close();
@@ -686,9 +685,7 @@ test('SIGKILL of either site while a failover --sync or a failback holds the sou
     assert.equal(fb.code, 0, fb.stderr);
     assert.equal((await pairStatus(b, 'db')).role, 'source');
     assert.equal(await b.digest('db'), sha(image));
-    await writeApi(b, image, 5);
-    await waitInSync(b, a, 'db');
-    assert.equal(await a.digest('db'), sha(image));
+    await writesReplicate(b, a, image, 5);
   } finally {
     await proxy.close();
     await Promise.all([a.destroy(), b.destroy()]);
@@ -872,9 +869,7 @@ test('a failover that cannot keep its restart point (the volume has the most sna
     // Nothing changed: A is the writable source and replicates to B as before.
     assert.equal((await pairStatus(a, 'db')).recovery?.phase, undefined);
     assert.equal((await pairStatus(b, 'db')).role, 'target');
-    await writeApi(a, image, 10);
-    await waitInSync(a, b, 'db');
-    assert.equal(await b.digest('db'), sha(image));
+    await writesReplicate(a, b, image, 10);
     assert.equal((await b.cli(['snapshot', 'delete', 'db', 'backup-0'])).code, 0);
     const again = await b.cli(['failover', 'db', '--json']);
     assert.equal(again.code, 0, again.stderr);
@@ -1046,9 +1041,7 @@ test('SIGKILL of either site during resync and during failback: it resumes, corr
     }, 60_000, 500);
     assert.equal((await pairStatus(b, 'db')).role, 'target');
     assert.equal(await a.digest('db'), sha(bImage));
-    await writeApi(a, bImage, 10);
-    await waitInSync(a, b, 'db');
-    assert.equal(await b.digest('db'), sha(bImage));
+    await writesReplicate(a, b, bImage, 10);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
@@ -1176,15 +1169,11 @@ test('resync --reverse at the old source keeps its data: the site that took over
     assert.deepEqual(accessAtB.slice(-3), ['read-only', 'raw', 'read-only']);
 
     // An ordinary pair again: writes replicate, and a planned switchover works.
-    await writeApi(a, aImage, 10);
-    await waitInSync(a, b, 'db');
-    assert.equal(await b.digest('db'), sha(aImage));
+    await writesReplicate(a, b, aImage, 10);
     const fb = await a.cli(['failback', 'db']);
     assert.equal(fb.code, 0, fb.stderr);
     assert.equal((await pairStatus(b, 'db')).role, 'source');
-    await writeApi(b, aImage, 10);
-    await waitInSync(b, a, 'db');
-    assert.equal(await a.digest('db'), sha(aImage));
+    await writesReplicate(b, a, aImage, 10);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
@@ -1266,9 +1255,7 @@ test('resync --reverse whose answer is lost, then SIGKILL of either site during 
     assert.equal(await a.digest('db'), sha(aImage));
     assert.equal(await b.digest('db'), sha(aImage));
     assert.equal(await snapshotDigest(b, 'ferry-discarded-g3'), sha(bImage));
-    await writeApi(a, aImage, 10);
-    await waitInSync(a, b, 'db');
-    assert.equal(await b.digest('db'), sha(aImage));
+    await writesReplicate(a, b, aImage, 10);
   } finally {
     await proxy.close();
     await Promise.all([a.destroy(), b.destroy()]);
@@ -1489,9 +1476,7 @@ async function roleSoak(name: string, rounds: number, faults?: FaultPlan): Promi
       await waitFor('A writable', () => writable(a), 30_000);
       assert.equal(await access(b), 'read-only');
       assert.equal(await a.digest('db'), sha(image), `the failback lost a write (steps: ${steps.join('; ')})`);
-      await writeApi(a, image, 10);
-      await waitInSync(a, b, 'db');
-      assert.equal(await b.digest('db'), sha(image));
+      await writesReplicate(a, b, image, 10);
     }
     if (faults) assert.ok(proxies.reduce((n, p) => n + p.flips + p.drops, 0) > 0, 'the links were faulty');
   } finally {
