@@ -21,7 +21,7 @@ export enum ReplFrame {
   Control = 20,
   ControlOk = 21,
   Heartbeat = 22,
-  /** Disaster recovery between the two sites of a pair (fence, resync, takeover). */
+  /** Disaster recovery between the two sites of a pair (fence, resync, reverse, takeover, standing). */
   RecoveryRequest = 23,
   RecoveryReply = 24,
   /** Binary continuation of a RecoveryReply (runs of blocks: u64 first, u32 count, u32 0). */
