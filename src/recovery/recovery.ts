@@ -2,6 +2,7 @@ import { rm, stat, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { RateMeter } from '../lib/rate.js';
+import { Waker } from '../lib/clock.js';
 import { FerryError, isFerryError, type ErrorCode } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
@@ -13,7 +14,6 @@ import { extentBytesDefault } from '../tracking/change-log.js';
 import type { PeerIdentity, RcpConnection } from '../transport/connection.js';
 import { FrameType, type Frame } from '../transport/frame.js';
 import { reachableUrl } from '../transport/peer-url.js';
-import { Waker } from '../lib/clock.js';
 import { chunkBytesMax, decodeChunk } from '../replication/chunk.js';
 import { CopyRunner } from '../replication/copy.js';
 import { Inbox } from '../replication/inbox.js';
@@ -430,7 +430,7 @@ export class Recovery {
     }
     // Hosts are stopped first and the writes in flight finish under tracking: a write
     // made after the other site took over must be on the resync's undo list.
-    if (this.m.catalog.getPair(volume)?.role === 'source') await this.m.deps.setAccess(volume, 'read-only');
+    if (current?.role === 'source') await this.m.deps.setAccess(volume, 'read-only');
     const source = this.m.sources.get(volume);
     this.m.sources.delete(volume);
     if (source) {

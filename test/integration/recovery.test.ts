@@ -39,6 +39,20 @@ async function writeApi(site: TestSite, image: Buffer, n: number, touched?: Set<
   }
 }
 
+/** A fault proxy in front of `site`, which advertises it (restarted to do so): the other site reaches it only through the proxy. */
+async function advertisedProxy(site: TestSite, seed: number): Promise<FaultProxy> {
+  const proxy = new FaultProxy(site.host, site.port, seed);
+  await proxy.start();
+  try {
+    site.advertise = proxy.url;
+    await site.restart();
+  } catch (err) {
+    await proxy.close();
+    throw err;
+  }
+  return proxy;
+}
+
 /** `n` writes at `source` reach `target`: in sync, and its digest is `image` (the writes applied to it). */
 async function writesReplicate(source: TestSite, target: TestSite, image: Buffer, n: number): Promise<void> {
   await writeApi(source, image, n);
@@ -581,11 +595,8 @@ test('a failback whose hand-over answer is lost (the other site took over) compl
 test('a resync whose answer from the old source is lost: the old source waits as a raw target, both sites say so, and the resync run again completes with no full copy', async () => {
   const [a, b] = await sites('rslost');
   // B reaches A through a proxy that can lose A's answers.
-  const proxy = new FaultProxy(a.host, a.port, 19);
-  await proxy.start();
+  const proxy = await advertisedProxy(a, 19);
   try {
-    a.advertise = proxy.url;
-    await a.restart();
     const size = 16 * MiB;
     const image = Buffer.alloc(size);
     await startPair(a, b, size, image);
@@ -695,11 +706,8 @@ test('SIGKILL of either site while a failover --sync or a failback holds the sou
 test('a failover --sync that stops after fencing the source (its answer lost): the source takes writes again by itself; run again, the failover completes and the source stays fenced', async () => {
   const [a, b] = await sites('unfence');
   // B reaches A through a proxy that can lose A's answers.
-  const proxy = new FaultProxy(a.host, a.port, 11);
-  await proxy.start();
+  const proxy = await advertisedProxy(a, 11);
   try {
-    a.advertise = proxy.url;
-    await a.restart();
     const size = 16 * MiB;
     const image = Buffer.alloc(size);
     await startPair(a, b, size, image);
@@ -940,11 +948,8 @@ test('resync falls back to a full copy, with a warning and a status flag, when t
 test('the old source moves during a full-copy resync: set-peer at the new source, and the copy carries on at the new address', async () => {
   const [a, b] = await sites('fbmove');
   // A is reached through a proxy at first (it advertises the proxy's URL): its "old address".
-  const proxy = new FaultProxy(a.host, a.port, 11);
-  await proxy.start();
+  const proxy = await advertisedProxy(a, 11);
   try {
-    a.advertise = proxy.url;
-    await a.restart();
     const size = 32 * MiB;
     const image = Buffer.alloc(size);
     await startPair(a, b, size, image);
@@ -1430,10 +1435,10 @@ async function roleSoak(name: string, rounds: number, faults?: FaultPlan): Promi
     const image = Buffer.alloc(size);
     if (faults) {
       // B reaches A at A's advertised address, A reaches B where the pair was started to.
-      proxies.push(new FaultProxy(a.host, a.port, seed), new FaultProxy(b.host, b.port, seed + 1));
-      await Promise.all(proxies.map((p) => p.start()));
-      a.advertise = proxies[0]?.url;
-      await a.restart();
+      proxies.push(await advertisedProxy(a, seed));
+      const toB = new FaultProxy(b.host, b.port, seed + 1);
+      proxies.push(toB);
+      await toB.start();
     }
     await startPair(a, b, size, image, proxies[1]?.url ?? b.url);
     for (const p of proxies) p.plan = faults ?? noFaults;
