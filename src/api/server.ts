@@ -1,7 +1,7 @@
 import { createServer } from 'node:http';
 import { PassThrough } from 'node:stream';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply } from 'fastify';
-import { FerryError } from '../lib/errors.js';
+import { FerryError, isNoSpace } from '../lib/errors.js';
 import { Sha256InWorker } from '../lib/sha256.js';
 import { parseDuration, parseSize } from '../lib/units.js';
 import { highWaterBytesDefault, intervalMsDefault, saveVolumeBytesDefault } from '../replication/manager.js';
@@ -58,6 +58,10 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
       return reply.status(fe.statusCode).send({ error: { code: 'BAD_REQUEST', message: fe.message } });
     }
     site.log.error({ err }, 'request failed');
+    if (isNoSpace(err)) {
+      // Not a fault of the request or of ferry: the site's storage wants space freed.
+      return reply.status(507).send({ error: { code: 'NO_SPACE', message: `no space for this write at this site (free space on its file system, then try again): ${err.message}` } });
+    }
     return reply.status(500).send({ error: { code: 'INTERNAL', message: err.message } });
   });
 

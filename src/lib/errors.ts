@@ -33,6 +33,8 @@ export type ErrorCode =
   | 'EXPORT_NOT_FOUND'
   | 'EXPORT_REFUSED'
   | 'CHECKSUM_MISMATCH'
+  /** The site's file system is full (or a quota or file size limit was reached). */
+  | 'NO_SPACE'
   | 'UNAVAILABLE'
   /** `ferry status -x`: pairs need attention (the CLI's exit status; never an API answer). */
   | 'UNHEALTHY'
@@ -69,6 +71,7 @@ const httpStatusByCode: Record<ErrorCode, number> = {
   EXPORT_NOT_FOUND: 404,
   EXPORT_REFUSED: 409,
   CHECKSUM_MISMATCH: 400,
+  NO_SPACE: 507,
   UNAVAILABLE: 503,
   UNHEALTHY: 503,
   STALE_GENERATION: 409,
@@ -97,6 +100,16 @@ export class FerryError extends Error {
 
 export function isFerryError(err: unknown, code?: ErrorCode): err is FerryError {
   return err instanceof FerryError && (code === undefined || err.code === code);
+}
+
+/**
+ * A write refused for want of space: the file system is full, a quota is reached, or
+ * the process's file size limit is. Such a failure ends once space is freed; nothing
+ * about the files themselves is wrong.
+ */
+export function isNoSpace(err: unknown): boolean {
+  const code = (err as { code?: unknown } | undefined)?.code;
+  return code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG';
 }
 
 /** Invariant violated: the site stops rather than spread bad data. */

@@ -1,4 +1,4 @@
-import { FerryError, isFerryError } from '../lib/errors.js';
+import { FerryError, isFerryError, isNoSpace } from '../lib/errors.js';
 import { nbdErrno, type NbdErrno } from './protocol.js';
 
 /** Where an export's bytes live; the volume layer's extents, block granularity. */
@@ -81,13 +81,14 @@ export function errnoOf(err: unknown, isWrite: boolean): NbdErrno {
         return nbdErrno.EPERM;
       case 'UNAVAILABLE':
         return nbdErrno.ESHUTDOWN;
+      case 'NO_SPACE':
+        return nbdErrno.ENOSPC;
       default:
         return nbdErrno.EIO;
     }
   }
-  const code = (err as { code?: unknown } | undefined)?.code;
-  if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG') return nbdErrno.ENOSPC;
-  if (code === 'ENOMEM') return nbdErrno.ENOMEM;
+  if (isNoSpace(err)) return nbdErrno.ENOSPC;
+  if ((err as { code?: unknown } | undefined)?.code === 'ENOMEM') return nbdErrno.ENOMEM;
   return nbdErrno.EIO;
 }
 

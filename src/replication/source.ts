@@ -479,6 +479,8 @@ export class SourceReplicator {
     // The copy's bitmap is durable: the change log may forget these blocks.
     await changeLog.handOff();
     this.stats.saveVolumeFull = false;
+    // The backlog is on its way: a delta set that could not be cut before is no longer news.
+    this.stats.failing = '';
     this.apply({ type: 'catch-up' });
     this.buildingBlocks = 0;
     this.loops.push(this.copyLoop());

@@ -1,7 +1,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { crc32c } from '../lib/checksum.js';
 import { writeAllv } from '../lib/byte-parts.js';
-import { FerryError, assert } from '../lib/errors.js';
+import { FerryError, assert, isNoSpace } from '../lib/errors.js';
 
 /**
  * The save volume of one snapshot (E FIG. 24–26): an append-only file of before-images,
@@ -242,14 +242,30 @@ export class SaveVolume {
           blocks.forEach((block, k) => this.onCommit(start + k, block));
           for (const w of group) w.resolve();
         } catch (err) {
-          // The file's tail is unknown now: refuse further appends (the volume's
-          // writes fail) rather than risk a record that is not durable.
-          this.failure ??= err instanceof Error ? err : new Error(String(err));
           for (const w of group) w.reject(err);
+          // The group's writes wait for these records and fail with them. A group refused
+          // for want of space is cut off the file (made durable, as `open` does with a
+          // torn group), so appends work again once space is freed. Any other failure
+          // leaves the tail unknown: further appends are refused (the volume's writes to
+          // unsaved blocks fail) rather than risk a record that is not durable.
+          if (!this.failure && !(isNoSpace(err) && (await this.cutTail()))) {
+            this.failure = err instanceof Error ? err : new Error(String(err));
+          }
         }
       }
     } finally {
       this.pumping = false;
+    }
+  }
+
+  /** Cuts the file back to its durable records; false if that failed too. */
+  private async cutTail(): Promise<boolean> {
+    try {
+      await this.fh.truncate(this.sizeBytes);
+      await this.fh.datasync();
+      return true;
+    } catch {
+      return false;
     }
   }
 }

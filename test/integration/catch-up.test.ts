@@ -1,8 +1,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { TestSite } from '../helpers/site.js';
 import { FaultProxy } from '../helpers/fault-proxy.js';
 import { ReplFrame } from '../../src/replication/protocol.js';
@@ -10,6 +12,7 @@ import type { Frame } from '../../src/transport/frame.js';
 import { VolumeModel, pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
+const execFileP = promisify(execFile);
 /**
  * Slows the pair's copy connection to 512 KiB/s, whatever the size of the reads the
  * machine delivers, while delta sets go at full speed: a catch-up of tens of MiB lasts
@@ -229,6 +232,49 @@ test('SIGKILL of the target while a failover restores the image a catch-up kept:
     assert.equal(await b.digest('v'), model.digest(), 'the replica equals its source once the catch-up is done');
   } finally {
     await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a full disk at the target during a catch-up: both sites say why, readers keep the protected image, and the catch-up completes once space is freed', async () => {
+  const [a, b] = await sites('catchfull');
+  try {
+    const model = new VolumeModel(32 * MiB);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: model.bytes.length });
+    await write(a, model, 0, 24 * MiB);
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '60s', '--high-water', '1G', '--save-volume', '16M', '--target-save-volume', '16M', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    const boundary = model.digest();
+    assert.equal((await a.cli(['replicate', 'pause', 'v'])).code, 0);
+    await write(a, model, 0, 24 * MiB);
+    const cut = await a.cli(['replicate', 'delta', 'v']);
+    assert.match(cut.stdout, /it goes to the other site as a catch-up copy/);
+    // B's files may not grow past 17 MiB now (EFBIG, as on a full disk): the protective
+    // snapshot's save volume, a before-image and a header for each block the catch-up
+    // rewrites, runs out of room before the 24 MiB are copied.
+    const pid = String(b.proc?.pid);
+    await execFileP('prlimit', ['--pid', pid, `--fsize=${17 * MiB}:unlimited`]);
+    try {
+      assert.equal((await a.cli(['replicate', 'resume', 'v'])).code, 0);
+      const refused = /could not be written .*EFBIG/;
+      await waitFor('both sites to say the catch-up is not moving and why', async () => {
+        const [s, t] = await Promise.all([pairStatus(a, 'v'), pairStatus(b, 'v')]);
+        return /the copy is not moving/.test(s.reason) && refused.test(s.reason) && refused.test(t.reason) && t.health === 'error';
+      }, 60_000, 200);
+      assert.equal(await b.digest('v'), boundary, 'readers get the image kept before the catch-up');
+    } finally {
+      await execFileP('prlimit', ['--pid', pid, '--fsize=unlimited:unlimited']);
+    }
+    // Space is freed: the catch-up carries on in the same daemons.
+    await waitInSync(a, b, 'v', 'v', 120_000);
+    assert.equal(await b.digest('v'), model.digest());
+    for (const site of [a, b]) {
+      const s = await pairStatus(site, 'v');
+      assert.equal(s.reason, '', site.name);
+      assert.equal(s.health, 'ok', site.name);
+      assert.deepEqual((await snapshotNames(site)).filter((n) => n.startsWith('ferry-')), [], `${site.name}: the catch-up's snapshot is gone`);
+    }
+  } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }
 });

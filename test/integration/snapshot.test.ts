@@ -228,3 +228,61 @@ test('snapshots are NBD exports VOL@SNAP: listed, read-only, and read back equal
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('a full disk: writes to a volume with a snapshot fail with NO_SPACE over the API and ENOSPC over NBD, change nothing, and work again once space is freed', async () => {
+  const { execFile } = await import('node:child_process');
+  const { promisify } = await import('node:util');
+  const run = promisify(execFile);
+  const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+  const s = await TestSite.create('nospace');
+  try {
+    const size = 4 * mib;
+    await s.api('POST', '/api/v1/volumes', { name: 'v', size });
+    const image = randomBytes(size);
+    await s.writeData('v', 0, image);
+    assert.equal((await s.cli(['snapshot', 'create', 'v', '--name', 'before'])).code, 0);
+    const current = Buffer.from(image);
+    const writeMiB = async (at: number): Promise<Response> => {
+      const data = randomBytes(mib);
+      const res = await fetch(`${s.url}/api/v1/volumes/v/data?offset=${at}`, { method: 'PUT', body: data, headers: { 'content-type': 'application/octet-stream' } });
+      if (res.status === 204) data.copy(current, at);
+      return res;
+    };
+    // No file of the site may grow past the volume's size now (RLIMIT_FSIZE: EFBIG, as on a
+    // full disk). The snapshot keeps a before-image and a header for each block changed:
+    // its save volume runs out of room before the whole volume is rewritten.
+    const pid = String(s.proc?.pid);
+    await run('prlimit', ['--pid', pid, `--fsize=${size}:unlimited`]);
+    let refusedAt = -1;
+    try {
+      for (let at = 0; at < size && refusedAt < 0; at += mib) {
+        const res = await writeMiB(at);
+        if (res.status === 204) continue;
+        refusedAt = at;
+        assert.equal(res.status, 507);
+        const body = (await res.json()) as { error: { code: string; message: string } };
+        assert.equal(body.error.code, 'NO_SPACE');
+        assert.match(body.error.message, /free space on its file system, then try again.*EFBIG/);
+      }
+      assert.ok(refusedAt > 0, 'some writes fit, then one was refused');
+      // The same range through NBD: the host gets ENOSPC.
+      const nbd = await run('qemu-io', ['-f', 'raw', '-c', `write -P 7 ${refusedAt} 1M`, `nbd://127.0.0.1:${s.nbdPort}/v`]).then((r) => r.stdout + r.stderr, (e: { stdout?: string; stderr?: string }) => `${e.stdout ?? ''}${e.stderr ?? ''}`);
+      assert.match(nbd, /No space left on device/);
+      // Nothing of the refused writes reached the volume; the snapshot is as it was taken.
+      assert.equal(await s.digest('v'), sha(current));
+      assert.equal((await snapDigest(s, 'v', 'before')).sha256, sha(image));
+    } finally {
+      await run('prlimit', ['--pid', pid, '--fsize=unlimited:unlimited']);
+    }
+    // Space is freed: the same writes go through, with no restart.
+    for (let at = refusedAt; at < size; at += mib) assert.equal((await writeMiB(at)).status, 204);
+    assert.equal(await s.digest('v'), sha(current));
+    assert.equal((await snapDigest(s, 'v', 'before')).sha256, sha(image));
+    // And after a restart, which reads the snapshot's files again.
+    await s.restart();
+    assert.equal(await s.digest('v'), sha(current));
+    assert.equal((await snapDigest(s, 'v', 'before')).sha256, sha(image));
+  } finally {
+    await s.destroy();
+  }
+});

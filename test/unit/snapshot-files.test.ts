@@ -1,11 +1,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, mkdir, open, readdir, rm, stat, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { pino } from 'pino';
-import { isFerryError } from '../../src/lib/errors.js';
+import { isFerryError, isNoSpace } from '../../src/lib/errors.js';
 import { PagedBitmap } from '../../src/lib/paged-bitmap.js';
 import { Catalog } from '../../src/storage/catalog.js';
 import { VolumeStore } from '../../src/storage/volume-store.js';
@@ -13,6 +15,7 @@ import { SnapshotManager, parseExportName } from '../../src/snapshot/manager.js'
 import { SaveVolume } from '../../src/snapshot/save-volume.js';
 import { HolderIndex, blocksNeedingBeforeImage, blocksToMoveOnDelete, deltaCandidates, snapshotsToUnload } from '../../src/snapshot/maps.js';
 
+const execFileP = promisify(execFile);
 const log = pino({ level: 'silent' });
 const baseDir = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
 const bb = 4096;
@@ -105,6 +108,40 @@ test('only a prefix of the queue older than the oldest recent read leaves memory
   assert.deepEqual(snapshotsToUnload(q([990, 0, 0, 0]), 1000, 100), []);
   assert.deepEqual(snapshotsToUnload([{ seq: 5, loaded: true, lastReadAtMs: 0 }], 1000, 100), []);
   assert.deepEqual(snapshotsToUnload([], 1000, 100), []);
+});
+
+test('save volume: a group refused for want of space is cut off the file and appends work once space is freed', async () => {
+  await withDir(async (dir) => {
+    const path = join(dir, 'x.save');
+    const id = '00000000-0000-4000-8000-000000000001';
+    const recordBytes = 32 + bb;
+    const sv = await SaveVolume.create(path, id, bb);
+    const committed: number[] = [];
+    sv.onCommit = (_i, block) => committed.push(block);
+    await sv.append([{ block: 1, data: Buffer.alloc(bb, 1) }, { block: 2, data: Buffer.alloc(bb, 2) }]);
+    // This process may not write past three records' worth (RLIMIT_FSIZE: EFBIG, as on a
+    // full disk): the next group of two is written in part, then refused.
+    await execFileP('prlimit', ['--pid', String(process.pid), `--fsize=${4096 + 3 * recordBytes + 100}:unlimited`]);
+    try {
+      await assert.rejects(sv.append([{ block: 5, data: Buffer.alloc(bb, 5) }, { block: 6, data: Buffer.alloc(bb, 6) }]), (err) => isNoSpace(err));
+    } finally {
+      await execFileP('prlimit', ['--pid', String(process.pid), '--fsize=unlimited:unlimited']);
+    }
+    assert.equal(sv.recordCount, 2);
+    assert.deepEqual(committed, [1, 2]);
+    assert.equal((await stat(path)).size, 4096 + 2 * recordBytes, 'the refused group is cut off');
+    // Space is back: the next append is written where the refused group was.
+    await sv.append([{ block: 6, data: Buffer.alloc(bb, 6) }]);
+    assert.deepEqual(committed, [1, 2, 6]);
+    await sv.close();
+    const seen: number[] = [];
+    const reopened = await SaveVolume.open(path, id, bb, 0, (_i, block) => seen.push(block));
+    assert.deepEqual(seen, [1, 2, 6]);
+    const out = Buffer.alloc(bb);
+    await reopened.readRecord(2, 6, out);
+    assert.ok(out.every((x) => x === 6));
+    await reopened.close();
+  });
 });
 
 test('save volume: a torn last group is dropped, a damaged durable record is refused', async () => {

@@ -79,3 +79,50 @@ test('while a catch-up copy is being recorded its blocks still count: a cut on d
     await env.close();
   }
 });
+
+test('a delta set that could not be cut is no longer reported once its blocks go as a catch-up copy', async () => {
+  const env = await openPairEnv({ role: 'source', blockBytes: bb, blocks, copyDone: true, pair: { intervalMs: 3_600_000, highWaterBytes: 1 << 30, saveVolumeBytes: 2 * 1024 * 1024 } });
+  const { dir, volume, replication, pair, journal } = env;
+  const bitmap = await BitmapFile.create(join(dir, 'dirty.bitmap'), blocks);
+  const { log: al } = await ActivityLog.open(await FileActivityLogStore.open(join(dir, 'activity.log'), 64));
+  const changeLog = new ChangeLog(bb, bitmap, al, () => volume.flush());
+  // The save volume's file refuses the first delta set, as a full disk would.
+  const write = journal.write.bind(journal);
+  let refusals = 1;
+  journal.write = (...args: Parameters<typeof write>) => {
+    if (refusals-- > 0) return Promise.reject(Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' }));
+    return write(...args);
+  };
+  const source = new SourceReplicator({
+    volume,
+    pair,
+    catalog: replication,
+    changeLog,
+    journal,
+    clock: systemClock,
+    log: env.log,
+    copyPlan: () => Promise.reject(new FerryError('UNAVAILABLE', 'no copy in this test')),
+    copied: async () => undefined,
+    catchUp: async (p: PairRecord, backlog: PagedBitmap) => {
+      p.initialCopy = { ...p.initialCopy, cursorBlock: 0, stampedDeltaSet: p.deltaSetCreated, plannedBlocks: backlog.count, copiedBlocks: 0, catchUp: true, copyId: 2 };
+      delete p.initialCopy.doneAt;
+      replication.putPair(p);
+    },
+    fenced: () => undefined,
+    openSession: () => Promise.reject(new FerryError('UNAVAILABLE', 'the target is away in this test')),
+  });
+  try {
+    source.start();
+    await volume.write(0, randomBytes(16 * bb));
+    await assert.rejects(source.cutNow(), /a delta set could not be created .*ENOSPC/);
+    assert.match(source.stats.failing, /ENOSPC/);
+    // More writes: the backlog (the whole 4 MiB volume) outgrows the 2 MiB save volume and goes as a copy.
+    await volume.write(0, randomBytes(blocks * bb));
+    assert.equal(await source.cutNow(), 0);
+    assert.equal(pair.initialCopy.catchUp, true);
+    assert.equal(source.stats.failing, '', 'the failed cut is not reported any more');
+  } finally {
+    await source.close();
+    await env.close();
+  }
+});
