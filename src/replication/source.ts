@@ -339,20 +339,27 @@ export class SourceReplicator {
       const modifiedBytes = this.deps.changeLog.current.count * this.deps.volume.blockBytes;
       const reason = this.trigger.due(now, modifiedBytes);
       if (reason && !this.building && this.dirtyBlocks > 0) {
+        const asCopy = this.backlogOutgrowsSaveVolume();
         try {
           await this.cut(reason);
         } catch (err) {
           // Its blocks went back to the change log: they go out with the next one.
-          this.deps.log.error({ err, volume: this.pair.volume }, 'delta set could not be created');
+          const what = asCopy ? 'a catch-up copy could not be started' : 'a delta set could not be created';
+          this.deps.log.error({ err, volume: this.pair.volume }, what);
           this.stats.ioErrors++;
           this.cutFailures++;
-          this.stats.lastError = this.stats.failing = `a delta set could not be created (its blocks stay tracked): ${(err as Error).message}`;
+          this.stats.lastError = this.stats.failing = `${what} (its blocks stay tracked): ${(err as Error).message}`;
         }
       } else if (reason === 'on-demand' && this.dirtyBlocks === 0) {
         this.trigger.rearm(now);
       }
       await this.cutWaker.wait(this.deps.clock, Math.min(cutterPollMs, this.trigger.msUntilDeadline(now) || cutterPollMs));
     }
+  }
+
+  /** Even an empty save volume could not hold the backlog as one delta set. */
+  private backlogOutgrowsSaveVolume(): boolean {
+    return deltaSetSpanBytesMax(this.deps.changeLog.current.count, this.deps.volume.blockBytes) > this.ring.capacityBytes;
   }
 
   private async cut(reason: TriggerReason): Promise<void> {

@@ -80,7 +80,7 @@ test('while a catch-up copy is being recorded its blocks still count: a cut on d
   }
 });
 
-test('a delta set that could not be cut is no longer reported once its blocks go as a catch-up copy', async () => {
+test('a delta set or a catch-up that could not be started is reported until its blocks go as a catch-up copy', async () => {
   const env = await openPairEnv({ role: 'source', blockBytes: bb, blocks, copyDone: true, pair: { intervalMs: 3_600_000, highWaterBytes: 1 << 30, saveVolumeBytes: 2 * 1024 * 1024 } });
   const { dir, volume, replication, pair, journal } = env;
   const bitmap = await BitmapFile.create(join(dir, 'dirty.bitmap'), blocks);
@@ -89,6 +89,7 @@ test('a delta set that could not be cut is no longer reported once its blocks go
   // The save volume's file refuses the first delta set, as a full disk would.
   const write = journal.write.bind(journal);
   let refusals = 1;
+  let catchUpRefusals = 1;
   journal.write = (...args: Parameters<typeof write>) => {
     if (refusals-- > 0) return Promise.reject(Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' }));
     return write(...args);
@@ -104,6 +105,8 @@ test('a delta set that could not be cut is no longer reported once its blocks go
     copyPlan: () => Promise.reject(new FerryError('UNAVAILABLE', 'no copy in this test')),
     copied: async () => undefined,
     catchUp: async (p: PairRecord, backlog: PagedBitmap) => {
+      // Its snapshot cannot be taken the first time, for the same reason.
+      if (catchUpRefusals-- > 0) throw Object.assign(new Error('ENOSPC: no space left on device, open'), { code: 'ENOSPC' });
       p.initialCopy = { ...p.initialCopy, cursorBlock: 0, stampedDeltaSet: p.deltaSetCreated, plannedBlocks: backlog.count, copiedBlocks: 0, catchUp: true, copyId: 2 };
       delete p.initialCopy.doneAt;
       replication.putPair(p);
@@ -118,6 +121,8 @@ test('a delta set that could not be cut is no longer reported once its blocks go
     assert.match(source.stats.failing, /ENOSPC/);
     // More writes: the backlog (the whole 4 MiB volume) outgrows the 2 MiB save volume and goes as a copy.
     await volume.write(0, randomBytes(blocks * bb));
+    await assert.rejects(source.cutNow(), /a catch-up copy could not be started \(its blocks stay tracked\): ENOSPC/);
+    assert.equal(source.dirtyBlocks, blocks, 'every block is still tracked');
     assert.equal(await source.cutNow(), 0);
     assert.equal(pair.initialCopy.catchUp, true);
     assert.equal(source.stats.failing, '', 'the failed cut is not reported any more');
