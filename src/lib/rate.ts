@@ -27,7 +27,9 @@ export class RateMeter {
     this.trim();
     const windowBytes = this.window.reduce((s, r) => s + r.bytes, 0);
     const elapsed = this.sinceMs > 0 ? Math.max(1, this.clock.now() - this.sinceMs) : 0;
-    return { current: (windowBytes * 1000) / this.windowMs, average: elapsed > 0 ? (this.total * 1000) / elapsed : 0 };
+    // A transfer younger than the window is measured over its own age (at least a second).
+    const spanMs = Math.min(this.windowMs, Math.max(1000, elapsed));
+    return { current: (windowBytes * 1000) / spanMs, average: elapsed > 0 ? (this.total * 1000) / elapsed : 0 };
   }
 
   private trim(): void {

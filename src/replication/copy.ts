@@ -3,6 +3,7 @@ import { BufferPool } from '../lib/buffer-pool.js';
 import { byteLength } from '../lib/byte-parts.js';
 import { type Clock, Waker } from '../lib/clock.js';
 import { FerryError, isFerryError } from '../lib/errors.js';
+import { RateMeter } from '../lib/rate.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
 import type { PairRecord } from '../storage/replication-catalog.js';
 import { ioBytesMax, type Extent } from '../storage/volume.js';
@@ -138,14 +139,26 @@ export interface CopyStats {
  * Drives one copy to the end over its own connection, reconnecting with backoff and
  * resuming from the target's cursor after any failure or restart of either side.
  */
+/** The span over which a copy's pace (for its ETA) is measured: a stall this long shows as no ETA. */
+export const copyPaceWindowMs = 20_000;
+
 export class CopyRunner {
   readonly stats: CopyStats = { connected: false, retries: 0, rewinds: 0, lastError: '', failing: '' };
+  /** Payload bytes the target acknowledged: the copy's progress, resends not counted. */
+  private readonly acknowledged: RateMeter;
   private closed = false;
   private readonly waker = new Waker();
   private connection: RcpConnection | undefined;
   private lastPersistMs = 0;
 
-  constructor(private readonly deps: CopyRunnerDeps) {}
+  constructor(private readonly deps: CopyRunnerDeps) {
+    this.acknowledged = new RateMeter(deps.clock, copyPaceWindowMs);
+  }
+
+  /** Bytes per second the target has been acknowledging lately (0: none for a while). */
+  get pace(): number {
+    return this.acknowledged.rates().current;
+  }
 
   /** Resolves true once the target has the whole copy, false if closed first. */
   async run(): Promise<boolean> {
@@ -207,6 +220,8 @@ export class CopyRunner {
         copy.copiedBlocks = plan.blocks ? countBelow(plan.blocks, from) : from;
       }
       const window = new CopyWindow(from, plan.blockCount, this.deps.clock.now());
+      // Pieces sent and not yet acknowledged, in order: their bytes count once acknowledged.
+      const unacknowledged: { end: number; bytes: number }[] = [];
       // The first persist comes a period into the session: a short copy (a resync's
       // scattered blocks) does not pay a catalog commit for its first acknowledgement.
       this.lastPersistMs = this.deps.clock.now();
@@ -216,7 +231,7 @@ export class CopyRunner {
           const payload = [copyFramePrefix(plan.copyId, piece.from, piece.end), ...encodeChunkParts({ extents: piece.extents, data: piece.data })];
           connection.send(ReplFrame.CopyData, payload, { generation }, piece.release);
           this.deps.countSent(byteLength(payload));
-          copy.bytes += piece.data.length;
+          unacknowledged.push({ end: piece.end, bytes: piece.data.length });
           window.sent(piece.end, piece.blocks);
         }
         let frame: Frame;
@@ -235,6 +250,14 @@ export class CopyRunner {
         const rewindsBefore = window.rewinds;
         copy.copiedBlocks = (copy.copiedBlocks ?? 0) + window.onAck(json<CopyAckBody>(frame), this.deps.clock.now());
         copy.cursorBlock = window.acked;
+        let ackedBytes = 0;
+        while (unacknowledged.length > 0 && (unacknowledged[0] as { end: number }).end <= window.acked) ackedBytes += (unacknowledged.shift() as { bytes: number }).bytes;
+        if (ackedBytes > 0) {
+          copy.bytes += ackedBytes;
+          this.acknowledged.count(ackedBytes);
+        }
+        // A rewind sends the pieces after the acknowledged point again: they are counted then.
+        if (window.rewinds > rewindsBefore) unacknowledged.length = 0;
         this.stats.rewinds += window.rewinds - rewindsBefore;
         if (this.deps.clock.now() - this.lastPersistMs >= copyPersistMs) {
           this.lastPersistMs = this.deps.clock.now();

@@ -195,6 +195,11 @@ export class SourceReplicator {
     else this.finishCopy();
   }
 
+  /** Bytes per second of the running copy the target has been acknowledging lately. */
+  get copyPace(): number {
+    return this.copier?.pace ?? 0;
+  }
+
   /** Copy progress and connection, while a copy runs. */
   get copyStats(): CopyStats | undefined {
     return this.copier?.stats;

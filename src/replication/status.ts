@@ -108,6 +108,8 @@ export interface LiveFigures {
   /** Target: the source's clock as last heard, advanced by local elapsed time. */
   sourceNowMs: number;
   rates: { current: number; average: number };
+  /** Bytes per second by which a running copy has lately moved (acknowledged, or written here); 0 when stalled. */
+  copyPace: number;
   saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
   connected: boolean;
   retries: number;
@@ -200,7 +202,8 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
       copiedBlocks: copied,
       totalBlocks: total,
       bytes: pair.initialCopy.bytes,
-      etaSeconds: copyDone ? 0 : live.rates.current > 0 ? Math.round(remainingBytes / live.rates.current) : null,
+      // From the copy's own pace, not bytes sent (which counts resends): a stalled copy has no ETA.
+      etaSeconds: copyDone ? 0 : live.copyPace > 0 ? Math.round(remainingBytes / live.copyPace) : null,
       catchUp,
       startedAt: pair.initialCopy.startedAt,
       doneAt: pair.initialCopy.doneAt ?? null,

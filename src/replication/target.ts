@@ -14,7 +14,7 @@ import { FrameType, type Frame } from '../transport/frame.js';
 import { chunkBytesMax, decodeChunk, type Chunk } from './chunk.js';
 import { Inbox } from './inbox.js';
 import { ReceiveLedger, UnreceivedBlocks, judgeCopyDone, judgeCopyPiece, nextToPlay, targetReleasePoint } from './ledger.js';
-import type { PointInTimeImage } from './copy.js';
+import { copyPaceWindowMs, type PointInTimeImage } from './copy.js';
 import {
   ReplFrame,
   decodeChunkFrame,
@@ -176,6 +176,7 @@ export class TargetReplica {
   readonly unreceived = new UnreceivedBlocks();
   /** Delta-set chunks and copy pieces arriving. */
   private readonly received: RateMeter;
+  private readonly copyWritten: RateMeter;
   private ring: RingSpace;
   private receiving: ReceiveLedger;
   /** Save-volume space of the chunks written and waiting for their sync, oldest first (given back if it fails). */
@@ -215,6 +216,7 @@ export class TargetReplica {
 
   private constructor(private readonly deps: TargetDeps) {
     this.received = new RateMeter(deps.clock);
+    this.copyWritten = new RateMeter(deps.clock, copyPaceWindowMs);
     deps.pair.initialCopy.copyId ??= 1;
     this.copyApplied = deps.pair.initialCopy.cursorBlock;
     this.copyFlushedAtMs = this.copyRecordedAtMs = deps.clock.now();
@@ -542,6 +544,7 @@ export class TargetReplica {
       pair.initialCopy.copiedBlocks = toBlock; // progress for status; the cursor is made durable below
       pair.initialCopy.totalBlocks = volume.blockCount;
       pair.initialCopy.bytes += chunk.data.length;
+      this.copyWritten.count(chunk.data.length);
       this.copyUnflushedBytes += chunk.data.length + 1;
       const due = this.copyUnflushedBytes >= copyFlushBytes || this.deps.clock.now() - this.copyFlushedAtMs >= copyPersistMs;
       if (due && !this.copyFlushing) {
@@ -1027,6 +1030,11 @@ export class TargetReplica {
   /** Bytes per second received over the last 5 s, and since the first arrived. */
   rates(): { current: number; average: number } {
     return this.received.rates();
+  }
+
+  /** Bytes per second of a copy written here lately (0: none for a while). */
+  get copyPace(): number {
+    return this.copyWritten.rates().current;
   }
 
   /** Delta sets received and not played back. */

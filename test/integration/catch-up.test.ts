@@ -261,6 +261,17 @@ test('a full disk at the target during a catch-up: both sites say why, readers k
         const [s, t] = await Promise.all([pairStatus(a, 'v'), pairStatus(b, 'v')]);
         return /the copy is not moving/.test(s.reason) && refused.test(s.reason) && refused.test(t.reason) && t.health === 'error';
       }, 60_000, 200);
+      // The pieces are sent again and again, but a copy that does not move has no ETA.
+      const stalled = await waitFor('the stalled copy to lose its ETA', async () => {
+        const s = await pairStatus(a, 'v');
+        return s.initialCopy.etaSeconds === null ? s : undefined;
+      }, 60_000, 500);
+      for (let i = 0; i < 12; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 500));
+        assert.equal((await pairStatus(a, 'v')).initialCopy.etaSeconds, null, 'no ETA while resends go out');
+      }
+      assert.ok(stalled.initialCopy.percent < 100);
+      assert.ok(stalled.initialCopy.bytes < 24 * MiB, `progress counts what the target acknowledged, not resends (${stalled.initialCopy.bytes} bytes)`);
       assert.equal(await b.digest('v'), boundary, 'readers get the image kept before the catch-up');
     } finally {
       await execFileP('prlimit', ['--pid', pid, '--fsize=unlimited:unlimited']);
@@ -268,6 +279,10 @@ test('a full disk at the target during a catch-up: both sites say why, readers k
     // Space is freed: the catch-up carries on in the same daemons.
     await waitInSync(a, b, 'v', 'v', 120_000);
     assert.equal(await b.digest('v'), model.digest());
+    const [done, written] = await Promise.all([pairStatus(a, 'v'), pairStatus(b, 'v')]);
+    assert.equal(done.initialCopy.bytes, 24 * MiB, 'the source counts each block copied once');
+    assert.equal(written.initialCopy.bytes, 24 * MiB, 'and so does the target');
+    assert.ok(done.bytesSent > 24 * MiB, 'the wire carried the resends');
     for (const site of [a, b]) {
       const s = await pairStatus(site, 'v');
       assert.equal(s.reason, '', site.name);

@@ -58,4 +58,14 @@ test('a transfer rate: bytes per second over the last 5 s, and on average since 
   // Quiet for 10 s: nothing now, half of it on average.
   now += 10_000;
   assert.deepEqual(meter.rates(), { current: 0, average: 10_000_000 / 15 });
+  // A transfer younger than the window is measured over its age, not the whole window.
+  const young = new RateMeter({ now: () => now, sleep: async () => undefined }, 20_000);
+  young.start();
+  now += 2_000;
+  young.count(4_000_000);
+  assert.deepEqual(young.rates(), { current: 2_000_000, average: 2_000_000 });
+  now += 18_000;
+  assert.deepEqual(young.rates(), { current: 200_000, average: 200_000 });
+  now += 2_001;
+  assert.equal(young.rates().current, 0, 'nothing within the window');
 });
