@@ -270,9 +270,9 @@ export class Recovery {
     let targetClosed = false;
     let imageRestored = false;
     let switched = false;
+    let sourceFenced = false;
     try {
       const next = pair.generation + 1;
-      let sourceFenced = false;
       const restartSnapshot = restartSnapshotName(next);
       const existing = snapshots.list(volume);
       const snapshotCount = existing.length - (pair.initialCopy.doneAt === undefined && pair.initialCopy.protectiveSnapshot ? 1 : 0);
@@ -395,7 +395,10 @@ export class Recovery {
       if (targetClosed && !switched) {
         // Opened from its record: after a restore that began, at the kept image, the catch-up to be redone.
         await this.reopenTarget(volume).catch((e: Error) => this.log.error({ volume, err: e.message }, 'failover failed and the replica could not be opened again; restart the site'));
-        const changed = imageRestored ? 'the catch-up copy it was applying starts over' : 'nothing was changed';
+        const changed = [
+          imageRestored ? 'the catch-up copy it was applying starts over' : '',
+          sourceFenced ? 'the source site, fenced for it, takes writes again within seconds once it sees no one took over' : '',
+        ].filter((c) => c !== '').join('; ') || 'nothing was changed';
         throw new FerryError(err instanceof FerryError ? err.code : 'UNAVAILABLE', `failover of ${volume} stopped; this site is still the target, ${changed}: ${(err as Error).message}`);
       }
       throw err;
