@@ -842,6 +842,9 @@ export class ReplicationManager {
     const changeLog = new ChangeLog(volume.blockBytes, dirty, al, () => volume.flush());
     const dirtyBlocks = await changeLog.recover(recovered);
     if (exists) log.info({ volume: pair.volume, dirtyBlocks, hotExtents: recovered.length }, 'change log recovered');
+    if (changeLog.recoveryNotPersisted) {
+      log.warn({ volume: pair.volume, err: changeLog.recoveryNotPersisted }, 'no space for the change log\'s bitmap: the blocks recovered stay tracked in the activity log until it can be written');
+    }
     const journal = await JournalFile.open(join(dir, 'save.journal'), pair.saveVolumeBytes);
     const source = new SourceReplicator({
       volume,

@@ -1,4 +1,4 @@
-import { assert, isFerryError } from '../lib/errors.js';
+import { assert, isFerryError, isNoSpace } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import type { BitmapFile } from '../storage/bitmap-file.js';
 import type { ActivityLog } from './activity-log.js';
@@ -48,6 +48,8 @@ export class ChangeLog {
   firstWriteMs: number | undefined;
   /** The same for the old table. */
   oldFirstWriteMs: number | undefined;
+  /** Why the blocks recovered at open are not in the persisted bitmap yet ('' when they are). */
+  recoveryNotPersisted = '';
   private copier: OldTableCopier | undefined;
   private evicting: Promise<void> | undefined;
   readonly extentBlocks: number;
@@ -92,12 +94,24 @@ export class ChangeLog {
       if (first >= p.bitCount) continue;
       p.setRange(first, Math.min(this.extentBlocks, p.bitCount - first));
     }
-    await this.persisted.sync();
+    let durable = true;
+    try {
+      await this.persisted.sync();
+    } catch (err) {
+      // A full disk must not keep the site from starting: the extents stay hot in the
+      // activity log, which records them durably already (rule 1), and the bitmap's
+      // pages are written with the next persist, once there is space.
+      if (!isNoSpace(err)) throw err;
+      durable = false;
+      this.recoveryNotPersisted = (err as Error).message;
+    }
     this.current = p.clone();
     // When these blocks were written is not known: as long ago as the last cut.
     this.firstWriteMs = this.current.count > 0 ? 0 : undefined;
-    this.al.cool(recoveredExtents);
-    await this.al.flush();
+    if (durable) {
+      this.al.cool(recoveredExtents);
+      await this.al.flush();
+    }
     return this.current.count;
   }
 

@@ -201,3 +201,37 @@ test('a grown volume: both tables and the persisted bitmap cover the new blocks;
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('a full disk at open: the blocks recovered stay hot in the activity log until the bitmap can be written, and a crash meanwhile recovers them again', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-changelog-'));
+  try {
+    // A crash with writes in two extents: they are hot in the activity log only.
+    const first = await openLog(dir, true);
+    await first.log.mark(10, 4);
+    await first.log.mark(3 * 64 + 1, 2);
+    for (const s of first.stores) await s.close();
+
+    // Opened again on a full disk: persisting the recovered blocks fails for want of space.
+    const path = join(dir, 'dirty.bitmap');
+    const bitmap = (await BitmapFile.open(path, 'fill')).file;
+    bitmap.sync = () => Promise.reject(Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' }));
+    const store = await FileActivityLogStore.open(join(dir, 'al'), alExtents);
+    const { log: al, recovered } = await ActivityLog.open(store, alExtents);
+    assert.deepEqual(recovered, [0, 3]);
+    const log = new ChangeLog(blockBytes, bitmap, al, async () => undefined, { extentBytes, now: () => clockMs });
+    assert.equal(await log.recover(recovered), 128, 'both extents, whole, are dirty');
+    assert.match(log.recoveryNotPersisted, /ENOSPC/);
+    assert.deepEqual(al.hotExtents, [0, 3], 'they stay in the activity log');
+    // A crash now, and an open with space: the blocks come back from the activity log,
+    // the bitmap is written, and the activity log lets them go.
+    await bitmap.close();
+    await store.close();
+    const again = await openLog(dir, false);
+    assert.equal(again.log.current.count, 128);
+    assert.equal(again.log.recoveryNotPersisted, '');
+    assert.deepEqual(again.al.hotExtents, []);
+    for (const s of again.stores) await s.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
