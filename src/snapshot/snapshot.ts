@@ -92,13 +92,19 @@ export class SnapshotState {
       }
     };
     // The three files are independent until the catalog row names them: write them at once.
-    const [valid, save] = await Promise.all([
+    const [valid, save, map] = await Promise.allSettled([
       writeValid(),
       SaveVolume.create(files.save, record.id, record.blockBytes),
       writeFileAtomic(files.map, encodeBlockMap(crc32c(record.id), new Map(), 0)),
     ]);
+    if (valid.status === 'rejected' || save.status === 'rejected' || map.status === 'rejected') {
+      // None is left behind (a full disk refuses one of them, say): the create changed nothing.
+      if (save.status === 'fulfilled') await save.value.close();
+      for (const path of [files.valid, files.save, files.map, `${files.map}.tmp`]) await unlinkIfExists(path);
+      throw ([valid, save, map].find((r) => r.status === 'rejected') as PromiseRejectedResult).reason;
+    }
     const state = new SnapshotState(record, files, onSaved);
-    state.install({ valid, saved: new PagedBitmap(blockCount), blockMap: new Map(), save }, 0);
+    state.install({ valid: valid.value, saved: new PagedBitmap(blockCount), blockMap: new Map(), save: save.value }, 0);
     return state;
   }
 

@@ -111,7 +111,11 @@ export class VolumeStore {
     this.checkSize(sizeBytes);
     if (this.catalog.getVolume(name)) throw new FerryError('VOLUME_EXISTS', `volume ${name} already exists`);
     const id = randomUUID();
-    const volume = await Volume.create(name, this.dataPath(id), this.allocPath(id), sizeBytes, this.blockBytes);
+    const volume = await Volume.create(name, this.dataPath(id), this.allocPath(id), sizeBytes, this.blockBytes).catch(async (err: unknown) => {
+      // Nothing is left behind (a full disk refuses the allocation map, say).
+      await this.removeFiles(id);
+      throw err;
+    });
     const record: VolumeRecord = {
       name,
       id,

@@ -286,3 +286,39 @@ test('a full disk: writes to a volume with a snapshot fail with NO_SPACE over th
     await s.destroy();
   }
 });
+
+test('a full disk: creating a volume or a snapshot fails with NO_SPACE and leaves no file behind; run again with space, it works', async () => {
+  const { execFile } = await import('node:child_process');
+  const { promisify } = await import('node:util');
+  const run = promisify(execFile);
+  const s = await TestSite.create('nospace-create');
+  try {
+    // A 1 TiB volume with its last block written: a snapshot's meta bit map has a page
+    // 16 MiB into its file.
+    const size = 1024 * 1024 * mib;
+    assert.equal((await s.api('POST', '/api/v1/volumes', { name: 'v', size })).status, 201);
+    await s.writeData('v', size - 8192, randomBytes(8192));
+    const files = async (): Promise<string[]> => [...(await readdir(join(s.dir, 'volumes'))), ...(await readdir(join(s.dir, 'snapshots')))].sort();
+    const before = await files();
+    // No file of the site may grow past 8 MiB now (EFBIG, as on a full disk): a new
+    // 64 MiB volume's image, or the snapshot's meta bit map, cannot be written.
+    const pid = String(s.proc?.pid);
+    await run('prlimit', ['--pid', pid, `--fsize=${8 * mib}:unlimited`]);
+    try {
+      const created = await s.api<{ error: { code: string } }>('POST', '/api/v1/volumes', { name: 'w', size: 64 * mib });
+      assert.equal(created.status, 507);
+      assert.equal(created.body.error.code, 'NO_SPACE');
+      const snap = await s.cli(['snapshot', 'create', 'v', '--name', 'first']);
+      assert.notEqual(snap.code, 0);
+      assert.match(snap.stderr, /^ferry: NO_SPACE: .*EFBIG/);
+      assert.deepEqual(await files(), before, 'no file left behind');
+    } finally {
+      await run('prlimit', ['--pid', pid, '--fsize=unlimited:unlimited']);
+    }
+    assert.deepEqual((await s.api<{ name: string }[]>('GET', '/api/v1/volumes')).body.map((v) => v.name), ['v']);
+    assert.equal((await s.api('POST', '/api/v1/volumes', { name: 'w', size: 64 * mib })).status, 201);
+    assert.equal((await s.cli(['snapshot', 'create', 'v', '--name', 'first'])).code, 0);
+  } finally {
+    await s.destroy();
+  }
+});
