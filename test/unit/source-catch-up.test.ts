@@ -10,26 +10,21 @@ import type { PairRecord } from '../../src/storage/replication-catalog.js';
 import { ActivityLog, FileActivityLogStore } from '../../src/tracking/activity-log.js';
 import { ChangeLog } from '../../src/tracking/change-log.js';
 import { SourceReplicator } from '../../src/replication/source.js';
-import { openPairEnv } from '../helpers/pair-env.js';
+import { openPairEnv, type PairEnv } from '../helpers/pair-env.js';
 
 const bb = 4096;
 const blocks = 1024;
 
 /**
- * Rule 8 at the source: a backlog larger than the save volume becomes a catch-up copy.
- * Between the switch of the change log's tables and the copy's record, its blocks are
- * in neither; nothing may take them for shipped meanwhile.
+ * A source whose target is away, with the given save volume. A catch-up runs
+ * `beforeRecord` (which may hold it, or fail it), then is recorded in the pair.
  */
-test('while a catch-up copy is being recorded its blocks still count: a cut on demand waits for it, a drain does not see an empty backlog', async () => {
-  const env = await openPairEnv({ role: 'source', blockBytes: bb, blocks, copyDone: true, pair: { intervalMs: 3_600_000, highWaterBytes: 1 << 30, saveVolumeBytes: 256 * 1024 } });
+async function sourceWithoutTarget(saveVolumeBytes: number, beforeRecord: () => Promise<void>): Promise<{ env: PairEnv; source: SourceReplicator }> {
+  const env = await openPairEnv({ role: 'source', blockBytes: bb, blocks, copyDone: true, pair: { intervalMs: 3_600_000, highWaterBytes: 1 << 30, saveVolumeBytes } });
   const { dir, volume, replication, pair, journal } = env;
   const bitmap = await BitmapFile.create(join(dir, 'dirty.bitmap'), blocks);
   const { log: al } = await ActivityLog.open(await FileActivityLogStore.open(join(dir, 'activity.log'), 64));
   const changeLog = new ChangeLog(bb, bitmap, al, () => volume.flush());
-  let recording: () => void = () => undefined;
-  const recorded = new Promise<void>((resolve) => (recording = resolve));
-  let release: () => void = () => undefined;
-  const released = new Promise<void>((resolve) => (release = resolve));
   const source = new SourceReplicator({
     volume,
     pair,
@@ -41,15 +36,33 @@ test('while a catch-up copy is being recorded its blocks still count: a cut on d
     copyPlan: () => Promise.reject(new FerryError('UNAVAILABLE', 'no copy in this test')),
     copied: async () => undefined,
     catchUp: async (p: PairRecord, backlog: PagedBitmap) => {
-      recording();
-      await released;
-      p.initialCopy = { ...p.initialCopy, doneAt: undefined, cursorBlock: 0, stampedDeltaSet: p.deltaSetCreated, plannedBlocks: backlog.count, copiedBlocks: 0, catchUp: true, copyId: 2 };
+      await beforeRecord();
+      p.initialCopy = { ...p.initialCopy, cursorBlock: 0, stampedDeltaSet: p.deltaSetCreated, plannedBlocks: backlog.count, copiedBlocks: 0, catchUp: true, copyId: 2 };
       delete p.initialCopy.doneAt;
       replication.putPair(p);
     },
     fenced: () => undefined,
     openSession: () => Promise.reject(new FerryError('UNAVAILABLE', 'the target is away in this test')),
   });
+  return { env, source };
+}
+
+/**
+ * Rule 8 at the source: a backlog larger than the save volume becomes a catch-up copy.
+ * Between the switch of the change log's tables and the copy's record, its blocks are
+ * in neither; nothing may take them for shipped meanwhile.
+ */
+test('while a catch-up copy is being recorded its blocks still count: a cut on demand waits for it, a drain does not see an empty backlog', async () => {
+  let recording: () => void = () => undefined;
+  const recorded = new Promise<void>((resolve) => (recording = resolve));
+  let release: () => void = () => undefined;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  const { env, source } = await sourceWithoutTarget(256 * 1024, async () => {
+    recording();
+    await released;
+  });
+  const { volume, pair } = env;
+  const changeLog = source.changeLog;
   try {
     source.start();
     // 1 MiB written: more than the whole 256 KiB save volume can hold as one delta set.
@@ -81,39 +94,19 @@ test('while a catch-up copy is being recorded its blocks still count: a cut on d
 });
 
 test('a delta set or a catch-up that could not be started is reported until its blocks go as a catch-up copy', async () => {
-  const env = await openPairEnv({ role: 'source', blockBytes: bb, blocks, copyDone: true, pair: { intervalMs: 3_600_000, highWaterBytes: 1 << 30, saveVolumeBytes: 2 * 1024 * 1024 } });
-  const { dir, volume, replication, pair, journal } = env;
-  const bitmap = await BitmapFile.create(join(dir, 'dirty.bitmap'), blocks);
-  const { log: al } = await ActivityLog.open(await FileActivityLogStore.open(join(dir, 'activity.log'), 64));
-  const changeLog = new ChangeLog(bb, bitmap, al, () => volume.flush());
-  // The save volume's file refuses the first delta set, as a full disk would.
+  let catchUpRefusals = 1;
+  const { env, source } = await sourceWithoutTarget(2 * 1024 * 1024, async () => {
+    // Its snapshot cannot be taken the first time, as on a full disk.
+    if (catchUpRefusals-- > 0) throw Object.assign(new Error('ENOSPC: no space left on device, open'), { code: 'ENOSPC' });
+  });
+  const { volume, pair, journal } = env;
+  // The save volume's file refuses the first delta set, for the same reason.
   const write = journal.write.bind(journal);
   let refusals = 1;
-  let catchUpRefusals = 1;
   journal.write = (...args: Parameters<typeof write>) => {
     if (refusals-- > 0) return Promise.reject(Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' }));
     return write(...args);
   };
-  const source = new SourceReplicator({
-    volume,
-    pair,
-    catalog: replication,
-    changeLog,
-    journal,
-    clock: systemClock,
-    log: env.log,
-    copyPlan: () => Promise.reject(new FerryError('UNAVAILABLE', 'no copy in this test')),
-    copied: async () => undefined,
-    catchUp: async (p: PairRecord, backlog: PagedBitmap) => {
-      // Its snapshot cannot be taken the first time, for the same reason.
-      if (catchUpRefusals-- > 0) throw Object.assign(new Error('ENOSPC: no space left on device, open'), { code: 'ENOSPC' });
-      p.initialCopy = { ...p.initialCopy, cursorBlock: 0, stampedDeltaSet: p.deltaSetCreated, plannedBlocks: backlog.count, copiedBlocks: 0, catchUp: true, copyId: 2 };
-      delete p.initialCopy.doneAt;
-      replication.putPair(p);
-    },
-    fenced: () => undefined,
-    openSession: () => Promise.reject(new FerryError('UNAVAILABLE', 'the target is away in this test')),
-  });
   try {
     source.start();
     await volume.write(0, randomBytes(16 * bb));
