@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import { execFile } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash, randomBytes, randomInt } from 'node:crypto';
 import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,6 +16,7 @@ import { ReplFrame } from '../../src/replication/protocol.js';
 
 const MiB = 1024 * 1024;
 const execFileP = promisify(execFile);
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
 async function pair(name: string, env: Record<string, string> = {}): Promise<[TestSite, TestSite]> {
   return Promise.all([TestSite.create(`${name}-a`, { env }), TestSite.create(`${name}-b`, { env })]);
@@ -1126,6 +1127,80 @@ test('SIGKILL of the source at random moments of growing a replicated volume: ru
     }
     assert.equal((await pairStatus(a, 'v')).health, 'ok');
   } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('disk space that comes and goes at both sites while hosts write and both volumes have snapshots: the replica ends equal to its source, nothing is lost, the snapshots stay intact', async () => {
+  const [a, b] = await pair('flap');
+  const limit = (site: TestSite, bytes?: number): Promise<unknown> => execFileP('prlimit', ['--pid', String(site.proc?.pid), `--fsize=${bytes ?? 'unlimited'}:unlimited`]);
+  let stop = false;
+  try {
+    const size = 48 * MiB;
+    const model = new VolumeModel(size);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '300ms', '--save-volume', '16M', '--target-save-volume', '16M', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    assert.equal((await a.cli(['snapshot', 'create', 'v', '--name', 'sa'])).code, 0);
+    assert.equal((await b.cli(['snapshot', 'create', 'v', '--name', 'sb'])).code, 0);
+    const empty = model.digest();
+    const refusedRanges: [number, number][] = [];
+    let accepted = 0;
+    const writer = (async () => {
+      while (!stop) {
+        const offset = randomInt(size / 65536) * 65536;
+        const data = randomBytes(Math.min(65536 * (1 + randomInt(16)), size - offset));
+        const res = await fetch(`${a.url}/api/v1/volumes/v/data?offset=${offset}`, { method: 'PUT', body: data, headers: { 'content-type': 'application/octet-stream' } });
+        if (res.status === 204) {
+          model.apply(offset, data);
+          accepted++;
+        } else {
+          const body = (await res.json()) as { error: { code: string } };
+          assert.equal(body.error.code, 'NO_SPACE', `${res.status} ${JSON.stringify(body)}`);
+          refusedRanges.push([offset, data.length]);
+        }
+      }
+    })();
+    // Now one site, now the other, now both may not grow their files past 8-40 MiB (EFBIG, as on a full disk).
+    const flapper = (async () => {
+      while (!stop) {
+        const who = randomInt(3);
+        const bytes = (8 + randomInt(33)) * MiB;
+        if (who !== 1) await limit(a, bytes);
+        if (who !== 0) await limit(b, bytes);
+        await sleep(200 + randomInt(1300));
+        await Promise.all([limit(a), limit(b)]);
+        await sleep(200 + randomInt(1300));
+      }
+    })();
+    await sleep(Number(process.env.FERRY_FLAP_SECONDS ?? 20) * 1000);
+    stop = true;
+    await Promise.all([writer, flapper]);
+    await Promise.all([limit(a), limit(b)]);
+    assert.equal(a.exitCode, null, a.stderrTail);
+    assert.equal(b.exitCode, null, b.stderrTail);
+    assert.ok(accepted > 100 && refusedRanges.length > 0, `${accepted} writes accepted, ${refusedRanges.length} refused`);
+    await waitInSync(a, b, 'v', 'v', 120_000);
+    const pieces: Buffer[] = [];
+    for (let at = 0; at < size; at += 4 * MiB) pieces.push(await a.readData('v', at, 4 * MiB));
+    const image = Buffer.concat(pieces);
+    assert.equal(await b.digest('v'), createHash('sha256').update(image).digest('hex'), 'the replica equals its source');
+    // Every accepted write is there. A write refused while the volume's file grew may
+    // have written part of its range, as a disk's failed write can: only those differ.
+    for (let at = 0; at < size; at += 65536) {
+      if (image.subarray(at, at + 65536).equals(model.bytes.subarray(at, at + 65536))) continue;
+      assert.ok(refusedRanges.some(([o, n]) => at >= o && at < o + n), `64 KiB at ${at} differs from the accepted writes and no refused write covers it`);
+    }
+    for (const [site, name] of [[a, 'sa'], [b, 'sb']] as const) {
+      const snap = await site.api<{ sha256: string }>('GET', `/api/v1/volumes/v/snapshots/${name}/digest`);
+      assert.equal(snap.body.sha256, empty, `${site.name}: the snapshot still reads as the volume was when it was taken`);
+    }
+    for (const site of [a, b]) {
+      const s = await pairStatus(site, 'v');
+      assert.deepEqual([s.state, s.health, s.reason], ['duplex', 'ok', ''], site.name);
+    }
+  } finally {
+    stop = true;
     await Promise.all([a.destroy(), b.destroy()]);
   }
 });
