@@ -94,6 +94,8 @@ export function createMetrics(site: Site): Registry {
   pairGauge('ferry_replication_corrupt_frames_total', 'Damaged frames refused or resent', (p) => p.corruptFrames);
   pairGauge('ferry_replication_io_errors_total', 'Storage errors met by this end of the pair (save-volume writes, volume flushes, playbacks); the last one is in status as lastError', (p) => p.ioErrors);
   pairGauge('ferry_replication_initial_copy_ratio', 'Progress of the copy that makes the target whole (initial copy, resync or catch-up), 0 to 1', (p) => p.initialCopy.percent / 100);
+  pairGauge('ferry_replication_copy_bytes', 'Data bytes of that copy the target has acknowledged (this end: acknowledged, or written at the target), each block once; resends are in bytes_sent_total', (p) => p.initialCopy.bytes);
+  pairGauge('ferry_replication_copy_eta_seconds', 'Seconds that copy needs at its pace over the last 20 s; 0 once done; NaN when not known (nothing acknowledged lately: stalled, or not started)', (p) => p.initialCopy.etaSeconds ?? Number.NaN);
   pairGauge('ferry_replication_catch_up', '1 while a catch-up copy runs (the backlog outgrew the save volume; the target serves a protective snapshot)', (p) => (p.initialCopy.catchUp && !p.initialCopy.done ? 1 : 0));
   pairGauge('ferry_replication_last_build_seconds', 'Time the newest delta set took to build at the source; above the interval, cuts come late and lag grows', (p) => (p.lastBuild ? p.lastBuild.buildMs / 1000 : 0));
   pairGauge('ferry_replication_failing', '1 while this end of the pair is failing (a storage error, or a copy not moving); the reason is in status', (p) => (p.failing !== '' ? 1 : 0));

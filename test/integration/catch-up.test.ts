@@ -270,6 +270,7 @@ test('a full disk at the target during a catch-up: both sites say why, readers k
         await new Promise((resolve) => setTimeout(resolve, 500));
         assert.equal((await pairStatus(a, 'v')).initialCopy.etaSeconds, null, 'no ETA while resends go out');
       }
+      assert.match(await (await fetch(`${a.url}/metrics`)).text(), /^ferry_replication_copy_eta_seconds\{[^}]*volume="v"[^}]*\} NaN$/im, 'nor in the metrics');
       assert.ok(stalled.initialCopy.percent < 100);
       assert.ok(stalled.initialCopy.bytes < 24 * MiB, `progress counts what the target acknowledged, not resends (${stalled.initialCopy.bytes} bytes)`);
       assert.equal(await b.digest('v'), boundary, 'readers get the image kept before the catch-up');
@@ -283,6 +284,9 @@ test('a full disk at the target during a catch-up: both sites say why, readers k
     assert.equal(done.initialCopy.bytes, 24 * MiB, 'the source counts each block copied once');
     assert.equal(written.initialCopy.bytes, 24 * MiB, 'and so does the target');
     assert.ok(done.bytesSent > 24 * MiB, 'the wire carried the resends');
+    const metrics = await (await fetch(`${a.url}/metrics`)).text();
+    assert.match(metrics, new RegExp(`^ferry_replication_copy_bytes\\{[^}]*volume="v"[^}]*\\} ${24 * MiB}$`, 'm'));
+    assert.match(metrics, /^ferry_replication_copy_eta_seconds\{[^}]*volume="v"[^}]*\} 0$/m);
     for (const site of [a, b]) {
       const s = await pairStatus(site, 'v');
       assert.equal(s.reason, '', site.name);
