@@ -1,3 +1,4 @@
+import { statfs } from 'node:fs/promises';
 import { Registry, Gauge, collectDefaultMetrics } from 'prom-client';
 import type { Site } from '../site/site.js';
 import { pairStates } from '../replication/pair-state.js';
@@ -34,6 +35,15 @@ export function createMetrics(site: Site): Registry {
     collect() {
       this.reset();
       for (const v of site.volumes.list()) this.set({ volume: v.name }, v.allocatedBytes);
+    },
+  });
+  new Gauge({
+    name: 'ferry_site_file_system_available_bytes',
+    help: 'Bytes left on the file system of the site directory (volumes are thin; snapshots and save volumes grow into it)',
+    registers: [register],
+    async collect() {
+      const fs = await statfs(site.layout.dir);
+      this.set(fs.bavail * fs.bsize);
     },
   });
   new Gauge({

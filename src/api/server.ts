@@ -1,5 +1,6 @@
 import { createServer } from 'node:http';
 import { PassThrough } from 'node:stream';
+import { statfs } from 'node:fs/promises';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply } from 'fastify';
 import { FerryError, isNoSpace } from '../lib/errors.js';
 import { Sha256InWorker } from '../lib/sha256.js';
@@ -75,17 +76,26 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
 
   app.get('/metrics', async (_req, reply) => reply.type(metrics.contentType).send(await metrics.metrics()));
 
-  app.get('/api/v1/site', async () => ({
-    id: site.config.id,
-    name: site.config.name,
-    blockBytes: site.config.blockBytes,
-    listen: site.config.listen,
-    nbd: site.config.nbd,
-    url: site.url,
-    startedAt: site.startedAt.toISOString(),
-    pid: process.pid,
-    version: 1,
-  }));
+  app.get('/api/v1/site', async () => {
+    // Volumes are thin and snapshots grow as blocks change: what is promised against what is left.
+    const fs = await statfs(site.layout.dir);
+    const volumes = site.volumes.list();
+    return {
+      id: site.config.id,
+      name: site.config.name,
+      blockBytes: site.config.blockBytes,
+      listen: site.config.listen,
+      nbd: site.config.nbd,
+      url: site.url,
+      startedAt: site.startedAt.toISOString(),
+      pid: process.pid,
+      version: 1,
+      fileSystemBytes: fs.blocks * fs.bsize,
+      fileSystemAvailableBytes: fs.bavail * fs.bsize,
+      volumesProvisionedBytes: volumes.reduce((n, v) => n + v.sizeBytes, 0),
+      volumesAllocatedBytes: volumes.reduce((n, v) => n + v.allocatedBytes, 0),
+    };
+  });
 
   app.get('/api/v1/volumes', async () => site.volumes.list());
 

@@ -105,7 +105,7 @@ site
   .description('identity and configuration of the running site')
   .action(async (_opts: unknown, cmd: Command) => {
     const info = await client(cmd).get<Record<string, string | number>>('/api/v1/site');
-    print(cmd, info, () => keyValues(Object.entries(info).map(([k, v]) => [k, String(v)])));
+    print(cmd, info, () => keyValues(Object.entries(info).map(([k, v]) => [k, k.endsWith('Bytes') && typeof v === 'number' ? formatSize(v) : String(v)])));
   });
 
 // ---- volume ----------------------------------------------------------------

@@ -287,7 +287,7 @@ test('a full disk: writes to a volume with a snapshot fail with NO_SPACE over th
   }
 });
 
-test('a full disk: creating a volume or a snapshot fails with NO_SPACE and leaves no file behind; run again with space, it works', async () => {
+test('site capacity: what volumes promise and what the file system has left; on a full disk, creating a volume or a snapshot fails with NO_SPACE and leaves no file behind, and works once run again with space', async () => {
   const { execFile } = await import('node:child_process');
   const { promisify } = await import('node:util');
   const run = promisify(execFile);
@@ -298,6 +298,16 @@ test('a full disk: creating a volume or a snapshot fails with NO_SPACE and leave
     const size = 1024 * 1024 * mib;
     assert.equal((await s.api('POST', '/api/v1/volumes', { name: 'v', size })).status, 201);
     await s.writeData('v', size - 8192, randomBytes(8192));
+    // What is promised against what is left, at the site.
+    const { statfs } = await import('node:fs/promises');
+    const fs = await statfs(s.dir);
+    const shown = await s.cli(['site', 'show', '--json']);
+    const info = JSON.parse(shown.stdout) as { fileSystemBytes: number; fileSystemAvailableBytes: number; volumesProvisionedBytes: number; volumesAllocatedBytes: number };
+    assert.equal(info.fileSystemBytes, fs.blocks * fs.bsize);
+    assert.ok(info.fileSystemAvailableBytes > 0 && info.fileSystemAvailableBytes <= info.fileSystemBytes);
+    assert.deepEqual([info.volumesProvisionedBytes, info.volumesAllocatedBytes], [size, 8192]);
+    assert.match((await s.cli(['site', 'show'])).stdout, /^volumesProvisionedBytes:\s+1T$/m);
+    assert.match(await (await fetch(`${s.url}/metrics`)).text(), /^ferry_site_file_system_available_bytes\{[^}]*\} [1-9]\d*$/m);
     const files = async (): Promise<string[]> => [...(await readdir(join(s.dir, 'volumes'))), ...(await readdir(join(s.dir, 'snapshots')))].sort();
     const before = await files();
     // No file of the site may grow past 8 MiB now (EFBIG, as on a full disk): a new
