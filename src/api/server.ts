@@ -61,7 +61,8 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
     site.log.error({ err }, 'request failed');
     if (isNoSpace(err)) {
       // Not a fault of the request or of ferry: the site's storage wants space freed.
-      return reply.status(507).send({ error: { code: 'NO_SPACE', message: `no space for this write at this site (free space on its file system, then try again): ${err.message}` } });
+      const noSpace = new FerryError('NO_SPACE', `no space for this write at this site (free space on its file system, then try again): ${err.message}`);
+      return reply.status(noSpace.httpStatus).send({ error: noSpace.toJSON() });
     }
     return reply.status(500).send({ error: { code: 'INTERNAL', message: err.message } });
   });

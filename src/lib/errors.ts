@@ -103,9 +103,9 @@ export function isFerryError(err: unknown, code?: ErrorCode): err is FerryError 
 }
 
 /**
- * A write refused for want of space: the file system is full, a quota is reached, or
- * the process's file size limit is (the catalog says SQLITE_FULL). Such a failure ends once space is freed; nothing
- * about the files themselves is wrong.
+ * A write refused for want of space: the file system is full (the catalog says
+ * SQLITE_FULL), a quota is reached, or the process's file size limit is. Such a failure
+ * ends once space is freed; nothing about the files themselves is wrong.
  */
 export function isNoSpace(err: unknown): boolean {
   const code = (err as { code?: unknown } | undefined)?.code;

@@ -135,13 +135,13 @@ export interface CopyStats {
   failing: string;
 }
 
+/** The span over which a copy's pace (for its ETA) is measured: a stall this long shows as no ETA. */
+export const copyPaceWindowMs = 20_000;
+
 /**
  * Drives one copy to the end over its own connection, reconnecting with backoff and
  * resuming from the target's cursor after any failure or restart of either side.
  */
-/** The span over which a copy's pace (for its ETA) is measured: a stall this long shows as no ETA. */
-export const copyPaceWindowMs = 20_000;
-
 export class CopyRunner {
   readonly stats: CopyStats = { connected: false, retries: 0, rewinds: 0, lastError: '', failing: '' };
   /** Payload bytes the target acknowledged: the copy's progress, resends not counted. */
@@ -250,8 +250,8 @@ export class CopyRunner {
         const rewindsBefore = window.rewinds;
         copy.copiedBlocks = (copy.copiedBlocks ?? 0) + window.onAck(json<CopyAckBody>(frame), this.deps.clock.now());
         copy.cursorBlock = window.acked;
-        let ackedBytes = 0;
-        while (unacknowledged.length > 0 && (unacknowledged[0] as { end: number }).end <= window.acked) ackedBytes += (unacknowledged.shift() as { bytes: number }).bytes;
+        const pending = unacknowledged.findIndex((p) => p.end > window.acked);
+        const ackedBytes = unacknowledged.splice(0, pending < 0 ? unacknowledged.length : pending).reduce((n, p) => n + p.bytes, 0);
         if (ackedBytes > 0) {
           copy.bytes += ackedBytes;
           this.acknowledged.count(ackedBytes);

@@ -100,7 +100,7 @@ export class SnapshotState {
     if (valid.status === 'rejected' || save.status === 'rejected' || map.status === 'rejected') {
       // None is left behind (a full disk refuses one of them, say): the create changed nothing.
       if (save.status === 'fulfilled') await save.value.close();
-      for (const path of [files.valid, files.save, files.map, `${files.map}.tmp`]) await unlinkIfExists(path);
+      await unlinkSnapshotFiles(files);
       throw ([valid, save, map].find((r) => r.status === 'rejected') as PromiseRejectedResult).reason;
     }
     const state = new SnapshotState(record, files, onSaved);
@@ -192,7 +192,7 @@ export class SnapshotState {
     this.deleted = true;
     if (this.maps) await this.maps.save.close();
     this.maps = undefined;
-    for (const path of [this.files.save, this.files.map, this.files.valid, `${this.files.map}.tmp`]) await unlinkIfExists(path);
+    await unlinkSnapshotFiles(this.files);
   }
 
   private install(maps: SnapshotMaps, checkpointed: number): void {
@@ -235,4 +235,9 @@ export class SnapshotState {
     const save = await SaveVolume.open(this.files.save, this.record.id, this.record.blockBytes, trusted, onRecord);
     return { maps: { valid, saved, blockMap, save }, trusted };
   }
+}
+
+/** Removes a snapshot's files, those a crash may have left half-written included. */
+async function unlinkSnapshotFiles(files: SnapshotFiles): Promise<void> {
+  for (const path of [files.save, files.map, files.valid, `${files.map}.tmp`]) await unlinkIfExists(path);
 }
