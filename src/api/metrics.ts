@@ -97,6 +97,7 @@ export function createMetrics(site: Site): Registry {
   pairGauge('ferry_replication_bytes_sent_total', 'Bytes sent for this pair (frames included)', (p) => p.bytesSent);
   pairGauge('ferry_replication_bytes_received_total', 'Bytes received for this pair', (p) => p.bytesReceived);
   pairGauge('ferry_replication_transfer_rate_bytes', 'Bytes per second over the last 5 s: sent (source) or received (target)', (p) => p.transferRate);
+  pairGauge('ferry_replication_max_rate_bytes', 'The most this pair may send per second (--max-rate); 0: no limit', (p) => p.maxRate);
   pairGauge('ferry_replication_delta_set_created', 'Last delta set cut at the source', (p) => p.deltaSetCreated);
   pairGauge('ferry_replication_delta_set_acked', 'Last delta set acknowledged by the target', (p) => p.deltaSetAcked);
   pairGauge('ferry_replication_delta_set_played_back', 'Last delta set played back at the target', (p) => p.deltaSetPlayedBack);

@@ -227,6 +227,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
             mode: { type: 'string', enum: ['async', 'sync'] },
             interval: durationSchema,
             highWater: sizeSchema,
+            maxRate: sizeSchema,
             saveVolume: sizeSchema,
             targetSaveVolume: sizeSchema,
             force: { type: 'boolean' },
@@ -237,7 +238,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
       },
     },
     async (req, reply) => {
-      const b = req.body as { volume: string; to: string; targetVolume?: string; mode?: 'async' | 'sync'; interval?: string | number; highWater?: string | number; saveVolume?: string | number; targetSaveVolume?: string | number; force?: boolean };
+      const b = req.body as { volume: string; to: string; targetVolume?: string; mode?: 'async' | 'sync'; interval?: string | number; highWater?: string | number; maxRate?: string | number; saveVolume?: string | number; targetSaveVolume?: string | number; force?: boolean };
       if (b.targetVolume !== undefined) checkVolumeName(b.targetVolume);
       const pair = await site.replication.start({
         volume: b.volume,
@@ -246,6 +247,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
         mode: b.mode ?? 'async',
         intervalMs: b.interval !== undefined ? parseDuration(b.interval) : intervalMsDefault,
         highWaterBytes: b.highWater !== undefined ? parseSize(b.highWater) : highWaterBytesDefault,
+        ...(b.maxRate !== undefined ? { maxRateBytes: parseSize(b.maxRate) } : {}),
         saveVolumeBytes: b.saveVolume !== undefined ? parseSize(b.saveVolume) : saveVolumeBytesDefault,
         ...(b.targetSaveVolume !== undefined ? { targetSaveVolumeBytes: parseSize(b.targetSaveVolume) } : {}),
         ...(b.force ? { overwrite: true } : {}),
@@ -269,13 +271,14 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
   );
   app.post(
     '/api/v1/replication/:volume/policy',
-    { schema: { params: volumeParams, body: { type: 'object', properties: { interval: durationSchema, highWater: sizeSchema }, additionalProperties: false } } },
+    { schema: { params: volumeParams, body: { type: 'object', properties: { interval: durationSchema, highWater: sizeSchema, maxRate: sizeSchema }, additionalProperties: false } } },
     async (req) => {
       const volume = (req.params as { volume: string }).volume;
-      const b = req.body as { interval?: string | number; highWater?: string | number };
+      const b = req.body as { interval?: string | number; highWater?: string | number; maxRate?: string | number };
       site.replication.setPolicy(volume, {
         ...(b.interval !== undefined ? { intervalMs: parseDuration(b.interval) } : {}),
         ...(b.highWater !== undefined ? { highWaterBytes: parseSize(b.highWater) } : {}),
+        ...(b.maxRate !== undefined ? { maxRateBytes: parseSize(b.maxRate) } : {}),
       });
       // The info view: it carries the policy now in force.
       return site.replication.info(volume);

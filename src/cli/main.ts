@@ -209,11 +209,12 @@ replicate
   .option('--mode <mode>', 'async (delta sets) or sync', 'async')
   .option('--interval <duration>', 'cut a delta set at least this often', '10s')
   .option('--high-water <size>', 'cut a delta set once this much is modified', '64M')
+  .option('--max-rate <size>', 'send at most this much per second over the link, copies included (e.g. 50M; 0: no limit)', '0')
   .option('--save-volume <size>', 'size of the save volume buffering delta sets at the source', '1G')
   .option('--target-save-volume <size>', "size of the target's save volume (default: the larger of the source's and 1G)")
   .option('--force', 'overwrite a target volume that already exists and holds data')
   .option('--wait', 'show the initial copy with a progress bar and return when it is complete')
-  .action(async (volume: string, opts: { to: string; targetVolume?: string; mode: string; interval: string; highWater: string; saveVolume: string; targetSaveVolume?: string; force?: boolean; wait?: boolean }, cmd: Command) => {
+  .action(async (volume: string, opts: { to: string; targetVolume?: string; mode: string; interval: string; highWater: string; maxRate: string; saveVolume: string; targetSaveVolume?: string; force?: boolean; wait?: boolean }, cmd: Command) => {
     const api = client(cmd);
     const status = await api.post<PairStatusView>('/api/v1/replication', {
       volume,
@@ -222,6 +223,7 @@ replicate
       mode: opts.mode,
       interval: String(parseDuration(opts.interval)) + 'ms',
       highWater: parseSize(opts.highWater),
+      maxRate: parseSize(opts.maxRate),
       saveVolume: parseSize(opts.saveVolume),
       ...(opts.targetSaveVolume !== undefined ? { targetSaveVolume: parseSize(opts.targetSaveVolume) } : {}),
       ...(opts.force ? { force: true } : {}),
@@ -259,17 +261,24 @@ function cutDescription(volume: string, result: Record<string, unknown>): string
 
 replicate
   .command('set <volume>')
-  .description('change when a running pair cuts delta sets (at the source; the target keeps it for a failover)')
+  .description('change when a running pair cuts delta sets and how fast it may send (at the source; the target keeps them for a failover)')
   .option('--interval <duration>', 'cut a delta set at least this often')
   .option('--high-water <size>', 'cut a delta set once this much is modified')
-  .action(async (volume: string, opts: { interval?: string; highWater?: string }, cmd: Command) => {
-    if (opts.interval === undefined && opts.highWater === undefined) throw new FerryError('BAD_REQUEST', 'give --interval, --high-water or both');
+  .option('--max-rate <size>', 'send at most this much per second, from now on (0: no limit)')
+  .action(async (volume: string, opts: { interval?: string; highWater?: string; maxRate?: string }, cmd: Command) => {
+    if (opts.interval === undefined && opts.highWater === undefined && opts.maxRate === undefined) throw new FerryError('BAD_REQUEST', 'give --interval, --high-water, --max-rate or several');
     const info = await client(cmd).post<InfoView>(`/api/v1/replication/${encodeURIComponent(volume)}/policy`, {
       ...(opts.interval !== undefined ? { interval: `${parseDuration(opts.interval)}ms` } : {}),
       ...(opts.highWater !== undefined ? { highWater: parseSize(opts.highWater) } : {}),
+      ...(opts.maxRate !== undefined ? { maxRate: parseSize(opts.maxRate) } : {}),
     });
-    print(cmd, info, () => `${volume}: a delta set is cut every ${formatDuration(info.intervalMs)} or once ${formatSize(info.highWaterBytes)} is modified, whichever comes first`);
+    print(cmd, info, () => `${volume}: a delta set is cut every ${formatDuration(info.intervalMs)} or once ${formatSize(info.highWaterBytes)} is modified, whichever comes first; ${describeRateLimit(info.maxRate)}`);
   });
+
+/** A pair's rate limit in words. */
+function describeRateLimit(maxRate: number): string {
+  return maxRate > 0 ? `it sends at most ${formatSize(maxRate)}/s (at full speed while hosts are held for a role change)` : 'it sends with no rate limit';
+}
 
 replicate
   .command('set-peer <volume>')
@@ -438,6 +447,7 @@ program
             : `created ${info.deltaSetCreated} (at the source, as it last said), received ${info.deltaSetReceived}, played back ${info.deltaSetPlayedBack}`,
         ],
         ['transfer rate', `${formatSize(info.transferRate)}/s current, ${formatSize(info.averageTransferRate)}/s average (${info.role === 'source' ? 'sent' : 'received'})`],
+        ['rate limit', info.maxRate > 0 ? `${formatSize(info.maxRate)}/s${info.role === 'target' ? " (the source's: this site sends so if it takes over)" : ''}` : 'none'],
         ['lag', `${info.lagSeconds}s, ${info.blocksDifferent} blocks different`],
         [info.initialCopy.catchUp ? 'catch-up copy' : info.recovery ? 'last copy' : 'initial copy', describeCopy(info.initialCopy)],
         ['save volume', `${formatSize(info.saveVolume.usedBytes)} of ${formatSize(info.saveVolume.capacityBytes)} used${info.saveVolume.full ? ' (FULL: tracking in the bitmap)' : ''}`],

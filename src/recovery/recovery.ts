@@ -17,7 +17,7 @@ import { reachableUrl } from '../transport/peer-url.js';
 import { chunkBytesMax, decodeChunk } from '../replication/chunk.js';
 import { CopyRunner } from '../replication/copy.js';
 import { Inbox } from '../replication/inbox.js';
-import { ReplFrame, json } from '../replication/protocol.js';
+import { ReplFrame, json, policyFigure, rateLimitFigure } from '../replication/protocol.js';
 import { currentImageName, snapshotsPerVolumeMax } from '../snapshot/manager.js';
 import type { ReplicationManager } from '../replication/manager.js';
 import type { SourceReplicator } from '../replication/source.js';
@@ -83,6 +83,7 @@ type RecoveryRequest =
       targetVolume: string;
       intervalMs: number;
       highWaterBytes: number;
+      maxRateBytes?: number;
       saveVolumeBytes: number;
       /** Only ask whether the takeover would be accepted now; nothing changes. */
       check?: boolean;
@@ -105,6 +106,10 @@ interface StandingReply {
 
 interface FenceReply {
   lastDeltaSet: number;
+  /** The fenced source's cut policy and rate limit as they stood: the new source carries on with them. */
+  intervalMs?: number;
+  highWaterBytes?: number;
+  maxRateBytes?: number;
 }
 
 interface ResyncReply {
@@ -285,6 +290,12 @@ export class Recovery {
         try {
           const reply = await this.request<FenceReply>(pair.peerUrl, { op: 'fence', pairId: pair.pairId, volume: pair.peerVolume, generation: next, sync: true }, syncTimeoutMs + 10_000);
           sourceFenced = true;
+          // A change made there since the last heartbeat is not lost in the switch.
+          if (policyFigure(reply.intervalMs) > 0 && policyFigure(reply.highWaterBytes) > 0) {
+            pair.intervalMs = policyFigure(reply.intervalMs);
+            pair.highWaterBytes = policyFigure(reply.highWaterBytes);
+          }
+          pair.maxRateBytes = rateLimitFigure(reply.maxRateBytes) ?? pair.maxRateBytes ?? 0;
           const deadline = this.m.deps.clock.now() + syncTimeoutMs;
           while (pair.deltaSetReceived < reply.lastDeltaSet) {
             if (this.m.deps.clock.now() > deadline) throw new FerryError('UNAVAILABLE', `the last delta set ${reply.lastDeltaSet} did not arrive`);
@@ -664,6 +675,7 @@ export class Recovery {
         openSession: (p) => this.m.openSession(p, 'copy'),
         plan: async () => ({ copyId: pair.initialCopy.copyId ?? 1, image, blockCount: volumeInfo.blockCount, blockBytes: volumeInfo.blockBytes, stampedDeltaSet: 0, final: false }),
         persist: () => this.m.catalog.putPair(pair),
+        limiter: this.m.limiter(pair),
         countSent: (bytes) => {
           pair.bytesSent += bytes;
           sent.count(bytes);
@@ -978,7 +990,7 @@ export class Recovery {
         await source.drain({ withinBlocks: within, playedBack: false, timeoutMs: syncTimeoutMs });
         await this.m.deps.setAccess(volume, 'read-only');
         try {
-          await source.drain({ withinBlocks: 0, playedBack: true, timeoutMs: syncTimeoutMs });
+          await this.m.unthrottled(volume, () => source.drain({ withinBlocks: 0, playedBack: true, timeoutMs: syncTimeoutMs }));
         } catch (err) {
           await this.m.deps.setAccess(volume, 'read-write');
           throw err;
@@ -1071,6 +1083,7 @@ export class Recovery {
       targetVolume: pair.volume,
       intervalMs: pair.intervalMs,
       highWaterBytes: pair.highWaterBytes,
+      maxRateBytes: pair.maxRateBytes ?? 0,
       saveVolumeBytes: pair.saveVolumeBytes,
       check,
     };
@@ -1156,7 +1169,7 @@ export class Recovery {
         // E FIG. 33: hosts are held, a last delta set is cut and acknowledged.
         await this.m.deps.setAccess(pair.volume, 'read-only');
         try {
-          await source.drain({ withinBlocks: 0, playedBack: false, timeoutMs: syncTimeoutMs });
+          await this.m.unthrottled(pair.volume, () => source.drain({ withinBlocks: 0, playedBack: false, timeoutMs: syncTimeoutMs }));
         } catch (err) {
           await this.m.deps.setAccess(pair.volume, 'read-write');
           throw err;
@@ -1165,7 +1178,7 @@ export class Recovery {
       await this.fenceSelf(pair.volume, peer.siteName, `failover requested by ${peer.siteName}`);
     }
     const fenced = this.m.catalog.getPair(pair.volume) as PairRecord;
-    const reply: FenceReply = { lastDeltaSet: fenced.deltaSetCreated };
+    const reply: FenceReply = { lastDeltaSet: fenced.deltaSetCreated, intervalMs: fenced.intervalMs, highWaterBytes: fenced.highWaterBytes, maxRateBytes: fenced.maxRateBytes ?? 0 };
     connection.sendJson(ReplFrame.RecoveryReply as number, reply);
     connection.close();
   }
@@ -1445,6 +1458,7 @@ export class Recovery {
           stateReason: '',
           intervalMs: body.intervalMs || this.m.defaults.intervalMs,
           highWaterBytes: body.highWaterBytes || this.m.defaults.highWaterBytes,
+          maxRateBytes: rateLimitFigure(body.maxRateBytes) ?? pair.maxRateBytes ?? 0,
           saveVolumeBytes: Math.max(body.saveVolumeBytes || 0, pair.saveVolumeBytes),
           initialCopy: { cursorBlock: blockCount, totalBlocks: blockCount, stampedDeltaSet: 0, startedAt: now, doneAt: now, bytes: 0, copyId: 1 },
           ...this.m.freshCounters(),

@@ -3,7 +3,7 @@ import { BufferPool } from '../lib/buffer-pool.js';
 import { byteLength } from '../lib/byte-parts.js';
 import { type Clock, Waker } from '../lib/clock.js';
 import { FerryError, isFerryError } from '../lib/errors.js';
-import { RateMeter } from '../lib/rate.js';
+import { RateMeter, type RateLimiter } from '../lib/rate.js';
 import type { PagedBitmap } from '../lib/paged-bitmap.js';
 import type { PairRecord } from '../storage/replication-catalog.js';
 import { ioBytesMax, type Extent } from '../storage/volume.js';
@@ -123,6 +123,8 @@ export interface CopyRunnerDeps {
   plan(): Promise<CopyPlan>;
   /** Makes the pair record durable. */
   persist(): void;
+  /** The pair's rate limit: each piece waits on it before it goes. */
+  limiter: RateLimiter;
   countSent(bytes: number): void;
 }
 
@@ -147,6 +149,8 @@ export class CopyRunner {
   /** Payload bytes the target acknowledged: the copy's progress, resends not counted. */
   private readonly acknowledged: RateMeter;
   private closed = false;
+  /** Aborted at close: ends a wait on the rate limit. */
+  private readonly stopping = new AbortController();
   private readonly waker = new Waker();
   private connection: RcpConnection | undefined;
   private lastPersistMs = 0;
@@ -203,6 +207,7 @@ export class CopyRunner {
 
   close(): void {
     this.closed = true;
+    this.stopping.abort();
     this.waker.signal();
     this.connection?.destroy();
   }
@@ -229,6 +234,7 @@ export class CopyRunner {
         while (window.wantsPiece) {
           const piece = await copyPiece(plan, window.cursor);
           const payload = [copyFramePrefix(plan.copyId, piece.from, piece.end), ...encodeChunkParts({ extents: piece.extents, data: piece.data })];
+          await this.deps.limiter.take(byteLength(payload), this.stopping.signal);
           connection.send(ReplFrame.CopyData, payload, { generation }, piece.release);
           this.deps.countSent(byteLength(payload));
           unacknowledged.push({ end: piece.end, bytes: piece.data.length });

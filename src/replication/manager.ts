@@ -3,6 +3,7 @@ import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { Clock } from '../lib/clock.js';
+import { RateLimiter, rateLimitBytesMin } from '../lib/rate.js';
 import { formatSize } from '../lib/units.js';
 import { FerryError } from '../lib/errors.js';
 import { BitmapFile, readWorkBitmap, wasDamaged, writeBitmapFile } from '../storage/bitmap-file.js';
@@ -18,7 +19,7 @@ import { FrameType, type Frame } from '../transport/frame.js';
 import type { RcpServer } from '../transport/rcp-server.js';
 import { peerAddress, reachableUrl } from '../transport/peer-url.js';
 import { nextPairStatus, initialPairStatus } from './pair-state.js';
-import { ReplFrame, json, policyFigure, type PairCreateBody, type PairOpenBody, type TargetPosition } from './protocol.js';
+import { ReplFrame, json, policyFigure, rateLimitFigure, type PairCreateBody, type PairOpenBody, type TargetPosition } from './protocol.js';
 import { SourceReplicator } from './source.js';
 import type { CopyPlan, PointInTimeImage } from './copy.js';
 import type { SnapshotManager } from '../snapshot/manager.js';
@@ -39,6 +40,8 @@ export interface StartOptions {
   mode: PairMode;
   intervalMs: number;
   highWaterBytes: number;
+  /** Bytes per second the pair may send (`--max-rate`); 0 or absent: no limit. */
+  maxRateBytes?: number;
   saveVolumeBytes: number;
   /** The target's save volume; default: the larger of the source's and 1 GiB. */
   targetSaveVolumeBytes?: number;
@@ -64,9 +67,12 @@ export interface ManagerDeps {
   hostConnections(volume: string): number;
 }
 
-function checkPolicy(intervalMs: number, highWaterBytes: number): void {
+function checkPolicy(intervalMs: number, highWaterBytes: number, maxRateBytes = 0): void {
   if (intervalMs < 100) throw new FerryError('INVALID_DURATION', 'the interval must be at least 100ms');
   if (highWaterBytes < 1) throw new FerryError('INVALID_SIZE', 'the high-water mark must be at least 1 byte');
+  if (!Number.isSafeInteger(maxRateBytes) || (maxRateBytes !== 0 && maxRateBytes < rateLimitBytesMin)) {
+    throw new FerryError('INVALID_SIZE', `a rate limit must be at least ${formatSize(rateLimitBytesMin)} per second (0: no limit)`);
+  }
 }
 
 /** Why a command for a running source cannot be carried out here. */
@@ -97,6 +103,8 @@ export class ReplicationManager {
   private readonly starting = new Set<string>();
   /** Volumes this manager is resizing itself (a replicated volume grows with its pair). */
   private readonly resizing = new Set<string>();
+  /** Each pair's rate limit, shared by everything that sends for it (delta sets, copies, a resync's). */
+  private readonly limiters = new Map<string, RateLimiter>();
 
   readonly recovery: Recovery;
   readonly defaults = { intervalMs: intervalMsDefault, highWaterBytes: highWaterBytesDefault };
@@ -173,7 +181,7 @@ export class ReplicationManager {
     if (targetSave !== undefined && (targetSave < options.saveVolumeBytes || targetSave % 4096 !== 0)) {
       throw new FerryError('INVALID_SIZE', `the target's save volume must be a multiple of 4K and at least the source's (${options.saveVolumeBytes} bytes): it must hold any delta set the source can cut`);
     }
-    checkPolicy(options.intervalMs, options.highWaterBytes);
+    checkPolicy(options.intervalMs, options.highWaterBytes, options.maxRateBytes);
     this.starting.add(options.volume);
     try {
       const pairId = randomUUID();
@@ -194,6 +202,7 @@ export class ReplicationManager {
         ...(options.overwrite ? { overwrite: true } : {}),
         intervalMs: options.intervalMs,
         highWaterBytes: options.highWaterBytes,
+        maxRateBytes: options.maxRateBytes ?? 0,
       };
       const { connection, peer } = await this.connect(options.to);
       try {
@@ -218,6 +227,7 @@ export class ReplicationManager {
         generation: 1,
         intervalMs: options.intervalMs,
         highWaterBytes: options.highWaterBytes,
+        maxRateBytes: options.maxRateBytes ?? 0,
         saveVolumeBytes: options.saveVolumeBytes,
         createdAt: new Date(this.deps.clock.now()).toISOString(),
         initialCopy: { cursorBlock: 0, totalBlocks: volume.blockCount, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },
@@ -361,20 +371,46 @@ export class ReplicationManager {
    * `ferry replicate set`: the source's cut policy, changed on a running pair, or kept
    * for when replication runs again (a new source waiting for its resync).
    */
-  setPolicy(volumeName: string, policy: { intervalMs?: number; highWaterBytes?: number }): void {
+  setPolicy(volumeName: string, policy: { intervalMs?: number; highWaterBytes?: number; maxRateBytes?: number }): void {
     const pair = this.requirePair(volumeName);
     const source = this.sources.get(volumeName);
     if (!source && (pair.role !== 'source' || pair.recovery?.phase === 'fenced')) throw notReplicatingHere(pair);
     const intervalMs = policy.intervalMs ?? pair.intervalMs;
     const highWaterBytes = policy.highWaterBytes ?? pair.highWaterBytes;
-    checkPolicy(intervalMs, highWaterBytes);
-    if (source) source.setPolicy({ intervalMs, highWaterBytes });
-    else {
-      pair.intervalMs = intervalMs;
-      pair.highWaterBytes = highWaterBytes;
-      this.catalog.putPair(pair);
+    const maxRateBytes = policy.maxRateBytes ?? pair.maxRateBytes ?? 0;
+    checkPolicy(intervalMs, highWaterBytes, maxRateBytes);
+    // A resync's full copy keeps its own copy of the record and writes it as it goes.
+    const copying = this.recovery.fullCopies.get(volumeName)?.pair;
+    if (source) source.setPolicy({ intervalMs, highWaterBytes }, maxRateBytes);
+    for (const p of source ? [] : [pair, ...(copying ? [copying] : [])]) {
+      p.intervalMs = intervalMs;
+      p.highWaterBytes = highWaterBytes;
+      p.maxRateBytes = maxRateBytes;
     }
-    this.deps.log.info({ volume: volumeName, intervalMs, highWaterBytes }, 'cut policy changed');
+    if (!source) this.catalog.putPair(copying ?? pair);
+    this.limiters.get(volumeName)?.setRate(maxRateBytes);
+    this.deps.log.info({ volume: volumeName, intervalMs, highWaterBytes, maxRateBytes }, 'cut policy and rate limit changed');
+  }
+
+  /** The pair's rate limit (one per volume, whatever its role changes), at the rate its record gives. */
+  limiter(pair: PairRecord): RateLimiter {
+    let limiter = this.limiters.get(pair.volume);
+    if (!limiter) {
+      limiter = new RateLimiter(this.deps.clock);
+      this.limiters.set(pair.volume, limiter);
+    }
+    if (limiter.configuredRate !== (pair.maxRateBytes ?? 0)) limiter.setRate(pair.maxRateBytes ?? 0);
+    return limiter;
+  }
+
+  /** Runs `fn` with the pair's rate limit lifted: hosts are held for a role change and wait on what it sends. */
+  async unthrottled<T>(volume: string, fn: () => Promise<T>): Promise<T> {
+    const restore = this.limiters.get(volume)?.lift();
+    try {
+      return await fn();
+    } finally {
+      restore?.();
+    }
   }
 
   pause(volumeName: string): void {
@@ -621,6 +657,7 @@ export class ReplicationManager {
         // Kept for a failover here: the new source cuts as the old one did.
         intervalMs: policyFigure(body.intervalMs),
         highWaterBytes: policyFigure(body.highWaterBytes),
+        maxRateBytes: rateLimitFigure(body.maxRateBytes) ?? 0,
         saveVolumeBytes: targetSaveVolumeBytes(body),
         createdAt: new Date(this.deps.clock.now()).toISOString(),
         initialCopy: { cursorBlock: 0, totalBlocks: body.sizeBytes / blockBytes, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },
@@ -855,6 +892,7 @@ export class ReplicationManager {
       clock,
       log,
       openSession: (p, channel) => this.openSession(p, channel),
+      limiter: this.limiter(pair),
       copyPlan: (p) => this.copyPlan(p),
       copied: (p) => (p.recovery?.phase === 'resync' ? this.recovery.resyncDone(p) : this.dropCopyImage(p)),
       catchUp: (p, backlog) => this.catchUp(p, backlog),

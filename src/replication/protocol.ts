@@ -45,14 +45,20 @@ export interface PairCreateBody {
   targetSaveVolumeBytes?: number;
   /** An existing target volume holding data may be overwritten by the initial copy. */
   overwrite?: boolean;
-  /** The source's cut policy: the target keeps it for when it takes over (failover). */
+  /** The source's cut policy and rate limit: the target keeps them for when it takes over (failover). */
   intervalMs?: number;
   highWaterBytes?: number;
+  maxRateBytes?: number;
 }
 
 /** A cut-policy figure a peer sent: a positive whole number, else 0 (not given; the site's default applies). */
 export function policyFigure(v: unknown): number {
   return typeof v === 'number' && Number.isSafeInteger(v) && v > 0 ? v : 0;
+}
+
+/** A rate limit a peer sent: bytes per second, 0 for none; undefined if not given (a site that has none to tell). */
+export function rateLimitFigure(v: unknown): number | undefined {
+  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0 ? v : undefined;
 }
 
 export interface PairOpenBody {
@@ -146,9 +152,10 @@ export interface HeartbeatBody {
   /** The last delta set the target acknowledged, and the blocks of those cut after it. */
   deltaSetAcked?: number;
   unackedBlocks?: number;
-  /** The source's cut policy now (the target keeps it for a failover). */
+  /** The source's cut policy and rate limit now (the target keeps them for a failover). */
   intervalMs?: number;
   highWaterBytes?: number;
+  maxRateBytes?: number;
 }
 
 export function headerCrcFields(h: Omit<DeltaSetHeaderBody, 'headerCrc'>): string {

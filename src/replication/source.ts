@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { type Clock, Waker } from '../lib/clock.js';
-import { RateMeter } from '../lib/rate.js';
+import { RateMeter, type RateLimiter } from '../lib/rate.js';
 import { crc32c, crc32cCombine } from '../lib/checksum.js';
 import { FerryError, assert, isFerryError } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
@@ -66,6 +66,8 @@ export interface SourceDeps {
   fenced(reason: string): void;
   /** Opens an RCP connection of the pair (handshake done) and returns the target's position. */
   openSession(pair: PairRecord, channel: 'deltas' | 'copy'): Promise<{ connection: RcpConnection; position: TargetPosition }>;
+  /** The pair's rate limit: every chunk and copy piece waits on it before it goes. */
+  limiter: RateLimiter;
 }
 
 /** Counters for status and metrics, kept in memory. */
@@ -121,6 +123,8 @@ export class SourceReplicator {
   private building: Promise<void> | undefined;
   private removeHook: (() => void) | undefined;
   private closed = false;
+  /** Aborted at close: ends a wait on the rate limit. */
+  private readonly stopping = new AbortController();
   private loops: Promise<void>[] = [];
   private copier: CopyRunner | undefined;
   private connection: RcpConnection | undefined;
@@ -288,10 +292,11 @@ export class SourceReplicator {
     return next;
   }
 
-  /** A new cut policy (`ferry replicate set`): applies from now, a nearer deadline at once. */
-  setPolicy(policy: TriggerPolicy): void {
+  /** A new cut policy and rate limit (`ferry replicate set`): applies from now, a nearer deadline at once. */
+  setPolicy(policy: TriggerPolicy, maxRateBytes: number): void {
     this.pair.intervalMs = policy.intervalMs;
     this.pair.highWaterBytes = policy.highWaterBytes;
+    this.pair.maxRateBytes = maxRateBytes;
     this.trigger.setPolicy(policy, this.deps.clock.now());
     this.persist();
     this.cutWaker.signal();
@@ -325,6 +330,7 @@ export class SourceReplicator {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.stopping.abort();
     this.cutWaker.signal();
     this.sendWaker.signal();
     this.connection?.destroy();
@@ -620,6 +626,7 @@ export class SourceReplicator {
       unackedBlocks: this.unackedBlocks(),
       intervalMs: this.pair.intervalMs,
       highWaterBytes: this.pair.highWaterBytes,
+      maxRateBytes: this.pair.maxRateBytes ?? 0,
       ...(oldest !== undefined ? { oldestUnsentWriteMs: oldest } : {}),
     };
     connection.sendJson(ReplFrame.Heartbeat as number, body, { generation: BigInt(this.pair.generation) });
@@ -687,6 +694,7 @@ export class SourceReplicator {
         // The buffer is reused once the socket has taken the chunk. The frame's checksum
         // comes from the record's, checked as it was read: the chunk is not read again.
         const payloadCrc = crc32cCombine(crc32c(parts[0]), record.crc, parts[1].length);
+        await this.deps.limiter.take(parts[0].length + parts[1].length, this.stopping.signal);
         connection.send(ReplFrame.Chunk, parts, { generation }, record.release, payloadCrc);
         this.countSent(parts[0].length + parts[1].length);
         this.stats.currentChunk = index;
@@ -767,6 +775,7 @@ export class SourceReplicator {
         openSession: (p) => this.deps.openSession(p, 'copy'),
         plan: () => this.deps.copyPlan(this.pair),
         persist: () => this.persist(),
+        limiter: this.deps.limiter,
         countSent: (bytes) => this.countSent(bytes),
       });
       try {

@@ -40,6 +40,8 @@ export interface PairStatusView {
   /** Bytes per second over the last 5 s: sent (source) or received (target). */
   transferRate: number;
   averageTransferRate: number;
+  /** The most the pair may send, bytes per second (`--max-rate`), 0 for no limit; lifted while hosts are held for a role change. */
+  maxRate: number;
   /** The pair's current or last copy (the new remote copy, a resync's blocks, or a catch-up, rule 8): progress, and when it started and ended (ISO 8601). */
   initialCopy: { done: boolean; percent: number; copiedBlocks: number; totalBlocks: number; bytes: number; etaSeconds: number | null; catchUp: boolean; startedAt: string; doneAt: string | null };
   saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
@@ -196,6 +198,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     bytesReceived: pair.bytesReceived,
     transferRate: Math.round(live.rates.current),
     averageTransferRate: Math.round(live.rates.average),
+    maxRate: pair.maxRateBytes ?? 0,
     initialCopy: {
       done: copyDone,
       percent: total > 0 ? Math.floor((copied / total) * 1000) / 10 : 100,

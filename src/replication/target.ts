@@ -21,6 +21,7 @@ import {
   decodeCopyFrame,
   json,
   policyFigure,
+  rateLimitFigure,
   type AckBody,
   type ControlBody,
   type CopyDoneBody,
@@ -788,15 +789,17 @@ export class TargetReplica {
     this.playbackWaker.signal();
   }
 
-  /** The source's cut policy, kept for a failover here (it may be changed there at any time). */
+  /** The source's cut policy and rate limit, kept for a failover here (they may be changed there at any time). */
   private notePolicy(hb: HeartbeatBody): void {
     const { pair } = this.deps;
     const intervalMs = policyFigure(hb.intervalMs);
     const highWaterBytes = policyFigure(hb.highWaterBytes);
+    const maxRateBytes = rateLimitFigure(hb.maxRateBytes) ?? pair.maxRateBytes ?? 0;
     if (intervalMs === 0 || highWaterBytes === 0) return;
-    if (intervalMs === pair.intervalMs && highWaterBytes === pair.highWaterBytes) return;
+    if (intervalMs === pair.intervalMs && highWaterBytes === pair.highWaterBytes && maxRateBytes === (pair.maxRateBytes ?? 0)) return;
     pair.intervalMs = intervalMs;
     pair.highWaterBytes = highWaterBytes;
+    pair.maxRateBytes = maxRateBytes;
     this.deps.catalog.putPair(pair);
   }
 

@@ -25,6 +25,11 @@ export interface PairRecord {
   generation: number;
   intervalMs: number;
   highWaterBytes: number;
+  /**
+   * The most this pair may send, bytes per second, across all its copies and delta sets
+   * (`--max-rate`); 0 or absent: no limit. The target keeps the source's for a failover.
+   */
+  maxRateBytes?: number;
   saveVolumeBytes: number;
   createdAt: string;
   /**

@@ -637,11 +637,11 @@ test('replicate set changes when a running pair cuts; the target keeps the polic
     assert.equal((await pairStatus(a, 'v')).deltaSetCreated, 0, 'nothing cut under the first policy');
     // Bad or missing values change nothing; the target does not set the source's policy.
     assert.match((await a.cli(['replicate', 'set', 'v', '--interval', '50ms'])).stderr, /INVALID_DURATION/);
-    assert.match((await a.cli(['replicate', 'set', 'v'])).stderr, /give --interval, --high-water or both/);
+    assert.match((await a.cli(['replicate', 'set', 'v'])).stderr, /give --interval, --high-water, --max-rate or several/);
     assert.match((await b.cli(['replicate', 'set', 'v', '--interval', '1s'])).stderr, /is the target of its pair; run this at the source site \(policy-a\)/);
     const set = await a.cli(['replicate', 'set', 'v', '--interval', '200ms']);
     assert.equal(set.code, 0, set.stderr);
-    assert.equal(set.stdout.trim(), 'v: a delta set is cut every 200ms or once 1G is modified, whichever comes first');
+    assert.equal(set.stdout.trim(), 'v: a delta set is cut every 200ms or once 1G is modified, whichever comes first; it sends with no rate limit');
     // The nearer deadline applies at once: the pair catches up with no cut asked for.
     await waitInSync(a, b, 'v', 'v', 10_000);
     assert.equal(await b.digest('v'), model.digest());
@@ -652,6 +652,87 @@ test('replicate set changes when a running pair cuts; the target keeps the polic
     // B takes over and cuts as A did.
     assert.equal((await b.cli(['failover', 'v'])).code, 0);
     assert.match((await b.cli(['info', 'v'])).stdout, /^policy:\s+interval 200ms, high water 1G$/m);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
+test('a rate limit (--max-rate) holds the copy and delta sets to it, changes on a running pair, survives a restart and a failover, and is lifted while failover --sync holds hosts', async () => {
+  const [a, b] = await pair('rate');
+  try {
+    const limit = 2 * MiB;
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size: 24 * MiB });
+    const model = new VolumeModel(24 * MiB);
+    for (let offset = 0; offset < 20 * MiB; offset += MiB) {
+      const data = randomBytes(MiB);
+      model.apply(offset, data);
+      await a.writeData('v', offset, data);
+    }
+    // Below the least limit that keeps a session fed: refused, nothing started.
+    const low = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--max-rate', '100K']);
+    assert.notEqual(low.code, 0);
+    assert.match(low.stderr, /INVALID_SIZE: a rate limit must be at least 256K per second \(0: no limit\)/);
+    assert.equal((await b.api('GET', '/api/v1/volumes/v')).status, 404, 'no target volume was made');
+
+    const started = Date.now();
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '200ms', '--max-rate', '2M']);
+    assert.equal(start.code, 0, start.stderr);
+    // 20 MiB at 2 MiB/s takes about 10 s: at least 3 s in, the copy is at most at the limit (one 4 MiB piece
+    // and a quarter second's burst ahead), and not done.
+    await sleep(3_000);
+    const copying = await pairStatus(a, 'v');
+    const elapsed = (Date.now() - started) / 1000;
+    assert.equal(copying.maxRate, limit);
+    assert.equal(copying.initialCopy.done, false, `copied ${copying.initialCopy.bytes} bytes in ${elapsed} s`);
+    assert.ok(copying.bytesSent <= limit * elapsed + limit / 4 + 4.1 * MiB, `${copying.bytesSent} bytes sent in ${elapsed} s`);
+    assert.ok(copying.bytesSent >= MiB, 'it does send');
+    assert.match((await a.cli(['info', 'v'])).stdout, /^rate limit:\s+2M\/s$/m);
+    assert.match(await (await fetch(`${a.url}/metrics`)).text(), new RegExp(`^ferry_replication_max_rate_bytes\\{[^}]*volume="v"[^}]*\\} ${limit}$`, 'm'));
+    // Lifted on the running pair: the copy finishes at once.
+    const lift = await a.cli(['replicate', 'set', 'v', '--max-rate', '0']);
+    assert.equal(lift.code, 0, lift.stderr);
+    assert.match(lift.stdout, /; it sends with no rate limit$/m);
+    await waitInSync(a, b, 'v', 'v', 20_000);
+    assert.ok((Date.now() - started) / 1000 < 10, 'the rest went with no limit');
+    assert.equal(await b.digest('v'), model.digest());
+
+    // Delta sets keep to it too: 4 MiB of new writes at 1 MiB/s take at least 2.5 s to reach B.
+    assert.equal((await a.cli(['replicate', 'set', 'v', '--max-rate', '1M'])).code, 0);
+    assert.match((await a.cli(['replicate', 'set', 'v', '--max-rate', '64K'])).stderr, /INVALID_SIZE/);
+    assert.equal((await pairStatus(a, 'v')).maxRate, MiB, 'a refused change changes nothing');
+    const before = (await pairStatus(a, 'v')).bytesSent;
+    const wrote = Date.now();
+    for (let offset = 0; offset < 4 * MiB; offset += MiB) {
+      const data = randomBytes(MiB);
+      model.apply(offset, data);
+      await a.writeData('v', offset, data);
+    }
+    await waitInSync(a, b, 'v', 'v', 30_000);
+    const tookS = (Date.now() - wrote) / 1000;
+    const sent = (await pairStatus(a, 'v')).bytesSent - before;
+    assert.ok(sent >= 4 * MiB, `${sent} bytes sent`);
+    assert.ok(tookS >= (sent - MiB / 4 - MiB) / MiB, `${sent} bytes reached B in ${tookS} s at 1 MiB/s`);
+    assert.equal(await b.digest('v'), model.digest());
+    // B keeps the source's limit for a failover; A keeps it across a restart.
+    await waitFor("B to keep the source's limit", async () => /^rate limit:\s+1M\/s \(the source's: this site sends so if it takes over\)$/m.test((await b.cli(['info', 'v'])).stdout), 10_000);
+    await a.restart();
+    assert.equal((await pairStatus(a, 'v')).maxRate, MiB);
+
+    // failover --sync holds A's hosts while the last delta set goes: at full speed, not at the limit.
+    assert.equal((await a.cli(['replicate', 'set', 'v', '--max-rate', '256K', '--interval', '1h', '--high-water', '1G'])).code, 0);
+    for (let offset = 8 * MiB; offset < 16 * MiB; offset += MiB) {
+      const data = randomBytes(MiB);
+      model.apply(offset, data);
+      await a.writeData('v', offset, data);
+    }
+    const held = Date.now();
+    const failover = await b.cli(['failover', 'v', '--sync']);
+    assert.equal(failover.code, 0, failover.stderr);
+    // At 256 KiB/s the 8 MiB would take 32 s.
+    assert.ok((Date.now() - held) / 1000 < 16, `failover --sync took ${(Date.now() - held) / 1000} s`);
+    assert.equal(await b.digest('v'), model.digest(), 'nothing lost');
+    const tookOver = await pairStatus(b, 'v');
+    assert.deepEqual([tookOver.role, tookOver.maxRate], ['source', 256 * 1024], 'the new source sends as the old one did');
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }

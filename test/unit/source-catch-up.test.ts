@@ -2,6 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
+import { RateLimiter } from '../../src/lib/rate.js';
 import { systemClock } from '../../src/lib/clock.js';
 import { FerryError } from '../../src/lib/errors.js';
 import type { PagedBitmap } from '../../src/lib/paged-bitmap.js';
@@ -43,6 +44,7 @@ async function sourceWithoutTarget(saveVolumeBytes: number, beforeRecord: () => 
     },
     fenced: () => undefined,
     openSession: () => Promise.reject(new FerryError('UNAVAILABLE', 'the target is away in this test')),
+    limiter: new RateLimiter(systemClock),
   });
   return { env, source };
 }
