@@ -259,6 +259,21 @@ export class Recovery {
     await Promise.allSettled([...this.background.values(), ...this.fenceWatches.values()]);
   }
 
+  /**
+   * Hosts held for the last delta set of a role change that failed write again, unless
+   * this copy was fenced meanwhile (a second fence request, or the target's newer
+   * generation, while the first one's delta set was still going): the other site may be
+   * the source now, and a write here would be neither replicated nor on a resync's undo list.
+   */
+  private async releaseHosts(volume: string): Promise<void> {
+    const pair = this.m.catalog.getPair(volume);
+    if (pair?.role !== 'source' || pair.recovery?.phase === 'fenced' || !this.m.sources.has(volume)) {
+      this.log.warn({ volume, phase: pair?.recovery?.phase }, 'a role change that held hosts failed, but this copy was fenced meanwhile: hosts stay read-only');
+      return;
+    }
+    await this.m.deps.setAccess(volume, 'read-write');
+  }
+
   // ---- failover (at the target's site) ----------------------------------------------
 
   async failover(volume: string, mode: FailoverMode): Promise<FailoverResult> {
@@ -992,7 +1007,7 @@ export class Recovery {
         try {
           await this.m.unthrottled(volume, () => source.drain({ withinBlocks: 0, playedBack: true, timeoutMs: syncTimeoutMs }));
         } catch (err) {
-          await this.m.deps.setAccess(volume, 'read-write');
+          await this.releaseHosts(volume);
           throw err;
         }
         pair.recovery = { ...(pair.recovery ?? { previousGeneration: pair.generation, restartPoint: pair.deltaSetCreated }), phase: 'failing-back' };
@@ -1030,7 +1045,8 @@ export class Recovery {
 
   private retryFailback(volume: string): void {
     const step = async (): Promise<void> => {
-      if (this.busy.has(volume)) return;
+      // Another role change here (a fence being answered) goes first; this one is retried after it.
+      if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is in progress here`);
       this.busy.add(volume);
       try {
         await this.handOver(volume);
@@ -1164,18 +1180,25 @@ export class Recovery {
     this.fenceRequests.set(pair.volume, (this.fenceRequests.get(pair.volume) ?? 0) + 1);
     if (pair.recovery?.phase !== 'fenced') {
       if (body.generation <= pair.generation) throw new FerryError('STALE_GENERATION', `pair is at generation ${pair.generation}; a failover to generation ${body.generation} is refused`);
-      const source = this.m.sources.get(pair.volume);
-      if (body.sync && source) {
-        // E FIG. 33: hosts are held, a last delta set is cut and acknowledged.
-        await this.m.deps.setAccess(pair.volume, 'read-only');
-        try {
-          await this.m.unthrottled(pair.volume, () => source.drain({ withinBlocks: 0, playedBack: false, timeoutMs: syncTimeoutMs }));
-        } catch (err) {
-          await this.m.deps.setAccess(pair.volume, 'read-write');
-          throw err;
+      // One fence at a time: a second request (a retry whose first connection was lost) must
+      // not hold hosts, or give them back, while the first one's last delta set is going.
+      this.busy.add(pair.volume);
+      try {
+        const source = this.m.sources.get(pair.volume);
+        if (body.sync && source) {
+          // E FIG. 33: hosts are held, a last delta set is cut and acknowledged.
+          await this.m.deps.setAccess(pair.volume, 'read-only');
+          try {
+            await this.m.unthrottled(pair.volume, () => source.drain({ withinBlocks: 0, playedBack: false, timeoutMs: syncTimeoutMs }));
+          } catch (err) {
+            await this.releaseHosts(pair.volume);
+            throw err;
+          }
         }
+        await this.fenceSelf(pair.volume, peer.siteName, `failover requested by ${peer.siteName}`);
+      } finally {
+        this.busy.delete(pair.volume);
       }
-      await this.fenceSelf(pair.volume, peer.siteName, `failover requested by ${peer.siteName}`);
     }
     const fenced = this.m.catalog.getPair(pair.volume) as PairRecord;
     const reply: FenceReply = { lastDeltaSet: fenced.deltaSetCreated, intervalMs: fenced.intervalMs, highWaterBytes: fenced.highWaterBytes, maxRateBytes: fenced.maxRateBytes ?? 0 };

@@ -703,6 +703,56 @@ test('SIGKILL of either site while a failover --sync or a failback holds the sou
   }
 });
 
+test('a failover that comes while a failover --sync holds the source\'s hosts for its last delta set: a second fence waits its turn, and the source, fenced by the new generation, keeps its hosts held', async () => {
+  const [a, b] = await sites('fencerace');
+  // B reaches A through one proxy (its requests can be cut), A reaches B through another (its acknowledgements can be lost).
+  const toA = await advertisedProxy(a, 23);
+  const toB = new FaultProxy(b.host, b.port, 29);
+  await toB.start();
+  try {
+    const size = 16 * MiB;
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image, toB.url);
+    // A's delta sets from now on cannot be acknowledged (on connections made from now on): the first
+    // failover --sync holds A's hosts and waits.
+    toB.dropReply = (frame) => frame.type === ReplFrame.Ack;
+    toB.dropAll();
+    await writeApi(a, image, 20);
+    await waitFor('A to send again', async () => (await pairStatus(a, 'db')).connected, 30_000, 50);
+    const first = b.cli(['failover', 'db', '--sync']);
+    await waitFor('A to hold its hosts', async () => (await access(a)) === 'read-only', 30_000, 20);
+    // B's request is lost with its connection: the command fails at B, while A still waits for its delta set.
+    toA.dropAll();
+    const r = await first;
+    assert.notEqual(r.code, 0);
+    assert.deepEqual([await recoveryPhase(a), await access(a)], [undefined, 'read-only'], 'A is still the source, shipping its last delta set');
+    // Run again, it waits its turn at A: nothing else holds or gives back A's hosts meanwhile.
+    const second = await b.cli(['failover', 'db', '--sync']);
+    assert.notEqual(second.code, 0);
+    assert.match(second.stderr, /a role change of db is in progress at fencerace-a; try again/);
+    // The operator gives up on --sync: B takes over at what it has. A learns of generation 2 from B's
+    // refusals and is fenced; its first request's delta set then fails, and its hosts stay held.
+    const plain = await b.cli(['failover', 'db']);
+    assert.equal(plain.code, 0, plain.stderr);
+    await waitFor('A fenced', async () => (await recoveryPhase(a)) === 'fenced', 60_000, 100);
+    const heldStays = (): boolean => a.logs.some((l) => /fenced meanwhile: hosts stay read-only/.test(String(l.msg)));
+    await waitFor("the first request's end at A", async () => heldStays() || (await access(a)) === 'read-write', 60_000, 100);
+    assert.equal(await access(a), 'read-only', 'a fenced copy must not take writes: B is the source');
+    assert.ok(heldStays(), 'A says why its hosts stay held');
+    // The resync rebuilds A from B, keeping what A had that B did not in a snapshot.
+    toB.dropReply = undefined;
+    await writeApi(b, image, 5);
+    const rs = await b.cli(['resync', 'db']);
+    assert.equal(rs.code, 0, rs.stderr);
+    const done = await waitResynced(b, a);
+    assert.equal(done.recovery?.fullCopy, false);
+    assert.equal(await a.digest('db'), await b.digest('db'));
+  } finally {
+    await Promise.all([toA.close(), toB.close()]);
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('a failover --sync that stops after fencing the source (its answer lost): the source takes writes again by itself; run again, the failover completes and the source stays fenced', async () => {
   const [a, b] = await sites('unfence');
   // B reaches A through a proxy that can lose A's answers.
@@ -1442,6 +1492,14 @@ async function roleSoak(name: string, rounds: number, faults?: FaultPlan): Promi
     }
     await startPair(a, b, size, image, proxies[1]?.url ?? b.url);
     for (const p of proxies) p.plan = faults ?? noFaults;
+    if (faults) {
+      // Faults fall per read through the proxy, and a fast machine makes few, large reads:
+      // hosts write until the links have done damage at least once, so every run has some.
+      await waitFor('the links to do damage', async () => {
+        await writeApi(a, image, 5);
+        return proxies.some((p) => p.flips + p.drops > 0);
+      }, 60_000, 0);
+    }
     for (let round = 0; round < rounds; round++) {
       steps.push(`round ${round} (seed ${seed})`);
       await writeApi(a, image, 20);
