@@ -447,7 +447,7 @@ program
             : `created ${info.deltaSetCreated} (at the source, as it last said), received ${info.deltaSetReceived}, played back ${info.deltaSetPlayedBack}`,
         ],
         ['transfer rate', `${formatSize(info.transferRate)}/s current, ${formatSize(info.averageTransferRate)}/s average (${info.role === 'source' ? 'sent' : 'received'})`],
-        ['rate limit', info.maxRate > 0 ? `${formatSize(info.maxRate)}/s${info.role === 'target' ? " (the source's: this site sends so if it takes over)" : ''}` : 'none'],
+        ['rate limit', info.maxRate > 0 ? `${formatSize(info.maxRate)}/s${info.role === 'target' ? " (the source's: this site sends so if it takes over)" : info.throttled ? ' (holding sending back now)' : ''}` : 'none'],
         ['lag', `${info.lagSeconds}s, ${info.blocksDifferent} blocks different`],
         [info.initialCopy.catchUp ? 'catch-up copy' : info.recovery ? 'last copy' : 'initial copy', describeCopy(info.initialCopy)],
         ['save volume', `${formatSize(info.saveVolume.usedBytes)} of ${formatSize(info.saveVolume.capacityBytes)} used${info.saveVolume.full ? ' (FULL: tracking in the bitmap)' : ''}`],

@@ -69,7 +69,7 @@ async function refresh() {
       tr.append(
         cell(p.volume), cell(p.role), cell(p.peerSite + ' / ' + p.peerVolume), cell(p.health, health), cell(p.reason ? p.state + ': ' + p.reason : p.state, health),
         cell(String(p.generation), 'num'), cell(p.deltaSetCreated + ' / ' + p.deltaSetAcked + ' / ' + p.deltaSetPlayedBack, 'num'),
-        cell(p.lagSeconds + ' s, ' + p.lagBlocks + ' blocks', 'num'), cell(copy), cell(size(p.transferRate) + '/s' + (p.maxRate > 0 ? ' (limit ' + size(p.maxRate) + '/s)' : ''), 'num'), cell(build, p.lastBuild && p.lastBuild.slowerThanInterval ? 'err' : ''), cell(recovery),
+        cell(p.lagSeconds + ' s, ' + p.lagBlocks + ' blocks', 'num'), cell(copy), cell(size(p.transferRate) + '/s' + (p.maxRate > 0 ? ' (limit ' + size(p.maxRate) + '/s' + (p.throttled ? ', holding back' : '') + ')' : ''), 'num'), cell(build, p.lastBuild && p.lastBuild.slowerThanInterval ? 'err' : ''), cell(recovery),
       );
       rows.append(tr);
     }

@@ -56,6 +56,8 @@ export class RateLimiter {
   private atMs: number;
   private changed = new AbortController();
   private lifts = 0;
+  /** When a send last had to wait for the limit (clock ms; -Infinity: never). */
+  heldAtMs = Number.NEGATIVE_INFINITY;
 
   constructor(
     private readonly clock: Clock,
@@ -108,6 +110,7 @@ export class RateLimiter {
         return;
       }
       const waitMs = Math.ceil((-this.tokens * 1000) / this.rate);
+      this.heldAtMs = this.clock.now() + waitMs;
       await this.clock.sleep(waitMs, stop ? AbortSignal.any([this.changed.signal, stop]) : this.changed.signal);
     }
   }

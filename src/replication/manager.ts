@@ -32,6 +32,8 @@ export const intervalMsDefault = 10_000;
 export const highWaterBytesDefault = 64 * 1024 * 1024;
 export const saveVolumeBytesDefault = 1024 * 1024 * 1024;
 const sessionOpenTimeoutMs = 10_000;
+/** A pair whose rate limit held a send back this recently is reported as held back by it. */
+const throttledWindowMs = 5_000;
 
 export interface StartOptions {
   volume: string;
@@ -403,6 +405,12 @@ export class ReplicationManager {
     return limiter;
   }
 
+  /** Whether the pair's rate limit held a send back within the last 5 s. */
+  private throttled(volume: string, nowMs: number): boolean {
+    const heldAtMs = this.limiters.get(volume)?.heldAtMs;
+    return heldAtMs !== undefined && nowMs - heldAtMs <= throttledWindowMs;
+  }
+
   /** Runs `fn` with the pair's rate limit lifted: hosts are held for a role change and wait on what it sends. */
   async unthrottled<T>(volume: string, fn: () => Promise<T>): Promise<T> {
     const restore = this.limiters.get(volume)?.lift();
@@ -469,6 +477,7 @@ export class ReplicationManager {
         sourceNowMs: now,
         rates: source.rates(),
         copyPace: source.copyPace,
+        throttled: this.throttled(pair.volume, now),
         saveVolume: { ...source.saveVolume, full: st.saveVolumeFull },
         connected: st.connected || (copy?.connected ?? false),
         retries: st.retries + (copy?.retries ?? 0),
@@ -493,6 +502,7 @@ export class ReplicationManager {
         sourceNowMs: now,
         rates: full.sent.rates(),
         copyPace: full.copier.pace,
+        throttled: this.throttled(pair.volume, now),
         saveVolume: { usedBytes: 0, capacityBytes: pair.saveVolumeBytes, full: false },
         connected: st.connected,
         retries: st.retries,
@@ -518,6 +528,7 @@ export class ReplicationManager {
       sourceNowMs: heard ? st.lastSourceNowMs + (now - st.lastSourceHeardLocalMs) : now,
       rates: target?.rates() ?? { current: 0, average: 0 },
       copyPace: target?.copyPace ?? 0,
+      throttled: false,
       saveVolume: { ...(target?.saveVolume ?? { usedBytes: 0, capacityBytes: pair.saveVolumeBytes }), full: st?.saveVolumeFull ?? false },
       connected: st?.connected ?? false,
       retries: 0,

@@ -42,6 +42,8 @@ export interface PairStatusView {
   averageTransferRate: number;
   /** The most the pair may send, bytes per second (`--max-rate`), 0 for no limit; lifted while hosts are held for a role change. */
   maxRate: number;
+  /** Source: the rate limit held sending back within the last 5 s (lag may come from it, not from the link). */
+  throttled: boolean;
   /** The pair's current or last copy (the new remote copy, a resync's blocks, or a catch-up, rule 8): progress, and when it started and ended (ISO 8601). */
   initialCopy: { done: boolean; percent: number; copiedBlocks: number; totalBlocks: number; bytes: number; etaSeconds: number | null; catchUp: boolean; startedAt: string; doneAt: string | null };
   saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
@@ -112,6 +114,8 @@ export interface LiveFigures {
   rates: { current: number; average: number };
   /** Bytes per second by which a running copy has lately moved (acknowledged, or written here); 0 when stalled. */
   copyPace: number;
+  /** Source: the rate limit held a send back lately. */
+  throttled: boolean;
   saveVolume: { usedBytes: number; capacityBytes: number; full: boolean };
   connected: boolean;
   retries: number;
@@ -199,6 +203,7 @@ export function pairStatusView(pair: PairRecord, rows: DeltaSetRecord[], live: L
     transferRate: Math.round(live.rates.current),
     averageTransferRate: Math.round(live.rates.average),
     maxRate: pair.maxRateBytes ?? 0,
+    throttled: live.throttled,
     initialCopy: {
       done: copyDone,
       percent: total > 0 ? Math.floor((copied / total) * 1000) / 10 : 100,

@@ -682,11 +682,11 @@ test('a rate limit (--max-rate) holds the copy and delta sets to it, changes on 
     await sleep(3_000);
     const copying = await pairStatus(a, 'v');
     const elapsed = (Date.now() - started) / 1000;
-    assert.equal(copying.maxRate, limit);
+    assert.deepEqual([copying.maxRate, copying.throttled], [limit, true]);
     assert.equal(copying.initialCopy.done, false, `copied ${copying.initialCopy.bytes} bytes in ${elapsed} s`);
     assert.ok(copying.bytesSent <= limit * elapsed + limit / 4 + 4.1 * MiB, `${copying.bytesSent} bytes sent in ${elapsed} s`);
     assert.ok(copying.bytesSent >= MiB, 'it does send');
-    assert.match((await a.cli(['info', 'v'])).stdout, /^rate limit:\s+2M\/s$/m);
+    assert.match((await a.cli(['info', 'v'])).stdout, /^rate limit:\s+2M\/s \(holding sending back now\)$/m);
     assert.match(await (await fetch(`${a.url}/metrics`)).text(), new RegExp(`^ferry_replication_max_rate_bytes\\{[^}]*volume="v"[^}]*\\} ${limit}$`, 'm'));
     // Lifted on the running pair: the copy finishes at once.
     const lift = await a.cli(['replicate', 'set', 'v', '--max-rate', '0']);
@@ -695,6 +695,7 @@ test('a rate limit (--max-rate) holds the copy and delta sets to it, changes on 
     await waitInSync(a, b, 'v', 'v', 20_000);
     assert.ok((Date.now() - started) / 1000 < 10, 'the rest went with no limit');
     assert.equal(await b.digest('v'), model.digest());
+    await waitFor('no longer held back', async () => !(await pairStatus(a, 'v')).throttled, 10_000);
 
     // Delta sets keep to it too: 4 MiB of new writes at 1 MiB/s take at least 2.5 s to reach B.
     assert.equal((await a.cli(['replicate', 'set', 'v', '--max-rate', '1M'])).code, 0);

@@ -123,7 +123,7 @@ function sourcePair(counters: Partial<PairRecord>): PairRecord {
 /** A connected pair's live figures with nothing dirty, at `nowMs` on both clocks. */
 function liveFigures(f: { nowMs: number; currentDeltaSet: number; dirtyBlocks?: number; oldestUnsentWriteMs?: number | undefined }): LiveFigures {
   return {
-    nowMs: f.nowMs, sourceHeardMs: undefined, dirtyBlocks: f.dirtyBlocks ?? 0, oldestUnsentWriteMs: f.oldestUnsentWriteMs, sourceNowMs: f.nowMs, rates: { current: 0, average: 0 }, copyPace: 0,
+    nowMs: f.nowMs, sourceHeardMs: undefined, dirtyBlocks: f.dirtyBlocks ?? 0, oldestUnsentWriteMs: f.oldestUnsentWriteMs, sourceNowMs: f.nowMs, rates: { current: 0, average: 0 }, copyPace: 0, throttled: false,
     saveVolume: { usedBytes: 0, capacityBytes: 1, full: false }, connected: true, retries: 0, corruptFrames: 0, ioErrors: 0, lastError: '', failing: '', notice: '', currentDeltaSet: f.currentDeltaSet, currentChunk: 0,
   };
 }
