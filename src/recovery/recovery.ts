@@ -1019,6 +1019,9 @@ export class Recovery {
       if (await this.abandonFailback(volume, err)) {
         throw new FerryError('NOT_FOUND', `failback of ${volume} abandoned: ${(err as Error).message}; this site is still the source and its hosts write again`);
       }
+      if (await this.failbackOvertaken(volume, err)) {
+        throw new FerryError('STALE_GENERATION', `failback of ${volume} cannot happen: ${pair.peerSiteName} took over by a failover meanwhile; this copy is fenced (read-only) until "ferry resync ${pair.peerVolume}" is run there`);
+      }
       // Past the point of no return, hosts stay held and the hand-over goes on by itself.
       if (this.m.catalog.getPair(volume)?.recovery?.phase === 'failing-back') {
         this.failbackStuck(volume, err as Error);
@@ -1051,7 +1054,7 @@ export class Recovery {
       try {
         await this.handOver(volume);
       } catch (err) {
-        if (!(await this.abandonFailback(volume, err))) throw err;
+        if (!(await this.abandonFailback(volume, err)) && !(await this.failbackOvertaken(volume, err))) throw err;
       } finally {
         this.busy.delete(volume);
       }
@@ -1083,6 +1086,28 @@ export class Recovery {
     this.stuckFailbacks.delete(volume);
     await this.m.deps.setAccess(volume, 'read-write');
     this.log.error({ volume, site: pair.peerSiteName, err: (err as Error).message }, 'failback abandoned: the other site has no such pair and can never take over; this site is still the source and hosts may write again');
+    return true;
+  }
+
+  /**
+   * A hand-over refused because the other site took over by a failover meanwhile (it is
+   * the source at a newer generation, not by this failback) can never happen: this copy
+   * is an old source like any other, fenced with its hosts still held, and waits for a
+   * resync from there. Returns whether it was so.
+   */
+  private async failbackOvertaken(volume: string, err: unknown): Promise<boolean> {
+    if (!isFerryError(err, 'STALE_GENERATION')) return false;
+    const pair = this.m.sources.get(volume)?.pair ?? this.m.catalog.getPair(volume);
+    if (!pair || pair.role !== 'source' || pair.recovery?.phase !== 'failing-back') return false;
+    const there = await this.request<StandingReply>(pair.peerUrl, { op: 'standing', pairId: pair.pairId, volume: pair.peerVolume, generation: pair.generation }, fenceNoticeTimeoutMs * 2).catch(() => undefined);
+    if (!there || there.role !== 'source' || there.generation <= pair.generation) return false;
+    // Not failing back any more: fenceSelf then fences this copy instead of completing a hand-over.
+    delete pair.recovery;
+    pair.stateReason = '';
+    this.m.catalog.putPair(pair);
+    this.stuckFailbacks.delete(volume);
+    this.log.error({ volume, site: pair.peerSiteName, generation: there.generation, err: (err as Error).message }, 'failback overtaken: the other site took over by a failover; this copy is fenced until it is resynced from there');
+    await this.fenceSelf(volume, pair.peerSiteName, `${pair.peerSiteName} took over by a failover during a failback`);
     return true;
   }
 
@@ -1438,7 +1463,13 @@ export class Recovery {
   /** E FIG. 30 at the old source: play back everything, then become the source again. */
   private async onTakeover(connection: RcpConnection, peer: PeerIdentity, pair: PairRecord, body: Extract<RecoveryRequest, { op: 'takeover' }>): Promise<void> {
     const { volumes, setAccess } = this.m.deps;
-    if (!(pair.role === 'source' && pair.generation === body.generation)) {
+    // A source at the generation asked for took over by this hand-over (its answer lost), unless it
+    // took over by a failover of its own at the same generation: then it has a recovery record.
+    const handedOver = pair.role === 'source' && pair.generation === body.generation && pair.recovery === undefined;
+    if (!handedOver) {
+      if (pair.role === 'source' && pair.generation >= body.generation) {
+        throw new FerryError('STALE_GENERATION', `volume ${pair.volume} here took over by a failover at generation ${pair.generation}; a failback from generation ${body.fromGeneration} cannot hand over to it: run "ferry resync ${pair.volume}" here to rebuild the other site`);
+      }
       if (pair.role !== 'target' || pair.generation !== body.fromGeneration) {
         throw new FerryError('STALE_GENERATION', `volume ${pair.volume} here is the ${pair.role} at generation ${pair.generation}; a takeover from generation ${body.fromGeneration} is refused`);
       }
@@ -1455,7 +1486,7 @@ export class Recovery {
       connection.close();
       return;
     }
-    if (!(pair.role === 'source' && pair.generation === body.generation)) {
+    if (!handedOver) {
       this.busy.add(pair.volume);
       try {
         const target = this.m.targets.get(pair.volume);

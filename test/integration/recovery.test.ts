@@ -832,6 +832,43 @@ test('a failback stuck at its hand-over whose pair is then stopped at the other 
   }
 });
 
+test('a failback stuck at its hand-over while the other site takes over by a failover of its own: this site is fenced, not made a replica of a source that waits for a resync, and the resync from there completes', async () => {
+  const [a, b] = await sites('fbovertaken');
+  const proxy = new FaultProxy(b.host, b.port, 31);
+  await proxy.start();
+  try {
+    const image = await stuckFailback(a, b, proxy, 16 * MiB);
+    assert.equal(await recoveryPhase(a), 'failing-back');
+    // B's operator fails over instead: B is the source at the generation the failback would have made.
+    const fo = await b.cli(['failover', 'db']);
+    assert.equal(fo.code, 0, fo.stderr);
+    const sb = await pairStatus(b, 'db');
+    assert.deepEqual([sb.role, sb.generation, sb.recovery?.phase], ['source', 2, 'failed-over']);
+    await writeApi(b, image, 10);
+    // The hand-over reaches B now: refused, B did not take over by it. A is fenced, hosts still held.
+    proxy.cutRequest = undefined;
+    await waitFor('A fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000, 100);
+    const sa = await pairStatus(a, 'db');
+    assert.deepEqual([sa.role, await access(a)], ['source', 'read-only']);
+    assert.match(sa.reason, /resync/);
+    assert.ok(a.logs.some((l) => /failback overtaken/.test(String(l.msg))), 'A says why');
+    const again = await a.cli(['failback', 'db']);
+    assert.notEqual(again.code, 0);
+    assert.equal(await access(a), 'read-only');
+    // The resync from B rebuilds A with no full copy: A had shipped everything before its hosts were held.
+    const rs = await b.cli(['resync', 'db']);
+    assert.equal(rs.code, 0, rs.stderr);
+    const done = await waitResynced(b, a);
+    assert.equal(done.recovery?.fullCopy, false);
+    assert.equal(done.recovery?.discardedBlocks ?? 0, 0, 'nothing of A\'s is discarded');
+    assert.equal(await b.digest('db'), sha(image));
+    assert.equal(await a.digest('db'), sha(image));
+  } finally {
+    await proxy.close();
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('a resync the old source could not start (its disk failing) is re-issued once the cause is cleared, and completes', async () => {
   const [a, b] = await sites('rsdisk');
   try {
