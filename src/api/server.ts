@@ -1,14 +1,16 @@
+import { randomUUID } from 'node:crypto';
 import { createServer } from 'node:http';
 import { PassThrough } from 'node:stream';
 import { statfs } from 'node:fs/promises';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply } from 'fastify';
-import { FerryError, isNoSpace } from '../lib/errors.js';
+import { FerryError, isFerryError, isNoSpace } from '../lib/errors.js';
 import { Sha256InWorker } from '../lib/sha256.js';
 import { parseDuration, parseSize } from '../lib/units.js';
 import { highWaterBytesDefault, intervalMsDefault, saveVolumeBytesDefault } from '../replication/manager.js';
 import { checkVolumeName } from '../storage/volume-store.js';
 import { dashboardHtml } from '../dashboard/page.js';
 import type { Site } from '../site/site.js';
+import type { TargetReplica } from '../replication/target.js';
 import { ioBytesMax, type Volume } from '../storage/volume.js';
 import type { VolumeAccess } from '../storage/catalog.js';
 import { createMetrics } from './metrics.js';
@@ -206,8 +208,22 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
 
   app.get('/api/v1/volumes/:name/digest', { schema: { params: nameParams, querystring: digestQuery } }, async (req, reply) => {
     const name = (req.params as { name: string }).name;
+    const progress = (req.query as DigestQuery).progress === 'true';
+    const target = site.replication.targets.get(name);
+    // A replica changes by whole delta sets while it is read: its digest is of one image of the source, and says which.
+    if (target?.holdsImage) {
+      const { image, point, done } = await replicaImage(site, target, name, reply.log);
+      const answer = (sha256: string): object => ({
+        volume: name,
+        sizeBytes: image.sizeBytes,
+        sha256,
+        deltaSet: point.deltaSet,
+        ...(point.sourceCutMs > 0 ? { sourceTime: new Date(point.sourceCutMs).toISOString() } : {}),
+      });
+      return digestAnswer(reply, image, name, progress, answer, done);
+    }
     const reader = site.reader(name);
-    return digestAnswer(reply, reader, name, (req.query as DigestQuery).progress === 'true', (sha256) => ({ volume: name, sizeBytes: reader.sizeBytes, sha256 }));
+    return digestAnswer(reply, reader, name, progress, (sha256) => ({ volume: name, sizeBytes: reader.sizeBytes, sha256 }));
   });
 
   // ---- replication -----------------------------------------------------------------
@@ -346,6 +362,42 @@ function writableVolume(site: Site, name: string): void {
   }
 }
 
+type DigestImage = Pick<Volume, 'sizeBytes' | 'blockStatus' | 'readInto'>;
+
+/**
+ * One image of a replica to read whole (a digest), though playback goes on: a snapshot
+ * taken between two playbacks, deleted by `done`. At the snapshot limit, playback is
+ * held instead until `done`.
+ */
+async function replicaImage(site: Site, target: TargetReplica, name: string, log: FastifyBaseLogger): Promise<{ image: DigestImage; point: { deltaSet: number; sourceCutMs: number }; done: () => Promise<void> }> {
+  const snap = `ferry-digest-${randomUUID().slice(0, 8)}`;
+  const drop = async (): Promise<void> => {
+    await site.snapshots.delete(name, snap).catch((err: Error) => log.warn({ volume: name, snapshot: snap, err: err.message }, 'the snapshot a digest was read from could not be deleted; delete it by hand'));
+  };
+  try {
+    const point = await target.atBoundary(async (at) => {
+      await site.snapshots.create(name, snap, { purpose: 'image of a replica being digested' });
+      return at;
+    });
+    const image = await site.snapshots.image(name, snap).catch(async (err: Error) => {
+      await drop();
+      throw err;
+    });
+    return { image, point, done: drop };
+  } catch (err) {
+    if (!isFerryError(err, 'SNAPSHOT_LIMIT')) throw err;
+  }
+  let release = (): void => undefined;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  const point = await new Promise<{ deltaSet: number; sourceCutMs: number }>((resolve, reject) => {
+    target.atBoundary(async (at) => {
+      resolve(at);
+      await released;
+    }).catch(reject);
+  });
+  return { image: site.reader(name), point, done: async () => release() };
+}
+
 /** Reads of allocated data while digesting; each is handed to the hashing thread whole. */
 const digestReadBytes = 4 * 1024 * 1024;
 /** The volume's map is scanned this much at a time, the most one request may span (holes coalesce across pieces). */
@@ -402,9 +454,15 @@ const digestProgressMs = 500;
  * (`application/x-ndjson`), `{hashedBytes, sizeBytes}` every half second, then the answer
  * (or `{error}` if the digest failed once under way). `label` names the image in the log.
  */
-export async function digestAnswer(reply: FastifyReply, image: Pick<Volume, 'sizeBytes' | 'blockStatus' | 'readInto'>, label: string, progress: boolean, answer: (sha256: string) => object): Promise<unknown> {
+export async function digestAnswer(reply: FastifyReply, image: DigestImage, label: string, progress: boolean, answer: (sha256: string) => object, finished?: () => Promise<void>): Promise<unknown> {
   const signal = abortOnHangUp(reply, `digest of ${label}`);
-  if (!progress) return answer(await digestVolume(image, { signal }));
+  if (!progress) {
+    try {
+      return answer(await digestVolume(image, { signal }));
+    } finally {
+      await finished?.();
+    }
+  }
   const out = new PassThrough();
   const line = (value: object): void => void out.write(`${JSON.stringify(value)}\n`);
   let saidMs = Date.now();
@@ -418,6 +476,7 @@ export async function digestAnswer(reply: FastifyReply, image: Pick<Volume, 'siz
       (sha256) => line(answer(sha256)),
       (err: Error) => line({ error: err instanceof FerryError ? err.toJSON() : { code: 'INTERNAL', message: err.message } }),
     )
+    .then(() => finished?.())
     .finally(() => out.end());
   return reply.type('application/x-ndjson').send(out);
 }

@@ -176,8 +176,9 @@ volume
   .command('digest <name>')
   .description('SHA-256 of the whole volume (to compare copies)')
   .action(async (name: string, _opts: unknown, cmd: Command) => {
-    const d = await digestWithProgress<{ volume: string; sizeBytes: number; sha256: string }>(cmd, volumePath(name, '/digest'));
-    print(cmd, d, () => `${d.sha256}  ${d.volume}`);
+    const d = await digestWithProgress<{ volume: string; sizeBytes: number; sha256: string; deltaSet?: number; sourceTime?: string }>(cmd, volumePath(name, '/digest'));
+    // A replica's digest is of the image after one delta set: it says which.
+    print(cmd, d, () => `${d.sha256}  ${d.volume}${d.deltaSet !== undefined ? ` (replica at delta set ${d.deltaSet}${d.sourceTime ? `, source time ${d.sourceTime}` : ''})` : ''}`);
   });
 
 /** A digest, with a progress bar (it hashes the whole image: minutes for a large volume). */

@@ -259,6 +259,11 @@ export class TargetReplica {
     return this.deps.pair.initialCopy.doneAt !== undefined;
   }
 
+  /** The volume holds an image of the source at a delta-set boundary (no copy under way): `atBoundary` can take it. */
+  get holdsImage(): boolean {
+    return this.copyDone && this.deps.pair.deltaSetPlayedBack >= this.deps.pair.initialCopy.stampedDeltaSet;
+  }
+
   position(): TargetPosition {
     const p = this.deps.pair;
     return {
@@ -1012,7 +1017,7 @@ export class TargetReplica {
     const refuse = (why: string): never => {
       throw new FerryError('VOLUME_IN_USE', `volume ${pair.volume} is a replica of ${pair.peerSiteName}:${pair.peerVolume} and ${why}; nothing was taken`);
     };
-    if (!this.copyDone || pair.deltaSetPlayedBack < pair.initialCopy.stampedDeltaSet) {
+    if (!this.holdsImage) {
       refuse(`holds no consistent image until its ${pair.initialCopy.protectiveSnapshot ? 'catch-up' : 'initial'} copy is complete (${this.pair.initialCopy.copiedBlocks ?? 0} of ${pair.initialCopy.plannedBlocks ?? pair.initialCopy.totalBlocks} blocks)`);
     }
     this.playbackHeld++;

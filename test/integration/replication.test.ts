@@ -739,6 +739,49 @@ test('a rate limit (--max-rate) holds the copy and delta sets to it, changes on 
   }
 });
 
+test('a digest of a replica during playback is of one image of the source, and says which delta set: never a mix of two', async () => {
+  const [a, b] = await pair('digest');
+  try {
+    const size = 32 * MiB;
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    // Each delta set turns the whole volume into one pattern: the images a replica may hold are those.
+    const image = (k: number): Buffer => Buffer.alloc(size, 0x40 + k);
+    const writeAll = async (k: number): Promise<void> => {
+      for (let offset = 0; offset < size; offset += 4 * MiB) await a.writeData('v', offset, Buffer.alloc(4 * MiB, 0x40 + k));
+    };
+    await writeAll(0);
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    const expected = new Map<number, string>([[(await pairStatus(a, 'v')).deltaSetCreated, sha(image(0))]]);
+    const seen: { sha256: string; deltaSet: number }[] = [];
+    let writing = true;
+    const digests = (async () => {
+      while (writing) {
+        const { status, body } = await b.api<{ sha256: string; deltaSet: number }>('GET', '/api/v1/volumes/v/digest');
+        assert.equal(status, 200, JSON.stringify(body));
+        seen.push(body);
+      }
+    })();
+    for (let k = 1; k <= 8; k++) {
+      await writeAll(k);
+      assert.equal((await a.cli(['replicate', 'delta', 'v'])).code, 0);
+      expected.set((await pairStatus(a, 'v')).deltaSetCreated, sha(image(k)));
+    }
+    await waitInSync(a, b, 'v');
+    writing = false;
+    await digests;
+    assert.ok(seen.length >= 5, `${seen.length} digests taken`);
+    for (const d of seen) assert.equal(d.sha256, expected.get(d.deltaSet), `the digest at delta set ${d.deltaSet} is of that delta set's image`);
+    assert.ok(new Set(seen.map((d) => d.deltaSet)).size >= 2, 'digests were taken at several points');
+    const cli = await b.cli(['volume', 'digest', 'v']);
+    assert.match(cli.stdout, new RegExp(`^${sha(image(8))}  v \\(replica at delta set \\d+, source time \\S+\\)$`, 'm'));
+    const { body: snaps } = await b.api<{ name: string }[]>('GET', '/api/v1/volumes/v/snapshots');
+    assert.deepEqual(snaps.map((s) => s.name), [], 'the snapshots digests were read from are gone');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
+
 test('snapshots of a replica (backups at the other site) are taken between playbacks: whole delta sets only, and they say which', async () => {
   const [a, b] = await pair('snapb');
   try {
