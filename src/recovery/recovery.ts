@@ -1050,6 +1050,8 @@ export class Recovery {
     const step = async (): Promise<void> => {
       // Another role change here (a fence being answered) goes first; this one is retried after it.
       if (this.busy.has(volume)) throw new FerryError('VOLUME_IN_USE', `a role change of ${volume} is in progress here`);
+      // Fenced or handed over meanwhile (by the command itself, or a failover there): nothing left to retry.
+      if (this.m.catalog.getPair(volume)?.recovery?.phase !== 'failing-back') return;
       this.busy.add(volume);
       try {
         await this.handOver(volume);
