@@ -2,6 +2,7 @@ import type { Logger } from 'pino';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { type Clock, Waker } from '../lib/clock.js';
 import { RateMeter, type RateLimiter } from '../lib/rate.js';
+import { formatSize } from '../lib/units.js';
 import { crc32c, crc32cCombine } from '../lib/checksum.js';
 import { FerryError, assert, isFerryError } from '../lib/errors.js';
 import { JournalRecordType, RingSpace, type JournalFile } from '../storage/journal.js';
@@ -272,7 +273,9 @@ export class SourceReplicator {
         this.cutWaker.signal();
       }
       if (clock.now() > deadline) {
-        throw new FerryError('UNAVAILABLE', `the other site did not catch up within ${Math.round(options.timeoutMs / 1000)} s: ${outstanding} blocks outstanding, delta set ${this.pair.deltaSetPlayedBack} of ${this.pair.deltaSetCreated} played back${this.stats.lastError ? ` (${this.stats.lastError})` : ''}`);
+        // Hosts are not held while it waits at the rate limit: the wait is lifted only once they are.
+        const limit = this.deps.limiter.rate > 0 ? `; the pair's rate limit (${formatSize(this.deps.limiter.rate)}/s) holds it back: run it again, or lift the limit with "ferry replicate set ${this.pair.volume} --max-rate 0"` : '';
+        throw new FerryError('UNAVAILABLE', `the other site did not catch up within ${Math.round(options.timeoutMs / 1000)} s: ${outstanding} blocks outstanding, delta set ${this.pair.deltaSetPlayedBack} of ${this.pair.deltaSetCreated} played back${this.stats.lastError ? ` (${this.stats.lastError})` : ''}${limit}`);
       }
       await clock.sleep(50);
     }

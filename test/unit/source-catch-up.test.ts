@@ -20,7 +20,7 @@ const blocks = 1024;
  * A source whose target is away, with the given save volume. A catch-up runs
  * `beforeRecord` (which may hold it, or fail it), then is recorded in the pair.
  */
-async function sourceWithoutTarget(saveVolumeBytes: number, beforeRecord: () => Promise<void>): Promise<{ env: PairEnv; source: SourceReplicator }> {
+async function sourceWithoutTarget(saveVolumeBytes: number, beforeRecord: () => Promise<void>, maxRateBytes = 0): Promise<{ env: PairEnv; source: SourceReplicator }> {
   const env = await openPairEnv({ role: 'source', blockBytes: bb, blocks, copyDone: true, pair: { intervalMs: 3_600_000, highWaterBytes: 1 << 30, saveVolumeBytes } });
   const { dir, volume, replication, pair, journal } = env;
   const bitmap = await BitmapFile.create(join(dir, 'dirty.bitmap'), blocks);
@@ -44,7 +44,7 @@ async function sourceWithoutTarget(saveVolumeBytes: number, beforeRecord: () => 
     },
     fenced: () => undefined,
     openSession: () => Promise.reject(new FerryError('UNAVAILABLE', 'the target is away in this test')),
-    limiter: new RateLimiter(systemClock),
+    limiter: new RateLimiter(systemClock, maxRateBytes),
   });
   return { env, source };
 }
@@ -121,6 +121,21 @@ test('a delta set or a catch-up that could not be started is reported until its 
     assert.equal(await source.cutNow(), 0);
     assert.equal(pair.initialCopy.catchUp, true);
     assert.equal(source.stats.failing, '', 'the failed cut is not reported any more');
+  } finally {
+    await source.close();
+    await env.close();
+  }
+});
+
+test('a wait for the other site to catch up that times out at a rate limit says so, and how to lift it', async () => {
+  const { env, source } = await sourceWithoutTarget(2 * 1024 * 1024, async () => undefined, 1024 * 1024);
+  try {
+    source.start();
+    await env.volume.write(0, randomBytes(16 * bb));
+    await assert.rejects(source.drain({ withinBlocks: 0, playedBack: false, timeoutMs: 50 }), (err: Error) => {
+      assert.match(err.message, /did not catch up within 0 s: 16 blocks outstanding.*the pair's rate limit \(1M\/s\) holds it back: run it again, or lift the limit with "ferry replicate set \S+ --max-rate 0"/);
+      return true;
+    });
   } finally {
     await source.close();
     await env.close();
