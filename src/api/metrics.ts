@@ -1,4 +1,3 @@
-import { statfs } from 'node:fs/promises';
 import { Registry, Gauge, collectDefaultMetrics } from 'prom-client';
 import type { Site } from '../site/site.js';
 import { pairStates } from '../replication/pair-state.js';
@@ -42,8 +41,7 @@ export function createMetrics(site: Site): Registry {
     help: 'Bytes left on the file system of the site directory (volumes are thin; snapshots and save volumes grow into it)',
     registers: [register],
     async collect() {
-      const fs = await statfs(site.layout.dir);
-      this.set(fs.bavail * fs.bsize);
+      this.set((await site.fileSystemSpace()).availableBytes);
     },
   });
   new Gauge({

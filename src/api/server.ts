@@ -1,7 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { createServer } from 'node:http';
 import { PassThrough } from 'node:stream';
-import { statfs } from 'node:fs/promises';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply } from 'fastify';
 import { FerryError, isFerryError, isNoSpace } from '../lib/errors.js';
 import { Sha256InWorker } from '../lib/sha256.js';
@@ -81,7 +80,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
 
   app.get('/api/v1/site', async () => {
     // Volumes are thin and snapshots grow as blocks change: what is promised against what is left.
-    const fs = await statfs(site.layout.dir);
+    const space = await site.fileSystemSpace();
     const volumes = site.volumes.list();
     return {
       id: site.config.id,
@@ -93,8 +92,8 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
       startedAt: site.startedAt.toISOString(),
       pid: process.pid,
       version: 1,
-      fileSystemBytes: fs.blocks * fs.bsize,
-      fileSystemAvailableBytes: fs.bavail * fs.bsize,
+      fileSystemBytes: space.sizeBytes,
+      fileSystemAvailableBytes: space.availableBytes,
       volumesProvisionedBytes: volumes.reduce((n, v) => n + v.sizeBytes, 0),
       volumesAllocatedBytes: volumes.reduce((n, v) => n + v.allocatedBytes, 0),
     };

@@ -234,9 +234,10 @@ export class CopyRunner {
         while (window.wantsPiece) {
           const piece = await copyPiece(plan, window.cursor);
           const payload = [copyFramePrefix(plan.copyId, piece.from, piece.end), ...encodeChunkParts({ extents: piece.extents, data: piece.data })];
-          await this.deps.limiter.take(byteLength(payload), this.stopping.signal);
+          const frameBytes = byteLength(payload);
+          await this.deps.limiter.take(frameBytes, this.stopping.signal);
           connection.send(ReplFrame.CopyData, payload, { generation }, piece.release);
-          this.deps.countSent(byteLength(payload));
+          this.deps.countSent(frameBytes);
           unacknowledged.push({ end: piece.end, bytes: piece.data.length });
           window.sent(piece.end, piece.blocks);
         }

@@ -384,12 +384,10 @@ export class ReplicationManager {
     // A resync's full copy keeps its own copy of the record and writes it as it goes.
     const copying = this.recovery.fullCopies.get(volumeName)?.pair;
     if (source) source.setPolicy({ intervalMs, highWaterBytes }, maxRateBytes);
-    for (const p of source ? [] : [pair, ...(copying ? [copying] : [])]) {
-      p.intervalMs = intervalMs;
-      p.highWaterBytes = highWaterBytes;
-      p.maxRateBytes = maxRateBytes;
+    else {
+      for (const p of [pair, copying]) if (p) Object.assign(p, { intervalMs, highWaterBytes, maxRateBytes });
+      this.catalog.putPair(copying ?? pair);
     }
-    if (!source) this.catalog.putPair(copying ?? pair);
     this.limiters.get(volumeName)?.setRate(maxRateBytes);
     this.deps.log.info({ volume: volumeName, intervalMs, highWaterBytes, maxRateBytes }, 'cut policy and rate limit changed');
   }

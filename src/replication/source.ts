@@ -697,9 +697,10 @@ export class SourceReplicator {
         // The buffer is reused once the socket has taken the chunk. The frame's checksum
         // comes from the record's, checked as it was read: the chunk is not read again.
         const payloadCrc = crc32cCombine(crc32c(parts[0]), record.crc, parts[1].length);
-        await this.deps.limiter.take(parts[0].length + parts[1].length, this.stopping.signal);
+        const frameBytes = parts[0].length + parts[1].length;
+        await this.deps.limiter.take(frameBytes, this.stopping.signal);
         connection.send(ReplFrame.Chunk, parts, { generation }, record.release, payloadCrc);
-        this.countSent(parts[0].length + parts[1].length);
+        this.countSent(frameBytes);
         this.stats.currentChunk = index;
       }
     };

@@ -1,3 +1,4 @@
+import { statfs } from 'node:fs/promises';
 import type { Server as HttpServer } from 'node:http';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
@@ -92,6 +93,12 @@ export class Site {
     if (this.advertised !== undefined) return this.advertised;
     const a = this.addresses?.listen ?? parseHostPort(this.config.listen);
     return `http://${formatHostPort(a)}`;
+  }
+
+  /** The size of the site directory's file system and what is left on it (volumes, snapshots and save volumes grow into it). */
+  async fileSystemSpace(): Promise<{ sizeBytes: number; availableBytes: number }> {
+    const fs = await statfs(this.layout.dir);
+    return { sizeBytes: fs.blocks * fs.bsize, availableBytes: fs.bavail * fs.bsize };
   }
 
   /**
