@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { BufferPool } from '../lib/buffer-pool.js';
 import { RateMeter } from '../lib/rate.js';
 import { Waker } from '../lib/clock.js';
+import { crashPoint } from '../lib/crash-point.js';
 import { FerryError, isFerryError, type ErrorCode } from '../lib/errors.js';
 import { PagedBitmap } from '../lib/paged-bitmap.js';
 import { encodeChecksummedJson, readChecksummedJson, writeFileAtomic } from '../lib/durable.js';
@@ -375,6 +376,7 @@ export class Recovery {
       if (!reusable) {
         await snapshots.create(volume, restartSnapshot, { purpose: 'restart point', deltaSet: String(restartPoint), generation: String(pair.generation), pairId: pair.pairId });
       }
+      crashPoint('failover.restart-point-taken');
       const recovery: RecoveryRecord = {
         phase: 'failed-over',
         previousGeneration: pair.generation,
@@ -401,8 +403,11 @@ export class Recovery {
       this.m.targets.delete(volume);
       this.replacePair(sourcePair);
       switched = true;
+      crashPoint('failover.switched');
       await this.m.removeFiles(volumes.record(volume).id);
+      crashPoint('failover.files-removed');
       await setAccess(volume, 'read-write');
+      crashPoint('failover.read-write');
       const tookMs = this.m.deps.clock.now() - started;
       if (mode !== 'sync') {
         // E FIG. 32 step 561: if possible, the source is made read-only (told, not waited
@@ -460,6 +465,7 @@ export class Recovery {
     // Hosts are stopped first and the writes in flight finish under tracking: a write
     // made after the other site took over must be on the resync's undo list.
     if (current?.role === 'source') await this.m.deps.setAccess(volume, 'read-only');
+    crashPoint('fence.hosts-held');
     const source = this.m.sources.get(volume);
     this.m.sources.delete(volume);
     if (source) {
@@ -478,6 +484,7 @@ export class Recovery {
       pair.stateReason = describeRecovery(pair);
       this.m.catalog.putPair(pair);
     }
+    crashPoint('fence.recorded');
     await this.m.deps.setAccess(volume, 'read-only');
     this.log.warn({ volume, by, reason }, 'this volume failed over to the other site: read-only until it is resynced');
     this.watchFence(volume);
@@ -577,6 +584,7 @@ export class Recovery {
         throw new FerryError('UNAVAILABLE', `resync of ${volume}: no answer from ${pair.peerSiteName} (${message}); it may have started its part (its status then says it is being rebuilt): run "ferry resync ${volume}" again`);
       }
       const { reply, runs } = answer;
+      crashPoint('resync.answered');
       const dir = await this.pairDir(volume);
       const undo = new PagedBitmap(this.m.deps.volumes.get(volume).blockCount);
       for (const [s, n] of runs) undo.setRange(s, n);
@@ -593,6 +601,7 @@ export class Recovery {
         pair.state = 'initial-copying';
         pair.stateReason = describeRecovery(pair);
         this.m.catalog.putPair(pair);
+        crashPoint('resync.copy-planned');
       } catch (err) {
         await point?.source.close();
         throw err;
@@ -815,6 +824,7 @@ export class Recovery {
     const r = pair.recovery;
     if (!r || r.phase !== 'resync') return;
     for (const name of [...(r.intermediateSnapshots ?? []), r.restartSnapshot]) await this.dropSnapshot(pair.volume, name);
+    crashPoint('resync.snapshots-dropped');
     const dir = await this.pairDir(pair.volume);
     for (const f of ['undo.bitmap', 'reverse.bitmap', 'reverse.json']) await rm(join(dir, f), { force: true });
     await rm(this.m.copyBitmapPath(pair), { force: true });
@@ -914,6 +924,7 @@ export class Recovery {
       const point = await this.request<ReverseReply>(pair.peerUrl, this.reverseRequestFor(pair, true), requestTimeoutMs);
       // Hosts stop here, and the writes in flight finish under tracking: they are kept.
       await this.fenceSelf(volume, pair.peerSiteName, 'resync --reverse');
+      crashPoint('reverse.fenced');
       if (point.sizeBytes > this.m.deps.volumes.get(volume).sizeBytes) await this.m.growToMatch(volume, point.sizeBytes, pair.peerSiteName);
       const { reply, runs } = await this.requestRuns<ReverseReply>(pair.peerUrl, this.reverseRequestFor(pair, false), (r) => r.discardedBlocks);
       const dir = await this.pairDir(volume);
@@ -932,10 +943,12 @@ export class Recovery {
         if (undo.reason !== undefined) own.fullCopyReason = undo.reason;
         await writeBitmapFile(ownPath, ownBits);
         await writeFileAtomic(recordPath, encodeChecksummedJson(reverseMagic, 1, own));
+        crashPoint('reverse.own-listed');
       }
       for (const [s, n] of runs) ownBits.setRange(s, n);
       await writeBitmapFile(join(dir, 'undo.bitmap'), ownBits);
       for (const f of [...sourceRoleFiles, 'undo.json']) await rm(join(dir, f), { force: true });
+      crashPoint('reverse.files-removed');
       const fenced = this.m.requirePair(volume);
       // An unfinished catch-up's image is of no use: this copy is the source now.
       if (fenced.initialCopy.catchUp) await this.dropSnapshot(volume, fenced.initialCopy.snapshot);
@@ -960,6 +973,7 @@ export class Recovery {
       };
       sourcePair.stateReason = describeRecovery(sourcePair);
       this.replacePair(sourcePair);
+      crashPoint('reverse.switched');
       if (own.fullCopy) {
         // The first intermediate snapshot takes every write from now on: hosts may write.
         await this.m.deps.setAccess(volume, 'read-write');
@@ -1004,6 +1018,7 @@ export class Recovery {
         const within = Math.max(1, Math.floor(failbackWithinBytes / this.m.deps.volumes.get(volume).blockBytes));
         await source.drain({ withinBlocks: within, playedBack: false, timeoutMs: syncTimeoutMs });
         await this.m.deps.setAccess(volume, 'read-only');
+        crashPoint('failback.hosts-held');
         try {
           await this.m.unthrottled(volume, () => source.drain({ withinBlocks: 0, playedBack: true, timeoutMs: syncTimeoutMs }));
         } catch (err) {
@@ -1013,6 +1028,7 @@ export class Recovery {
         pair.recovery = { ...(pair.recovery ?? { previousGeneration: pair.generation, restartPoint: pair.deltaSetCreated }), phase: 'failing-back' };
         pair.stateReason = describeRecovery(pair);
         this.m.catalog.putPair(pair);
+        crashPoint('failback.recorded');
       }
       await this.handOver(volume);
     } catch (err) {
@@ -1139,6 +1155,7 @@ export class Recovery {
     const pair = source?.pair ?? this.m.requirePair(volume);
     const next = pair.generation + 1;
     await this.request(pair.peerUrl, this.takeoverRequest(pair, false), requestTimeoutMs);
+    crashPoint('failback.taken-over');
     this.m.sources.delete(volume);
     await source?.close();
     const blockCount = volumes.get(volume).blockCount;
@@ -1154,7 +1171,9 @@ export class Recovery {
       ...this.m.freshCounters(),
     };
     await this.m.removeFiles(volumes.record(volume).id);
+    crashPoint('failback.files-removed');
     this.replacePair(targetPair);
+    crashPoint('failback.switched');
     const target = await this.m.openTarget(targetPair);
     this.m.targets.set(volume, target);
     target.start();
@@ -1279,12 +1298,15 @@ export class Recovery {
           if (!snapshots.list(pair.volume).some((s) => s.name === name)) {
             await snapshots.create(pair.volume, name, { purpose: 'writes discarded by resync', blocks: undo.fullCopy ? 'unknown' : String(undo.bits.count), pairId: pair.pairId });
           }
+          crashPoint('rebuild.discard-snapshot-taken');
           record.discardSnapshot = name;
         }
         await writeBitmapFile(undoPath, undo.bits);
         await writeFileAtomic(recordPath, encodeChecksummedJson(undoMagic, 1, record));
+        crashPoint('rebuild.undo-recorded');
       }
       await setAccess(pair.volume, 'raw');
+      crashPoint('rebuild.raw');
       // The old source's own replication files go; the undo list stays.
       for (const f of sourceRoleFiles) await rm(join(dir, f), { force: true });
       // An unfinished catch-up's image is of no use once its blocks are on the undo list.
@@ -1300,6 +1322,7 @@ export class Recovery {
           ...(record.discardSnapshot !== undefined ? { discardSnapshot: record.discardSnapshot } : {}),
         }),
       );
+      crashPoint('rebuild.switched');
       this.log.warn({ volume: pair.volume, from: peer.siteName, fullCopy: record.fullCopy, discarded: record.discardedBlocks, snapshot: record.discardSnapshot }, 'resync: this volume is being rebuilt from the other site (raw until done)');
     }
     if (!this.m.targets.has(pair.volume)) {
@@ -1359,25 +1382,31 @@ export class Recovery {
       try {
         // Hosts stop before the point that is kept; a failure before the switch gives them back.
         await setAccess(pair.volume, 'read-only');
+        crashPoint('unwind.hosts-held');
         let answered: ReverseAnswer;
         try {
           // One left by an attempt that stopped holds less than this copy has now.
           await this.dropSnapshot(pair.volume, discardSnapshot);
           await snapshots.create(pair.volume, discardSnapshot, { purpose: 'writes discarded by resync --reverse', pairId: pair.pairId });
+          crashPoint('unwind.discard-snapshot-taken');
           const changed = await snapshots.changedBlocks(pair.volume, r.restartSnapshot, discardSnapshot);
           answered = { ...answer, discardedBlocks: changed.count };
           await writeBitmapFile(listPath, changed);
           await writeFileAtomic(recordPath, encodeChecksummedJson(reverseMagic, 1, answered));
+          crashPoint('unwind.listed');
         } catch (err) {
           await setAccess(pair.volume, 'read-write');
           throw err;
         }
         await setAccess(pair.volume, 'raw');
+        crashPoint('unwind.raw');
         this.replacePair(
           this.rebuiltTarget(pair, next, connection, peer, body, { phase: 'resync-target', previousGeneration: pair.generation, restartPoint: r.restartPoint, reverse: true, discardedBlocks: answered.discardedBlocks, discardSnapshot }),
         );
+        crashPoint('unwind.switched');
         // Its changes are listed: the restart point has served.
         await this.dropSnapshot(pair.volume, r.restartSnapshot);
+        crashPoint('unwind.restart-point-dropped');
         this.log.warn(
           { volume: pair.volume, from: peer.siteName, discarded: answered.discardedBlocks, snapshot: discardSnapshot },
           'resync --reverse: the writes made here since the failover are discarded (kept in a snapshot); this volume is being rebuilt from the old source (raw until done)',
@@ -1499,6 +1528,7 @@ export class Recovery {
         }
         await target.close();
         this.m.targets.delete(pair.volume);
+        crashPoint('takeover.played-back');
         const blockCount = volumes.get(pair.volume).blockCount;
         const now = this.now();
         const { recovery: _previous, ...rest } = target.pair;
@@ -1520,12 +1550,15 @@ export class Recovery {
           ...this.m.freshCounters(),
         };
         await this.m.removeFiles(volumes.record(pair.volume).id);
+        crashPoint('takeover.files-removed');
         this.replacePair(sourcePair);
+        crashPoint('takeover.switched');
         // Tracking is installed before hosts may write again.
         const source = await this.m.openSource(sourcePair);
         this.m.sources.set(pair.volume, source);
         source.start();
         await setAccess(pair.volume, 'read-write');
+        crashPoint('takeover.read-write');
         this.log.warn({ volume: pair.volume, generation: body.generation, target: peer.siteName }, 'failback: this site is the source again');
       } finally {
         this.busy.delete(pair.volume);

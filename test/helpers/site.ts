@@ -49,6 +49,8 @@ export class TestSite {
   /** The end of what the daemon wrote to stderr (a crash's stack, say). */
   stderrTail = '';
   exitCode: number | null = null;
+  /** The signal that ended the daemon, if one did. */
+  exitSignal: NodeJS.Signals | null = null;
   /** If set, the daemon runs with this file size limit (RLIMIT_FSIZE): writes past it fail with EFBIG, as on a full disk. */
   fileSizeLimit: number | undefined;
   /** If set, the daemon is started with `--advertise` this URL. */
@@ -59,7 +61,8 @@ export class TestSite {
     readonly dir: string,
     readonly name: string,
     private readonly root: string,
-    private readonly env: Record<string, string>,
+    /** Environment for the daemon, over the test's own (read at each start). */
+    public env: Record<string, string>,
   ) {}
 
   /** `listenHost`: the address the site listens on (default 127.0.0.1; 0.0.0.0 for every address). */
@@ -76,6 +79,7 @@ export class TestSite {
   async start(): Promise<void> {
     this.logs = [];
     this.exitCode = null;
+    this.exitSignal = null;
     // A restarted site keeps its address, as a real one would, so peers find it again.
     const listen = this.port > 0 ? ['--listen', `${this.host}:${this.port}`] : [];
     if (this.nbdPort > 0) listen.push('--nbd', `${this.host}:${this.nbdPort}`);
@@ -89,8 +93,9 @@ export class TestSite {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     this.proc = proc;
-    this.exited = new Promise((resolve) => proc.once('exit', (code) => {
+    this.exited = new Promise((resolve) => proc.once('exit', (code, signal) => {
       this.exitCode = code;
+      this.exitSignal = signal;
       resolve();
     }));
     let stderr = '';
@@ -133,6 +138,17 @@ export class TestSite {
     this.proc.kill(signal);
     await this.exited;
     return this.exitCode;
+  }
+
+  /** Waits up to `timeoutMs` for the daemon to exit by itself; true if it did. */
+  async waitExit(timeoutMs: number): Promise<boolean> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), timeoutMs)));
+    try {
+      return await Promise.race([this.exited.then(() => true), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   async restart(): Promise<void> {

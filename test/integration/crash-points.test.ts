@@ -1,0 +1,180 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { crashPoints, type CrashPoint } from '../../src/lib/crash-point.js';
+import { TestSite, type CliResult } from '../helpers/site.js';
+import { pairStatus, waitInSync } from '../helpers/replication.js';
+import { MiB, sha, blockWrite, writeApi, writesReplicate, recoveryPhase, startPair, unshippedDeltaSets, waitResynced, snapshotDigest, access } from '../helpers/recovery.js';
+
+/**
+ * A whole failover, resync and failback cycle with one daemon killed (SIGKILL, by itself)
+ * at one named point between the durable steps of a role change, for every such point.
+ * Each command is run again, as an operator would, until its outcome is reached; then
+ * nothing acknowledged is lost, the old source's discarded writes are in their snapshot,
+ * no full copy is made, and both volumes are equal.
+ */
+
+const size = 16 * MiB;
+
+/**
+ * A is the first source and B takes over. Then B rebuilds A and hands the role back;
+ * or A, with `resync --reverse`, keeps its data and rebuilds B ('reverse', 'unwind').
+ */
+function crashingSite(point: CrashPoint): 'a' | 'b' {
+  const step = point.split('.')[0] as string;
+  return ['failover', 'resync', 'failback', 'unwind'].includes(step) ? 'b' : 'a';
+}
+
+function reversed(point: CrashPoint): boolean {
+  return point.startsWith('reverse.') || point.startsWith('unwind.');
+}
+
+class Victim {
+  crashed = false;
+  constructor(
+    readonly site: TestSite,
+    private readonly point: CrashPoint,
+  ) {}
+
+  /** Restarts the site (unarmed) if it killed itself at the point; a death of any other kind fails the test. */
+  async reviveIfDead(): Promise<void> {
+    const { site } = this;
+    if (site.exitCode === null && site.exitSignal === null) return;
+    assert.equal(site.exitSignal, 'SIGKILL', `${site.name} exited with ${site.exitCode}: ${site.stderrTail}`);
+    assert.match(site.stderrTail, new RegExp(`crash point ${this.point.replace('.', '\\.')} reached`));
+    assert.equal(this.crashed, false, 'the site died twice');
+    this.crashed = true;
+    site.env = {};
+    await site.start();
+  }
+}
+
+/**
+ * Where a host's write accepted at a site during a step belongs (the image it must end
+ * up in); undefined: the site must refuse it.
+ */
+type Images = (site: 'a' | 'b') => Buffer | undefined;
+
+/**
+ * Once the victim is back (it cannot die again), a host writes a block at each site
+ * between the step's checks: what either site accepts then must not be lost.
+ */
+async function hostWrites(victim: Victim, a: TestSite, b: TestSite, images: Images): Promise<void> {
+  if (!victim.crashed) return;
+  for (const [key, site] of [['a', a], ['b', b]] as const) {
+    const image = images(key);
+    const w = blockWrite(size, undefined, 1);
+    let accepted = true;
+    try {
+      await site.writeData('db', w.offset, w.data);
+    } catch {
+      accepted = false;
+    }
+    if (!accepted) continue;
+    assert.ok(image, `${site.name} accepted a write while it must refuse them`);
+    w.data.copy(image, w.offset);
+  }
+}
+
+/**
+ * Runs `command` and, while `done` says no, revives the victim and runs it again when
+ * the last run failed: a role change cut short is re-issued once its site is back.
+ */
+async function untilDone(what: string, victim: Victim, command: () => Promise<CliResult>, done: () => Promise<boolean>, writes: () => Promise<void>): Promise<void> {
+  let last = await command();
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    await victim.reviveIfDead();
+    await writes();
+    if (await done().catch(() => false)) return;
+    if (Date.now() > deadline) throw new Error(`${what} not done; the last run said: ${last.stderr || last.stdout}`);
+    await new Promise((r) => setTimeout(r, 300));
+    await victim.reviveIfDead();
+    if (last.code !== 0) last = await command();
+  }
+}
+
+/** Two sites, the victim armed with the point; A the source of a pair in sync, with writes B never got. */
+async function setUp(point: CrashPoint): Promise<{ a: TestSite; b: TestSite; victim: Victim; aImage: Buffer; bImage: Buffer }> {
+  const name = point.replace('.', '-');
+  const env = { FERRY_CRASH_AT: point };
+  const victimName = crashingSite(point);
+  const [a, b] = await Promise.all([TestSite.create(`${name}-a`, victimName === 'a' ? { env } : {}), TestSite.create(`${name}-b`, victimName === 'b' ? { env } : {})]);
+  try {
+    const image = Buffer.alloc(size);
+    await startPair(a, b, size, image);
+    const bImage = Buffer.from(image);
+    // Writes at A that B never gets: a resync discards them, kept in a snapshot at A.
+    await unshippedDeltaSets(a, image, 1, new Set());
+    return { a, b, victim: new Victim(victimName === 'a' ? a : b, point), aImage: image, bImage };
+  } catch (err) {
+    await Promise.all([a.destroy(), b.destroy()]);
+    throw err;
+  }
+}
+
+/** B takes over; until A learns of it, A's hosts may write, and those writes are A's alone. */
+async function failover(a: TestSite, b: TestSite, victim: Victim, aImage: Buffer, bImage: Buffer): Promise<void> {
+  await untilDone('failover', victim, () => b.cli(['failover', 'db']), async () => (await pairStatus(b, 'db')).role === 'source' && (await recoveryPhase(a)) === 'fenced', () => hostWrites(victim, a, b, (site) => (site === 'a' ? aImage : bImage)));
+  assert.equal(await access(b), 'read-write');
+  assert.equal(await access(a), 'read-only');
+  assert.equal(await b.digest('db'), sha(bImage), 'the site that took over holds what it received, and its own writes');
+  await writeApi(b, bImage, 20);
+}
+
+async function cycleWithCrash(point: CrashPoint): Promise<void> {
+  const { a, b, victim, aImage, bImage } = await setUp(point);
+  try {
+    await failover(a, b, victim, aImage, bImage);
+    // The fenced old source refuses writes until it is a replica again.
+    const onlyB: Images = (site) => (site === 'a' ? undefined : bImage);
+    await untilDone('resync', victim, () => b.cli(['resync', 'db']), async () => (await recoveryPhase(b)) === 'resynced', () => hostWrites(victim, a, b, onlyB));
+    const resynced = await waitResynced(b, a);
+    assert.equal(resynced.recovery?.fullCopy, false, 'no full copy');
+    assert.equal(await a.digest('db'), sha(bImage));
+    const kept = resynced.recovery?.discardSnapshot;
+    assert.ok(kept, 'the old source\'s discarded writes are kept in a snapshot');
+    assert.equal(await snapshotDigest(a, kept), sha(aImage), 'the snapshot holds the old source as it was');
+
+    await writeApi(b, bImage, 20);
+    // One image: whichever site accepts a write is the source then, and the other gets it.
+    await untilDone('failback', victim, () => b.cli(['failback', 'db']), async () => {
+      const [sa, sb] = await Promise.all([pairStatus(a, 'db'), pairStatus(b, 'db')]);
+      return sa.role === 'source' && sb.role === 'target' && (await access(a)) === 'read-write';
+    }, () => hostWrites(victim, a, b, () => bImage));
+    await waitInSync(a, b, 'db');
+    assert.equal(await a.digest('db'), sha(bImage), 'nothing written at B is lost in the hand-over');
+    await writesReplicate(a, b, bImage, 10);
+    assert.equal((await pairStatus(a, 'db')).generation, (await pairStatus(b, 'db')).generation);
+    assert.ok(victim.crashed, `${victim.site.name} never reached ${point}`);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+}
+
+/** After the failover, A keeps its data (`resync --reverse`): B is rebuilt from it, B's writes since kept in a snapshot there. */
+async function reverseCycleWithCrash(point: CrashPoint): Promise<void> {
+  const { a, b, victim, aImage, bImage } = await setUp(point);
+  try {
+    await failover(a, b, victim, aImage, bImage);
+    // Until A is the source again, a write B accepts is among those discarded, one A accepts must reach B.
+    await untilDone('resync --reverse', victim, () => a.cli(['resync', 'db', '--reverse']), async () => (await recoveryPhase(a)) === 'resynced', () => hostWrites(victim, a, b, (site) => (site === 'a' ? aImage : bImage)));
+    const resynced = await waitResynced(a, b);
+    assert.equal(resynced.recovery?.fullCopy, false, 'no full copy');
+    assert.equal(await b.digest('db'), sha(aImage));
+    const kept = resynced.recovery?.discardSnapshot;
+    assert.ok(kept, 'the discarded writes of the site that took over are kept in a snapshot');
+    assert.equal(await snapshotDigest(b, kept), sha(bImage), 'the snapshot holds the site that took over as it was');
+    await writesReplicate(a, b, aImage, 10);
+    assert.ok(victim.crashed, `${victim.site.name} never reached ${point}`);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+}
+
+for (const point of crashPoints) {
+  const where = crashingSite(point) === 'a' ? 'the first source' : 'the site that takes over';
+  test(`SIGKILL at ${point} (${where}${reversed(point) ? ', resync --reverse' : ''}): every command, re-issued, completes; nothing acknowledged is lost, no full copy`, { timeout: 300_000 }, async () => {
+    await (reversed(point) ? reverseCycleWithCrash(point) : cycleWithCrash(point));
+  });
+}
+
