@@ -8,6 +8,12 @@ import { writeSync } from 'node:fs';
  * Unset (always, in service), a point costs one comparison.
  */
 export const crashPoints = [
+  // replicate start, at the source
+  'start.target-created',
+  'start.recorded',
+  'start.copy-planned',
+  // replicate start, at the target
+  'create.recorded',
   // failover, at the target's site
   'failover.restart-point-taken',
   'failover.switched',
@@ -20,6 +26,7 @@ export const crashPoints = [
   'resync.answered',
   'resync.copy-planned',
   'resync.snapshots-dropped',
+  'resync.files-removed',
   // resync, at the old source
   'rebuild.discard-snapshot-taken',
   'rebuild.undo-recorded',
@@ -48,6 +55,8 @@ export const crashPoints = [
   'unwind.raw',
   'unwind.switched',
   'unwind.restart-point-dropped',
+  // a snapshot restore (a failover during a catch-up puts back the image kept for it)
+  'restore.part-written',
 ] as const;
 
 export type CrashPoint = (typeof crashPoints)[number];

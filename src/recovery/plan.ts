@@ -59,6 +59,15 @@ export function intermediateSnapshotName(generation: number, step: number): stri
   return `ferry-resync-g${generation}-${step}`;
 }
 
+/**
+ * The resync's copy from its intermediate point is whole, and only its clean-up
+ * (`Recovery.resyncDone`) is left. A stop during that clean-up, which removes the copy's
+ * list of blocks, must not be taken for a resync whose intermediate point was never taken.
+ */
+export function resyncCopied(pair: PairRecord): boolean {
+  return pair.role === 'source' && pair.recovery?.phase === 'resync' && pair.initialCopy.doneAt !== undefined && pair.initialCopy.snapshot === intermediateSnapshotName(pair.generation, 2);
+}
+
 /** A reversed resync says whose writes it discards. */
 function resyncName(r: RecoveryRecord): string {
   return r.reverse ? `resync --reverse (the writes made at the other site since the failover are discarded${r.discardSnapshot ? `, kept in its snapshot ${r.discardSnapshot}` : ''})` : 'resync';

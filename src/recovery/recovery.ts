@@ -22,7 +22,7 @@ import { ReplFrame, json, policyFigure, rateLimitFigure } from '../replication/p
 import { currentImageName, snapshotsPerVolumeMax } from '../snapshot/manager.js';
 import type { ReplicationManager } from '../replication/manager.js';
 import type { SourceReplicator } from '../replication/source.js';
-import { checkFailover, checkReverseResync, describeRecovery, discardSnapshotName, intermediateSnapshotName, planUndo, restartSnapshotName } from './plan.js';
+import { checkFailover, checkReverseResync, describeRecovery, discardSnapshotName, intermediateSnapshotName, planUndo, restartSnapshotName, resyncCopied } from './plan.js';
 
 /** How long a failover waits for the other site's answer when it is only told (not --sync). */
 const fenceNoticeTimeoutMs = 1_500;
@@ -724,7 +724,7 @@ export class Recovery {
     const rr = pair.recovery;
     const dir = await this.pairDir(volume);
     // The copy's plan is fixed once its bitmap is written and the record names its image.
-    if (!(await exists(this.m.copyBitmapPath(pair))) || pair.initialCopy.snapshot !== i2) {
+    if (!resyncCopied(pair) && (!(await exists(this.m.copyBitmapPath(pair))) || pair.initialCopy.snapshot !== i2)) {
       const point = await this.takeIntermediatePoint(pair, rr.fullCopy ? i1 : (rr.restartSnapshot as string));
       try {
         if (!rr.fullCopy) point.differ.or(await this.readUndoList(volume, join(dir, 'undo.bitmap')));
@@ -828,6 +828,7 @@ export class Recovery {
     const dir = await this.pairDir(pair.volume);
     for (const f of ['undo.bitmap', 'reverse.bitmap', 'reverse.json']) await rm(join(dir, f), { force: true });
     await rm(this.m.copyBitmapPath(pair), { force: true });
+    crashPoint('resync.files-removed');
     r.phase = 'resynced';
     r.resyncDoneAt = this.now();
     pair.stateReason = '';

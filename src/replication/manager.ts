@@ -3,6 +3,7 @@ import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { Clock } from '../lib/clock.js';
+import { crashPoint } from '../lib/crash-point.js';
 import { RateLimiter, rateLimitBytesMin } from '../lib/rate.js';
 import { formatSize } from '../lib/units.js';
 import { FerryError } from '../lib/errors.js';
@@ -26,7 +27,7 @@ import type { SnapshotManager } from '../snapshot/manager.js';
 import { infoView, pairStatusView, type InfoView, type LiveFigures, type PairStatusView } from './status.js';
 import { TargetReplica } from './target.js';
 import { Recovery, type FailoverResult, type ResyncPreview } from '../recovery/recovery.js';
-import { describeRecovery } from '../recovery/plan.js';
+import { describeRecovery, resyncCopied } from '../recovery/plan.js';
 
 export const intervalMsDefault = 10_000;
 export const highWaterBytesDefault = 64 * 1024 * 1024;
@@ -87,6 +88,14 @@ function notReplicatingHere(pair: PairRecord): FerryError {
  * A pair needs two sites: `url` answered with this site's id. It is this site, or a copy
  * of its directory (a cloned machine), which must be made a site of its own first.
  */
+/**
+ * A target's pair left by a `replicate start` its source did not finish: from the same
+ * site and volume, its first copy not done, no role change since.
+ */
+function unfinishedStart(pair: PairRecord, sourceSiteId: string, sourceVolume: string): boolean {
+  return pair.role === 'target' && pair.peerSiteId === sourceSiteId && pair.peerVolume === sourceVolume && pair.generation === 1 && pair.recovery === undefined && pair.initialCopy.doneAt === undefined;
+}
+
 function notAnotherSite(url: string, self: PeerIdentity): FerryError {
   return new FerryError(
     'BAD_REQUEST',
@@ -132,7 +141,7 @@ export class ReplicationManager {
         if (pair.role === 'target') this.targets.set(pair.volume, await this.openTarget(pair));
         else if (phase === 'fenced') await this.deps.setAccess(pair.volume, 'read-only');
         else if (phase === 'failed-over' || phase === 'resync-full') await this.deps.setAccess(pair.volume, 'read-write');
-        else if (phase === 'resync' && !(await stat(join(this.pairDir(this.deps.volumes.record(pair.volume).id), 'copy.bitmap')).then(() => true, () => false))) {
+        else if (phase === 'resync' && !resyncCopied(pair) && !(await stat(join(this.pairDir(this.deps.volumes.record(pair.volume).id), 'copy.bitmap')).then(() => true, () => false))) {
           // The resync's intermediate point was not taken yet: Recovery.resumeAll does it.
         } else {
           this.sources.set(pair.volume, await this.openSource(pair));
@@ -214,6 +223,7 @@ export class ReplicationManager {
       } finally {
         connection.destroy();
       }
+      crashPoint('start.target-created');
       const status = nextPairStatus(initialPairStatus, { type: 'start' });
       const pair: PairRecord = {
         volume: options.volume,
@@ -237,10 +247,12 @@ export class ReplicationManager {
       };
       await this.removeFiles(record.id);
       this.catalog.putPair(pair);
+      crashPoint('start.recorded');
       const source = await this.openSource(pair);
       this.sources.set(pair.volume, source);
       try {
         await this.copyPlan(pair);
+        crashPoint('start.copy-planned');
       } catch (err) {
         this.sources.delete(pair.volume);
         await source.close();
@@ -627,7 +639,19 @@ export class ReplicationManager {
       }
       const here = this.deps.self.siteName;
       if (peer.siteId === this.deps.self.siteId) throw notAnotherSite(body.sourceUrl, this.deps.self);
-      if (this.catalog.getPair(body.targetVolume)) throw new FerryError('VOLUME_IN_USE', `volume ${body.targetVolume} at ${here} is already part of a replication pair`);
+      const existing = this.catalog.getPair(body.targetVolume);
+      const restarted = existing !== undefined && unfinishedStart(existing, peer.siteId, body.sourceVolume);
+      if (existing && !restarted) throw new FerryError('VOLUME_IN_USE', `volume ${body.targetVolume} at ${here} is already part of a replication pair`);
+      if (existing) {
+        // A start the source did not finish (it stopped, or this answer was lost), asked
+        // again: the source has no pair, so this one serves no one and the new one takes
+        // its place. Its blocks are the same source's, overwritten by the new copy.
+        const target = this.targets.get(existing.volume);
+        this.targets.delete(existing.volume);
+        await target?.close();
+        this.catalog.deletePair(existing.volume);
+        this.deps.log.warn({ volume: existing.volume, from: peer.siteName, pairId: existing.pairId }, 'the source asks again for a pair whose start it did not finish: the new pair replaces it');
+      }
       let record;
       if (volumes.has(body.targetVolume)) {
         record = volumes.record(body.targetVolume);
@@ -638,7 +662,7 @@ export class ReplicationManager {
         const hosts = this.deps.hostConnections(body.targetVolume);
         if (hosts > 0) throw new FerryError('VOLUME_IN_USE', `volume ${body.targetVolume} at ${here} is in use: ${hosts} host connection(s) (NBD) are open to it; disconnect them first`);
         const allocated = volumes.show(body.targetVolume).allocatedBytes;
-        if (allocated > 0 && body.overwrite !== true) {
+        if (allocated > 0 && body.overwrite !== true && !restarted) {
           throw new FerryError(
             'VOLUME_EXISTS',
             `volume ${body.targetVolume} exists at ${here} and holds data (${allocated} bytes allocated); the initial copy would overwrite it. Repeat with --force to overwrite it, or choose another volume with --target-volume`,
@@ -674,6 +698,7 @@ export class ReplicationManager {
       };
       await this.removeFiles(record.id);
       this.catalog.putPair(pair);
+      crashPoint('create.recorded');
       const target = await this.openTarget(pair);
       this.targets.set(pair.volume, target);
       target.start();

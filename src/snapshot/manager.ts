@@ -5,6 +5,7 @@ import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { BufferPool } from '../lib/buffer-pool.js';
+import { crashPoint } from '../lib/crash-point.js';
 import { fsyncDir } from '../lib/durable.js';
 import { FerryError, assert } from '../lib/errors.js';
 import type { Catalog, SnapshotRecord } from '../storage/catalog.js';
@@ -443,6 +444,7 @@ export class SnapshotManager {
           }
         }
         await flush();
+        if (blocksWritten + blocksTrimmed > 0) crashPoint('restore.part-written');
       }
       await volume.flush();
       return { blocksWritten, blocksTrimmed };

@@ -196,7 +196,8 @@ test('failover during a catch-up restores the protected image; resync then undoe
 });
 
 test('SIGKILL of the target while a failover restores the image a catch-up kept: opened again, it serves that image, and the catch-up, started over, makes it equal to its source', async () => {
-  const [a, b] = await sites('catchkill');
+  // B kills itself once the restore has put part of the kept image back (crash point).
+  const [a, b] = await Promise.all([TestSite.create('catchkill-a'), TestSite.create('catchkill-b', { env: { FERRY_CRASH_AT: 'restore.part-written' } })]);
   const proxy = new FaultProxy(b.host, b.port, 7);
   await proxy.start();
   try {
@@ -210,20 +211,16 @@ test('SIGKILL of the target while a failover restores the image a catch-up kept:
       return t.catchUp && !t.done && t.copiedBlocks >= (32 * MiB) / 8192;
     }, 60_000, 20);
     proxy.slowConnections = { ...slowCopy, bytesPerSecond: 64 * 1024 };
-    // A partition: A stays up; B is killed as its failover starts putting the kept image back.
-    const fo = b.api('POST', '/api/v1/replication/v/failover', {}).catch((e: Error) => e);
-    await waitFor('the restore to start', async () => b.logs.some((l) => l.msg === 'failover during a catch-up: putting back the image kept before it'), 30_000, 1);
-    // Some way into it (it reads the snapshot's records first): on this test machine, part of the image is back then.
-    await new Promise((r) => setTimeout(r, 30));
-    await b.kill('SIGKILL');
-    await fo;
+    // A partition: A stays up; B dies part way into putting the kept image back.
+    const fo = await b.api('POST', '/api/v1/replication/v/failover', {}).catch((e: Error) => e);
+    assert.ok(fo instanceof Error, 'the failover was cut short');
+    assert.ok(await b.waitExit(30_000), 'B stopped at the crash point');
+    assert.equal(b.exitSignal, 'SIGKILL');
+    assert.match(b.stderrTail, /crash point restore\.part-written reached/);
+    b.env = {};
     await b.start();
-    if ((await pairStatus(b, 'v')).role === 'source') {
-      // The restore and the switch beat the kill.
-      assert.equal(await b.digest('v'), boundary);
-      return;
-    }
     // Still the target: readers get the consistent image kept for the catch-up ...
+    assert.equal((await pairStatus(b, 'v')).role, 'target');
     assert.equal(await b.digest('v'), boundary);
     // ... and the catch-up is redone whole: the replica ends equal to its source.
     proxy.slowConnections = undefined;

@@ -16,17 +16,32 @@ import { MiB, sha, blockWrite, writeApi, writesReplicate, recoveryPhase, startPa
 const size = 16 * MiB;
 
 /**
- * A is the first source and B takes over. Then B rebuilds A and hands the role back;
- * or A, with `resync --reverse`, keeps its data and rebuilds B ('reverse', 'unwind').
+ * A is the first source and B takes over. Then B rebuilds A and hands the role back
+ * ('forward'); or A, with `resync --reverse`, keeps its data and rebuilds B ('reverse').
+ * 'start' is a new pair's first copy.
  */
-function crashingSite(point: CrashPoint): 'a' | 'b' {
-  const step = point.split('.')[0] as string;
-  return ['failover', 'resync', 'failback', 'unwind'].includes(step) ? 'b' : 'a';
+interface Case {
+  point: CrashPoint;
+  cycle: 'start' | 'forward' | 'reverse';
+  /** The site armed with the point. */
+  victim: 'a' | 'b';
 }
 
-function reversed(point: CrashPoint): boolean {
-  return point.startsWith('reverse.') || point.startsWith('unwind.');
+function caseOf(point: CrashPoint): Case {
+  const step = point.split('.')[0] as string;
+  const cycle = step === 'start' || step === 'create' ? 'start' : step === 'reverse' || step === 'unwind' ? 'reverse' : 'forward';
+  return { point, cycle, victim: ['create', 'failover', 'resync', 'failback', 'unwind'].includes(step) ? 'b' : 'a' };
 }
+
+/** Points tested where their step is set up: a restore during a failover that ends a catch-up, in catch-up.test.ts. */
+const elsewhere: readonly CrashPoint[] = ['restore.part-written'];
+
+const cases: Case[] = [
+  ...crashPoints.filter((p) => !elsewhere.includes(p)).map(caseOf),
+  // A resync ends at the site that copies: B in the forward cycle, A after resync --reverse.
+  { point: 'resync.snapshots-dropped', cycle: 'reverse', victim: 'a' },
+  { point: 'resync.files-removed', cycle: 'reverse', victim: 'a' },
+];
 
 class Victim {
   crashed = false;
@@ -93,19 +108,46 @@ async function untilDone(what: string, victim: Victim, command: () => Promise<Cl
   }
 }
 
-/** Two sites, the victim armed with the point; A the source of a pair in sync, with writes B never got. */
-async function setUp(point: CrashPoint): Promise<{ a: TestSite; b: TestSite; victim: Victim; aImage: Buffer; bImage: Buffer }> {
+/** Two sites, the victim armed with the point. */
+async function twoSites({ point, victim: victimName }: Case): Promise<{ a: TestSite; b: TestSite; victim: Victim }> {
   const name = point.replace('.', '-');
   const env = { FERRY_CRASH_AT: point };
-  const victimName = crashingSite(point);
   const [a, b] = await Promise.all([TestSite.create(`${name}-a`, victimName === 'a' ? { env } : {}), TestSite.create(`${name}-b`, victimName === 'b' ? { env } : {})]);
+  return { a, b, victim: new Victim(victimName === 'a' ? a : b, point) };
+}
+
+/** A new pair: `replicate start`, re-issued until the copy is whole; B refuses host writes until then. */
+async function startWithCrash(c: Case): Promise<void> {
+  const { point } = c;
+  const { a, b, victim } = await twoSites(c);
+  try {
+    const image = Buffer.alloc(size);
+    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
+    await writeApi(a, image, 30);
+    await untilDone('replicate start', victim, () => a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '500ms', '--wait']), async () => {
+      const s = await pairStatus(a, 'db');
+      return s.initialCopy.doneAt !== undefined && s.initialCopy.doneAt !== null;
+    }, () => hostWrites(victim, a, b, (site) => (site === 'a' ? image : undefined)));
+    await waitInSync(a, b, 'db');
+    assert.equal(await b.digest('db'), sha(image));
+    assert.equal(await access(b), 'read-only');
+    await writesReplicate(a, b, image, 10);
+    assert.ok(victim.crashed, `${victim.site.name} never reached ${point}`);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+}
+
+/** Two sites, the victim armed with the point; A the source of a pair in sync, with writes B never got. */
+async function setUp(c: Case): Promise<{ a: TestSite; b: TestSite; victim: Victim; aImage: Buffer; bImage: Buffer }> {
+  const { a, b, victim } = await twoSites(c);
   try {
     const image = Buffer.alloc(size);
     await startPair(a, b, size, image);
     const bImage = Buffer.from(image);
     // Writes at A that B never gets: a resync discards them, kept in a snapshot at A.
     await unshippedDeltaSets(a, image, 1, new Set());
-    return { a, b, victim: new Victim(victimName === 'a' ? a : b, point), aImage: image, bImage };
+    return { a, b, victim, aImage: image, bImage };
   } catch (err) {
     await Promise.all([a.destroy(), b.destroy()]);
     throw err;
@@ -121,8 +163,9 @@ async function failover(a: TestSite, b: TestSite, victim: Victim, aImage: Buffer
   await writeApi(b, bImage, 20);
 }
 
-async function cycleWithCrash(point: CrashPoint): Promise<void> {
-  const { a, b, victim, aImage, bImage } = await setUp(point);
+async function cycleWithCrash(c: Case): Promise<void> {
+  const { point } = c;
+  const { a, b, victim, aImage, bImage } = await setUp(c);
   try {
     await failover(a, b, victim, aImage, bImage);
     // The fenced old source refuses writes until it is a replica again.
@@ -152,8 +195,9 @@ async function cycleWithCrash(point: CrashPoint): Promise<void> {
 }
 
 /** After the failover, A keeps its data (`resync --reverse`): B is rebuilt from it, B's writes since kept in a snapshot there. */
-async function reverseCycleWithCrash(point: CrashPoint): Promise<void> {
-  const { a, b, victim, aImage, bImage } = await setUp(point);
+async function reverseCycleWithCrash(c: Case): Promise<void> {
+  const { point } = c;
+  const { a, b, victim, aImage, bImage } = await setUp(c);
   try {
     await failover(a, b, victim, aImage, bImage);
     // Until A is the source again, a write B accepts is among those discarded, one A accepts must reach B.
@@ -171,10 +215,11 @@ async function reverseCycleWithCrash(point: CrashPoint): Promise<void> {
   }
 }
 
-for (const point of crashPoints) {
-  const where = crashingSite(point) === 'a' ? 'the first source' : 'the site that takes over';
-  test(`SIGKILL at ${point} (${where}${reversed(point) ? ', resync --reverse' : ''}): every command, re-issued, completes; nothing acknowledged is lost, no full copy`, { timeout: 300_000 }, async () => {
-    await (reversed(point) ? reverseCycleWithCrash(point) : cycleWithCrash(point));
+const cycles = { start: startWithCrash, forward: cycleWithCrash, reverse: reverseCycleWithCrash };
+const cycleNames = { start: 'replicate start', forward: 'failover, resync, failback', reverse: 'failover, resync --reverse' };
+
+for (const c of cases) {
+  test(`SIGKILL at ${c.point} (${c.victim === 'a' ? 'A, the first source' : 'B, the first target'}; ${cycleNames[c.cycle]}): every command, re-issued, completes; nothing acknowledged is lost, no full copy`, { timeout: 300_000 }, async () => {
+    await cycles[c.cycle](c);
   });
 }
-

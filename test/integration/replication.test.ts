@@ -583,6 +583,15 @@ test('replicate start refuses what would overwrite without being asked: this sit
     await waitInSync(a, b, 'v');
     assert.equal(await b.digest('v'), before);
     assert.equal(await a.digest('v'), before);
+
+    // A replica is not taken by another volume's start, --force or not (only a start of
+    // the same volume that did not finish is replaced: see the crash-point tests).
+    await a.api('POST', '/api/v1/volumes', { name: 'x', size });
+    const taken = await a.cli(['replicate', 'start', 'x', '--to', b.url, '--target-volume', 'v', '--force']);
+    assert.notEqual(taken.code, 0);
+    assert.match(taken.stderr, /VOLUME_IN_USE: .*volume v at refuse-b is already part of a replication pair/);
+    await waitInSync(a, b, 'v');
+    assert.equal(await b.digest('v'), before);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
   }

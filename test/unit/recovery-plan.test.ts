@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { checkFailover, checkReverseResync, describeRecovery, planUndo } from '../../src/recovery/plan.js';
+import { checkFailover, checkReverseResync, describeRecovery, planUndo, resyncCopied } from '../../src/recovery/plan.js';
 import { isFerryError } from '../../src/lib/errors.js';
 import type { PairRecord } from '../../src/storage/replication-catalog.js';
 
@@ -64,4 +64,18 @@ test('checkReverseResync: only an old source that failed over (or has not learnt
   assert.equal(describeRecovery(reversing), 'resync --reverse (the writes made at the other site since the failover are discarded, kept in its snapshot ferry-discarded-g3): copying 12 blocks that differ');
   assert.equal(describeRecovery(pair({ recovery: { phase: 'resync', previousGeneration: 1, restartPoint: 4, resyncBlocks: 12 } })), 'resync: copying 12 blocks that differ');
   assert.match(describeRecovery(pair({ recovery: { phase: 'fenced', previousGeneration: 1, restartPoint: 0, failedOverTo: 'b' } })), /or, to keep this copy's data instead, "ferry resync v --reverse" here/);
+});
+
+test('resyncCopied: only the intermediate copy finished, at the source, in a resync, leaves just the clean-up', () => {
+  const done = { cursorBlock: 8, totalBlocks: 8, stampedDeltaSet: 2, startedAt: '', bytes: 0, doneAt: 'x', snapshot: 'ferry-resync-g3-2' };
+  const pair = (over: Partial<PairRecord>): PairRecord =>
+    ({ volume: 'v', role: 'source', generation: 3, recovery: { phase: 'resync', previousGeneration: 2, restartPoint: 4 }, initialCopy: done, ...over }) as PairRecord;
+  assert.equal(resyncCopied(pair({})), true);
+  // The copy still running, the first step of a full-copy resync, another generation's point, another phase or role: not done.
+  const { doneAt: _running, ...running } = done;
+  assert.equal(resyncCopied(pair({ initialCopy: running })), false);
+  assert.equal(resyncCopied(pair({ initialCopy: { ...done, snapshot: 'ferry-resync-g3-1' } })), false);
+  assert.equal(resyncCopied(pair({ generation: 4 })), false);
+  assert.equal(resyncCopied(pair({ recovery: { phase: 'resynced', previousGeneration: 2, restartPoint: 4 } })), false);
+  assert.equal(resyncCopied(pair({ role: 'target' })), false);
 });
