@@ -292,7 +292,11 @@ export class ReplicationManager {
       this.targets.delete(volumeName);
       // Stop at the target finishes the delta set being played back (E, "stop" on a secondary).
       await target?.close();
-      this.catalog.deletePair(volumeName);
+      // One commit: a stop between the two would leave a read-only volume in no pair.
+      this.catalog.transaction(() => {
+        this.catalog.deletePair(volumeName);
+        this.deps.volumes.setAccess(volumeName, 'read-write');
+      });
       await this.deps.setAccess(volumeName, 'read-write');
     }
     await this.removeFiles(record.id);
