@@ -85,10 +85,6 @@ function notReplicatingHere(pair: PairRecord): FerryError {
 }
 
 /**
- * A pair needs two sites: `url` answered with this site's id. It is this site, or a copy
- * of its directory (a cloned machine), which must be made a site of its own first.
- */
-/**
  * A target's pair left by a `replicate start` its source did not finish: from the same
  * site and volume, its first copy not done, no role change since.
  */
@@ -96,6 +92,10 @@ function unfinishedStart(pair: PairRecord, sourceSiteId: string, sourceVolume: s
   return pair.role === 'target' && pair.peerSiteId === sourceSiteId && pair.peerVolume === sourceVolume && pair.generation === 1 && pair.recovery === undefined && pair.initialCopy.doneAt === undefined;
 }
 
+/**
+ * A pair needs two sites: `url` answered with this site's id. It is this site, or a copy
+ * of its directory (a cloned machine), which must be made a site of its own first.
+ */
 function notAnotherSite(url: string, self: PeerIdentity): FerryError {
   return new FerryError(
     'BAD_REQUEST',
@@ -646,16 +646,6 @@ export class ReplicationManager {
       const existing = this.catalog.getPair(body.targetVolume);
       const restarted = existing !== undefined && unfinishedStart(existing, peer.siteId, body.sourceVolume);
       if (existing && !restarted) throw new FerryError('VOLUME_IN_USE', `volume ${body.targetVolume} at ${here} is already part of a replication pair`);
-      if (existing) {
-        // A start the source did not finish (it stopped, or this answer was lost), asked
-        // again: the source has no pair, so this one serves no one and the new one takes
-        // its place. Its blocks are the same source's, overwritten by the new copy.
-        const target = this.targets.get(existing.volume);
-        this.targets.delete(existing.volume);
-        await target?.close();
-        this.catalog.deletePair(existing.volume);
-        this.deps.log.warn({ volume: existing.volume, from: peer.siteName, pairId: existing.pairId }, 'the source asks again for a pair whose start it did not finish: the new pair replaces it');
-      }
       let record;
       if (volumes.has(body.targetVolume)) {
         record = volumes.record(body.targetVolume);
@@ -700,8 +690,20 @@ export class ReplicationManager {
         initialCopy: { cursorBlock: 0, totalBlocks: body.sizeBytes / blockBytes, stampedDeltaSet: 0, startedAt: new Date(this.deps.clock.now()).toISOString(), bytes: 0 },
         ...freshCounters(),
       };
+      if (existing) {
+        // A start the source did not finish (it stopped, or this answer was lost), asked
+        // again: the source has no pair, so that one serves no one and this one takes its
+        // place. Its blocks are the same source's, overwritten by the new copy.
+        const target = this.targets.get(existing.volume);
+        this.targets.delete(existing.volume);
+        await target?.close();
+        this.deps.log.warn({ volume: existing.volume, from: peer.siteName, pairId: existing.pairId }, 'the source asks again for a pair whose start it did not finish: the new pair replaces it');
+      }
       await this.removeFiles(record.id);
-      this.catalog.putPair(pair);
+      this.catalog.transaction(() => {
+        if (existing) this.catalog.deletePair(existing.volume);
+        this.catalog.putPair(pair);
+      });
       crashPoint('create.recorded');
       const target = await this.openTarget(pair);
       this.targets.set(pair.volume, target);
