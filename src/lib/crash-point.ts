@@ -27,6 +27,9 @@ export const crashPoints = [
   'resync.copy-planned',
   'resync.snapshots-dropped',
   'resync.files-removed',
+  // a resync that needs a full copy: its first step, at the site that took over
+  'resync.first-point-taken',
+  'resync.first-copy-done',
   // resync, at the old source
   'rebuild.discard-snapshot-taken',
   'rebuild.undo-recorded',

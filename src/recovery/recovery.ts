@@ -685,6 +685,7 @@ export class Recovery {
       if (!snapshots.list(volume).some((s) => s.name === i1)) {
         if (pair.initialCopy.cursorBlock > 0) this.log.warn({ volume, snapshot: i1 }, 'intermediate snapshot 1 is gone; the full copy starts over');
         await snapshots.create(volume, i1, { purpose: 'resync intermediate point 1', pairId: pair.pairId });
+        crashPoint('resync.first-point-taken');
         pair.initialCopy = { cursorBlock: 0, totalBlocks: volumes.get(volume).blockCount, stampedDeltaSet: 0, startedAt: this.now(), bytes: 0, copyId: (pair.initialCopy.copyId ?? 0) + 1, snapshot: i1 };
         r.intermediateSnapshots = [i1];
         this.m.catalog.putPair(pair);
@@ -717,6 +718,7 @@ export class Recovery {
       r.phase = 'resync';
       pair.stateReason = describeRecovery(pair);
       this.m.catalog.putPair(pair);
+      crashPoint('resync.first-copy-done');
       this.log.info({ volume, snapshot: i1 }, 'resync: intermediate snapshot 1 copied; copying what changed since');
     }
     pair = this.m.requirePair(volume);

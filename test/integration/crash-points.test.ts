@@ -1,8 +1,10 @@
 import { test } from 'node:test';
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import { crashPoints, type CrashPoint } from '../../src/lib/crash-point.js';
 import { TestSite, type CliResult } from '../helpers/site.js';
-import { pairStatus, waitInSync } from '../helpers/replication.js';
+import { pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
 import { MiB, sha, blockWrite, writeApi, writesReplicate, recoveryPhase, startPair, unshippedDeltaSets, waitResynced, snapshotDigest, access } from '../helpers/recovery.js';
 
 /**
@@ -18,18 +20,19 @@ const size = 16 * MiB;
 /**
  * A is the first source and B takes over. Then B rebuilds A and hands the role back
  * ('forward'); or A, with `resync --reverse`, keeps its data and rebuilds B ('reverse').
- * 'start' is a new pair's first copy.
+ * 'start' is a new pair's first copy; 'full' a resync that must copy everything (A lost
+ * its save volume with the disaster).
  */
 interface Case {
   point: CrashPoint;
-  cycle: 'start' | 'forward' | 'reverse';
+  cycle: 'start' | 'forward' | 'reverse' | 'full';
   /** The site armed with the point. */
   victim: 'a' | 'b';
 }
 
 function caseOf(point: CrashPoint): Case {
   const step = point.split('.')[0] as string;
-  const cycle = step === 'start' || step === 'create' ? 'start' : step === 'reverse' || step === 'unwind' ? 'reverse' : 'forward';
+  const cycle = step === 'start' || step === 'create' ? 'start' : step === 'reverse' || step === 'unwind' ? 'reverse' : point.startsWith('resync.first-') ? 'full' : 'forward';
   return { point, cycle, victim: ['create', 'failover', 'resync', 'failback', 'unwind'].includes(step) ? 'b' : 'a' };
 }
 
@@ -108,6 +111,19 @@ async function untilDone(what: string, victim: Victim, command: () => Promise<Cl
   }
 }
 
+/**
+ * The resync from `source` is done: `rebuilt` holds `image`, and the snapshot kept there
+ * before it was overwritten holds what it had (`discarded`).
+ */
+async function resynced(source: TestSite, rebuilt: TestSite, expect: { fullCopy: boolean; image: Buffer; discarded: Buffer }): Promise<void> {
+  const status = await waitResynced(source, rebuilt);
+  assert.equal(status.recovery?.fullCopy, expect.fullCopy, 'full copy');
+  assert.equal(await rebuilt.digest('db'), sha(expect.image));
+  const kept = status.recovery?.discardSnapshot;
+  assert.ok(kept, 'the rebuilt copy\'s discarded writes are kept in a snapshot');
+  assert.equal(await snapshotDigest(rebuilt, kept), sha(expect.discarded), 'the snapshot holds the rebuilt copy as it was');
+}
+
 /** Two sites, the victim armed with the point. */
 async function twoSites({ point, victim: victimName }: Case): Promise<{ a: TestSite; b: TestSite; victim: Victim }> {
   const name = point.replace('.', '-');
@@ -171,12 +187,7 @@ async function cycleWithCrash(c: Case): Promise<void> {
     // The fenced old source refuses writes until it is a replica again.
     const onlyB: Images = (site) => (site === 'a' ? undefined : bImage);
     await untilDone('resync', victim, () => b.cli(['resync', 'db']), async () => (await recoveryPhase(b)) === 'resynced', () => hostWrites(victim, a, b, onlyB));
-    const resynced = await waitResynced(b, a);
-    assert.equal(resynced.recovery?.fullCopy, false, 'no full copy');
-    assert.equal(await a.digest('db'), sha(bImage));
-    const kept = resynced.recovery?.discardSnapshot;
-    assert.ok(kept, 'the old source\'s discarded writes are kept in a snapshot');
-    assert.equal(await snapshotDigest(a, kept), sha(aImage), 'the snapshot holds the old source as it was');
+    await resynced(b, a, { fullCopy: false, image: bImage, discarded: aImage });
 
     await writeApi(b, bImage, 20);
     // One image: whichever site accepts a write is the source then, and the other gets it.
@@ -202,12 +213,7 @@ async function reverseCycleWithCrash(c: Case): Promise<void> {
     await failover(a, b, victim, aImage, bImage);
     // Until A is the source again, a write B accepts is among those discarded, one A accepts must reach B.
     await untilDone('resync --reverse', victim, () => a.cli(['resync', 'db', '--reverse']), async () => (await recoveryPhase(a)) === 'resynced', () => hostWrites(victim, a, b, (site) => (site === 'a' ? aImage : bImage)));
-    const resynced = await waitResynced(a, b);
-    assert.equal(resynced.recovery?.fullCopy, false, 'no full copy');
-    assert.equal(await b.digest('db'), sha(aImage));
-    const kept = resynced.recovery?.discardSnapshot;
-    assert.ok(kept, 'the discarded writes of the site that took over are kept in a snapshot');
-    assert.equal(await snapshotDigest(b, kept), sha(bImage), 'the snapshot holds the site that took over as it was');
+    await resynced(a, b, { fullCopy: false, image: aImage, discarded: bImage });
     await writesReplicate(a, b, aImage, 10);
     assert.ok(victim.crashed, `${victim.site.name} never reached ${point}`);
   } finally {
@@ -215,8 +221,30 @@ async function reverseCycleWithCrash(c: Case): Promise<void> {
   }
 }
 
-const cycles = { start: startWithCrash, forward: cycleWithCrash, reverse: reverseCycleWithCrash };
-const cycleNames = { start: 'replicate start', forward: 'failover, resync, failback', reverse: 'failover, resync --reverse' };
+/** A's save volume is lost with it: the resync copies everything, in two steps (E FIG. 28 steps 536-537). */
+async function fullCopyResyncWithCrash(c: Case): Promise<void> {
+  const { point } = c;
+  const { a, b, victim, aImage, bImage } = await setUp(c);
+  try {
+    const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/db')).body.id;
+    await a.kill('SIGKILL');
+    await rm(join(a.dir, 'replication', volumeId, 'save.journal'), { force: true });
+    assert.equal((await b.cli(['failover', 'db'])).code, 0);
+    await writeApi(b, bImage, 20);
+    await a.start();
+    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+    await untilDone('resync', victim, () => b.cli(['resync', 'db']), async () => (await recoveryPhase(b)) === 'resynced', () => hostWrites(victim, a, b, (site) => (site === 'a' ? undefined : bImage)));
+    // A full copy: the old source cannot list its changes.
+    await resynced(b, a, { fullCopy: true, image: bImage, discarded: aImage });
+    await writesReplicate(b, a, bImage, 10);
+    assert.ok(victim.crashed, `${victim.site.name} never reached ${point}`);
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+}
+
+const cycles = { start: startWithCrash, forward: cycleWithCrash, reverse: reverseCycleWithCrash, full: fullCopyResyncWithCrash };
+const cycleNames = { start: 'replicate start', forward: 'failover, resync, failback', reverse: 'failover, resync --reverse', full: 'failover, full-copy resync' };
 
 for (const c of cases) {
   test(`SIGKILL at ${c.point} (${c.victim === 'a' ? 'A, the first source' : 'B, the first target'}; ${cycleNames[c.cycle]}): every command, re-issued, completes; nothing acknowledged is lost, no full copy`, { timeout: 300_000 }, async () => {
