@@ -8,11 +8,12 @@ import { pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
 import { MiB, sha, blockWrite, writeApi, writesReplicate, recoveryPhase, startPair, unshippedDeltaSets, waitResynced, snapshotDigest, access } from '../helpers/recovery.js';
 
 /**
- * A whole failover, resync and failback cycle with one daemon killed (SIGKILL, by itself)
- * at one named point between the durable steps of a role change, for every such point.
- * Each command is run again, as an operator would, until its outcome is reached; then
- * nothing acknowledged is lost, the old source's discarded writes are in their snapshot,
- * no full copy is made, and both volumes are equal.
+ * A whole cycle (a new pair's start, or failover and resync and failback) with one daemon
+ * killed (SIGKILL, by itself) at one named point between the durable steps, for every
+ * such point. Each command is run again, as an operator would, until its outcome is
+ * reached; then nothing acknowledged is lost, the discarded writes are in their
+ * snapshot, a full copy is made only where the records allow nothing else, and both
+ * volumes are equal.
  */
 
 const size = 16 * MiB;
