@@ -93,6 +93,18 @@ function unfinishedStart(pair: PairRecord, sourceSiteId: string, sourceVolume: s
 }
 
 /**
+ * Why a volume cannot become a new pair's target: the pair it is in. A replica of the
+ * very volume that asks has lost its source's half (the source asks only when it has
+ * no pair): stopped there while this site could not be told. It is ended here first.
+ */
+function pairInTheWay(pair: PairRecord, sourceSiteId: string, sourceVolume: string, here: string, hereUrl: string): string {
+  const which = pair.role === 'target' ? `the replica of ${pair.peerSiteName}:${pair.peerVolume}` : `the source of a pair to ${pair.peerSiteName}:${pair.peerVolume}`;
+  const orphan = pair.role === 'target' && pair.peerSiteId === sourceSiteId && pair.peerVolume === sourceVolume;
+  const remedy = orphan ? `, a pair its source no longer has (stopped there while ${here} could not be told); end it here first: ferry --site ${hereUrl} replicate stop ${pair.volume}` : '';
+  return `volume ${pair.volume} at ${here} is already part of a replication pair: ${which}${remedy}`;
+}
+
+/**
  * A pair needs two sites: `url` answered with this site's id. It is this site, or a copy
  * of its directory (a cloned machine), which must be made a site of its own first.
  */
@@ -645,7 +657,7 @@ export class ReplicationManager {
       if (peer.siteId === this.deps.self.siteId) throw notAnotherSite(body.sourceUrl, this.deps.self);
       const existing = this.catalog.getPair(body.targetVolume);
       const restarted = existing !== undefined && unfinishedStart(existing, peer.siteId, body.sourceVolume);
-      if (existing && !restarted) throw new FerryError('VOLUME_IN_USE', `volume ${body.targetVolume} at ${here} is already part of a replication pair`);
+      if (existing && !restarted) throw new FerryError('VOLUME_IN_USE', pairInTheWay(existing, peer.siteId, body.sourceVolume, here, this.deps.selfUrl()));
       let record;
       if (volumes.has(body.targetVolume)) {
         record = volumes.record(body.targetVolume);

@@ -589,7 +589,7 @@ test('replicate start refuses what would overwrite without being asked: this sit
     await a.api('POST', '/api/v1/volumes', { name: 'x', size });
     const taken = await a.cli(['replicate', 'start', 'x', '--to', b.url, '--target-volume', 'v', '--force']);
     assert.notEqual(taken.code, 0);
-    assert.match(taken.stderr, /VOLUME_IN_USE: .*volume v at refuse-b is already part of a replication pair/);
+    assert.match(taken.stderr, /VOLUME_IN_USE: .*volume v at refuse-b is already part of a replication pair: the replica of refuse-a:v\n$/);
     await waitInSync(a, b, 'v');
     assert.equal(await b.digest('v'), before);
   } finally {
@@ -906,6 +906,11 @@ test('replicate stop while the target site is down: stopped here, and it says ho
     // Once back, B still holds its end; the command printed ends it there.
     await b.start();
     assert.equal((await pairStatus(b, 'v')).role, 'target');
+    // Until then a new start of v is refused there, saying so and how to end it.
+    const again = await a.cli(['replicate', 'start', 'v', '--to', b.url]);
+    assert.notEqual(again.code, 0);
+    assert.match(again.stderr, /VOLUME_IN_USE: .*volume v at stopdown-b is already part of a replication pair: the replica of stopdown-a:v, a pair its source no longer has \(stopped there while stopdown-b could not be told\); end it here first: ferry --site http:\/\/\S+ replicate stop v\n$/);
+    assert.equal((await a.api('GET', '/api/v1/status/v')).status, 404);
     assert.equal((await b.cli(['replicate', 'stop', 'v'])).code, 0);
     assert.equal((await b.api<{ access: string }>('GET', '/api/v1/volumes/v')).body.access, 'read-write');
     assert.equal(await b.digest('v'), model.digest());
