@@ -507,7 +507,7 @@ export class Recovery {
         if (this.closed || !pair || pair.role !== 'source' || pair.recovery?.phase !== 'fenced') return;
         if (this.busy.has(volume)) continue;
         const fenceRequests = this.fenceRequests.get(volume) ?? 0;
-        const there = await this.request<StandingReply>(pair.peerUrl, { op: 'standing', pairId: pair.pairId, volume: pair.peerVolume, generation: pair.generation }, fenceNoticeTimeoutMs * 2).catch(() => undefined);
+        const there = await this.askStanding(pair);
         if (there && there.role === 'target' && there.generation === pair.generation && !there.roleChange) {
           await this.unfence(volume, there, fenceRequests).catch((err: Error) => this.log.error({ volume, err: err.message }, 'a fenced copy whose failover did not happen could not be made the source again; retrying'));
         }
@@ -1120,7 +1120,7 @@ export class Recovery {
     if (!isFerryError(err, 'STALE_GENERATION')) return false;
     const pair = this.m.sources.get(volume)?.pair ?? this.m.catalog.getPair(volume);
     if (!pair || pair.role !== 'source' || pair.recovery?.phase !== 'failing-back') return false;
-    const there = await this.request<StandingReply>(pair.peerUrl, { op: 'standing', pairId: pair.pairId, volume: pair.peerVolume, generation: pair.generation }, fenceNoticeTimeoutMs * 2).catch(() => undefined);
+    const there = await this.askStanding(pair);
     if (!there || there.role !== 'source' || there.generation <= pair.generation) return false;
     // Not failing back any more: fenceSelf then fences this copy instead of completing a hand-over.
     delete pair.recovery;
@@ -1130,6 +1130,11 @@ export class Recovery {
     this.log.error({ volume, site: pair.peerSiteName, generation: there.generation, err: (err as Error).message }, 'failback overtaken: the other site took over by a failover; this copy is fenced until it is resynced from there');
     await this.fenceSelf(volume, pair.peerSiteName, `${pair.peerSiteName} took over by a failover during a failback`);
     return true;
+  }
+
+  /** Where the pair stands at the other site (its role and generation); undefined if it does not answer. */
+  private askStanding(pair: PairRecord): Promise<StandingReply | undefined> {
+    return this.request<StandingReply>(pair.peerUrl, { op: 'standing', pairId: pair.pairId, volume: pair.peerVolume, generation: pair.generation }, fenceNoticeTimeoutMs * 2).catch(() => undefined);
   }
 
   /** What the other site is asked at failback: to take over, or (check) whether it would now. */

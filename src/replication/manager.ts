@@ -84,12 +84,17 @@ function notReplicatingHere(pair: PairRecord): FerryError {
   return new FerryError('BAD_REQUEST', `replication of ${pair.volume} is not running here now: ${describeRecovery(pair) || pair.stateReason || pair.state}`);
 }
 
+/** The pair is a replica of that site's volume. */
+function replicaOf(pair: PairRecord, sourceSiteId: string, sourceVolume: string): boolean {
+  return pair.role === 'target' && pair.peerSiteId === sourceSiteId && pair.peerVolume === sourceVolume;
+}
+
 /**
  * A target's pair left by a `replicate start` its source did not finish: from the same
  * site and volume, its first copy not done, no role change since.
  */
 function unfinishedStart(pair: PairRecord, sourceSiteId: string, sourceVolume: string): boolean {
-  return pair.role === 'target' && pair.peerSiteId === sourceSiteId && pair.peerVolume === sourceVolume && pair.generation === 1 && pair.recovery === undefined && pair.initialCopy.doneAt === undefined;
+  return replicaOf(pair, sourceSiteId, sourceVolume) && pair.generation === 1 && pair.recovery === undefined && pair.initialCopy.doneAt === undefined;
 }
 
 /**
@@ -99,8 +104,7 @@ function unfinishedStart(pair: PairRecord, sourceSiteId: string, sourceVolume: s
  */
 function pairInTheWay(pair: PairRecord, sourceSiteId: string, sourceVolume: string, here: string, hereUrl: string): string {
   const which = pair.role === 'target' ? `the replica of ${pair.peerSiteName}:${pair.peerVolume}` : `the source of a pair to ${pair.peerSiteName}:${pair.peerVolume}`;
-  const orphan = pair.role === 'target' && pair.peerSiteId === sourceSiteId && pair.peerVolume === sourceVolume;
-  const remedy = orphan ? `, a pair its source no longer has (stopped there while ${here} could not be told); end it here first: ferry --site ${hereUrl} replicate stop ${pair.volume}` : '';
+  const remedy = replicaOf(pair, sourceSiteId, sourceVolume) ? `, a pair its source no longer has (stopped there while ${here} could not be told); end it here first: ferry --site ${hereUrl} replicate stop ${pair.volume}` : '';
   return `volume ${pair.volume} at ${here} is already part of a replication pair: ${which}${remedy}`;
 }
 

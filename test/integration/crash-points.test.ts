@@ -125,8 +125,14 @@ async function resynced(source: TestSite, rebuilt: TestSite, expect: { fullCopy:
   assert.equal(await snapshotDigest(rebuilt, kept), sha(expect.discarded), 'the snapshot holds the rebuilt copy as it was');
 }
 
+interface Sites {
+  a: TestSite;
+  b: TestSite;
+  victim: Victim;
+}
+
 /** Two sites, the victim armed with the point. */
-async function twoSites({ point, victim: victimName }: Case): Promise<{ a: TestSite; b: TestSite; victim: Victim }> {
+async function twoSites({ point, victim: victimName }: Case): Promise<Sites> {
   const name = point.replace('.', '-');
   const env = { FERRY_CRASH_AT: point };
   const [a, b] = await Promise.all([TestSite.create(`${name}-a`, victimName === 'a' ? { env } : {}), TestSite.create(`${name}-b`, victimName === 'b' ? { env } : {})]);
@@ -134,45 +140,32 @@ async function twoSites({ point, victim: victimName }: Case): Promise<{ a: TestS
 }
 
 /** A new pair: `replicate start`, re-issued until the copy is whole; B refuses host writes until then. */
-async function startWithCrash(c: Case): Promise<void> {
-  const { point } = c;
-  const { a, b, victim } = await twoSites(c);
-  try {
-    const image = Buffer.alloc(size);
-    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
-    await writeApi(a, image, 30);
-    await untilDone('replicate start', victim, () => a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '500ms', '--wait']), async () => {
-      const s = await pairStatus(a, 'db');
-      return s.initialCopy.doneAt !== undefined && s.initialCopy.doneAt !== null;
-    }, () => hostWrites(victim, a, b, (site) => (site === 'a' ? image : undefined)));
-    await waitInSync(a, b, 'db');
-    assert.equal(await b.digest('db'), sha(image));
-    assert.equal(await access(b), 'read-only');
-    await writesReplicate(a, b, image, 10);
-    assert.ok(victim.crashed, `${victim.site.name} never reached ${point}`);
-  } finally {
-    await Promise.all([a.destroy(), b.destroy()]);
-  }
+async function startCycle({ a, b, victim }: Sites): Promise<void> {
+  const image = Buffer.alloc(size);
+  assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
+  await writeApi(a, image, 30);
+  await untilDone('replicate start', victim, () => a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '500ms', '--wait']), async () => {
+    const s = await pairStatus(a, 'db');
+    return s.initialCopy.doneAt !== undefined && s.initialCopy.doneAt !== null;
+  }, () => hostWrites(victim, a, b, (site) => (site === 'a' ? image : undefined)));
+  await waitInSync(a, b, 'db');
+  assert.equal(await b.digest('db'), sha(image));
+  assert.equal(await access(b), 'read-only');
+  await writesReplicate(a, b, image, 10);
 }
 
-/** Two sites, the victim armed with the point; A the source of a pair in sync, with writes B never got. */
-async function setUp(c: Case): Promise<{ a: TestSite; b: TestSite; victim: Victim; aImage: Buffer; bImage: Buffer }> {
-  const { a, b, victim } = await twoSites(c);
-  try {
-    const image = Buffer.alloc(size);
-    await startPair(a, b, size, image);
-    const bImage = Buffer.from(image);
-    // Writes at A that B never gets: a resync discards them, kept in a snapshot at A.
-    await unshippedDeltaSets(a, image, 1, new Set());
-    return { a, b, victim, aImage: image, bImage };
-  } catch (err) {
-    await Promise.all([a.destroy(), b.destroy()]);
-    throw err;
-  }
+/** A the source of a pair in sync, with writes B never got: A's image, and B's. */
+async function pairWithUnshippedWrites({ a, b }: Sites): Promise<{ aImage: Buffer; bImage: Buffer }> {
+  const image = Buffer.alloc(size);
+  await startPair(a, b, size, image);
+  const bImage = Buffer.from(image);
+  // Writes at A that B never gets: a resync discards them, kept in a snapshot at A.
+  await unshippedDeltaSets(a, image, 1, new Set());
+  return { aImage: image, bImage };
 }
 
 /** B takes over; until A learns of it, A's hosts may write, and those writes are A's alone. */
-async function failover(a: TestSite, b: TestSite, victim: Victim, aImage: Buffer, bImage: Buffer): Promise<void> {
+async function failover({ a, b, victim }: Sites, aImage: Buffer, bImage: Buffer): Promise<void> {
   await untilDone('failover', victim, () => b.cli(['failover', 'db']), async () => (await pairStatus(b, 'db')).role === 'source' && (await recoveryPhase(a)) === 'fenced', () => hostWrites(victim, a, b, (site) => (site === 'a' ? aImage : bImage)));
   assert.equal(await access(b), 'read-write');
   assert.equal(await access(a), 'read-only');
@@ -180,75 +173,66 @@ async function failover(a: TestSite, b: TestSite, victim: Victim, aImage: Buffer
   await writeApi(b, bImage, 20);
 }
 
-async function cycleWithCrash(c: Case): Promise<void> {
-  const { point } = c;
-  const { a, b, victim, aImage, bImage } = await setUp(c);
-  try {
-    await failover(a, b, victim, aImage, bImage);
-    // The fenced old source refuses writes until it is a replica again.
-    const onlyB: Images = (site) => (site === 'a' ? undefined : bImage);
-    await untilDone('resync', victim, () => b.cli(['resync', 'db']), async () => (await recoveryPhase(b)) === 'resynced', () => hostWrites(victim, a, b, onlyB));
-    await resynced(b, a, { fullCopy: false, image: bImage, discarded: aImage });
+async function forwardCycle(sites: Sites): Promise<void> {
+  const { a, b, victim } = sites;
+  const { aImage, bImage } = await pairWithUnshippedWrites(sites);
+  await failover(sites, aImage, bImage);
+  // The fenced old source refuses writes until it is a replica again.
+  const onlyB: Images = (site) => (site === 'a' ? undefined : bImage);
+  await untilDone('resync', victim, () => b.cli(['resync', 'db']), async () => (await recoveryPhase(b)) === 'resynced', () => hostWrites(victim, a, b, onlyB));
+  await resynced(b, a, { fullCopy: false, image: bImage, discarded: aImage });
 
-    await writeApi(b, bImage, 20);
-    // One image: whichever site accepts a write is the source then, and the other gets it.
-    await untilDone('failback', victim, () => b.cli(['failback', 'db']), async () => {
-      const [sa, sb] = await Promise.all([pairStatus(a, 'db'), pairStatus(b, 'db')]);
-      return sa.role === 'source' && sb.role === 'target' && (await access(a)) === 'read-write';
-    }, () => hostWrites(victim, a, b, () => bImage));
-    await waitInSync(a, b, 'db');
-    assert.equal(await a.digest('db'), sha(bImage), 'nothing written at B is lost in the hand-over');
-    await writesReplicate(a, b, bImage, 10);
-    assert.equal((await pairStatus(a, 'db')).generation, (await pairStatus(b, 'db')).generation);
-    assert.ok(victim.crashed, `${victim.site.name} never reached ${point}`);
-  } finally {
-    await Promise.all([a.destroy(), b.destroy()]);
-  }
+  await writeApi(b, bImage, 20);
+  // One image: whichever site accepts a write is the source then, and the other gets it.
+  await untilDone('failback', victim, () => b.cli(['failback', 'db']), async () => {
+    const [sa, sb] = await Promise.all([pairStatus(a, 'db'), pairStatus(b, 'db')]);
+    return sa.role === 'source' && sb.role === 'target' && (await access(a)) === 'read-write';
+  }, () => hostWrites(victim, a, b, () => bImage));
+  await waitInSync(a, b, 'db');
+  assert.equal(await a.digest('db'), sha(bImage), 'nothing written at B is lost in the hand-over');
+  await writesReplicate(a, b, bImage, 10);
+  assert.equal((await pairStatus(a, 'db')).generation, (await pairStatus(b, 'db')).generation);
 }
 
 /** After the failover, A keeps its data (`resync --reverse`): B is rebuilt from it, B's writes since kept in a snapshot there. */
-async function reverseCycleWithCrash(c: Case): Promise<void> {
-  const { point } = c;
-  const { a, b, victim, aImage, bImage } = await setUp(c);
-  try {
-    await failover(a, b, victim, aImage, bImage);
-    // Until A is the source again, a write B accepts is among those discarded, one A accepts must reach B.
-    await untilDone('resync --reverse', victim, () => a.cli(['resync', 'db', '--reverse']), async () => (await recoveryPhase(a)) === 'resynced', () => hostWrites(victim, a, b, (site) => (site === 'a' ? aImage : bImage)));
-    await resynced(a, b, { fullCopy: false, image: aImage, discarded: bImage });
-    await writesReplicate(a, b, aImage, 10);
-    assert.ok(victim.crashed, `${victim.site.name} never reached ${point}`);
-  } finally {
-    await Promise.all([a.destroy(), b.destroy()]);
-  }
+async function reverseCycle(sites: Sites): Promise<void> {
+  const { a, b, victim } = sites;
+  const { aImage, bImage } = await pairWithUnshippedWrites(sites);
+  await failover(sites, aImage, bImage);
+  // Until A is the source again, a write B accepts is among those discarded, one A accepts must reach B.
+  await untilDone('resync --reverse', victim, () => a.cli(['resync', 'db', '--reverse']), async () => (await recoveryPhase(a)) === 'resynced', () => hostWrites(victim, a, b, (site) => (site === 'a' ? aImage : bImage)));
+  await resynced(a, b, { fullCopy: false, image: aImage, discarded: bImage });
+  await writesReplicate(a, b, aImage, 10);
 }
 
 /** A's save volume is lost with it: the resync copies everything, in two steps (E FIG. 28 steps 536-537). */
-async function fullCopyResyncWithCrash(c: Case): Promise<void> {
-  const { point } = c;
-  const { a, b, victim, aImage, bImage } = await setUp(c);
-  try {
-    const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/db')).body.id;
-    await a.kill('SIGKILL');
-    await rm(join(a.dir, 'replication', volumeId, 'save.journal'), { force: true });
-    assert.equal((await b.cli(['failover', 'db'])).code, 0);
-    await writeApi(b, bImage, 20);
-    await a.start();
-    await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
-    await untilDone('resync', victim, () => b.cli(['resync', 'db']), async () => (await recoveryPhase(b)) === 'resynced', () => hostWrites(victim, a, b, (site) => (site === 'a' ? undefined : bImage)));
-    // A full copy: the old source cannot list its changes.
-    await resynced(b, a, { fullCopy: true, image: bImage, discarded: aImage });
-    await writesReplicate(b, a, bImage, 10);
-    assert.ok(victim.crashed, `${victim.site.name} never reached ${point}`);
-  } finally {
-    await Promise.all([a.destroy(), b.destroy()]);
-  }
+async function fullCopyResyncCycle(sites: Sites): Promise<void> {
+  const { a, b, victim } = sites;
+  const { aImage, bImage } = await pairWithUnshippedWrites(sites);
+  const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/db')).body.id;
+  await a.kill('SIGKILL');
+  await rm(join(a.dir, 'replication', volumeId, 'save.journal'), { force: true });
+  assert.equal((await b.cli(['failover', 'db'])).code, 0);
+  await writeApi(b, bImage, 20);
+  await a.start();
+  await waitFor('old source fenced', async () => (await recoveryPhase(a)) === 'fenced', 30_000);
+  await untilDone('resync', victim, () => b.cli(['resync', 'db']), async () => (await recoveryPhase(b)) === 'resynced', () => hostWrites(victim, a, b, (site) => (site === 'a' ? undefined : bImage)));
+  // A full copy: the old source cannot list its changes.
+  await resynced(b, a, { fullCopy: true, image: bImage, discarded: aImage });
+  await writesReplicate(b, a, bImage, 10);
 }
 
-const cycles = { start: startWithCrash, forward: cycleWithCrash, reverse: reverseCycleWithCrash, full: fullCopyResyncWithCrash };
+const cycles = { start: startCycle, forward: forwardCycle, reverse: reverseCycle, full: fullCopyResyncCycle };
 const cycleNames = { start: 'replicate start', forward: 'failover, resync, failback', reverse: 'failover, resync --reverse', full: 'failover, full-copy resync' };
 
 for (const c of cases) {
   test(`SIGKILL at ${c.point} (${c.victim === 'a' ? 'A, the first source' : 'B, the first target'}; ${cycleNames[c.cycle]}): every command, re-issued, completes; nothing acknowledged is lost, no full copy`, { timeout: 300_000 }, async () => {
-    await cycles[c.cycle](c);
+    const sites = await twoSites(c);
+    try {
+      await cycles[c.cycle](sites);
+      assert.ok(sites.victim.crashed, `${sites.victim.site.name} never reached ${c.point}`);
+    } finally {
+      await Promise.all([sites.a.destroy(), sites.b.destroy()]);
+    }
   });
 }
