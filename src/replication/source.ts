@@ -356,10 +356,12 @@ export class SourceReplicator {
         const asCopy = this.backlogOutgrowsSaveVolume();
         try {
           await this.cut(reason);
+          this.trigger.succeeded();
         } catch (err) {
           // Its blocks went back to the change log: they go out with the next one.
           const what = asCopy ? 'a catch-up copy could not be started' : 'a delta set could not be created';
-          this.deps.log.error({ err, volume: this.pair.volume }, what);
+          const retryInMs = this.trigger.failed(this.deps.clock.now());
+          this.deps.log.error({ err, volume: this.pair.volume, retryInMs }, what);
           this.stats.ioErrors++;
           this.cutFailures++;
           this.stats.lastError = this.stats.failing = `${what} (its blocks stay tracked): ${(err as Error).message}`;

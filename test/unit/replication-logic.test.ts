@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { RingSpace } from '../../src/storage/journal.js';
-import { DeltaSetTrigger } from '../../src/replication/triggers.js';
+import { DeltaSetTrigger, cutRetryDelayMsMax, cutRetryDelayMsMin } from '../../src/replication/triggers.js';
 import { initialPairStatus, nextPairStatus, type PairEvent, type PairStatus } from '../../src/replication/pair-state.js';
 import { decodeChunk, encodeChunk } from '../../src/replication/chunk.js';
 import { isFerryError, FerryError } from '../../src/lib/errors.js';
@@ -56,6 +56,30 @@ test('delta-set triggers: interval, high water, on demand, and nothing to cut me
   assert.equal(t.due(3301, 0), 'on-demand');
   t.rearm(3301);
   assert.equal(t.due(3302, 0), undefined);
+});
+
+test('a failed cut is retried after a delay that doubles with each failure in a row, up to a cap; a new demand is tried at once; a cut that goes through starts the delay over', () => {
+  const t = new DeltaSetTrigger({ intervalMs: 1000, highWaterBytes: 100 }, 0);
+  t.demand();
+  assert.equal(t.due(0, 0), 'on-demand');
+  assert.equal(t.failed(0), cutRetryDelayMsMin);
+  assert.equal(t.due(100, 500), undefined, 'demanded and past the high-water mark, but within the delay');
+  assert.equal(t.due(cutRetryDelayMsMin, 0), 'on-demand', 'the demand still stands after the delay');
+  const delays = [t.failed(cutRetryDelayMsMin)];
+  for (let i = 0; i < 8; i++) delays.push(t.failed(0));
+  assert.deepEqual(delays.slice(0, 4), [2, 4, 8, 16].map((k) => k * cutRetryDelayMsMin));
+  assert.equal(Math.max(...delays), cutRetryDelayMsMax);
+  assert.equal(t.due(cutRetryDelayMsMax - 1, 500), undefined);
+  assert.equal(t.due(cutRetryDelayMsMax, 500), 'on-demand');
+  t.failed(0);
+  t.demand();
+  assert.equal(t.due(1, 0), 'on-demand', "a new demand (the operator's) does not wait");
+  t.rearm(1);
+  t.failed(1);
+  assert.equal(t.due(2000, 500), undefined);
+  t.succeeded();
+  assert.equal(t.due(2000, 500), 'high-water');
+  assert.equal(t.failed(2000), cutRetryDelayMsMin, 'the delay starts over');
 });
 
 test('pair states follow the documented machine and refuse the rest', () => {

@@ -11,6 +11,7 @@ import type { PairRecord } from '../../src/storage/replication-catalog.js';
 import { ActivityLog, FileActivityLogStore } from '../../src/tracking/activity-log.js';
 import { ChangeLog } from '../../src/tracking/change-log.js';
 import { SourceReplicator } from '../../src/replication/source.js';
+import { cutRetryDelayMsMin } from '../../src/replication/triggers.js';
 import { openPairEnv, type PairEnv } from '../helpers/pair-env.js';
 
 const bb = 4096;
@@ -121,6 +122,33 @@ test('a delta set or a catch-up that could not be started is reported until its 
     assert.equal(await source.cutNow(), 0);
     assert.equal(pair.initialCopy.catchUp, true);
     assert.equal(source.stats.failing, '', 'the failed cut is not reported any more');
+  } finally {
+    await source.close();
+    await env.close();
+  }
+});
+
+test('a catch-up that keeps failing (a full disk) is retried after growing delays, not every poll of the cutter; a demanded cut is tried at once', async () => {
+  let attempts = 0;
+  const { env, source } = await sourceWithoutTarget(256 * 1024, async () => {
+    attempts++;
+    throw Object.assign(new Error('ENOSPC: no space left on device, open'), { code: 'ENOSPC' });
+  });
+  try {
+    source.start();
+    // 1 MiB written: more than the 256 KiB save volume holds, so each cut is a catch-up.
+    await env.volume.write(0, randomBytes(256 * bb));
+    await assert.rejects(source.cutNow(), /a catch-up copy could not be started/);
+    assert.equal(attempts, 1);
+    // The cutter polls every 100 ms and the high-water mark is not reached; the failed
+    // demand must not be tried again and again.
+    await new Promise((resolve) => setTimeout(resolve, cutRetryDelayMsMin + 600));
+    assert.equal(attempts, 2, 'one retry, after the first delay');
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    assert.equal(attempts, 2, 'the second delay is twice as long');
+    await assert.rejects(source.cutNow(), /a catch-up copy could not be started/);
+    assert.equal(attempts, 3, "the operator's demand is tried at once");
+    assert.equal(source.dirtyBlocks, 256, 'every block is still tracked');
   } finally {
     await source.close();
     await env.close();
