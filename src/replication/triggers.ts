@@ -12,7 +12,7 @@ export type TriggerReason = 'interval' | 'high-water' | 'on-demand';
 
 /** After a cut fails, the next waits this long, doubling with each failure in a row up to `cutRetryDelayMsMax`. */
 export const cutRetryDelayMsMin = 1_000;
-export const cutRetryDelayMsMax = 30_000;
+export const cutRetryDelayMsMax = 10_000;
 
 export class DeltaSetTrigger {
   private deadlineMs: number;

@@ -1089,11 +1089,15 @@ test('storage failing at the source: host writes go on, failed delta sets give t
       }
       await a.cli(['replicate', 'delta', 'v']);
     }
-    // More failed attempts than a 32 MiB save volume could hold if each kept its space.
+    // More failed attempts than a 32 MiB save volume could hold if each kept its space:
+    // by itself the source tries again after growing delays, an operator's demand at once.
     const failing = await waitFor('delta sets to fail to build again and again', async () => {
+      const demanded = await a.cli(['replicate', 'delta', 'v']);
+      assert.notEqual(demanded.code, 0);
+      assert.match(demanded.stderr, /a delta set could not be created .*EFBIG/);
       const s = await pairStatus(a, 'v');
       return s.ioErrors >= 10 ? s : undefined;
-    }, 60_000, 200);
+    }, 60_000, 0);
     assert.match(failing.reason, /a delta set could not be created .*EFBIG/);
     assert.equal(failing.health, 'error');
     assert.ok(failing.lagBlocks > 0);
