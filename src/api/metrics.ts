@@ -45,6 +45,14 @@ export function createMetrics(site: Site): Registry {
     },
   });
   new Gauge({
+    name: 'ferry_site_space_reserve_held_bytes',
+    help: 'Bytes of the space reserve held now; 0 once given back on a full file system so that commands freeing space could run',
+    registers: [register],
+    collect() {
+      this.set(site.reserve.heldBytes);
+    },
+  });
+  new Gauge({
     name: 'ferry_rcp_handshakes_total',
     help: 'Replication-protocol handshakes accepted since start',
     registers: [register],

@@ -96,6 +96,9 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
       fileSystemAvailableBytes: space.availableBytes,
       volumesProvisionedBytes: volumes.reduce((n, v) => n + v.sizeBytes, 0),
       volumesAllocatedBytes: volumes.reduce((n, v) => n + v.allocatedBytes, 0),
+      // Held back so that deleting a volume or a snapshot still works on a full file system.
+      spaceReserveBytes: site.reserve.targetBytes,
+      spaceReserveHeldBytes: site.reserve.heldBytes,
     };
   });
 
@@ -167,7 +170,8 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
   );
 
   app.delete('/api/v1/volumes/:name', { schema: { params: nameParams } }, async (req, reply) => {
-    await site.volumes.delete((req.params as { name: string }).name);
+    const name = (req.params as { name: string }).name;
+    await site.freeingSpace(`volume delete ${name}`, () => site.volumes.delete(name));
     return reply.status(204).send();
   });
 
@@ -273,7 +277,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
 
   app.post('/api/v1/replication/:volume/stop', { schema: { params: volumeParams } }, async (req) => {
     const volume = (req.params as { volume: string }).volume;
-    return { volume, stopped: true, ...(await site.replication.stop(volume)) };
+    return { volume, stopped: true, ...(await site.freeingSpace(`replicate stop ${volume}`, () => site.replication.stop(volume))) };
   });
   app.post(
     '/api/v1/replication/:volume/peer',

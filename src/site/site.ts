@@ -1,4 +1,3 @@
-import { statfs } from 'node:fs/promises';
 import type { Server as HttpServer } from 'node:http';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
@@ -8,6 +7,7 @@ import { ExportRegistry } from '../nbd/export.js';
 import { NbdServer } from '../nbd/server.js';
 import { Catalog, type VolumeAccess } from '../storage/catalog.js';
 import { SiteLock, readSiteConfig, siteLayout, type SiteConfig, type SiteLayout } from '../storage/site-dir.js';
+import { SpaceReserve, fileSystemSpace, type FileSystemSpace } from '../storage/space-reserve.js';
 import { VolumeStore, type VolumeInfo } from '../storage/volume-store.js';
 import { RcpServer } from '../transport/rcp-server.js';
 import { SiteListener } from '../transport/listener.js';
@@ -17,6 +17,9 @@ import type { Extent } from '../storage/volume.js';
 import { VolumeExportSource } from './nbd-exports.js';
 import { SnapshotManager } from '../snapshot/manager.js';
 import { SnapshotExportSource } from './snapshot-exports.js';
+
+/** How often a site whose space reserve was given back looks for room to take it again. */
+const reserveCheckMs = 30_000;
 
 export interface SiteStartOptions {
   /** The API layer's HTTP server; it never listens itself, the site listener hands it connections. */
@@ -49,6 +52,9 @@ export class Site {
   /** Snapshot queues of every volume (SPEC C3); hooks each volume's write path. */
   readonly snapshots: SnapshotManager;
   readonly startedAt = new Date();
+  /** Space held back so that commands freeing space still work on a full file system. */
+  readonly reserve: SpaceReserve;
+  private reserveTimer: NodeJS.Timeout | undefined;
   private listener: SiteListener | undefined;
   private nbdServer: NbdServer | undefined;
   private httpServer: HttpServer | undefined;
@@ -64,6 +70,7 @@ export class Site {
     readonly log: Logger,
   ) {
     this.volumes = new VolumeStore(catalog, layout.volumesDir, config.blockBytes, log);
+    this.reserve = new SpaceReserve(layout.reservePath, () => fileSystemSpace(layout.dir));
     this.rcp = new RcpServer({ siteId: config.id, siteName: config.name }, log);
     this.snapshots = new SnapshotManager(catalog, this.volumes, join(layout.dir, 'snapshots'), log);
     this.replication = new ReplicationManager({
@@ -96,9 +103,32 @@ export class Site {
   }
 
   /** The size of the site directory's file system and what is left on it (volumes, snapshots and save volumes grow into it). */
-  async fileSystemSpace(): Promise<{ sizeBytes: number; availableBytes: number }> {
-    const fs = await statfs(this.layout.dir);
-    return { sizeBytes: fs.blocks * fs.bsize, availableBytes: fs.bavail * fs.bsize };
+  fileSystemSpace(): Promise<FileSystemSpace> {
+    return fileSystemSpace(this.layout.dir);
+  }
+
+  /**
+   * Runs a command that frees space (deleting a volume or a snapshot, ending a pair).
+   * On a full file system its own records could not be written: the space reserve is
+   * given back first, and taken again after.
+   */
+  async freeingSpace<T>(what: string, fn: () => Promise<T>): Promise<T> {
+    const freedBytes = await this.reserve.releaseIfFull();
+    if (freedBytes > 0) this.log.warn({ freedBytes, command: what }, 'the file system is full: the space reserve is given back so that this command can free space');
+    try {
+      return await fn();
+    } finally {
+      await this.replenishReserve();
+    }
+  }
+
+  private async replenishReserve(): Promise<void> {
+    const wasHeld = this.reserve.heldBytes;
+    try {
+      if ((await this.reserve.replenish()) && wasHeld < this.reserve.targetBytes) this.log.info({ reserveBytes: this.reserve.targetBytes }, 'space reserve taken again');
+    } catch (err) {
+      this.log.warn({ err }, 'the space reserve could not be taken again');
+    }
   }
 
   /**
@@ -129,6 +159,10 @@ export class Site {
       // a replica's redo of an interrupted playback when replication loads.
       await site.snapshots.load();
       await site.replication.load();
+      await site.reserve.open();
+      if (site.reserve.heldBytes < site.reserve.targetBytes) {
+        log.warn({ reserveBytes: site.reserve.targetBytes, heldBytes: site.reserve.heldBytes }, 'the file system has no room for the space reserve: it is taken once space is freed');
+      }
       return site;
     } catch (err) {
       catalog?.close();
@@ -156,6 +190,11 @@ export class Site {
     const nbdBound = await this.nbdServer.listen();
     this.addresses = { listen: bound, nbd: nbdBound };
     this.replication.startAll();
+    // Space freed outside ferry (or by a catch-up's end) lets the reserve be taken again.
+    this.reserveTimer = setInterval(() => {
+      if (this.reserve.heldBytes < this.reserve.targetBytes) void this.replenishReserve();
+    }, reserveCheckMs);
+    this.reserveTimer.unref();
     this.log.info({ listen: formatHostPort(bound), nbd: formatHostPort(nbdBound), siteId: this.config.id }, 'site started');
     return this.addresses;
   }
@@ -180,6 +219,7 @@ export class Site {
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       this.log.info('site stopping');
+      clearInterval(this.reserveTimer);
       await this.replication.close();
       this.rcp.closeAll();
       this.listener?.close();

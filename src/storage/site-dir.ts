@@ -11,6 +11,8 @@ export interface SiteLayout {
   configPath: string;
   catalogPath: string;
   lockPath: string;
+  /** The space reserve (see `SpaceReserve`). */
+  reservePath: string;
   volumesDir: string;
   replicationDir: string;
 }
@@ -21,6 +23,7 @@ export function siteLayout(dir: string): SiteLayout {
     configPath: join(dir, 'site.json'),
     catalogPath: join(dir, 'catalog.db'),
     lockPath: join(dir, 'lock'),
+    reservePath: join(dir, 'reserve'),
     volumesDir: join(dir, 'volumes'),
     replicationDir: join(dir, 'replication'),
   };

@@ -65,9 +65,12 @@ export class TestSite {
     public env: Record<string, string>,
   ) {}
 
-  /** `listenHost`: the address the site listens on (default 127.0.0.1; 0.0.0.0 for every address). */
-  static async create(name = 'site', options: { env?: Record<string, string>; blockSize?: string; listenHost?: string } = {}): Promise<TestSite> {
-    const root = await mkdtemp(join(tmpdir(), `ferry-test-${name}-`));
+  /**
+   * `listenHost`: the address the site listens on (default 127.0.0.1; 0.0.0.0 for every address).
+   * `parentDir`: where the site's directory is made (default the system's temporary directory).
+   */
+  static async create(name = 'site', options: { env?: Record<string, string>; blockSize?: string; listenHost?: string; parentDir?: string } = {}): Promise<TestSite> {
+    const root = await mkdtemp(join(options.parentDir ?? tmpdir(), `ferry-test-${name}-`));
     const dir = join(root, 'data');
     const init = await ferry(['site', 'init', '--dir', dir, '--name', name, '--listen', `${options.listenHost ?? '127.0.0.1'}:0`, '--nbd', '127.0.0.1:0', ...(options.blockSize ? ['--block-size', options.blockSize] : [])]);
     if (init.code !== 0) throw new Error(`site init failed: ${init.stderr}`);

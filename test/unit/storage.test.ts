@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, open, stat } from 'node:fs/promises';
+import { mkdtemp, rm, open, stat, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
@@ -15,6 +15,7 @@ import { bitsPerPage } from '../../src/lib/paged-bitmap.js';
 import { JournalFile, JournalRecordType, RingSpace, journalRecordHeaderBytes, recordSpanBytes } from '../../src/storage/journal.js';
 import { randomBytes } from 'node:crypto';
 import { BufferPool } from '../../src/lib/buffer-pool.js';
+import { SpaceReserve } from '../../src/storage/space-reserve.js';
 
 const log = pino({ level: 'silent' });
 
@@ -414,6 +415,44 @@ test('a header walk finds records by header alone, and past a lap skip over a st
     } finally {
       await journal.close();
     }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('space reserve: taken in full when there is room beside it, given back only when the file system is nearly full, taken again later; a reserve cut short by a full disk keeps what it wrote', async () => {
+  const dir = await tempDir();
+  const path = join(dir, 'reserve');
+  const size = 4 * 1024 * 1024;
+  let availableBytes = 100 * 1024 * 1024;
+  const reserve = new SpaceReserve(path, async () => ({ sizeBytes: 1 << 30, availableBytes }), size);
+  try {
+    await reserve.open();
+    assert.equal(reserve.heldBytes, size);
+    assert.equal((await stat(path)).size, size);
+    assert.equal((await stat(path)).blocks * 512 >= size, true, 'its blocks are allocated, not a hole');
+    assert.equal(await reserve.releaseIfFull(), 0, 'room left: kept');
+    availableBytes = size - 1;
+    assert.equal(await reserve.releaseIfFull(), size);
+    assert.equal(reserve.heldBytes, 0);
+    await assert.rejects(stat(path), /ENOENT/);
+    assert.equal(await reserve.releaseIfFull(), 0, 'nothing left to give back');
+    availableBytes = 2 * size - 1;
+    assert.equal(await reserve.replenish(), false, 'not taken while it would leave less than its size free');
+    await assert.rejects(stat(path), /ENOENT/);
+    availableBytes = 2 * size;
+    assert.equal(await reserve.replenish(), true);
+    assert.equal((await stat(path)).size, size);
+
+    // A site that finds part of a reserve (a disk that filled while it was written) keeps it and completes it.
+    await truncate(path, size / 4);
+    const again = new SpaceReserve(path, async () => ({ sizeBytes: 1 << 30, availableBytes: size }), size);
+    await again.open();
+    assert.equal(again.heldBytes, size / 4, 'no room: what is there is held');
+    const roomy = new SpaceReserve(path, async () => ({ sizeBytes: 1 << 30, availableBytes: 100 * size }), size);
+    await roomy.open();
+    assert.equal(roomy.heldBytes, size);
+    assert.equal((await stat(path)).size, size);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -1,0 +1,142 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm, statfs } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { TestSite } from '../helpers/site.js';
+import { VolumeModel, pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
+import { spaceReserveBytes } from '../../src/storage/space-reserve.js';
+
+const MiB = 1024 * 1024;
+const execFileP = promisify(execFile);
+
+/**
+ * A file system of its own, `bytes` large (tmpfs), for a site to fill. Mounting needs
+ * root (or sudo without a password), as CI has.
+ */
+async function smallFileSystem(bytes: number): Promise<{ dir: string; remove: () => Promise<void> }> {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-test-fs-'));
+  const sudo = process.getuid?.() === 0 ? [] : ['sudo', '-n'];
+  const run = (args: string[]): Promise<unknown> => execFileP(sudo[0] ?? args[0] as string, sudo.length > 0 ? [...sudo.slice(1), ...args] : args.slice(1));
+  await run(['mount', '-t', 'tmpfs', '-o', `size=${bytes}`, 'tmpfs', dir]);
+  return {
+    dir,
+    remove: async () => {
+      await run(['umount', '-l', dir]);
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+interface SiteShow {
+  fileSystemAvailableBytes: number;
+  spaceReserveBytes: number;
+  spaceReserveHeldBytes: number;
+}
+
+async function siteShow(site: TestSite): Promise<SiteShow> {
+  return (await site.api<SiteShow>('GET', '/api/v1/site')).body;
+}
+
+async function writeModel(site: TestSite, model: VolumeModel, offset: number, bytes: number): Promise<void> {
+  const step = 1 * MiB;
+  for (let at = offset; at < offset + bytes; at += step) {
+    const data = randomBytes(Math.min(step, offset + bytes - at));
+    model.apply(at, data);
+    await site.writeData('v', at, data);
+  }
+}
+
+/** Writes `filler` through NBD until the file system refuses (qemu-io reports the failure). */
+async function fillUp(site: TestSite, bytes: number): Promise<void> {
+  await execFileP('qemu-io', ['-f', 'raw', '-c', `write -P 7 0 ${bytes}`, `nbd://${site.host}:${site.nbdPort}/filler`]).then(
+    () => assert.fail('the filler fitted: the file system is not full'),
+    (err: { stdout?: string; stderr?: string }) => assert.match(`${err.stdout}${err.stderr}`, /No space left on device/),
+  );
+}
+
+/**
+ * Volumes are thin and snapshots and save volumes grow, so a site's file system can
+ * fill. Then the operator frees space with ferry's own commands, which must work even
+ * though each records its change first; replication, which could not cut meanwhile,
+ * tries again at a growing interval (not hammering the disk and the log) and catches up.
+ */
+test('a full file system at the source: snapshot and volume deletes and replicate stop still work (the space reserve), cuts back off, and replication catches up once space is freed', async () => {
+  const fs = await smallFileSystem(96 * MiB);
+  const a = await TestSite.create('full-a', { parentDir: fs.dir });
+  const b = await TestSite.create('full-b');
+  try {
+    const size = 64 * MiB;
+    const model = new VolumeModel(size);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    await a.api('POST', '/api/v1/volumes', { name: 'filler', size });
+    assert.equal((await siteShow(a)).spaceReserveHeldBytes, spaceReserveBytes, 'the reserve is taken when the site starts');
+    // Delta sets only when asked for.
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--save-volume', '16M', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    await writeModel(a, model, 0, 8 * MiB);
+    assert.equal((await a.cli(['replicate', 'delta', 'v'])).code, 0);
+    await waitInSync(a, b, 'v');
+    // A snapshot holding before-images, then a backlog too large for the save volume: it
+    // can only go as a catch-up copy, which needs a snapshot of its own.
+    assert.equal((await a.cli(['snapshot', 'create', 'v', '--name', 'before'])).code, 0);
+    await writeModel(a, model, 0, 20 * MiB);
+    await fillUp(a, size);
+    const full = await siteShow(a);
+    assert.ok(full.fileSystemAvailableBytes < MiB, `${full.fileSystemAvailableBytes} bytes left`);
+    assert.equal(full.spaceReserveHeldBytes, spaceReserveBytes);
+
+    // Nothing can be added: clear errors.
+    const refused = await a.cli(['snapshot', 'create', 'v', '--name', 'more']);
+    assert.notEqual(refused.code, 0);
+    assert.match(refused.stderr, /NO_SPACE/);
+    const logMark = a.logs.length;
+    const cut = await a.cli(['replicate', 'delta', 'v']);
+    assert.notEqual(cut.code, 0);
+    assert.match(cut.stderr, /a catch-up copy could not be started .*ENOSPC/);
+    const failing = await pairStatus(a, 'v');
+    assert.equal(failing.health, 'error');
+    assert.match(failing.reason, /a catch-up copy could not be started .*ENOSPC/);
+
+    // The cut asked for stands: it is tried again after 1, 2, 4 ... s, not at every 100 ms poll.
+    await new Promise((resolve) => setTimeout(resolve, 4000));
+    const attempts = a.logs.slice(logMark).filter((l) => l.msg === 'a catch-up copy could not be started').length;
+    assert.ok(attempts >= 3 && attempts <= 4, `${attempts} failed attempts in about 4 s`);
+
+    // Deleting the snapshot frees little (its before-images), not enough to take the reserve again.
+    const dropped = await a.cli(['snapshot', 'delete', 'v', 'before']);
+    assert.equal(dropped.code, 0, dropped.stderr);
+    assert.ok(a.logs.some((l) => l.msg === 'the file system is full: the space reserve is given back so that this command can free space' && l.command === 'snapshot delete v before'));
+    assert.equal((await siteShow(a)).spaceReserveHeldBytes, 0);
+    // Deleting the filler frees the rest.
+    const deleted = await a.cli(['volume', 'delete', 'filler']);
+    assert.equal(deleted.code, 0, deleted.stderr);
+    const freed = await siteShow(a);
+    assert.equal(freed.spaceReserveHeldBytes, spaceReserveBytes, 'the reserve is taken again once space is freed');
+    assert.ok(freed.fileSystemAvailableBytes > 32 * MiB);
+
+    // The catch-up goes through by itself, and the replica is the source's image.
+    await waitInSync(a, b, 'v', 'v', 60_000);
+    assert.equal(await a.digest('v'), model.digest());
+    assert.equal(await b.digest('v'), model.digest());
+    const after = await pairStatus(a, 'v');
+    assert.equal(after.health, 'ok');
+    assert.equal(after.reason, '');
+
+    // Full again: ending the pair (its save volume and tracking files go) works too.
+    await a.api('POST', '/api/v1/volumes', { name: 'filler', size });
+    await fillUp(a, size);
+    assert.ok((await statfs(fs.dir)).bavail * (await statfs(fs.dir)).bsize < MiB);
+    const stopped = await a.cli(['replicate', 'stop', 'v']);
+    assert.equal(stopped.code, 0, stopped.stderr);
+    assert.ok(a.logs.some((l) => l.msg === 'the file system is full: the space reserve is given back so that this command can free space' && l.command === 'replicate stop v'));
+    assert.deepEqual((await a.api<unknown[]>('GET', '/api/v1/status')).body, []);
+    assert.deepEqual((await b.api<unknown[]>('GET', '/api/v1/status')).body, [], 'the target was told');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+    await fs.remove();
+  }
+});
