@@ -171,7 +171,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
 
   app.delete('/api/v1/volumes/:name', { schema: { params: nameParams } }, async (req, reply) => {
     const name = (req.params as { name: string }).name;
-    await site.freeingSpace(`volume delete ${name}`, () => site.volumes.delete(name));
+    await site.usingReserve(`volume delete ${name}`, () => site.volumes.delete(name));
     return reply.status(204).send();
   });
 
@@ -277,7 +277,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
 
   app.post('/api/v1/replication/:volume/stop', { schema: { params: volumeParams } }, async (req) => {
     const volume = (req.params as { volume: string }).volume;
-    return { volume, stopped: true, ...(await site.freeingSpace(`replicate stop ${volume}`, () => site.replication.stop(volume))) };
+    return { volume, stopped: true, ...(await site.usingReserve(`replicate stop ${volume}`, () => site.replication.stop(volume))) };
   });
   app.post(
     '/api/v1/replication/:volume/peer',
@@ -329,7 +329,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
     async (req) => {
       const volume = (req.params as { volume: string }).volume;
       const mode = ((req.body as { mode?: 'default' | 'now' | 'sync' } | undefined)?.mode ?? 'default');
-      const result = await site.replication.failover(volume, mode);
+      const result = await site.usingReserve(`failover ${volume}`, () => site.replication.failover(volume, mode));
       return { ...result, status: site.replication.status(volume)[0] };
     },
   );

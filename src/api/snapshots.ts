@@ -81,7 +81,7 @@ export function registerSnapshotRoutes(app: FastifyInstance, site: Site): void {
       const p = req.params as SnapParams;
       const inUse = site.replication.snapshotInUse(p.name, p.snap);
       if (inUse) throw new FerryError('SNAPSHOT_IN_USE', `snapshot ${p.name}@${p.snap} is in use: ${inUse}; ferry deletes it when it is no longer needed`);
-      await site.freeingSpace(`snapshot delete ${p.name} ${p.snap}`, () => snapshots.delete(p.name, p.snap, { force: (req.query as { force?: string }).force === 'true' }));
+      await site.usingReserve(`snapshot delete ${p.name} ${p.snap}`, () => snapshots.delete(p.name, p.snap, { force: (req.query as { force?: string }).force === 'true' }));
       return reply.status(204).send();
     },
   );

@@ -22,6 +22,7 @@ export const dashboardHtml = `<!doctype html>
 <body>
 <h1 id="title">ferry</h1>
 <div class="sub" id="site"></div>
+<div class="sub" id="space"></div>
 <h2>Volumes</h2>
 <table>
   <thead><tr><th>name</th><th>size</th><th>allocated</th><th>access</th><th>created</th></tr></thead>
@@ -45,6 +46,11 @@ async function refresh() {
     const site = await (await fetch('/api/v1/site')).json();
     document.getElementById('title').textContent = 'ferry — site ' + site.name;
     document.getElementById('site').textContent = 'id ' + site.id + ' · block size ' + size(site.blockBytes) + ' · up since ' + site.startedAt;
+    // Thin volumes, growing snapshots and save volumes: a full file system stops writes.
+    const space = document.getElementById('space');
+    const full = site.fileSystemAvailableBytes < site.spaceReserveBytes || site.spaceReserveHeldBytes < site.spaceReserveBytes;
+    space.textContent = 'file system: ' + size(site.fileSystemAvailableBytes) + ' free of ' + size(site.fileSystemBytes) + ' · volumes ' + size(site.volumesAllocatedBytes) + ' held of ' + size(site.volumesProvisionedBytes) + ' provisioned' + (full ? ' · FULL: free space (delete snapshots or volumes)' : '');
+    space.className = full ? 'sub err' : 'sub';
     const volumes = await (await fetch('/api/v1/volumes')).json();
     const body = document.getElementById('volumes');
     body.replaceChildren();

@@ -117,6 +117,8 @@ export class SourceReplicator {
   private status: PairStatus;
   /** Cuts that failed since start (a demanded cut reports the next failure). */
   private cutFailures = 0;
+  /** When the current session last sent a heartbeat (0: not yet). */
+  private lastHeartbeatMs = 0;
   private readonly ring: RingSpace;
   private readonly trigger: DeltaSetTrigger;
   private readonly cutWaker = new Waker();
@@ -598,15 +600,14 @@ export class SourceReplicator {
       const resume = resumePoint(position, this.pair);
       if (resume.received !== undefined) this.noteReceived(resume.received);
       let { next, fromChunk } = resume;
-      let lastHeartbeat = 0;
+      // First thing in every session: a target whose storage fails ends each one early,
+      // and must still know what this site has that it does not.
+      this.lastHeartbeatMs = 0;
       while (!this.closed && isActive(this.status)) {
+        this.heartbeatIfDue(connection);
         const ds = rowToSend(this.deps.catalog.listDeltaSets(this.pair.volume), this.pair, next);
         if (!ds) {
           if (this.status.state === 'duplex-pending' && this.dirtyBlocks === 0 && !this.catchingUp) this.apply({ type: 'caught-up' });
-          if (this.deps.clock.now() - lastHeartbeat >= heartbeatMs) {
-            this.sendHeartbeat(connection);
-            lastHeartbeat = this.deps.clock.now();
-          }
           inbox.drainAcks((ack) => this.noteAck(ack));
           if (connection.isClosed) throw new FerryError('UNAVAILABLE', 'target closed the connection');
           await this.sendWaker.wait(this.deps.clock, 250);
@@ -619,6 +620,13 @@ export class SourceReplicator {
     } finally {
       inbox.close();
     }
+  }
+
+  /** Heartbeats go every `heartbeatMs`, between delta sets and between the chunks of a long one. */
+  private heartbeatIfDue(connection: RcpConnection): void {
+    if (this.deps.clock.now() - this.lastHeartbeatMs < heartbeatMs) return;
+    this.sendHeartbeat(connection);
+    this.lastHeartbeatMs = this.deps.clock.now();
   }
 
   private sendHeartbeat(connection: RcpConnection): void {
@@ -708,6 +716,7 @@ export class SourceReplicator {
     };
     while (!window.sealed) {
       await carryOut(window.fill(clock.now()));
+      this.heartbeatIfDue(connection);
       let frame: Frame;
       try {
         frame = await inbox.next(retransmitMs);

@@ -108,13 +108,14 @@ export class Site {
   }
 
   /**
-   * Runs a command that frees space (deleting a volume or a snapshot, ending a pair).
-   * On a full file system its own records could not be written: the space reserve is
-   * given back first, and taken again after.
+   * Runs a command a full file system must not stop: one that frees space (deleting a
+   * volume or a snapshot, ending a pair), or a failover (in a disaster, taking over comes
+   * first). On a full file system its own records could not be written: the space
+   * reserve is given back first, and taken again after.
    */
-  async freeingSpace<T>(what: string, fn: () => Promise<T>): Promise<T> {
+  async usingReserve<T>(what: string, fn: () => Promise<T>): Promise<T> {
     const freedBytes = await this.reserve.releaseIfFull();
-    if (freedBytes > 0) this.log.warn({ freedBytes, command: what }, 'the file system is full: the space reserve is given back so that this command can free space');
+    if (freedBytes > 0) this.log.warn({ freedBytes, command: what }, 'the file system is full: the space reserve is given back so that this command can run');
     try {
       return await fn();
     } finally {

@@ -23,6 +23,9 @@ export interface RenderedDashboard {
   /** The same cells' classes (how they are highlighted). */
   classes: Record<string, string[][]>;
   error: string;
+  /** The lines under the title: the site, and its file system's space (with its class). */
+  site: string;
+  space: { text: string; className: string };
 }
 
 /**
@@ -56,5 +59,5 @@ export async function renderDashboard(siteUrl: string): Promise<RenderedDashboar
     tables[id] = e.children.map((tr) => tr.children.map((td) => td.textContent));
     classes[id] = e.children.map((tr) => tr.children.map((td) => td.className));
   }
-  return { tables, classes, error: get('error').textContent };
+  return { tables, classes, error: get('error').textContent, site: get('site').textContent, space: { text: get('space').textContent, className: get('space').className } };
 }

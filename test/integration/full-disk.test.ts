@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { TestSite } from '../helpers/site.js';
+import { renderDashboard } from '../helpers/dashboard.js';
 import { VolumeModel, pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
 import { spaceReserveBytes } from '../../src/storage/space-reserve.js';
 
@@ -88,6 +89,9 @@ test('a full file system at the source: snapshot and volume deletes and replicat
     const full = await siteShow(a);
     assert.ok(full.fileSystemAvailableBytes < MiB, `${full.fileSystemAvailableBytes} bytes left`);
     assert.equal(full.spaceReserveHeldBytes, spaceReserveBytes);
+    const shown = await renderDashboard(a.url);
+    assert.match(shown.space.text, /^file system: [0-9.]+K? free of 96M · volumes [0-9.]+M held of 128M provisioned · FULL: free space/);
+    assert.equal(shown.space.className, 'sub err');
 
     // Nothing can be added: clear errors.
     const refused = await a.cli(['snapshot', 'create', 'v', '--name', 'more']);
@@ -109,7 +113,7 @@ test('a full file system at the source: snapshot and volume deletes and replicat
     // Deleting the snapshot frees little (its before-images), not enough to take the reserve again.
     const dropped = await a.cli(['snapshot', 'delete', 'v', 'before']);
     assert.equal(dropped.code, 0, dropped.stderr);
-    assert.ok(a.logs.some((l) => l.msg === 'the file system is full: the space reserve is given back so that this command can free space' && l.command === 'snapshot delete v before'));
+    assert.ok(a.logs.some((l) => l.msg === 'the file system is full: the space reserve is given back so that this command can run' && l.command === 'snapshot delete v before'));
     assert.equal((await siteShow(a)).spaceReserveHeldBytes, 0);
     // Deleting the filler frees the rest.
     const deleted = await a.cli(['volume', 'delete', 'filler']);
@@ -117,6 +121,9 @@ test('a full file system at the source: snapshot and volume deletes and replicat
     const freed = await siteShow(a);
     assert.equal(freed.spaceReserveHeldBytes, spaceReserveBytes, 'the reserve is taken again once space is freed');
     assert.ok(freed.fileSystemAvailableBytes > 32 * MiB);
+    const roomy = await renderDashboard(a.url);
+    assert.doesNotMatch(roomy.space.text, /FULL/);
+    assert.equal(roomy.space.className, 'sub');
 
     // The catch-up goes through by itself, and the replica is the source's image.
     await waitInSync(a, b, 'v', 'v', 60_000);
@@ -132,9 +139,65 @@ test('a full file system at the source: snapshot and volume deletes and replicat
     assert.ok((await statfs(fs.dir)).bavail * (await statfs(fs.dir)).bsize < MiB);
     const stopped = await a.cli(['replicate', 'stop', 'v']);
     assert.equal(stopped.code, 0, stopped.stderr);
-    assert.ok(a.logs.some((l) => l.msg === 'the file system is full: the space reserve is given back so that this command can free space' && l.command === 'replicate stop v'));
+    assert.ok(a.logs.some((l) => l.msg === 'the file system is full: the space reserve is given back so that this command can run' && l.command === 'replicate stop v'));
     assert.deepEqual((await a.api<unknown[]>('GET', '/api/v1/status')).body, []);
     assert.deepEqual((await b.api<unknown[]>('GET', '/api/v1/status')).body, [], 'the target was told');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+    await fs.remove();
+  }
+});
+
+/**
+ * The replica's site fills up (its own hosts' volumes, say): delta sets cannot be stored
+ * there. When the source is then lost, the failover must still go through, and must
+ * say that the source had writes this site never stored.
+ */
+test('a full file system at the target: failover still works (the space reserve) and says what the source had that could not be stored here', async () => {
+  const fs = await smallFileSystem(128 * MiB);
+  const a = await TestSite.create('tfull-a');
+  const b = await TestSite.create('tfull-b', { parentDir: fs.dir });
+  try {
+    const size = 32 * MiB;
+    const model = new VolumeModel(size);
+    await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '300ms', '--save-volume', '16M', '--target-save-volume', '16M', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    await writeModel(a, model, 0, 16 * MiB);
+    await waitInSync(a, b, 'v');
+    const restartPoint = model.digest();
+    await b.api('POST', '/api/v1/volumes', { name: 'filler', size: 128 * MiB });
+    await fillUp(b, 128 * MiB);
+    assert.ok((await siteShow(b)).fileSystemAvailableBytes < MiB);
+
+    // 4 MiB more at the source: its delta set cannot be stored at the target.
+    await writeModel(a, model, 16 * MiB, 4 * MiB);
+    const failing = await waitFor('the target to fail to store a delta set', async () => {
+      const s = await pairStatus(b, 'v');
+      return /could not be stored in the save volume: ENOSPC/.test(s.reason) ? s : undefined;
+    });
+    assert.equal(failing.health, 'error');
+    // The source keeps saying what it has (heartbeats in every session, which the failing store ends).
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+    await a.kill('SIGKILL');
+
+    const failover = await b.cli(['failover', 'v', '--json']);
+    assert.equal(failover.code, 0, failover.stderr);
+    assert.ok(b.logs.some((l) => l.msg === 'the file system is full: the space reserve is given back so that this command can run' && l.command === 'failover v'));
+    const result = JSON.parse(failover.stdout) as { generation: number; sourceAhead: { blocks: number; deltaSets: number } };
+    assert.equal(result.generation, 2);
+    assert.ok(result.sourceAhead.deltaSets >= 1, `delta sets not received: ${result.sourceAhead.deltaSets}`);
+    assert.equal(result.sourceAhead.blocks, (4 * MiB) / 8192, 'the blocks of the 4 MiB the source wrote');
+    const text = await b.cli(['status', 'v']);
+    assert.match(text.stdout, /failed over at generation 2/);
+    assert.equal(await b.digest('v'), restartPoint, 'the replica is the image it last played back');
+
+    // Space freed at B: the reserve is taken again, and hosts write there.
+    assert.equal((await b.cli(['volume', 'delete', 'filler'])).code, 0);
+    assert.equal((await siteShow(b)).spaceReserveHeldBytes, spaceReserveBytes);
+    const data = randomBytes(64 * 1024);
+    await b.writeData('v', 0, data);
+    assert.deepEqual(await b.readData('v', 0, data.length), data);
   } finally {
     await Promise.all([a.destroy(), b.destroy()]);
     await fs.remove();
