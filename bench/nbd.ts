@@ -22,7 +22,7 @@ import { parseSize } from '../src/lib/units.js';
 
 const execFileP = promisify(execFile);
 const here = dirname(fileURLToPath(import.meta.url));
-const ferryBin = join(here, '..', 'src', 'cli', 'main.js');
+const ferryBin = join(here, '..', 'src', 'cli', 'ferry.cjs');
 
 interface Job {
   name: string;

@@ -91,6 +91,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
       url: site.url,
       startedAt: site.startedAt.toISOString(),
       pid: process.pid,
+      threadPoolSize: site.threadPoolSize,
       version: 1,
       fileSystemBytes: space.sizeBytes,
       fileSystemAvailableBytes: space.availableBytes,

@@ -14,7 +14,7 @@ import { FerryError } from '../lib/errors.js';
  * stays under ./.ferry/ for the next start. Ctrl-C stops both cleanly.
  */
 const root = resolve(process.env.FERRY_DEMO_DIR ?? '.ferry');
-const cli = join(dirname(fileURLToPath(import.meta.url)), 'main.js');
+const cli = join(dirname(fileURLToPath(import.meta.url)), 'ferry.cjs');
 const sites = [
   { name: 'site-a', dir: join(root, 'site-a'), listen: '127.0.0.1:7370', nbd: '127.0.0.1:10809' },
   { name: 'site-b', dir: join(root, 'site-b'), listen: '127.0.0.1:7371', nbd: '127.0.0.1:10810' },

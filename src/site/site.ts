@@ -102,6 +102,11 @@ export class Site {
     return `http://${formatHostPort(a)}`;
   }
 
+  /** Threads of libuv's pool, which carry the site's file I/O (set by the `ferry` command's entry, `ferry.cts`). */
+  get threadPoolSize(): number {
+    return Number(process.env.UV_THREADPOOL_SIZE ?? 4);
+  }
+
   /** The size of the site directory's file system and what is left on it (volumes, snapshots and save volumes grow into it). */
   fileSystemSpace(): Promise<FileSystemSpace> {
     return fileSystemSpace(this.layout.dir);
@@ -196,7 +201,7 @@ export class Site {
       if (this.reserve.heldBytes < this.reserve.targetBytes) void this.replenishReserve();
     }, reserveCheckMs);
     this.reserveTimer.unref();
-    this.log.info({ listen: formatHostPort(bound), nbd: formatHostPort(nbdBound), siteId: this.config.id }, 'site started');
+    this.log.info({ listen: formatHostPort(bound), nbd: formatHostPort(nbdBound), siteId: this.config.id, threadPoolSize: this.threadPoolSize }, 'site started');
     return this.addresses;
   }
 

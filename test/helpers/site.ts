@@ -8,7 +8,7 @@ import { promisify } from 'node:util';
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** The built CLI entry point (tests run from dist/test/…). */
-export const ferryBin = join(here, '..', '..', 'src', 'cli', 'main.js');
+export const ferryBin = join(here, '..', '..', 'src', 'cli', 'ferry.cjs');
 
 const execFileP = promisify(execFile);
 

@@ -5,12 +5,13 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { connect } from 'node:net';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, writeFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdtemp, writeFile, rm, readdir } from 'node:fs/promises';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TestSite, ferry } from '../helpers/site.js';
 import { connectRcp } from '../../src/transport/connection.js';
 import { waitFor } from '../helpers/replication.js';
+import { threadPoolSize } from '../../src/cli/thread-pool.cjs';
 
 const execFileP = promisify(execFile);
 
@@ -300,4 +301,21 @@ test('a digest of a large volume is hashed off the event loop: the site answers 
   client.abort();
   assert.equal(await cancelled, 'AbortError');
   await waitFor('the cancelled digest to be logged', async () => site.logs.some((l) => l.msg === 'digest of digested cancelled: the client went away'), 10_000);
+});
+
+test("the daemon's thread pool (its file I/O) is sized to the machine's CPUs, 2 to 4, by the ferry command's entry; an operator's UV_THREADPOOL_SIZE is kept", async () => {
+  const expected = process.env.UV_THREADPOOL_SIZE !== undefined ? Number(process.env.UV_THREADPOOL_SIZE) : threadPoolSize(availableParallelism());
+  const set = await TestSite.create('pool', { env: { UV_THREADPOOL_SIZE: '7' } });
+  try {
+    const shown = (await site.api<{ threadPoolSize: number }>('GET', '/api/v1/site')).body;
+    assert.equal(shown.threadPoolSize, expected);
+    assert.equal((await set.api<{ threadPoolSize: number }>('GET', '/api/v1/site')).body.threadPoolSize, 7);
+    assert.ok(set.logs.some((l) => l.msg === 'site started' && l.threadPoolSize === 7));
+    // The pool libuv started is that size: the two daemons differ by just those threads.
+    const threads = async (t: TestSite): Promise<number> => (await readdir(`/proc/${t.proc?.pid}/task`)).length;
+    assert.equal((await threads(set)) - (await threads(site)), 7 - expected);
+  } finally {
+    await set.destroy();
+  }
+  assert.deepEqual([1, 2, 3, 4, 16].map(threadPoolSize), [2, 2, 3, 4, 4]);
 });
