@@ -57,7 +57,8 @@ export class SpaceReserve {
   /**
    * Takes the reserve again, in full, if the file system has room for it and as much
    * again besides (hosts need the space more). Returns whether it is held in full.
-   * Random bytes, not zeros: a compressing file system would store zeros in nothing.
+   * Random bytes, new for each piece: a compressing or deduplicating file system would
+   * store zeros or a repeated piece in next to nothing.
    */
   replenish(): Promise<boolean> {
     return this.serially(async () => {
@@ -67,11 +68,10 @@ export class SpaceReserve {
       // Not O_APPEND: Linux would ignore the offsets given to each write.
       const file = await open(this.path, constants.O_WRONLY | constants.O_CREAT, 0o600);
       try {
-        const piece = randomBytes(writePieceBytes);
         while (this.held < this.targetBytes) {
-          const n = Math.min(writePieceBytes, this.targetBytes - this.held);
-          await file.write(piece, 0, n, this.held);
-          this.held += n;
+          const piece = randomBytes(Math.min(writePieceBytes, this.targetBytes - this.held));
+          const { bytesWritten } = await file.write(piece, 0, piece.length, this.held);
+          this.held += bytesWritten;
         }
         await file.datasync();
         return true;
