@@ -52,7 +52,7 @@ export class Site {
   /** Snapshot queues of every volume (SPEC C3); hooks each volume's write path. */
   readonly snapshots: SnapshotManager;
   readonly startedAt = new Date();
-  /** Space held back so that commands freeing space still work on a full file system. */
+  /** Space held back so that the commands freeing space, and a failover, still work on a full file system. */
   readonly reserve: SpaceReserve;
   private reserveTimer: NodeJS.Timeout | undefined;
   private listener: SiteListener | undefined;

@@ -7,10 +7,10 @@ import { isNoSpace } from '../lib/errors.js';
  * Space a site holds back on its file system (the `reserve` file in its directory).
  * Volumes are thin and snapshots and save volumes grow, so the file system can fill;
  * then even the commands that free space fail, since each records its change in the
- * catalog first. Such a command gives the reserve back when the file system is full,
- * so its records can be written, and the site takes the reserve again once there is
- * room. The size covers catalog writes and a snapshot's before-images moved to an
- * older one, not bulk data.
+ * catalog first. Such a command (and a failover, which in a disaster comes first)
+ * gives the reserve back when the file system is full, so its records can be written,
+ * and the site takes the reserve again once there is room. The size covers catalog
+ * records and a few before-images a deleted snapshot hands to an older one, not bulk data.
  */
 export const spaceReserveBytes = 16 * 1024 * 1024;
 
