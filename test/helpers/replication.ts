@@ -75,3 +75,12 @@ export class VolumeModel {
     data.copy(this.bytes, offset);
   }
 }
+
+/** Writes `bytes` of random data at `offset` of volume `v` through the API, `step` at a time, into `model` too. */
+export async function writeRange(site: TestSite, model: VolumeModel, offset: number, bytes: number, step = 256 * 1024): Promise<void> {
+  for (let at = offset; at < offset + bytes; at += step) {
+    const data = randomBytes(Math.min(step, offset + bytes - at));
+    model.apply(at, data);
+    await site.writeData('v', at, data);
+  }
+}

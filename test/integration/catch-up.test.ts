@@ -9,7 +9,7 @@ import { TestSite } from '../helpers/site.js';
 import { FaultProxy } from '../helpers/fault-proxy.js';
 import { ReplFrame } from '../../src/replication/protocol.js';
 import type { Frame } from '../../src/transport/frame.js';
-import { VolumeModel, pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
+import { VolumeModel, pairStatus, waitFor, waitInSync, writeRange } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
 const execFileP = promisify(execFile);
@@ -27,15 +27,6 @@ async function sites(name: string): Promise<[TestSite, TestSite]> {
   return Promise.all([TestSite.create(`${name}-a`), TestSite.create(`${name}-b`)]);
 }
 
-async function write(site: TestSite, model: VolumeModel, offset: number, bytes: number): Promise<void> {
-  const step = 256 * 1024;
-  for (let at = offset; at < offset + bytes; at += step) {
-    const data = randomBytes(Math.min(step, offset + bytes - at));
-    model.apply(at, data);
-    await site.writeData('v', at, data);
-  }
-}
-
 async function snapshotNames(site: TestSite): Promise<string[]> {
   const { body } = await site.api<{ name: string }[]>('GET', '/api/v1/volumes/v/snapshots');
   return body.map((s) => s.name);
@@ -49,13 +40,13 @@ async function backlogPastSaveVolume(a: TestSite, b: TestSite, proxy: FaultProxy
   await a.api('POST', '/api/v1/volumes', { name: 'v', size: model.bytes.length });
   const start = await a.cli(['replicate', 'start', 'v', '--to', proxy.url, '--interval', '60s', '--high-water', '1G', '--save-volume', '16M', '--target-save-volume', '16M', '--wait']);
   assert.equal(start.code, 0, start.stderr);
-  await write(a, model, 0, 2 * MiB);
+  await writeRange(a, model, 0, 2 * MiB);
   await waitInSync(a, b, 'v');
   assert.equal((await a.cli(['replicate', 'pause', 'v'])).code, 0);
-  await write(a, model, 0, 4 * MiB);
+  await writeRange(a, model, 0, 4 * MiB);
   assert.equal((await a.cli(['replicate', 'delta', 'v'])).code, 0);
   const boundary = model.digest();
-  await write(a, model, 8 * MiB, backlogMiB * MiB);
+  await writeRange(a, model, 8 * MiB, backlogMiB * MiB);
   const cut = await a.cli(['replicate', 'delta', 'v']);
   assert.equal(cut.code, 0, cut.stderr);
   assert.match(cut.stdout, new RegExp(`backlog of v \\(${(backlogMiB * MiB) / 8192} blocks\\) is larger than the save volume: it goes to the other site as a catch-up copy`));
@@ -108,7 +99,7 @@ test('a backlog larger than the save volume catches up by copy: the target serve
     let seen = '';
     let at = 64 * MiB;
     await waitFor(() => `both save volumes to fill (last: ${seen})`, async () => {
-      await write(a, model, at, 2 * MiB);
+      await writeRange(a, model, at, 2 * MiB);
       at = at + 2 * MiB < 112 * MiB ? at + 2 * MiB : 64 * MiB;
       await a.cli(['replicate', 'delta', 'v']); // refused once the source's save volume is full
       const [s, t] = await Promise.all([pairStatus(a, 'v'), pairStatus(b, 'v')]);
@@ -120,7 +111,7 @@ test('a backlog larger than the save volume catches up by copy: the target serve
     assert.ok(t.deltaSetReceived > t.deltaSetPlayedBack, 'delta sets after the catch-up wait for it');
     assert.equal(await b.digest('v'), boundary);
     // Host writes are never refused meanwhile.
-    await write(a, model, 120 * MiB, MiB);
+    await writeRange(a, model, 120 * MiB, MiB);
 
     // A crash of the target mid catch-up: after the restart readers still get the kept image.
     await b.restart();
@@ -177,7 +168,7 @@ test('failover during a catch-up restores the protected image; resync then undoe
     // The new source writes; the old one returns and is rebuilt without a full copy.
     const image = new VolumeModel(96 * MiB);
     for (let at = 0; at < 96 * MiB; at += 4 * MiB) image.apply(at, await b.readData('v', at, 4 * MiB));
-    await write(b, image, 60 * MiB, 2 * MiB);
+    await writeRange(b, image, 60 * MiB, 2 * MiB);
     await a.start();
     await waitFor('the old source to learn of the failover', async () => (await pairStatus(a, 'v')).recovery?.phase === 'fenced', 30_000);
     const rs = await b.cli(['resync', 'v']);
@@ -238,12 +229,12 @@ test('a full disk at the target during a catch-up: both sites say why, readers k
   try {
     const model = new VolumeModel(32 * MiB);
     await a.api('POST', '/api/v1/volumes', { name: 'v', size: model.bytes.length });
-    await write(a, model, 0, 24 * MiB);
+    await writeRange(a, model, 0, 24 * MiB);
     const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '60s', '--high-water', '1G', '--save-volume', '16M', '--target-save-volume', '16M', '--wait']);
     assert.equal(start.code, 0, start.stderr);
     const boundary = model.digest();
     assert.equal((await a.cli(['replicate', 'pause', 'v'])).code, 0);
-    await write(a, model, 0, 24 * MiB);
+    await writeRange(a, model, 0, 24 * MiB);
     const cut = await a.cli(['replicate', 'delta', 'v']);
     assert.match(cut.stdout, /it goes to the other site as a catch-up copy/);
     // B's files may not grow past 17 MiB now (EFBIG, as on a full disk): the protective

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { TestSite } from '../helpers/site.js';
 import { renderDashboard } from '../helpers/dashboard.js';
-import { VolumeModel, pairStatus, waitFor, waitInSync } from '../helpers/replication.js';
+import { VolumeModel, pairStatus, waitFor, waitInSync, writeRange } from '../helpers/replication.js';
 import { spaceReserveBytes } from '../../src/storage/space-reserve.js';
 
 const MiB = 1024 * 1024;
@@ -21,7 +21,10 @@ const execFileP = promisify(execFile);
 async function smallFileSystem(bytes: number): Promise<{ dir: string; remove: () => Promise<void> }> {
   const dir = await mkdtemp(join(tmpdir(), 'ferry-test-fs-'));
   const sudo = process.getuid?.() === 0 ? [] : ['sudo', '-n'];
-  const run = (args: string[]): Promise<unknown> => execFileP(sudo[0] ?? args[0] as string, sudo.length > 0 ? [...sudo.slice(1), ...args] : args.slice(1));
+  const run = (args: string[]): Promise<unknown> => {
+    const [command, ...rest] = [...sudo, ...args];
+    return execFileP(command as string, rest);
+  };
   await run(['mount', '-t', 'tmpfs', '-o', `size=${bytes}`, 'tmpfs', dir]);
   return {
     dir,
@@ -40,15 +43,6 @@ interface SiteShow {
 
 async function siteShow(site: TestSite): Promise<SiteShow> {
   return (await site.api<SiteShow>('GET', '/api/v1/site')).body;
-}
-
-async function writeModel(site: TestSite, model: VolumeModel, offset: number, bytes: number): Promise<void> {
-  const step = 1 * MiB;
-  for (let at = offset; at < offset + bytes; at += step) {
-    const data = randomBytes(Math.min(step, offset + bytes - at));
-    model.apply(at, data);
-    await site.writeData('v', at, data);
-  }
 }
 
 /** Writes `filler` through NBD until the file system refuses (qemu-io reports the failure). */
@@ -78,13 +72,13 @@ test('a full file system at the source: snapshot and volume deletes and replicat
     // Delta sets only when asked for.
     const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--save-volume', '16M', '--wait']);
     assert.equal(start.code, 0, start.stderr);
-    await writeModel(a, model, 0, 8 * MiB);
+    await writeRange(a, model, 0, 8 * MiB, MiB);
     assert.equal((await a.cli(['replicate', 'delta', 'v'])).code, 0);
     await waitInSync(a, b, 'v');
     // A snapshot holding before-images, then a backlog too large for the save volume: it
     // can only go as a catch-up copy, which needs a snapshot of its own.
     assert.equal((await a.cli(['snapshot', 'create', 'v', '--name', 'before'])).code, 0);
-    await writeModel(a, model, 0, 20 * MiB);
+    await writeRange(a, model, 0, 20 * MiB, MiB);
     await fillUp(a, size);
     const full = await siteShow(a);
     assert.ok(full.fileSystemAvailableBytes < MiB, `${full.fileSystemAvailableBytes} bytes left`);
@@ -163,7 +157,7 @@ test('a full file system at the target: failover still works (the space reserve)
     await a.api('POST', '/api/v1/volumes', { name: 'v', size });
     const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '300ms', '--save-volume', '16M', '--target-save-volume', '16M', '--wait']);
     assert.equal(start.code, 0, start.stderr);
-    await writeModel(a, model, 0, 16 * MiB);
+    await writeRange(a, model, 0, 16 * MiB, MiB);
     await waitInSync(a, b, 'v');
     const restartPoint = model.digest();
     await b.api('POST', '/api/v1/volumes', { name: 'filler', size: 128 * MiB });
@@ -171,7 +165,7 @@ test('a full file system at the target: failover still works (the space reserve)
     assert.ok((await siteShow(b)).fileSystemAvailableBytes < MiB);
 
     // 4 MiB more at the source: its delta set cannot be stored at the target.
-    await writeModel(a, model, 16 * MiB, 4 * MiB);
+    await writeRange(a, model, 16 * MiB, 4 * MiB, MiB);
     const failing = await waitFor('the target to fail to store a delta set', async () => {
       const s = await pairStatus(b, 'v');
       return /could not be stored in the save volume: ENOSPC/.test(s.reason) ? s : undefined;
