@@ -8,6 +8,9 @@
  *   - resync bytes on the wire / bytes of the blocks that differ (target <= 1.1);
  *   - resync time / full-copy time (target <= 0.05), as the daemons record them (command
  *     accepted to copy complete) and as the CLI sees them (process start and polling included);
+ *   - the same resync's file work alone, without ferry (bench/io-floor: the reads,
+ *     before-image appends, writes and flushes of its differing blocks, on copies of the
+ *     two images), as a floor for the resync time on this machine;
  *   - failover time from command to read/write with nothing left to play back (target < 1 s);
  *   - failback time;
  *   - then the same again with the old source keeping its data: `resync --reverse`'s
@@ -21,12 +24,14 @@
  * (4 GiB of new pages at the target) far more than on the resync.
  *
  * Environment: BENCH_VOLUME_GIB (default 4), BENCH_CHANGED_PERCENT (default 1),
- * BENCH_MEMORY=fresh (no memory held).
+ * BENCH_MEMORY=fresh (no memory held), BENCH_LOG_DIR (both daemons' log lines of the
+ * resync, times from its start, into resync-log.jsonl there).
  */
 import { execFile } from 'node:child_process';
-import { mkdtemp, open, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
 import { TestSite } from '../test/helpers/site.js';
@@ -39,6 +44,7 @@ const MiB = 1024 ** 2;
 const volumeBytes = Number(process.env.BENCH_VOLUME_GIB ?? 4) * GiB;
 const changedPercent = Number(process.env.BENCH_CHANGED_PERCENT ?? 1);
 const bs = 8192;
+const cpus = availableParallelism();
 
 
 
@@ -52,8 +58,11 @@ async function randomBlockWrites(site: TestSite, percent: number): Promise<void>
   await run('fio', ['--name=changes', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${site.nbdPort}/db`, '--rw=randwrite', `--bs=${bs}`, '--iodepth=16', `--size=${volumeBytes}`, `--io_size=${bytes}`, '--randrepeat=0', '--refill_buffers', '--output-format=terse'], { maxBuffer: 64 * MiB });
 }
 
-/** Blocks whose contents differ between the two sites' images (read through NBD). */
-async function differingBlocks(a: TestSite, b: TestSite, dir: string): Promise<number> {
+/**
+ * Blocks whose contents differ between the two sites' images (read through NBD into
+ * `dir`/a.raw and b.raw, which stay there for the file-work floor).
+ */
+async function differingBlocks(a: TestSite, b: TestSite, dir: string): Promise<number[]> {
   const fa = join(dir, 'a.raw');
   const fb = join(dir, 'b.raw');
   await run('nbdcopy', [`nbd://127.0.0.1:${a.nbdPort}/db`, fa]);
@@ -63,12 +72,12 @@ async function differingBlocks(a: TestSite, b: TestSite, dir: string): Promise<n
   const step = 64 * MiB;
   const ba = Buffer.alloc(step);
   const bb = Buffer.alloc(step);
-  let differ = 0;
+  const differ: number[] = [];
   try {
     for (let at = 0; at < volumeBytes; at += step) {
       await ha.read(ba, 0, step, at);
       await hb.read(bb, 0, step, at);
-      for (let o = 0; o < step; o += bs) if (!ba.subarray(o, o + bs).equals(bb.subarray(o, o + bs))) differ++;
+      for (let o = 0; o < step; o += bs) if (!ba.subarray(o, o + bs).equals(bb.subarray(o, o + bs))) differ.push((at + o) / bs);
     }
   } finally {
     // The images stay until the end of the run: removing them would free memory before the resync.
@@ -76,6 +85,29 @@ async function differingBlocks(a: TestSite, b: TestSite, dir: string): Promise<n
     await hb.close();
   }
   return differ;
+}
+
+/** BENCH_LOG_DIR: both daemons' log lines of the resync's span, in one file, times in ms from its start. */
+async function dumpLogs(dir: string, sites: Record<string, TestSite>, from: number, to: number): Promise<void> {
+  const lines = Object.entries(sites)
+    .flatMap(([name, site]) => site.logs.map((l) => ({ ...l, site: name, at: Number(l.time) - from })))
+    .filter((l) => l.at >= -1000 && l.at <= to - from + 1000)
+    .sort((x, y) => x.at - y.at);
+  await writeFile(join(dir, 'resync-log.jsonl'), lines.map((l) => JSON.stringify(l)).join('\n') + '\n');
+}
+
+/**
+ * bench/io-floor in a child process with the daemons' thread-pool size: the file work
+ * of this resync (its differing blocks, on the images in `dir`) without ferry.
+ */
+async function fileWorkFloor(dir: string, blocks: number[], threadPoolSize: number): Promise<{ wallMs: number; cpuMs: number; phasesMs: Record<string, number> }> {
+  const list = join(dir, 'differ.json');
+  await writeFile(list, JSON.stringify(blocks));
+  const script = fileURLToPath(new URL('./io-floor.js', import.meta.url));
+  const { stdout } = await run(process.execPath, [script, join(dir, 'a.raw'), join(dir, 'b.raw'), join(dir, 'floor-save.raw'), list, String(bs)], {
+    env: { ...process.env, UV_THREADPOOL_SIZE: String(threadPoolSize) },
+  });
+  return JSON.parse(stdout) as { wallMs: number; cpuMs: number; phasesMs: Record<string, number> };
 }
 
 async function main(): Promise<void> {
@@ -112,7 +144,8 @@ async function main(): Promise<void> {
     if (fo.code !== 0) throw new Error(fo.stderr);
     const failover = JSON.parse(fo.stdout) as { tookMs: number; sourceFenced: boolean };
     await randomBlockWrites(b, changedPercent);
-    const differ = await differingBlocks(a, b, dir);
+    const differList = await differingBlocks(a, b, dir);
+    const differ = differList.length;
     // Timed from a quiet disk: writeback of the comparison's files is not the resync's.
     await run('sync');
 
@@ -126,7 +159,10 @@ async function main(): Promise<void> {
     });
     const resyncCpu = await resyncMeter.stop();
     const resyncDaemonSeconds = (Date.parse(rs.recovery?.resyncDoneAt ?? '') - Date.parse(rs.recovery?.resyncStartedAt ?? '')) / 1000;
+    if (process.env.BENCH_LOG_DIR) await dumpLogs(process.env.BENCH_LOG_DIR, { A: a, B: b }, Date.parse(rs.recovery?.resyncStartedAt ?? ''), Date.parse(rs.recovery?.resyncDoneAt ?? ''));
     const same = (await a.digest('db')) === (await b.digest('db'));
+    const floor = await fileWorkFloor(dir, differList, (await a.api<{ threadPoolSize: number }>('GET', '/api/v1/site')).body.threadPoolSize);
+    await run('sync');
     const [failbackSeconds, fb] = await timed(() => b.cli(['failback', 'db']));
     if (fb.code !== 0) throw new Error(fb.stderr);
     // Counted from the failover on: the copy's frames and any delta sets, framing included.
@@ -142,7 +178,7 @@ async function main(): Promise<void> {
     const fo2 = await b.cli(['failover', 'db']);
     if (fo2.code !== 0) throw new Error(fo2.stderr);
     await randomBlockWrites(b, changedPercent);
-    const differReverse = await differingBlocks(a, b, dir);
+    const differReverse = (await differingBlocks(a, b, dir)).length;
     await run('sync');
     const [reverseSeconds, rv] = await timed(async () => {
       const r = await a.cli(['resync', 'db', '--reverse']);
@@ -156,6 +192,15 @@ async function main(): Promise<void> {
     const rows = [
       ['resync bytes on the wire / changed bytes', `${(wire / MiB).toFixed(1)} MiB`, `${(changedBytes / MiB).toFixed(1)} MiB (${differ} blocks differ)`, (wire / changedBytes).toFixed(3), `<= 1.1; full copy: ${rs.recovery?.fullCopy ? 'YES' : 'no'}; digests ${same ? 'equal' : 'DIFFER'}`],
       ['resync time / full-copy time (daemon)', `${resyncDaemonSeconds.toFixed(2)} s`, `${fullCopyDaemonSeconds.toFixed(2)} s`, (resyncDaemonSeconds / fullCopyDaemonSeconds).toFixed(3), '<= 0.05; command accepted to copy complete, both'],
+      [
+        'file-work floor (no ferry) / full-copy time',
+        `${(floor.wallMs / 1000).toFixed(2)} s`,
+        `${fullCopyDaemonSeconds.toFixed(2)} s`,
+        (floor.wallMs / 1000 / fullCopyDaemonSeconds).toFixed(3),
+        `the resync's reads, before-image appends, writes and flushes alone (bench/io-floor): ${Object.entries(floor.phasesMs).map(([k, v]) => `${k} ${v}`).join(', ')} ms; ` +
+          `${floor.cpuMs} ms CPU, so at least ${(floor.cpuMs / 1000 / cpus).toFixed(2)} s on ${cpus} CPUs however overlapped (ratio ${(floor.cpuMs / 1000 / cpus / fullCopyDaemonSeconds).toFixed(3)})`,
+      ],
+      ['resync time / file-work floor', `${resyncDaemonSeconds.toFixed(2)} s`, `${(floor.wallMs / 1000).toFixed(2)} s`, (resyncDaemonSeconds / (floor.wallMs / 1000)).toFixed(2), 'what ferry adds: network, checksums, snapshots, catalog, two processes on one machine'],
       ['resync time / full-copy time (CLI wall)', `${resyncSeconds.toFixed(2)} s`, `${fullCopySeconds.toFixed(2)} s`, (resyncSeconds / fullCopySeconds).toFixed(3), 'CLI start and status polling included'],
       [
         'resync CPU / full-copy CPU (CLI wall)',
