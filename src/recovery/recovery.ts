@@ -218,6 +218,8 @@ export class Recovery {
   readonly fullCopies = new Map<string, { pair: PairRecord; copier: CopyRunner; sent: RateMeter }>();
   /** Fenced copies asking the other site now and then whether it took over (see `watchFence`). */
   private readonly fenceWatches = new Map<string, Promise<void>>();
+  /** Fenced copies: blocks written here that the other site never got (see `countFencedUnsent`). */
+  private readonly fencedUnsent = new Map<string, number>();
   /** Fence requests handled per volume (a fenced copy's answer from the other site is stale once one came after it). */
   private readonly fenceRequests = new Map<string, number>();
   private readonly closing = new Waker();
@@ -249,7 +251,10 @@ export class Recovery {
       const phase = pair.recovery?.phase;
       if (pair.role === 'source' && (phase === 'resync-full' || (phase === 'resync' && !this.m.sources.has(pair.volume)))) this.runResync(pair.volume);
       if (pair.role === 'source' && phase === 'failing-back') this.retryFailback(pair.volume);
-      if (pair.role === 'source' && phase === 'fenced') this.watchFence(pair.volume);
+      if (pair.role === 'source' && phase === 'fenced') {
+        this.countFencedUnsent(pair.volume);
+        this.watchFence(pair.volume);
+      }
     }
   }
 
@@ -487,6 +492,7 @@ export class Recovery {
     crashPoint('fence.recorded');
     await this.m.deps.setAccess(volume, 'read-only');
     this.log.warn({ volume, by, reason }, 'this volume failed over to the other site: read-only until it is resynced');
+    this.countFencedUnsent(volume);
     this.watchFence(volume);
   }
 
@@ -1450,25 +1456,8 @@ export class Recovery {
     const plan = planUndo(pair, restartGeneration, restartPoint, this.m.catalog.listDeltaSets(pair.volume));
     if (plan.kind === 'full-copy') return full(plan.reason);
     const dir = await this.pairDir(pair.volume);
-    try {
-      const { file } = await BitmapFile.open(join(dir, 'dirty.bitmap'), 'fill');
-      bits.or(file.bitmap);
-      await file.close();
-      const store = await FileActivityLogStore.open(join(dir, 'activity.log'), activityExtentsMaxDefault);
-      const { recovered, damaged } = await ActivityLog.open(store);
-      await store.close();
-      if (damaged) return full('the activity log is damaged: which blocks had writes in flight is not known');
-      const extentBlocks = Math.max(1, Math.floor(extentBytesDefault / volume.blockBytes));
-      for (const e of recovered) {
-        const first = e * extentBlocks;
-        if (first < volume.blockCount) bits.setRange(first, Math.min(extentBlocks, volume.blockCount - first));
-      }
-      // A catch-up copy not known to be complete: its blocks left the change log for it.
-      const catchUpPath = this.m.copyBitmapPath(pair);
-      if (pair.initialCopy.catchUp && (await exists(catchUpPath))) bits.or((await readWorkBitmap(catchUpPath, volume.blockCount)).bits);
-    } catch (err) {
-      return full(`the change tracking could not be read: ${(err as Error).message}`);
-    }
+    const tracked = await this.readTracking(pair, dir, bits);
+    if (tracked !== undefined) return full(tracked);
     if (plan.deltaSets.length > 0) {
       const journalPath = join(dir, 'save.journal');
       if (!(await exists(journalPath))) return full('the save volume is gone');
@@ -1497,6 +1486,66 @@ export class Recovery {
       }
     }
     return { bits, fullCopy: false };
+  }
+
+  /**
+   * Adds to `bits` the blocks this site's change tracking holds for the pair (written
+   * here, in no delta set yet): its bit map, the extents its activity log had in
+   * flight, and an unfinished catch-up copy's blocks. The source must not be running.
+   * Returns why the tracking cannot be read, or undefined. `damaged`: 'fill' marks a
+   * damaged page of the bit map as all changed (and writes that back), 'throw' changes
+   * nothing and reports it.
+   */
+  private async readTracking(pair: PairRecord, dir: string, bits: PagedBitmap, damaged: 'fill' | 'throw' = 'fill'): Promise<string | undefined> {
+    const volume = this.m.deps.volumes.get(pair.volume);
+    try {
+      const { file } = await BitmapFile.open(join(dir, 'dirty.bitmap'), damaged);
+      bits.or(file.bitmap);
+      await file.close();
+      const store = await FileActivityLogStore.open(join(dir, 'activity.log'), activityExtentsMaxDefault);
+      const log = await ActivityLog.open(store);
+      await store.close();
+      if (log.damaged) return 'the activity log is damaged: which blocks had writes in flight is not known';
+      const extentBlocks = Math.max(1, Math.floor(extentBytesDefault / volume.blockBytes));
+      for (const e of log.recovered) {
+        const first = e * extentBlocks;
+        if (first < volume.blockCount) bits.setRange(first, Math.min(extentBlocks, volume.blockCount - first));
+      }
+      // A catch-up copy not known to be complete: its blocks left the change log for it.
+      const catchUpPath = this.m.copyBitmapPath(pair);
+      if (pair.initialCopy.catchUp && (await exists(catchUpPath))) bits.or((await readWorkBitmap(catchUpPath, volume.blockCount)).bits);
+      return undefined;
+    } catch (err) {
+      return `the change tracking could not be read: ${(err as Error).message}`;
+    }
+  }
+
+  /**
+   * A fenced copy runs no source, so its status would say nothing is waiting to be
+   * sent; in fact its writes the other site never got wait in its tracking (a resync
+   * discards them). They are counted once (the volume is read-only meanwhile) and
+   * shown as the pair's lag. Tracking that cannot be read counts as every block, as
+   * the resync would treat it.
+   */
+  private countFencedUnsent(volume: string): void {
+    void (async () => {
+      const pair = this.m.catalog.getPair(volume);
+      if (!pair || pair.role !== 'source' || pair.recovery?.phase !== 'fenced' || this.m.sources.has(volume)) return;
+      const blockCount = this.m.deps.volumes.get(volume).blockCount;
+      const bits = new PagedBitmap(blockCount);
+      // Only read: a damaged bit map is the resync's to mend, and counts as every block here.
+      const unreadable = await this.readTracking(pair, await this.pairDir(volume), bits, 'throw');
+      this.fencedUnsent.set(volume, unreadable === undefined ? bits.count : blockCount);
+    })().catch((err: Error) => this.log.warn({ volume, err: err.message }, 'the writes waiting at this fenced copy could not be counted'));
+  }
+
+  /** Blocks written at this fenced copy that the other site never got (undefined: not a fenced copy, or not counted yet). */
+  fencedUnsentBlocks(pair: PairRecord): number | undefined {
+    if (pair.role !== 'source' || pair.recovery?.phase !== 'fenced') {
+      this.fencedUnsent.delete(pair.volume);
+      return undefined;
+    }
+    return this.fencedUnsent.get(pair.volume);
   }
 
   /** E FIG. 30 at the old source: play back everything, then become the source again. */

@@ -551,8 +551,9 @@ export class ReplicationManager {
     return {
       nowMs: now,
       sourceHeardMs: heard ? st.lastSourceHeardLocalMs : pair.sourceHeardAtMs,
-      // Blocks the source has that are not here (not yet cut, or in delta sets not yet received).
-      dirtyBlocks: target?.unreceived.blocks ?? 0,
+      // Blocks the source has that are not here (not yet cut, or in delta sets not yet
+      // received); at a fenced copy, its writes the other site never got.
+      dirtyBlocks: target?.unreceived.blocks ?? this.recovery.fencedUnsentBlocks(pair) ?? 0,
       // Delta sets cut but not yet here hold older writes, of a time not known here.
       oldestUnsentWriteMs: st && st.sourceDeltaSetCreated > pair.deltaSetReceived ? 0 : st?.sourceOldestUnsentWriteMs,
       sourceNowMs: heard ? st.lastSourceNowMs + (now - st.lastSourceHeardLocalMs) : now,

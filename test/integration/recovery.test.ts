@@ -211,6 +211,10 @@ test('a failover says what the source had that this site did not receive, and th
     assert.equal(fo.code, 0, fo.stderr);
     assert.match(fo.stdout, new RegExp(`^NOT here: ${touched.size} block\\(s\\) written at the source, as of its last word at \\S+ \\([0-9.]+m?s ago\\); of writes made there after that nothing is known here. They stay at the old source, and its resync keeps them in a snapshot there$`, 'm'));
     assert.match(fo.stdout, /^the old source was made read-only$/m);
+    // The old source, fenced, counts those writes as its lag, also after a restart (the resync discards them).
+    await waitFor('A to count its writes B never got', async () => (await pairStatus(a, 'db')).lagBlocks === touched.size, 10_000);
+    await a.restart();
+    await waitFor('A, restarted, to count them again', async () => (await pairStatus(a, 'db')).lagBlocks === touched.size, 10_000);
     // The status keeps it.
     const ahead = (await pairStatus(b, 'db')).recovery?.sourceAhead;
     assert.deepEqual([ahead?.blocks, ahead?.deltaSets], [touched.size, 0]);
