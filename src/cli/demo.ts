@@ -12,13 +12,19 @@ import { FerryError } from '../lib/errors.js';
  * Site A (127.0.0.1:7370, NBD 10809) holds volume `demo` and replicates it to site B
  * (127.0.0.1:7371, NBD 10810). Each site is a real daemon in its own process; data
  * stays under ./.ferry/ for the next start. Ctrl-C stops both cleanly.
+ *
+ * A site that dies (`kill -9`, to try a disaster) leaves the other running: the demo
+ * says so and how to start the lost one again, so the whole recovery (failover,
+ * resync, failback) can be tried on it.
+ *
+ * Environment: FERRY_DEMO_DIR (data), FERRY_DEMO_HTTP_PORT and FERRY_DEMO_NBD_PORT
+ * (site A's ports, site B's are the next ones; used when the sites are first made).
  */
 const root = resolve(process.env.FERRY_DEMO_DIR ?? '.ferry');
 const cli = join(dirname(fileURLToPath(import.meta.url)), 'ferry.cjs');
-const sites = [
-  { name: 'site-a', dir: join(root, 'site-a'), listen: '127.0.0.1:7370', nbd: '127.0.0.1:10809' },
-  { name: 'site-b', dir: join(root, 'site-b'), listen: '127.0.0.1:7371', nbd: '127.0.0.1:10810' },
-];
+const httpPort = Number(process.env.FERRY_DEMO_HTTP_PORT ?? 7370);
+const nbdPort = Number(process.env.FERRY_DEMO_NBD_PORT ?? 10809);
+const sites = ['site-a', 'site-b'].map((name, i) => ({ name, dir: join(root, name), listen: `127.0.0.1:${httpPort + i}`, nbd: `127.0.0.1:${nbdPort + i}` }));
 
 function startDaemon(dir: string, name: string): Promise<ChildProcess> {
   const child = spawn(process.execPath, [cli, 'site', 'start', '--dir', dir], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, FERRY_LOG_LEVEL: process.env.FERRY_LOG_LEVEL ?? 'info' } });
@@ -32,6 +38,12 @@ function startDaemon(dir: string, name: string): Promise<ChildProcess> {
   });
 }
 
+/** Commands with their comments lined up, indented as the banner's lines are. */
+function commented(lines: [string, string][]): string[] {
+  const width = Math.max(...lines.map(([command]) => command.length));
+  return lines.map(([command, comment]) => `  ${command.padEnd(width)}   # ${comment}`);
+}
+
 async function main(): Promise<void> {
   for (const s of sites) {
     if (!existsSync(join(s.dir, 'site.json'))) await initSiteDir({ dir: s.dir, name: s.name, listen: s.listen, nbd: s.nbd, blockBytes: 8192 });
@@ -42,14 +54,34 @@ async function main(): Promise<void> {
     if (stopping) return;
     stopping = true;
     for (const c of children) c.kill('SIGTERM');
-    Promise.all(children.map((c) => new Promise((r) => (c.exitCode !== null ? r(null) : c.once('exit', r))))).then(() => process.exit(0), () => process.exit(1));
+    Promise.all(children.map((c) => new Promise((r) => (c.exitCode !== null || c.signalCode !== null ? r(null) : c.once('exit', r))))).then(() => process.exit(0), () => process.exit(1));
   };
   process.on('SIGINT', stop);
   process.on('SIGTERM', stop);
-  for (const c of children) c.once('exit', () => stop());
+  children.forEach((c, i) =>
+    c.once('exit', (code, signal) => {
+      if (stopping) return;
+      const lost = sites[i]!;
+      const other = sites[1 - i]!;
+      if (children.every((x) => x.exitCode !== null || x.signalCode !== null)) {
+        process.stdout.write(`\n${lost.name} stopped too (${signal ?? `status ${code}`}): the demo ends.\n`);
+        process.exit(1);
+      }
+      process.stdout.write(
+        [
+          '',
+          `${lost.name} (pid ${c.pid}) stopped (${signal ?? `status ${code}`}); ${other.name} goes on. To start ${lost.name} again, in another terminal:`,
+          `  npx ferry site start --dir ${lost.dir}`,
+          '',
+        ].join('\n'),
+      );
+    }),
+  );
 
-  const a = new ApiClient(`http://${sites[0]!.listen}`);
-  const b = `http://${sites[1]!.listen}`;
+  const [siteA, siteB] = sites as [(typeof sites)[0], (typeof sites)[0]];
+  const A = `http://${siteA.listen}`;
+  const B = `http://${siteB.listen}`;
+  const a = new ApiClient(A);
   try {
     await a.get(volumePath('demo'));
   } catch (err) {
@@ -58,24 +90,34 @@ async function main(): Promise<void> {
   }
   const pairs = await a.get<{ volume: string }[]>('/api/v1/status');
   // B's demo volume, left by an earlier run whose pair was stopped, is this demo's own replica: overwritten.
-  if (!pairs.some((p) => p.volume === 'demo')) await a.post('/api/v1/replication', { volume: 'demo', to: b, interval: '5s', force: true });
+  if (!pairs.some((p) => p.volume === 'demo')) await a.post('/api/v1/replication', { volume: 'demo', to: B, interval: '5s', force: true });
 
-  const A = `http://${sites[0]!.listen}`;
+  const [pidA, pidB] = children.map((c) => c.pid);
   process.stdout.write(
     [
       '',
       `ferry two-site demo is running (data in ${root})`,
-      `  site-a  ${A}/   NBD nbd://${sites[0]!.nbd}/demo   (source, read-write)`,
-      `  site-b  ${b}/   NBD nbd://${sites[1]!.nbd}/demo   (replica, read-only)`,
+      `  site-a  ${A}/   NBD nbd://${siteA.nbd}/demo   pid ${pidA}`,
+      `  site-b  ${B}/   NBD nbd://${siteB.nbd}/demo   pid ${pidB}`,
       '',
-      'Volume "demo" on site-a replicates to site-b in delta sets every 5s. Try, in another terminal:',
+      'Volume "demo" replicates from site-a to site-b in delta sets every 5s (after a',
+      'restart, "ferry status" says which site is the source now). Try, in another terminal:',
       `  npx ferry status --site ${A}`,
       `  npx ferry info demo -v --site ${A}`,
-      `  qemu-io -f raw -c 'write -P 0x5a 0 1M' nbd://${sites[0]!.nbd}/demo`,
+      `  qemu-io -f raw -c 'write -P 0x5a 0 1M' nbd://${siteA.nbd}/demo`,
       `  npx ferry replicate delta demo --site ${A}        # cut a delta set now`,
-      `  npx ferry volume digest demo --site ${A} ; npx ferry volume digest demo --site ${b}`,
+      `  npx ferry volume digest demo --site ${A} ; npx ferry volume digest demo --site ${B}`,
       '',
-      'Ctrl-C stops both sites; the data stays for the next start.',
+      'A disaster and the way back:',
+      ...commented([
+        [`kill -9 ${pidA}`, 'site-a is lost'],
+        [`npx ferry failover demo --site ${B}`, 'site-b takes over, read-write'],
+        [`npx ferry site start --dir ${siteA.dir}`, 'site-a returns: demo is not writable there'],
+        [`npx ferry resync demo --wait --site ${B}`, 'rebuild site-a from the blocks that differ'],
+        [`npx ferry failback demo --site ${B}`, 'site-a is the source again'],
+      ]),
+      '',
+      'Ctrl-C stops the sites the demo started; the data stays for the next start.',
       '',
     ].join('\n'),
   );
