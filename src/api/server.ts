@@ -14,6 +14,7 @@ import { ioBytesMax, type Volume } from '../storage/volume.js';
 import type { VolumeAccess } from '../storage/catalog.js';
 import { createMetrics } from './metrics.js';
 import { registerSnapshotRoutes } from './snapshots.js';
+import { ferryVersion } from '../lib/version.js';
 
 /** Largest JSON body the API accepts. */
 export const jsonBodyBytesMax = 64 * 1024;
@@ -93,6 +94,7 @@ export async function buildApi(site: Site): Promise<FastifyInstance> {
       pid: process.pid,
       threadPoolSize: site.threadPoolSize,
       version: 1,
+      ferryVersion,
       fileSystemBytes: space.sizeBytes,
       fileSystemAvailableBytes: space.availableBytes,
       volumesProvisionedBytes: volumes.reduce((n, v) => n + v.sizeBytes, 0),

@@ -12,6 +12,7 @@ import type { SnapshotInfo } from '../snapshot/manager.js';
 import { ApiClient, defaultSiteUrl, volumePath } from './client.js';
 import { ProgressBar, keyValues, table } from './format.js';
 import { checkAdvertisedUrl } from '../transport/peer-url.js';
+import { ferryVersion } from '../lib/version.js';
 
 interface GlobalOptions {
   json?: boolean;
@@ -22,6 +23,7 @@ const program = new Command();
 program
   .name('ferry')
   .description('Storage replication and disaster recovery: volumes over NBD, snapshots, remote copies, failover and failback.')
+  .version(ferryVersion, '-V, --version', 'print the version of this ferry')
   .option('--json', 'machine-readable output')
   .option('--site <url>', `site API URL (default $FERRY_SITE, else ${defaultSiteUrl})`)
   .showHelpAfterError();

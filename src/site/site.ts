@@ -17,6 +17,7 @@ import type { Extent } from '../storage/volume.js';
 import { VolumeExportSource } from './nbd-exports.js';
 import { SnapshotManager } from '../snapshot/manager.js';
 import { SnapshotExportSource } from './snapshot-exports.js';
+import { ferryVersion } from '../lib/version.js';
 
 /** How often a site whose space reserve was given back looks for room to take it again. */
 const reserveCheckMs = 30_000;
@@ -201,7 +202,7 @@ export class Site {
       if (this.reserve.heldBytes < this.reserve.targetBytes) void this.replenishReserve();
     }, reserveCheckMs);
     this.reserveTimer.unref();
-    this.log.info({ listen: formatHostPort(bound), nbd: formatHostPort(nbdBound), siteId: this.config.id, threadPoolSize: this.threadPoolSize }, 'site started');
+    this.log.info({ listen: formatHostPort(bound), nbd: formatHostPort(nbdBound), siteId: this.config.id, ferryVersion, threadPoolSize: this.threadPoolSize }, 'site started');
     return this.addresses;
   }
 

@@ -5,10 +5,10 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { connect } from 'node:net';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, writeFile, rm, readdir } from 'node:fs/promises';
+import { mkdtemp, writeFile, rm, readdir, readFile, stat } from 'node:fs/promises';
 import { availableParallelism, tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { TestSite, ferry } from '../helpers/site.js';
+import { dirname, join } from 'node:path';
+import { TestSite, ferry, ferryBin } from '../helpers/site.js';
 import { connectRcp } from '../../src/transport/connection.js';
 import { waitFor } from '../helpers/replication.js';
 import { threadPoolSize } from '../../src/cli/thread-pool.cjs';
@@ -318,4 +318,16 @@ test("the daemon's thread pool (its file I/O) is sized to the machine's CPUs, 2 
     await set.destroy();
   }
   assert.deepEqual([1, 2, 3, 4, 16].map(threadPoolSize), [2, 2, 3, 4, 4]);
+});
+
+test('npx ferry runs the command from the package (its entry is executable once built); --version and site show give the package version', async () => {
+  const root = join(dirname(ferryBin), '..', '..', '..');
+  const pkg = JSON.parse(await readFile(join(root, 'package.json'), 'utf8')) as { version: string };
+  assert.ok(((await stat(ferryBin)).mode & 0o111) !== 0, `${ferryBin} is executable`);
+  const { stdout } = await execFileP('npx', ['--no', '--', 'ferry', '--version'], { cwd: root });
+  assert.equal(stdout, `${pkg.version}\n`);
+  assert.equal((await ferry(['-V'])).stdout, `${pkg.version}\n`);
+  assert.equal((await site.api<{ ferryVersion: string }>('GET', '/api/v1/site')).body.ferryVersion, pkg.version);
+  assert.match((await site.cli(['site', 'show'])).stdout, new RegExp(`^ferryVersion:\\s+${pkg.version.replace(/\./g, '\\.')}$`, 'm'));
+  assert.ok(site.logs.some((l) => l.msg === 'site started' && l.ferryVersion === pkg.version));
 });
