@@ -155,9 +155,12 @@ test('a full file system at the target: failover still works (the space reserve)
     const size = 32 * MiB;
     const model = new VolumeModel(size);
     await a.api('POST', '/api/v1/volumes', { name: 'v', size });
+    // The first 16 MiB go by the initial copy, straight to B's volume: B's save volume has
+    // never held a delta set, so the next one needs new space there (delta sets would
+    // have left space in it that a later one reuses).
+    await writeRange(a, model, 0, 16 * MiB, MiB);
     const start = await a.cli(['replicate', 'start', 'v', '--to', b.url, '--interval', '300ms', '--save-volume', '16M', '--target-save-volume', '16M', '--wait']);
     assert.equal(start.code, 0, start.stderr);
-    await writeRange(a, model, 0, 16 * MiB, MiB);
     await waitInSync(a, b, 'v');
     const restartPoint = model.digest();
     await b.api('POST', '/api/v1/volumes', { name: 'filler', size: 128 * MiB });
@@ -166,8 +169,11 @@ test('a full file system at the target: failover still works (the space reserve)
 
     // 4 MiB more at the source: its delta set cannot be stored at the target.
     await writeRange(a, model, 16 * MiB, 4 * MiB, MiB);
-    const failing = await waitFor('the target to fail to store a delta set', async () => {
+    let seen = '';
+    const failing = await waitFor(() => `the target to fail to store a delta set (its status said: ${seen})`, async () => {
       const s = await pairStatus(b, 'v');
+      const sa = await pairStatus(a, 'v');
+      seen = JSON.stringify({ state: s.state, health: s.health, reason: s.reason, failing: s.failing, received: s.deltaSetReceived, playedBack: s.deltaSetPlayedBack, available: (await siteShow(b)).fileSystemAvailableBytes, source: { state: sa.state, reason: sa.reason, created: sa.deltaSetCreated, acked: sa.deltaSetAcked, lagBlocks: sa.lagBlocks } });
       return /could not be stored in the save volume: ENOSPC/.test(s.reason) ? s : undefined;
     });
     assert.equal(failing.health, 'error');
