@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import { createHash, randomBytes } from 'node:crypto';
-import { readFile, rm } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import { TestSite } from '../helpers/site.js';
@@ -9,6 +9,44 @@ import { FaultProxy, noFaults, type FaultPlan } from '../helpers/fault-proxy.js'
 import { renderDashboard } from '../helpers/dashboard.js';
 import { ReplFrame } from '../../src/replication/protocol.js';
 import { MiB, bs, execFileP, sites, sha, writeApi, advertisedProxy, writesReplicate, writeNbd, recoveryPhase, startPair, startFullPair, unshippedDeltaSets, waitResynced, snapshotNames, snapshotDigest, access } from '../helpers/recovery.js';
+
+test('a fenced copy whose change tracking is damaged counts every block as its lag, leaves the file as it is, and its resync still ends with both sites equal', async () => {
+  const [a, b] = await sites('dmgtrack');
+  try {
+    const size = 8 * MiB;
+    const image = Buffer.alloc(size);
+    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
+    const start = await a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--wait']);
+    assert.equal(start.code, 0, start.stderr);
+    const touched = new Set<number>();
+    await writeApi(a, image, 12, touched);
+    await waitFor('B to learn how far behind it is', async () => (await pairStatus(b, 'db')).lagBlocks === touched.size, 10_000);
+    assert.equal((await b.cli(['failover', 'db'])).code, 0);
+    await waitFor('A, fenced, to count its writes', async () => (await pairStatus(a, 'db')).lagBlocks === touched.size, 10_000);
+
+    // Bit rot in the one page of A's change-log bit map that holds bits.
+    const volumeId = (await a.api<{ id: string }>('GET', '/api/v1/volumes/db')).body.id;
+    const path = join(a.dir, 'replication', volumeId, 'dirty.bitmap');
+    await a.kill('SIGKILL');
+    const file = await readFile(path);
+    const pageHeader = 4096;
+    assert.ok(file.length > pageHeader + 32 && file.readUInt32LE(pageHeader) !== 0, 'the page with the bits is written');
+    file[pageHeader + 32] = (file[pageHeader + 32] as number) ^ 0x40;
+    await writeFile(path, file);
+    await a.start();
+    await waitFor('A to count every block, not knowing which changed', async () => (await pairStatus(a, 'db')).lagBlocks === size / bs, 10_000);
+    assert.ok((await readFile(path)).equals(file), 'counting changed nothing on disk');
+
+    // The resync reads the damage as "every block of the page changed": more is copied, nothing is missed.
+    assert.equal((await b.cli(['resync', 'db'])).code, 0);
+    await waitResynced(b, a);
+    assert.equal((await pairStatus(b, 'db')).recovery?.fullCopy, false);
+    assert.equal(await a.digest('db'), await b.digest('db'));
+    assert.equal(await b.digest('db'), sha(Buffer.alloc(size)), 'B holds the restart point: none of the discarded writes');
+  } finally {
+    await Promise.all([a.destroy(), b.destroy()]);
+  }
+});
 
 test('failover, resync and failback: the whole cycle through NBD, digests at every stable point, no full copy', async () => {
   const [a, b] = await sites('cycle');
