@@ -10,17 +10,26 @@ import { renderDashboard } from '../helpers/dashboard.js';
 import { ReplFrame } from '../../src/replication/protocol.js';
 import { MiB, bs, execFileP, sites, sha, writeApi, advertisedProxy, writesReplicate, writeNbd, recoveryPhase, startPair, startFullPair, unshippedDeltaSets, waitResynced, snapshotNames, snapshotDigest, access } from '../helpers/recovery.js';
 
+/**
+ * Volume db of `size` at A, replicated to B with no cut coming by itself: 12 writes stay
+ * in A's change log, and B knows how many blocks they are from A's heartbeats. Returns
+ * the blocks written (`image` has the writes).
+ */
+async function writesNotCut(a: TestSite, b: TestSite, size: number, image: Buffer): Promise<Set<number>> {
+  assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
+  const start = await a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--wait']);
+  assert.equal(start.code, 0, start.stderr);
+  const touched = new Set<number>();
+  await writeApi(a, image, 12, touched);
+  await waitFor('B to learn how far behind it is', async () => (await pairStatus(b, 'db')).lagBlocks === touched.size, 10_000);
+  return touched;
+}
+
 test('a fenced copy whose change tracking is damaged counts every block as its lag, leaves the file as it is, and its resync still ends with both sites equal', async () => {
   const [a, b] = await sites('dmgtrack');
   try {
     const size = 8 * MiB;
-    const image = Buffer.alloc(size);
-    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
-    const start = await a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--wait']);
-    assert.equal(start.code, 0, start.stderr);
-    const touched = new Set<number>();
-    await writeApi(a, image, 12, touched);
-    await waitFor('B to learn how far behind it is', async () => (await pairStatus(b, 'db')).lagBlocks === touched.size, 10_000);
+    const touched = await writesNotCut(a, b, size, Buffer.alloc(size));
     assert.equal((await b.cli(['failover', 'db'])).code, 0);
     await waitFor('A, fenced, to count its writes', async () => (await pairStatus(a, 'db')).lagBlocks === touched.size, 10_000);
 
@@ -237,14 +246,7 @@ test('a failover says what the source had that this site did not receive, and th
   const [a, b] = await sites('ahead');
   try {
     const size = 8 * MiB;
-    const image = Buffer.alloc(size);
-    assert.equal((await a.api('POST', '/api/v1/volumes', { name: 'db', size })).status, 201);
-    // No cut comes by itself: writes stay in A's change log, and its heartbeats say how many.
-    const start = await a.cli(['replicate', 'start', 'db', '--to', b.url, '--interval', '1h', '--high-water', '1G', '--wait']);
-    assert.equal(start.code, 0, start.stderr);
-    const touched = new Set<number>();
-    await writeApi(a, image, 12, touched);
-    await waitFor('B to learn how far behind it is', async () => (await pairStatus(b, 'db')).lagBlocks === touched.size, 10_000);
+    const touched = await writesNotCut(a, b, size, Buffer.alloc(size));
     const fo = await b.cli(['failover', 'db']);
     assert.equal(fo.code, 0, fo.stderr);
     assert.match(fo.stdout, new RegExp(`^NOT here: ${touched.size} block\\(s\\) written at the source, as of its last word at \\S+ \\([0-9.]+m?s ago\\); of writes made there after that nothing is known here. They stay at the old source, and its resync keeps them in a snapshot there$`, 'm'));
