@@ -16,21 +16,10 @@
  * Prints one JSON line: { wallMs, cpuMs, phasesMs }.
  */
 import { open, readFile, type FileHandle } from 'node:fs/promises';
+import { runLimited } from '../src/lib/concurrency.js';
 
 const batchBlocks = 512;
 const concurrency = 32;
-
-async function limited<T>(items: readonly T[], fn: (item: T, index: number) => Promise<unknown>): Promise<void> {
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.min(concurrency, items.length) }, async () => {
-      while (next < items.length) {
-        const k = next++;
-        await fn(items[k] as T, k);
-      }
-    }),
-  );
-}
 
 async function main(): Promise<void> {
   const [oldPath, newPath, savePath, blocksPath, blockBytesArg] = process.argv.slice(2);
@@ -58,17 +47,18 @@ async function main(): Promise<void> {
   try {
     let saveAt = 0;
     for (let s = 0; s < blocks.length; s += batchBlocks) {
-      const batch = blocks.slice(s, s + batchBlocks);
+      // Each block with its slot in the batch's buffers.
+      const batch = blocks.slice(s, s + batchBlocks).map((b, k) => [b, k] as const);
       mark = process.hrtime.bigint();
-      await limited(batch, (b, k) => source.read(fresh, k * bs, bs, b * bs));
+      await runLimited(batch, concurrency, ([b, k]) => source.read(fresh, k * bs, bs, b * bs));
       lap('readNew');
-      await limited(batch, (b, k) => target.read(before, k * bs, bs, b * bs));
+      await runLimited(batch, concurrency, ([b, k]) => target.read(before, k * bs, bs, b * bs));
       lap('readOld');
       await save.write(before, 0, batch.length * bs, saveAt);
       saveAt += batch.length * bs;
       await save.datasync();
       lap('appendAndFlush');
-      await limited(batch, (b, k) => target.write(fresh, k * bs, bs, b * bs));
+      await runLimited(batch, concurrency, ([b, k]) => target.write(fresh, k * bs, bs, b * bs));
       lap('write');
     }
     mark = process.hrtime.bigint();

@@ -96,18 +96,25 @@ async function dumpLogs(dir: string, sites: Record<string, TestSite>, from: numb
   await writeFile(join(dir, 'resync-log.jsonl'), lines.map((l) => JSON.stringify(l)).join('\n') + '\n');
 }
 
+/** What bench/io-floor prints. */
+interface FileWorkFloor {
+  wallMs: number;
+  cpuMs: number;
+  phasesMs: Record<string, number>;
+}
+
 /**
  * bench/io-floor in a child process with the daemons' thread-pool size: the file work
  * of this resync (its differing blocks, on the images in `dir`) without ferry.
  */
-async function fileWorkFloor(dir: string, blocks: number[], threadPoolSize: number): Promise<{ wallMs: number; cpuMs: number; phasesMs: Record<string, number> }> {
+async function fileWorkFloor(dir: string, blocks: number[], threadPoolSize: number): Promise<FileWorkFloor> {
   const list = join(dir, 'differ.json');
   await writeFile(list, JSON.stringify(blocks));
   const script = fileURLToPath(new URL('./io-floor.js', import.meta.url));
   const { stdout } = await run(process.execPath, [script, join(dir, 'a.raw'), join(dir, 'b.raw'), join(dir, 'floor-save.raw'), list, String(bs)], {
     env: { ...process.env, UV_THREADPOOL_SIZE: String(threadPoolSize) },
   });
-  return JSON.parse(stdout) as { wallMs: number; cpuMs: number; phasesMs: Record<string, number> };
+  return JSON.parse(stdout) as FileWorkFloor;
 }
 
 async function main(): Promise<void> {
