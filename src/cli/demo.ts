@@ -20,10 +20,21 @@ import { FerryError } from '../lib/errors.js';
  * Environment: FERRY_DEMO_DIR (data), FERRY_DEMO_HTTP_PORT and FERRY_DEMO_NBD_PORT
  * (site A's ports, site B's are the next ones; used when the sites are first made).
  */
+/** Site A's port from `name` (site B gets the next one); checked before any site is made. */
+function demoPort(name: string, fallback: number): number {
+  const text = process.env[name];
+  const port = text === undefined ? fallback : Number(text);
+  if (!Number.isInteger(port) || port < 1 || port > 65534) {
+    process.stderr.write(`ferry: BAD_REQUEST: ${name}=${text} is not a port from 1 to 65534 (site B takes the next one); nothing was created\n`);
+    process.exit(1);
+  }
+  return port;
+}
+
 const root = resolve(process.env.FERRY_DEMO_DIR ?? '.ferry');
 const cli = join(dirname(fileURLToPath(import.meta.url)), 'ferry.cjs');
-const httpPort = Number(process.env.FERRY_DEMO_HTTP_PORT ?? 7370);
-const nbdPort = Number(process.env.FERRY_DEMO_NBD_PORT ?? 10809);
+const httpPort = demoPort('FERRY_DEMO_HTTP_PORT', 7370);
+const nbdPort = demoPort('FERRY_DEMO_NBD_PORT', 10809);
 const sites = ['site-a', 'site-b'].map((name, i) => ({ name, dir: join(root, name), listen: `127.0.0.1:${httpPort + i}`, nbd: `127.0.0.1:${nbdPort + i}` }));
 
 function startDaemon(dir: string, name: string): Promise<ChildProcess> {

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -114,4 +114,15 @@ test('npm start: the demo runs two replicating sites, keeps one going when the o
     await rm(dir, { recursive: true, force: true });
     assert.equal(code, 0, 'Ctrl-C stops the site the demo still runs');
   }
+});
+
+test('npm start with a port that is not one says so and creates nothing', async () => {
+  const dir = join(tmpdir(), `ferry-demo-bad-${process.pid}`);
+  const r = await execFileP(process.execPath, [demoBin], { env: { ...process.env, FERRY_DEMO_DIR: dir, FERRY_DEMO_NBD_PORT: '70000' } }).then(
+    () => assert.fail('the demo started'),
+    (err: { code: number; stderr: string }) => err,
+  );
+  assert.equal(r.code, 1);
+  assert.equal(r.stderr, 'ferry: BAD_REQUEST: FERRY_DEMO_NBD_PORT=70000 is not a port from 1 to 65534 (site B takes the next one); nothing was created\n');
+  await assert.rejects(stat(dir), { code: 'ENOENT' });
 });
